@@ -1,0 +1,34 @@
+"""Hydra sweeper for the runner (Hydra finds sweepers only under the hydra_plugins namespace).
+
+Hydra's basic sweeper composes every job of a sweep before launching any, and one bad value (an unknown
+model, a resolution that is not a number) aborts them all. This one records such a job as a failed MLflow
+run with a one-line reason and launches the rest; it stamps every job with the sweep's id and ends with
+a table of the sweep's runs, exiting non-zero if any failed. The logic lives in runner/sweep.py.
+"""
+
+import uuid
+from collections.abc import Sequence
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from runner.sweep import record_uncomposable, report_sweep
+
+
+class ResilientSweeper(BasicSweeper):
+    def sweep(self, arguments: list[str]) -> None:
+        sweep_id = uuid.uuid4().hex[:12]
+        super().sweep([*arguments, f"sweep_id={sweep_id}"])
+        report_sweep(self.config, sweep_id)
+
+    def get_job_batch(self) -> Sequence[Sequence[str]]:
+        composable = []
+        for overrides in super().get_job_batch():
+            try:
+                self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            except (HydraException, OmegaConfBaseException) as error:
+                record_uncomposable(self.config, list(overrides), error)
+            else:
+                composable.append(overrides)
+        return composable

@@ -1,0 +1,1 @@
+"""Diffusion pipeline benchmarks: Hydra-composed jobs, measured in fresh processes, logged to MLflow."""

@@ -1,0 +1,156 @@
+"""The job's typed configuration.
+
+Hydra composes the YAML under ``conf/`` onto these dataclasses (registered as the ``schema`` config), so a
+wrong type or an unknown key is refused while composing. ``to_config`` converts a composed config once, at
+the entry point, and ``check`` refuses values that are well-typed but wrong, naming the key, the value and
+what is allowed.
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+
+from runner.errors import RunnerError
+
+WEIGHTS = ("pretrained", "random")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+INPUTS = ("prompt", "image")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+class ConfigError(RunnerError, ValueError):
+    """A configuration value that cannot be used; the message names the key, the value and the fix."""
+
+
+@dataclass
+class TaskPipeline:
+    """Which diffusers pipeline serves one task of a model, and the call arguments it adds."""
+
+    pipeline: str = MISSING  # import path, e.g. diffusers.StableDiffusionXLPipeline
+    call_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerSpec:
+    """A scheduler to swap in, built from the checkpoint's scheduler config plus ``options``."""
+
+    scheduler: str = MISSING  # import path, e.g. diffusers.DPMSolverSinglestepScheduler
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    id: str | None = None  # hub id or local folder; what weights=pretrained loads
+    architecture: str = MISSING  # folder of configs under runner/architectures, what weights=random builds
+    weights: str = "pretrained"
+    revision: str | None = None
+    variant: str | None = None  # "fp16" where the checkpoint publishes half-precision files
+    denoiser: str = "unet"  # the pipeline attribute that runs once per denoising step
+    steps: int = MISSING
+    guidance_scale: float = MISSING
+    scheduler: SchedulerSpec | None = None
+    load_args: dict[str, Any] = field(default_factory=dict)  # extra pipeline components or flags
+    tasks: dict[str, TaskPipeline] = field(default_factory=dict)
+    init_seed: int = 0  # seeds random weights, so every run of one model gets the same ones
+
+
+@dataclass
+class TaskConfig:
+    inputs: list[str] = field(default_factory=lambda: ["prompt"])  # what the pipeline is given
+    prompt: str = MISSING
+    image: str | None = None  # for tasks with an image input; see runner/inputs.py
+    call_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobNames:
+    """The options Hydra chose for this job, as typed on the command line."""
+
+    model: str = MISSING
+    task: str = MISSING
+    accelerator: str = MISSING
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "diffusion-bench"
+
+
+@dataclass
+class Config:
+    names: JobNames = field(default_factory=JobNames)
+    model: ModelConfig = MISSING
+    task: TaskConfig = MISSING
+    accelerator: dict[str, Any] = MISSING  # _target_ and options, checked by the accelerator's own dataclass
+    res: int = 1024
+    height: int = II("res")
+    width: int = II("res")
+    steps: int = II("model.steps")
+    guidance_scale: float = II("model.guidance_scale")
+    prompt: str = II("task.prompt")
+    negative_prompt: str | None = None
+    seed: int = 0
+    warmup: int = 1
+    runs: int = 10
+    device: str = "auto"
+    dtype: str = "auto"
+    log_images: bool = True
+    sweep_id: str = ""  # stamped by the sweeper on every job of one sweep
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Convert a composed config into the typed ``Config`` and check its values."""
+    config = OmegaConf.to_object(cfg)
+    assert isinstance(config, Config)
+    check(config)
+    return config
+
+
+def check(cfg: Config) -> None:
+    """Raise ConfigError for the first value that is well-typed but unusable."""
+    for key in ("res", "height", "width"):
+        value = getattr(cfg, key)
+        if value <= 0 or value % 8:
+            raise ConfigError(f"{key}={value}: must be a positive multiple of 8, e.g. 512 or 1024")
+    for key, least in (("runs", 1), ("steps", 1), ("warmup", 0)):
+        value = getattr(cfg, key)
+        if value < least:
+            raise ConfigError(f"{key}={value}: must be at least {least}")
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ConfigError(f"device={cfg.device}: use auto, cpu, cuda or cuda:N")
+    _check_choice("dtype", cfg.dtype, DTYPES)
+    _check_choice("model.weights", cfg.model.weights, WEIGHTS)
+    for needed in cfg.task.inputs:
+        _check_choice("task.inputs", needed, INPUTS)
+    if cfg.model.weights == "pretrained" and not cfg.model.id:
+        raise ConfigError(
+            f"model.id is empty for model={cfg.names.model}: weights=pretrained needs a hub id or a local "
+            "folder (model.id=...), or use model.weights=random"
+        )
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value}: choose one of {', '.join(allowed)}")
+
+
+def skip_reason(cfg: Config) -> str | None:
+    """Why this model cannot do this task at all (a skip, not a failure), or None."""
+    if cfg.names.task in cfg.model.tasks:
+        return None
+    offered = ", ".join(sorted(cfg.model.tasks)) or "nothing"
+    return f"model {cfg.names.model} has no {cfg.names.task} pipeline (it offers: {offered})"
+
+
+def run_name(model: str, task: str, height: int | str, width: int | str, accelerator: str) -> str:
+    """The run's readable name, e.g. realvisxl_v4/t2i/1024/none (or .../768x1024/... when not square)."""
+    size = f"{height}" if str(height) == str(width) else f"{height}x{width}"
+    return f"{model}/{task}/{size}/{accelerator}"

@@ -1,0 +1,72 @@
+"""What a measurement ran on: device, driver, library versions and the project's commit, as run tags."""
+
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def environment_tags(device: torch.device) -> dict[str, str]:
+    tags = {
+        "device_type": device.type,
+        "cpu_name": _cpu_name(),
+        "python_version": platform.python_version(),
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+    }
+    for package in ("torch", "diffusers", "transformers", "mlflow", "hydra-core"):
+        tags[f"{package.replace('-', '_')}_version"] = _version(package)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        properties = torch.cuda.get_device_properties(index)
+        uuid = getattr(properties, "uuid", None)
+        gpu_uuid = f"GPU-{uuid}" if uuid else "unknown"
+        tags.update(
+            device_name=properties.name,
+            device_index=str(index),
+            gpu_uuid=gpu_uuid,
+            cuda_version=str(torch.version.cuda),
+            driver_version=_driver_version(gpu_uuid),
+        )
+    else:
+        tags["device_name"] = tags["cpu_name"]
+    return tags
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _driver_version(gpu_uuid: str) -> str:
+    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    select = ["-i", gpu_uuid] if gpu_uuid.startswith("GPU-") else []
+    try:
+        out = subprocess.run(query + select, capture_output=True, text=True, timeout=20, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out[0] if out else "unknown"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(PROJECT), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""

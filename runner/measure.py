@@ -1,0 +1,191 @@
+"""Timing, memory and FLOPs of pipeline calls.
+
+Each call is split at the denoiser's first and last step: ``text_encode_s`` runs from the call's start to the
+first denoiser step (prompt encoding; for image-to-image also encoding the input image), ``denoise_s`` from
+the first step's start to the last step's end (the denoiser and the scheduler), ``decode_s`` from there to
+the call's end (VAE decoding and conversion to PIL). The three add up to ``latency_s``. On CUDA every mark
+is a CUDA event, read after the call synchronises; on the CPU it is ``time.perf_counter``.
+"""
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
+GIB = 2**30
+
+
+class Marker:
+    """A point in time on the device's clock: a CUDA event, or perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+        self.at = 0.0
+
+    def mark(self) -> None:
+        if self.event is not None:
+            self.event.record()
+        else:
+            self.at = time.perf_counter()
+
+    def seconds_until(self, later: "Marker") -> float:
+        if self.event is not None:
+            return self.event.elapsed_time(later.event) / 1000.0
+        return later.at - self.at
+
+
+@dataclass
+class CallTiming:
+    latency_s: float
+    text_encode_s: float
+    denoise_s: float
+    decode_s: float
+    denoise_steps: int
+
+
+class PhaseClock:
+    """Times pipeline calls, split at the denoiser's first and last step.
+
+    Hooks on the denoiser module (whatever an accelerator made of it) mark its steps and count them; the
+    first step's inputs are kept as shapes only, for counting FLOPs afterwards.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, device: torch.device) -> None:
+        self.device = device
+        self.start, self.first_step, self.last_step, self.end = (Marker(device) for _ in range(4))
+        self.steps = 0
+        self.step_inputs: tuple[tuple, dict] | None = None
+        denoiser.register_forward_pre_hook(self._before_step, with_kwargs=True)
+        denoiser.register_forward_hook(self._after_step)
+
+    def _before_step(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.steps == 0:
+            self.first_step.mark()
+            if self.step_inputs is None:
+                self.step_inputs = tree_map(_as_meta, (args, kwargs))
+        self.steps += 1
+
+    def _after_step(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self.last_step.mark()
+
+    def time_call(self, call: Callable[[], Any]) -> tuple[Any, CallTiming]:
+        """Run ``call`` once; return its result and its timing (synchronised before reading)."""
+        self.steps = 0
+        self.start.mark()
+        result = call()
+        self.end.mark()
+        synchronize(self.device)
+        if self.steps == 0:
+            raise RuntimeError("the denoiser never ran during the call: check model.denoiser")
+        timing = CallTiming(
+            latency_s=self.start.seconds_until(self.end),
+            text_encode_s=self.start.seconds_until(self.first_step),
+            denoise_s=self.first_step.seconds_until(self.last_step),
+            decode_s=self.last_step.seconds_until(self.end),
+            denoise_steps=self.steps,
+        )
+        return result, timing
+
+
+def _as_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    return value
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(timings: list[CallTiming]) -> dict[str, float]:
+    """Metrics over the timed calls. it/s is denoising steps per second of denoising (not per call)."""
+    latency = np.array([t.latency_s for t in timings])
+    denoise = np.array([t.denoise_s for t in timings])
+    steps = np.array([t.denoise_steps for t in timings])
+    std = float(latency.std(ddof=1)) if len(latency) > 1 else 0.0
+    return {
+        "latency_s": float(latency.mean()),
+        "latency_p50_s": float(np.percentile(latency, 50)),
+        "latency_p90_s": float(np.percentile(latency, 90)),
+        "latency_min_s": float(latency.min()),
+        "latency_std_s": std,
+        "latency_cv": std / float(latency.mean()),
+        "text_encode_s": float(np.mean([t.text_encode_s for t in timings])),
+        "denoise_s": float(denoise.mean()),
+        "decode_s": float(np.mean([t.decode_s for t in timings])),
+        "denoise_steps": float(steps.mean()),
+        "its": float(steps.sum() / denoise.sum()),
+    }
+
+
+def denoiser_flop_per_step(denoiser: torch.nn.Module, step_inputs: tuple[tuple, dict]) -> float:
+    """FLOPs of one denoiser call with the recorded input shapes, counted on a weightless meta copy.
+
+    The copy is built from the module's config (diffusers models), so counting costs no device time or
+    memory; torch's FlopCounterMode counts matrix products, convolutions and attention (2 per MAC).
+    """
+    with torch.device("meta"):
+        copy = type(denoiser).from_config(denoiser.config)
+    copy = copy.to(next(denoiser.parameters()).dtype)
+    args, kwargs = step_inputs
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        copy(*args, **kwargs)
+    return float(counter.get_total_flops())
+
+
+@contextmanager
+def peak_memory(device: torch.device, into: dict[str, float]):
+    """Record peak memory of the block into ``into``: CUDA allocated and reserved, or process RSS on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # so reserved memory reflects the pipeline, not what loading left cached
+        torch.cuda.reset_peak_memory_stats(device)
+        yield
+        into["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+        into["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+    else:
+        _reset_peak_rss()
+        yield
+        into["peak_rss_gib"] = _peak_rss_bytes() / GIB
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets the kernel's high-water mark (VmHWM) to the current RSS (Linux >= 4.0).
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        clear_refs.write_text("5")
+
+
+def _peak_rss_bytes() -> int:
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource  # not Linux: the process's lifetime peak, an upper bound
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Stopwatch:
+    """Wall time of a block, synchronising the device before reading the clock at either end."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._start

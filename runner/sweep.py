@@ -1,0 +1,91 @@
+"""A sweep as a whole: jobs Hydra could not even compose, and the table printed when the sweep ends.
+
+The sweeper (hydra_plugins/runner_sweeper) calls these; MLflow is the record, so the table reads the
+sweep's runs back from it whichever launcher ran the jobs.
+"""
+
+from hydra.errors import CompactHydraException, MissingConfigException
+from mlflow.entities import Run
+from omegaconf import DictConfig, OmegaConf
+
+from runner.config import MlflowConfig, run_name
+from runner.errors import RunnerError, one_line
+from runner.tracking import Tracker
+
+
+class SweepFailed(RunnerError, CompactHydraException):
+    """Some jobs of the sweep failed; the table above names them and why (Hydra prints it without a trace)."""
+
+
+def describe_compose_error(error: Exception) -> str:
+    """One line for a job Hydra could not compose: the key, the value and what is allowed."""
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and "/" in error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        options = ", ".join(error.options or [])
+        return f"{group}={option}: no such {group}; choose one of {options} (or add conf/{group}/{option}.yaml)"
+    cause = error.__cause__ or error
+    key = getattr(cause, "full_key", None)
+    return f"{key}: {one_line(cause)}" if key else one_line(error)
+
+
+def record_uncomposable(master: DictConfig, overrides: list[str], error: Exception) -> str:
+    """Record a job whose config could not be composed as a failed run; return its one-line error."""
+    chosen = dict(item.split("=", 1) for item in overrides if "=" in item)
+    choices = master.hydra.runtime.choices
+
+    def value(key: str, default: object) -> str:
+        return str(chosen.get(key, default))
+
+    res = value("res", OmegaConf.select(master, "res"))
+    name = run_name(
+        value("model", choices.get("model")),
+        value("task", choices.get("task")),
+        value("height", res),
+        value("width", res),
+        value("accelerator", choices.get("accelerator")),
+    )
+    message = describe_compose_error(error)
+    tracker = Tracker(MlflowConfig(**OmegaConf.to_container(master.mlflow, resolve=True)))
+    params = {key.lstrip("+~"): item for key, item in chosen.items() if key != "sweep_id"}
+    run_id = tracker.record(name, params, {"sweep_id": chosen.get("sweep_id", "")}, failed=message)
+    print(f"[{name}] FAILED: {message} (run {run_id})", flush=True)
+    return message
+
+
+def report_sweep(master: DictConfig, sweep_id: str) -> None:
+    """Print the sweep's table; raise SweepFailed (non-zero exit) if any job failed."""
+    tracker = Tracker(MlflowConfig(**OmegaConf.to_container(master.mlflow, resolve=True)))
+    runs = tracker.sweep_runs(sweep_id)
+    print(
+        f"\nSweep {sweep_id}: {len(runs)} job(s) in experiment '{tracker.experiment_name}' "
+        f"({master.mlflow.tracking_uri})"
+    )
+    print(format_table(runs))
+    failed = [run for run in runs if run.data.tags.get("outcome") not in ("ok", "skipped")]
+    if failed:
+        names = ", ".join(run.info.run_name for run in failed)
+        raise SweepFailed(f"{len(failed)} of {len(runs)} job(s) failed: {names}")
+
+
+COLUMNS = (
+    ("latency_s", "latency s", "{:.3f}"),
+    ("its", "it/s", "{:.2f}"),
+    ("warmup_s", "warmup s", "{:.1f}"),
+    ("peak_mem_gib", "peak GiB", "{:.2f}"),
+    ("peak_rss_gib", "peak RSS GiB", "{:.2f}"),
+)
+
+
+def format_table(runs: list[Run]) -> str:
+    """A plain-text table of runs: name, outcome, key metrics, and the error or skip reason."""
+    shown = [c for c in COLUMNS if any(c[0] in run.data.metrics for run in runs)]
+    header = ["job", "outcome", *(title for _, title, _ in shown), "note"]
+    rows = [header]
+    for run in runs:
+        metrics, tags = run.data.metrics, run.data.tags
+        cells = [fmt.format(metrics[key]) if key in metrics else "-" for key, _, fmt in shown]
+        note = tags.get("error") or tags.get("skip_reason") or ""
+        rows.append([run.info.run_name, tags.get("outcome", run.info.status.lower()), *cells, note])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = ("  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]]) for row in rows)
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,152 @@
+"""One job's measurement, in a process of its own: ``python -m runner.worker JOB_YAML RUN_ID``.
+
+``measure`` reads top to bottom: build the pipeline, apply the accelerator, warm up, time the calls, count
+FLOPs, log. The sweep's process (runner/job.py) started the MLflow run and ends it after this exits; a
+fresh process per job keeps peak memory, compile caches and a broken CUDA context out of the next job.
+"""
+
+import logging
+import sys
+import traceback
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from runner.accelerators import build_accelerator
+from runner.config import Config, ConfigError, run_name, to_config
+from runner.environment import environment_tags
+from runner.errors import RunnerError, one_line
+from runner.inputs import load_image
+from runner.measure import PhaseClock, Stopwatch, denoiser_flop_per_step, peak_memory, summarize
+from runner.pipelines import build_pipeline, parameter_count
+from runner.tracking import Tracker
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# Library log lines that say nothing here and alarm users: diffusers' warning about an empty list of fp32
+# modules, and transformers falling back from torchvision (deliberately not a dependency).
+HARMLESS = ("should be kept in float32: []", "requires torchvision (not installed)")
+# With weights=random the tokenizer is byte-level, so long prompts are cut at 77 tokens: harmless for
+# timing, since the real tokenizers pad every prompt to 77 tokens too.
+TRUNCATION = ("part of your input was truncated", "Token indices sequence length is longer")
+
+
+def measure(cfg: Config, tracker: Tracker, run_id: str) -> None:
+    drop_log_lines(HARMLESS + (TRUNCATION if cfg.model.weights == "random" else ()))
+    device = resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
+    tracker.log_params(run_id, {"device": str(device), "dtype": dtype_name})
+    tracker.set_tags(run_id, environment_tags(device))
+    accelerator = build_accelerator(cfg.accelerator)
+    accelerator.check(device)
+    image = input_image(cfg, tracker, run_id)
+
+    progress(cfg, f"loading ({cfg.model.weights} weights, {dtype_name}, {device})")
+    with Stopwatch(device) as load:
+        pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
+    eager_denoiser = getattr(pipe, cfg.model.denoiser)
+    tracker.log_params(run_id, {"denoiser_params": parameter_count(eager_denoiser)})
+    accelerator.apply(pipe)
+    clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
+
+    progress(cfg, f"loaded in {load.seconds:.1f} s; warming up ({cfg.warmup} call(s))")
+    with Stopwatch(device) as warmup:
+        for index in range(cfg.warmup):
+            pipe(**call_args(cfg, image, device, index))
+    metrics = {"load_s": load.seconds, "warmup_s": warmup.seconds}
+    progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
+
+    timings, images = [], {}
+    with peak_memory(device, into=metrics):
+        for index in range(cfg.runs):
+            kwargs = call_args(cfg, image, device, index)
+            output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
+            timings.append(timing)
+            images[f"{index:03d}_seed{cfg.seed + index}.png"] = output.images[0]
+            progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
+    metrics.update(summarize(timings))
+
+    assert clock.step_inputs is not None
+    flop_per_step = denoiser_flop_per_step(eager_denoiser, clock.step_inputs)
+    metrics["denoiser_tflop_per_step"] = flop_per_step / 1e12
+    metrics["achieved_tflops"] = flop_per_step * metrics["its"] / 1e12
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_metric_series(run_id, "call_latency_s", [t.latency_s for t in timings])
+    tracker.set_tags(run_id, accelerator.tags())
+    if cfg.log_images:
+        tracker.log_images(run_id, images)
+    progress(cfg, f"latency {metrics['latency_s']:.3f} s, {metrics['its']:.2f} it/s")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: no CUDA device is visible here; use device=cpu or device=auto")
+    return device
+
+
+def input_image(cfg: Config, tracker: Tracker, run_id: str) -> Image.Image | None:
+    """The task's input image (None for tasks without one), logged as the run's input.png."""
+    if "image" not in cfg.task.inputs:
+        return None
+    image, origin = load_image(cfg.task.image, cfg.names.model, cfg.width, cfg.height, tracker.find_t2i_image)
+    tracker.set_tags(run_id, {"input_image": origin})
+    tracker.client.log_image(run_id, image, artifact_file="input.png")
+    return image
+
+
+def call_args(cfg: Config, image: Image.Image | None, device: torch.device, index: int) -> dict[str, Any]:
+    """The pipeline call's arguments for timed call ``index`` (seed + index)."""
+    kwargs: dict[str, Any] = {
+        "prompt": cfg.prompt,
+        "negative_prompt": cfg.negative_prompt,
+        "num_inference_steps": cfg.steps,
+        "guidance_scale": cfg.guidance_scale,
+        "generator": torch.Generator(device).manual_seed(cfg.seed + index),
+        **cfg.task.call_args,
+        **cfg.model.tasks[cfg.names.task].call_args,
+    }
+    if image is not None:
+        kwargs["image"] = image
+    return kwargs
+
+
+def progress(cfg: Config, message: str) -> None:
+    name = run_name(cfg.names.model, cfg.names.task, cfg.height, cfg.width, cfg.names.accelerator)
+    print(f"[{name}] {message}", flush=True)
+
+
+def drop_log_lines(fragments: tuple[str, ...]) -> None:
+    """Filter log lines containing any of ``fragments`` out of diffusers' and transformers' handlers."""
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not any(fragment in record.getMessage() for fragment in fragments)
+
+    for library in ("diffusers", "transformers"):
+        for handler in logging.getLogger(library).handlers:
+            handler.addFilter(Drop())
+
+
+def main(argv: list[str]) -> int:
+    job_file, run_id = argv
+    cfg = to_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(job_file)))
+    tracker = Tracker(cfg.mlflow)
+    try:
+        measure(cfg, tracker, run_id)
+    except Exception as error:
+        tracker.set_tags(run_id, {"error": one_line(error)})
+        tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+        if not isinstance(error, RunnerError):  # a user's mistake needs no trace; anything else does
+            traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
