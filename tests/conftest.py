@@ -1,0 +1,97 @@
+"""Shared fixtures: composing jobs as Hydra does, tiny pipelines, and the real CLI against a temporary store."""
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import runner.config  # noqa: F401  (registers the schema)
+from runner.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip)
+
+
+def compose_job(*overrides: str) -> DictConfig:
+    """A job's config as Hydra's run gives it to the task function (names resolved, hydra node removed)."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    OmegaConf.resolve(cfg.names)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def load_model(name: str) -> ModelConfig:
+    model = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+    return OmegaConf.to_object(model)
+
+
+@dataclass
+class Sweep:
+    """What a CLI invocation left: its exit code and output, and the runs in its MLflow store."""
+
+    code: int
+    output: str
+    tracking_uri: str
+
+    def runs(self) -> dict[str, Run]:
+        client = MlflowClient(self.tracking_uri)
+        experiment = client.get_experiment_by_name("diffusion-bench")
+        if experiment is None:
+            return {}
+        return {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+
+
+@pytest.fixture
+def cli(tmp_path: Path):
+    """Run ``python -m runner ARGS`` like a user would, with its MLflow store and Hydra folders in tmp_path."""
+    tracking_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> Sweep:
+        command = [
+            sys.executable,
+            "-m",
+            "runner",
+            *args,
+            f"mlflow.tracking_uri={tracking_uri}",
+            f"hydra.sweep.dir={tmp_path}/hydra",
+        ]
+        result = subprocess.run(
+            command,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        )
+        return Sweep(result.returncode, result.stdout + result.stderr, tracking_uri)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL pipeline, built in code with seeded random weights and saved like a hub checkpoint."""
+    from runner.pipelines import build_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny_sdxl")
+    build_pipeline(load_model("tiny_sdxl"), "t2i", torch.device("cpu"), torch.float32).save_pretrained(folder)
+    return folder

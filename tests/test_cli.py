@@ -1,0 +1,208 @@
+"""The command a user types, end to end on the CPU: real sweeps of tiny pipelines, read back from MLflow."""
+
+import io
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+REQUIRED_PARAMS = {
+    "model",
+    "model_id",
+    "weights",
+    "task",
+    "res",
+    "height",
+    "width",
+    "accelerator",
+    "steps",
+    "guidance_scale",
+    "seed",
+    "warmup",
+    "runs",
+    "device",
+    "dtype",
+    "denoiser_params",
+}
+REQUIRED_METRICS = {
+    "load_s",
+    "warmup_s",
+    "latency_s",
+    "latency_p50_s",
+    "latency_p90_s",
+    "latency_std_s",
+    "its",
+    "text_encode_s",
+    "denoise_s",
+    "decode_s",
+    "denoiser_tflop_per_step",
+    "achieved_tflops",
+    "peak_rss_gib",
+    "latency_cv",
+    "call_latency_s",
+}
+REQUIRED_TAGS = {
+    "sweep_id",
+    "outcome",
+    "device_name",
+    "torch_version",
+    "diffusers_version",
+    "transformers_version",
+    "git_commit",
+    "python_version",
+}
+
+
+def artifact_image(client: MlflowClient, run_id: str, path: str) -> Image.Image:
+    local = client.download_artifacts(run_id, path)
+    return Image.open(io.BytesIO(Path(local).read_bytes()))
+
+
+def test_tiny_sweep_of_both_tasks_reads_back_from_mlflow(cli) -> None:
+    sweep = cli("-m", "model=tiny_sdxl,tiny_pix2pix", "task=t2i,i2i", "res=64", "runs=3", "task.image=t2i:tiny_sdxl")
+    assert sweep.code == 0, sweep.output
+    runs = sweep.runs()
+    assert set(runs) == {
+        "tiny_sdxl/t2i/64/none",
+        "tiny_sdxl/i2i/64/none",
+        "tiny_pix2pix/t2i/64/none",
+        "tiny_pix2pix/i2i/64/none",
+    }
+    assert len({run.data.tags["sweep_id"] for run in runs.values()}) == 1
+
+    skipped = runs["tiny_pix2pix/t2i/64/none"]
+    assert skipped.data.tags["outcome"] == "skipped" and skipped.info.status == "FINISHED"
+    assert skipped.data.tags["skip_reason"] == "model tiny_pix2pix has no t2i pipeline (it offers: i2i)"
+
+    client = MlflowClient(sweep.tracking_uri)
+    t2i = runs["tiny_sdxl/t2i/64/none"]
+    for name in ("tiny_sdxl/t2i/64/none", "tiny_sdxl/i2i/64/none", "tiny_pix2pix/i2i/64/none"):
+        run = runs[name]
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        assert run.info.status == "FINISHED" and tags["outcome"] == "ok"
+        assert set(params) >= REQUIRED_PARAMS and set(metrics) >= REQUIRED_METRICS and set(tags) >= REQUIRED_TAGS
+        assert (params["res"], params["height"], params["width"], params["device"], params["dtype"]) == (
+            "64",
+            "64",
+            "64",
+            "cpu",
+            "fp32",
+        )
+        assert params["accelerator"] == "none" and params["weights"] == "random" and params["runs"] == "3"
+        # Sane numbers: positive, phases add up, it/s is steps over denoising seconds.
+        assert 0 < metrics["latency_p50_s"] <= metrics["latency_p90_s"] < 60
+        phases = metrics["text_encode_s"] + metrics["denoise_s"] + metrics["decode_s"]
+        assert phases == pytest.approx(metrics["latency_s"], rel=1e-6)
+        assert metrics["its"] == pytest.approx(metrics["denoise_steps"] / metrics["denoise_s"], rel=1e-6)
+        assert metrics["denoiser_tflop_per_step"] > 0 and metrics["peak_rss_gib"] > 0.1
+        history = client.get_metric_history(run.info.run_id, "call_latency_s")
+        assert [m.step for m in history] == [0, 1, 2]
+        # Three images of the job's size, the resolved config and the worker's log.
+        images = sorted(a.path for a in client.list_artifacts(run.info.run_id, "images"))
+        assert images == ["images/000_seed0.png", "images/001_seed1.png", "images/002_seed2.png"]
+        assert artifact_image(client, run.info.run_id, images[0]).size == (64, 64)
+        top = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "worker.log"} <= top
+    assert runs["tiny_sdxl/i2i/64/none"].data.params["call.strength"] == "0.75"
+    assert runs["tiny_sdxl/i2i/64/none"].data.metrics["denoise_steps"] == 3  # int(4 steps x 0.75)
+    for name in ("tiny_sdxl/i2i/64/none", "tiny_pix2pix/i2i/64/none"):  # the input is the t2i run's first image
+        assert runs[name].data.tags["input_image"].startswith(f"run {t2i.info.run_id} ")
+    assert "tiny_sdxl/t2i/64/none" in sweep.output.split("Sweep ")[-1]  # the summary table
+
+
+def test_one_failing_job_leaves_the_sweep_running_and_the_exit_code_non_zero(cli) -> None:
+    sweep = cli("-m", "res=64,100", "runs=1")
+    assert sweep.code != 0
+    runs = sweep.runs()
+    assert runs["tiny_sdxl/t2i/64/none"].data.tags["outcome"] == "ok"
+    failed = runs["tiny_sdxl/t2i/100/none"]
+    assert failed.info.status == "FAILED" and failed.data.tags["outcome"] == "failed"
+    assert failed.data.tags["error"] == "res=100: must be a positive multiple of 8, e.g. 512 or 1024"
+    assert "1 of 2 job(s) failed: tiny_sdxl/t2i/100/none" in sweep.output
+    assert "Traceback" not in sweep.output
+
+
+def test_unknown_model_in_a_sweep_is_recorded_and_the_rest_runs(cli) -> None:
+    sweep = cli("-m", "model=tiny_sdxl,no_such_model", "res=64", "runs=1")
+    assert sweep.code != 0
+    runs = sweep.runs()
+    assert runs["tiny_sdxl/t2i/64/none"].data.tags["outcome"] == "ok"
+    error = runs["no_such_model/t2i/64/none"].data.tags["error"]
+    assert error.startswith("model=no_such_model: no such model; choose one of instruct_pix2pix, realvisxl_v4")
+    assert "conf/model/no_such_model.yaml" in error
+
+
+def test_unknown_model_on_its_own_lists_the_options(cli) -> None:
+    sweep = cli("model=no_such_model")
+    assert sweep.code != 0
+    assert "Could not find 'model/no_such_model'" in sweep.output and "realvisxl_v4_lightning" in sweep.output
+
+
+def test_value_that_is_not_a_number_in_a_sweep(cli) -> None:
+    sweep = cli("-m", "res=64,large", "runs=1")
+    assert sweep.code != 0
+    error = sweep.runs()["tiny_sdxl/t2i/large/none"].data.tags["error"]
+    assert error.startswith("res: ") and "'large'" in error and "Integer" in error
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("runs=0",), "runs=0: must be at least 1"),
+        (("task=i2i", "task.image=/no/such/image.png"), "task.image=/no/such/image.png: no such file"),
+        (("task=i2i", "task.image=t2i"), "task.image=t2i: no finished t2i run of tiny_sdxl at 64x64"),
+    ],
+)
+def test_bad_input_fails_the_job_with_one_line(cli, args: tuple[str, ...], error: str) -> None:
+    sweep = cli(*args, "res=64")
+    assert sweep.code != 0
+    [run] = sweep.runs().values()
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith(error)
+    assert "\n" not in run.data.tags["error"] and "Traceback" not in sweep.output
+
+
+def test_the_issue_command_sweeps_four_jobs_and_reports_the_unreachable_hub(cli) -> None:
+    """The exact command from the brief; with no hub every job fails fast, each saying what to do."""
+    sweep = cli("-m", "model=realvisxl_v4,realvisxl_v4_lightning", "res=512,1024")
+    assert sweep.code != 0
+    runs = sweep.runs()
+    assert set(runs) == {f"{m}/t2i/{r}/none" for m in ("realvisxl_v4", "realvisxl_v4_lightning") for r in (512, 1024)}
+    for run in runs.values():
+        assert run.info.status == "FAILED"
+        assert "could not be loaded" in run.data.tags["error"] and "model.weights=random" in run.data.tags["error"]
+    assert runs["realvisxl_v4_lightning/t2i/512/none"].data.params["model_id"] == "SG161222/RealVisXL_V4.0_Lightning"
+
+
+def test_pretrained_tiny_pipeline_from_a_local_folder(cli, tiny_sdxl_folder: Path) -> None:
+    sweep = cli("model.weights=pretrained", f"model.id={tiny_sdxl_folder}", "res=64", "runs=1")
+    assert sweep.code == 0, sweep.output
+    [run] = sweep.runs().values()
+    assert run.data.params["weights"] == "pretrained" and run.data.params["model_id"] == str(tiny_sdxl_folder)
+
+
+def test_a_worker_that_dies_is_recorded_as_failed(cli, tmp_path: Path) -> None:
+    """A worker killed outright (as the out-of-memory killer would) still leaves a FAILED run, not a RUNNING one."""
+    extra = tmp_path / "extra_conf" / "accelerator"
+    extra.mkdir(parents=True)
+    (extra / "crash.yaml").write_text("_target_: tests.fake_accelerators.Crash\n")
+    sweep = cli(
+        "-m", "accelerator=none,crash", "res=64", "runs=1", f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]"
+    )
+    assert sweep.code != 0
+    runs = sweep.runs()
+    assert runs["tiny_sdxl/t2i/64/none"].data.tags["outcome"] == "ok"
+    crashed = runs["tiny_sdxl/t2i/64/crash"]
+    assert crashed.info.status == "FAILED" and "killed by SIGKILL" in crashed.data.tags["error"]
+
+
+def test_no_secret_or_environment_reaches_mlflow(cli) -> None:
+    canary = "hf_canary_s3cret_value"
+    sweep = cli("res=64", "runs=1", env={"HF_TOKEN": canary, "MLFLOW_TRACKING_TOKEN": canary})
+    assert sweep.code == 0, sweep.output
+    [run] = sweep.runs().values()
+    client = MlflowClient(sweep.tracking_uri)
+    logged = [*run.data.params.values(), *run.data.tags.values()]
+    for artifact in ("config.yaml", "worker.log"):
+        logged.append(Path(client.download_artifacts(run.info.run_id, artifact)).read_text())
+    assert not any(canary in text for text in logged)

@@ -1,0 +1,94 @@
+"""Every option of every config group composes; bad values are refused with the key, the value and the fix."""
+
+from pathlib import Path
+
+import pytest
+from conftest import CONF, compose_job
+
+from runner.accelerators import Accelerator, build_accelerator
+from runner.config import Config, ConfigError, check, run_name, skip_reason, to_config
+
+GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "task", "accelerator")}
+
+
+@pytest.mark.parametrize("model", GROUPS["model"])
+@pytest.mark.parametrize("task", GROUPS["task"])
+@pytest.mark.parametrize("accelerator", GROUPS["accelerator"])
+def test_every_option_composes(model: str, task: str, accelerator: str) -> None:
+    cfg = to_config(compose_job(f"model={model}", f"task={task}", f"accelerator={accelerator}"))
+    assert (cfg.names.model, cfg.names.task, cfg.names.accelerator) == (model, task, accelerator)
+    assert cfg.steps == cfg.model.steps and cfg.height == cfg.width == cfg.res
+    assert cfg.model.architecture and Path(CONF.parent, "runner", "architectures", cfg.model.architecture).is_dir()
+    assert isinstance(build_accelerator(cfg.accelerator), Accelerator)
+    if skip_reason(cfg) is None:
+        assert cfg.model.tasks[task].pipeline.startswith("diffusers.")
+
+
+def test_groups_are_the_ones_the_issue_names() -> None:
+    assert {
+        "realvisxl_v4",
+        "realvisxl_v4_lightning",
+        "instruct_pix2pix",
+        "sdxl_base",
+        "tiny_sdxl",
+        "tiny_pix2pix",
+    } <= set(GROUPS["model"])
+    assert {"t2i", "i2i"} <= set(GROUPS["task"])
+    assert "none" in GROUPS["accelerator"]
+
+
+def test_height_and_width_follow_res_unless_set() -> None:
+    cfg = to_config(compose_job("res=512"))
+    assert (cfg.height, cfg.width) == (512, 512)
+    cfg = to_config(compose_job("res=512", "width=768"))
+    assert (cfg.height, cfg.width) == (512, 768)
+    assert run_name("m", "t2i", 512, 768, "none") == "m/t2i/512x768/none"
+
+
+def test_pix2pix_has_no_text_to_image() -> None:
+    reason = skip_reason(to_config(compose_job("model=instruct_pix2pix", "task=t2i")))
+    assert reason == "model instruct_pix2pix has no t2i pipeline (it offers: i2i)"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("res=500", "res=500: must be a positive multiple of 8"),
+        ("res=0", "res=0: must be a positive multiple of 8"),
+        ("height=-8", "height=-8: must be a positive multiple of 8"),
+        ("runs=0", "runs=0: must be at least 1"),
+        ("steps=0", "steps=0: must be at least 1"),
+        ("warmup=-1", "warmup=-1: must be at least 0"),
+        ("device=tpu", "device=tpu: use auto, cpu, cuda or cuda:N"),
+        ("dtype=fp8", "dtype=fp8: choose one of auto, fp16, bf16, fp32"),
+        ("model.weights=cached", "model.weights=cached: choose one of pretrained, random"),
+        ("task.inputs=[prompt,mask]", "task.inputs=mask: choose one of prompt, image"),
+    ],
+)
+def test_bad_values_are_refused_with_key_value_and_fix(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        to_config(compose_job(override))
+
+
+def test_pretrained_needs_an_id() -> None:
+    with pytest.raises(ConfigError, match=r"model.id is empty for model=tiny_sdxl: .*model.weights=random"):
+        to_config(compose_job("model.weights=pretrained"))
+
+
+def test_defaults_check_clean() -> None:
+    cfg = to_config(compose_job())
+    assert isinstance(cfg, Config)
+    check(cfg)
+    assert (cfg.warmup, cfg.runs, cfg.device, cfg.dtype) == (1, 10, "auto", "auto")
+    assert cfg.mlflow.tracking_uri == "sqlite:///mlruns/mlflow.db"
+
+
+def test_accelerator_options_are_type_checked() -> None:
+    target = "tests.fake_accelerators.Options"
+    assert build_accelerator({"_target_": target, "interval": 3}).interval == 3
+    with pytest.raises(ConfigError, match=r"accelerator.interval: Value 'often'"):
+        build_accelerator({"_target_": target, "interval": "often"})
+    with pytest.raises(ConfigError, match=r"accelerator.*speed"):
+        build_accelerator({"_target_": target, "speed": 2})
+    with pytest.raises(ConfigError, match="not an accelerator"):
+        build_accelerator({"_target_": "tests.fake_accelerators.NotAnAccelerator"})
