@@ -8,10 +8,13 @@ what is allowed.
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import II, MISSING, DictConfig, OmegaConf, open_dict
 
 from runner.errors import RunnerError
 
@@ -104,6 +107,19 @@ class Config:
 
 
 ConfigStore.instance().store(name="schema", node=Config)
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_job(*overrides: str) -> DictConfig:
+    """A job's config as a Hydra run hands it to the job (names resolved, no hydra node), for scripts and
+    tests that measure outside a sweep."""
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    OmegaConf.resolve(cfg.names)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def to_config(cfg: DictConfig) -> Config:

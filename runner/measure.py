@@ -62,8 +62,15 @@ class PhaseClock:
         self.start, self.first_step, self.last_step, self.end = (Marker(device) for _ in range(4))
         self.steps = 0
         self.step_inputs: tuple[tuple, dict] | None = None
-        denoiser.register_forward_pre_hook(self._before_step, with_kwargs=True)
-        denoiser.register_forward_hook(self._after_step)
+        self._hooks = [
+            denoiser.register_forward_pre_hook(self._before_step, with_kwargs=True),
+            denoiser.register_forward_hook(self._after_step),
+        ]
+
+    def detach(self) -> None:
+        """Remove the hooks from the denoiser."""
+        for hook in self._hooks:
+            hook.remove()
 
     def _before_step(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self.steps == 0:

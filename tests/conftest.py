@@ -8,17 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
 from mlflow.entities import Run
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-import runner.config  # noqa: F401  (registers the schema)
-from runner.config import ModelConfig
+from runner.config import CONF, ModelConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+ROOT = CONF.parent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -26,17 +22,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
-
-
-def compose_job(*overrides: str) -> DictConfig:
-    """A job's config as Hydra's run gives it to the task function (names resolved, hydra node removed)."""
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    OmegaConf.resolve(cfg.names)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 def load_model(name: str) -> ModelConfig:

@@ -206,3 +206,15 @@ def test_no_secret_or_environment_reaches_mlflow(cli) -> None:
     for artifact in ("config.yaml", "worker.log"):
         logged.append(Path(client.download_artifacts(run.info.run_id, artifact)).read_text())
     assert not any(canary in text for text in logged)
+
+
+@pytest.mark.gpu
+def test_tiny_job_on_cuda_records_cuda_memory_and_the_gpu(cli) -> None:
+    sweep = cli("device=cuda", "res=64", "runs=2")
+    assert sweep.code == 0, sweep.output
+    [run] = sweep.runs().values()
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert (params["device"], params["dtype"]) == ("cuda", "fp16")
+    assert 0 < metrics["peak_mem_gib"] <= metrics["peak_reserved_gib"] and "peak_rss_gib" not in metrics
+    assert tags["device_type"] == "cuda" and tags["gpu_uuid"].startswith("GPU-") and tags["cuda_version"] != "None"
+    assert tags["driver_version"] != "unknown"

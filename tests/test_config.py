@@ -3,10 +3,9 @@
 from pathlib import Path
 
 import pytest
-from conftest import CONF, compose_job
 
 from runner.accelerators import Accelerator, build_accelerator
-from runner.config import Config, ConfigError, check, run_name, skip_reason, to_config
+from runner.config import CONF, Config, ConfigError, check, compose_job, run_name, skip_reason, to_config
 
 GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "task", "accelerator")}
 

@@ -1,0 +1,71 @@
+"""The runner's own overhead: one pipeline call timed bare (CUDA events, or perf_counter on the CPU, around
+``pipe(...)``) and as the runner times it (PhaseClock's hooks on the denoiser), alternating in one process
+so both see the same GPU clocks and the same pipeline.
+
+    python benchmarks/overhead.py OUT.json model=sdxl_base model.weights=random steps=30 res=1024
+
+Takes the job's overrides like ``python -m runner``; writes every call's latency to OUT.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from runner.config import compose_job, to_config
+from runner.measure import Marker, PhaseClock, synchronize
+from runner.pipelines import build_pipeline
+from runner.worker import DTYPES, call_args, resolve_device
+
+
+def main(out: Path, overrides: list[str]) -> None:
+    cfg = to_config(compose_job(*overrides))
+    device = resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else DTYPES["fp16" if device.type == "cuda" else "fp32"]
+    pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
+    denoiser = getattr(pipe, cfg.model.denoiser)
+    for index in range(cfg.warmup):
+        pipe(**call_args(cfg, None, device, index))
+    start, end = Marker(device), Marker(device)
+
+    def bare(kwargs: dict) -> float:
+        start.mark()
+        pipe(**kwargs)
+        end.mark()
+        synchronize(device)
+        return start.seconds_until(end)
+
+    def clocked(kwargs: dict) -> float:
+        clock = PhaseClock(denoiser, device)
+        _, timing = clock.time_call(lambda: pipe(**kwargs))
+        clock.detach()
+        return timing.latency_s
+
+    bare_s, runner_s = [], []
+    for index in range(cfg.runs):  # alternate which goes first, so drift favours neither
+        pair = [(bare, bare_s), (clocked, runner_s)]
+        for timer, into in pair if index % 2 == 0 else reversed(pair):
+            into.append(timer(call_args(cfg, None, device, index)))
+    result = {
+        "overrides": overrides,
+        "device": str(device),
+        "bare_s": bare_s,
+        "runner_s": runner_s,
+        "bare_mean_s": float(np.mean(bare_s)),
+        "runner_mean_s": float(np.mean(runner_s)),
+        "bare_cv": float(np.std(bare_s, ddof=1) / np.mean(bare_s)),
+        "runner_cv": float(np.std(runner_s, ddof=1) / np.mean(runner_s)),
+        "overhead_pct": float(100 * (np.mean(runner_s) / np.mean(bare_s) - 1)),
+        "overhead_median_pct": float(100 * (np.median(runner_s) / np.median(bare_s) - 1)),
+    }
+    out.write_text(json.dumps(result, indent=2))
+    print(
+        f"{' '.join(overrides)}: bare {result['bare_mean_s']:.4f} s (cv {result['bare_cv']:.2%}), "
+        f"runner {result['runner_mean_s']:.4f} s (cv {result['runner_cv']:.2%}), "
+        f"overhead {result['overhead_pct']:+.2f}% (median {result['overhead_median_pct']:+.2f}%)"
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
