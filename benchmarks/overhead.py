@@ -16,11 +16,12 @@ import numpy as np
 from runner.config import compose_job, to_config
 from runner.measure import Marker, PhaseClock, synchronize
 from runner.pipelines import build_pipeline
-from runner.worker import DTYPES, call_args, resolve_device
+from runner.worker import DTYPES, HARMLESS, TRUNCATION, call_args, drop_log_lines, resolve_device
 
 
 def main(out: Path, overrides: list[str]) -> None:
     cfg = to_config(compose_job(*overrides))
+    drop_log_lines(HARMLESS + TRUNCATION)
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else DTYPES["fp16" if device.type == "cuda" else "fp32"]
     pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)

@@ -93,30 +93,30 @@ def build_random(
     index = json.loads((folder / "model_index.json").read_text())
     torch.manual_seed(seed)
     parts: dict[str, Any] = {}
-    with torch.device(device):
-        for name, entry in index.items():
-            if name.startswith("_"):
-                continue
-            parts[name] = _build_component(folder, name, entry, dtype) if isinstance(entry, list) else entry
+    for name, entry in index.items():
+        if not name.startswith("_"):
+            parts[name] = _build_component(folder, name, entry, device, dtype) if isinstance(entry, list) else entry
     parts.update(load_args)
     accepted = inspect.signature(pipeline_cls.__init__).parameters
     return pipeline_cls(**{name: value for name, value in parts.items() if name in accepted})
 
 
-def _build_component(folder: Path, name: str, entry: list, dtype: torch.dtype) -> Any:
+def _build_component(folder: Path, name: str, entry: list, device: torch.device, dtype: torch.dtype) -> Any:
     library, class_name = entry
     if library is None:
         return None
     cls = getattr(diffusers if library == "diffusers" else transformers, class_name)
     if issubclass(cls, transformers.PreTrainedTokenizerBase):
         return clip_tokenizer(cls)
-    if issubclass(cls, SchedulerMixin):
+    if issubclass(cls, SchedulerMixin):  # on the CPU: schedulers hand their tables to numpy
         return cls.from_pretrained(folder, subfolder=name)
     if issubclass(cls, diffusers.ModelMixin):
-        return cls.from_config(cls.load_config(folder / name)).to(dtype).eval()
+        with torch.device(device):  # weights are initialised where they will run: fast, no copy
+            return cls.from_config(cls.load_config(folder / name)).to(dtype).eval()
     if issubclass(cls, transformers.PreTrainedModel):
         config = transformers.AutoConfig.from_pretrained(folder / name)
-        return cls(config).to(dtype).eval()
+        with torch.device(device):
+            return cls(config).to(dtype).eval()
     raise ModelLoadError(f"{folder.name}/model_index.json: cannot build {name} ({library}.{class_name})")
 
 

@@ -84,6 +84,19 @@ def test_random_weights_are_seeded() -> None:
     assert not np.array_equal(image_of(first, seed=0), image_of(first, seed=1))
 
 
+def test_only_models_are_built_on_the_device() -> None:
+    """Schedulers keep their tables on the CPU (diffusers hands them to numpy) whatever the device."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from runner.pipelines import build_random
+
+    pipe = build_random(StableDiffusionXLPipeline, "tiny_sdxl", {}, 0, torch.device("meta"), torch.float16)
+    assert pipe.unet.device.type == "meta" and pipe.text_encoder_2.device.type == "meta"
+    assert pipe.unet.dtype == torch.float16
+    assert pipe.scheduler.alphas_cumprod.device.type == "cpu"
+    pipe.scheduler.set_timesteps(4)
+
+
 def test_saved_tiny_pipeline_reloads_through_from_pretrained(tiny_sdxl_folder: Path) -> None:
     model = load_model("tiny_sdxl")
     built = build_pipeline(model, "t2i", torch.device("cpu"), torch.float32)
