@@ -23,7 +23,7 @@ python3 - <<'PY' 2>&1 | tee -a "$OUT/sweep.log"
 import numpy as np
 from pathlib import Path
 from PIL import Image
-for png in sorted(Path("mlruns/artifacts").glob("*/*/artifacts/images/000_seed0.png")):
+for png in sorted(Path("mlruns/artifacts").glob("*/artifacts/images/000_seed0.png")):
     pixels = np.asarray(Image.open(png), dtype=np.float32)
     print(f"{png.parts[-4]}: mean {pixels.mean():.1f} std {pixels.std():.1f}")
 PY
