@@ -29,6 +29,6 @@ for png in sorted(Path("mlruns/artifacts").glob("*/artifacts/images/000_seed0.pn
 PY
 cp mlruns/mlflow.db "$OUT/"
 for res in 512 1024; do
-  python3 benchmarks/overhead.py "$OUT/overhead_$res.json" model=sdxl_base model.weights=random steps=30 res=$res 2>&1 \
+  python3 benchmarks/overhead.py "$OUT/overhead_$res.json" model=sdxl_base model.weights=random steps=30 res=$res runs=20 2>&1 \
     | tee -a "$OUT/overhead.log"
 done

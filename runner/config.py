@@ -101,6 +101,7 @@ class Config:
     runs: int = 10
     device: str = "auto"
     dtype: str = "auto"
+    pin_cpu: bool = True  # on CUDA, pin the thread that launches GPU work to one core (runner/measure.py)
     log_images: bool = True
     sweep_id: str = ""  # stamped by the sweeper on every job of one sweep
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

@@ -36,6 +36,7 @@ PARAM_KEYS = {
     "seed": "seed",
     "warmup": "warmup",
     "runs": "runs",
+    "pin_cpu": "pin_cpu",
     "prompt": "prompt",
     "negative_prompt": "negative_prompt",
     "model.scheduler.scheduler": "scheduler",

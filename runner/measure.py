@@ -7,8 +7,10 @@ the call's end (VAE decoding and conversion to PIL). The three add up to ``laten
 is a CUDA event, read after the call synchronises; on the CPU it is ``time.perf_counter``.
 """
 
+import gc
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +85,10 @@ class PhaseClock:
         self.last_step.mark()
 
     def time_call(self, call: Callable[[], Any]) -> tuple[Any, CallTiming]:
-        """Run ``call`` once; return its result and its timing (synchronised before reading)."""
+        """Run ``call`` once; return its result and its timing (synchronised before reading).
+
+        Python's garbage is collected first, outside the timed region (see ``steady_host``)."""
+        gc.collect()
         self.steps = 0
         self.start.mark()
         result = call()
@@ -110,6 +115,31 @@ def _as_meta(value: Any) -> Any:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextmanager
+def steady_host(device: torch.device, pin_cpu: bool) -> Iterator[str]:
+    """Keep the host from adding noise to timed calls; yields the pinned core's number, or "none".
+
+    Eager pipelines on a GPU are launch-bound: the calling thread's speed is the pipeline's speed. Moving
+    between cores and garbage-collection pauses made single calls vary by 5-25% on our GPU host (see
+    BENCHMARKS.md), so on CUDA the calling thread is pinned to one core (the last its process may use), and
+    Python's collector is paused throughout (time_call collects before each call instead). CPU jobs are
+    never pinned: they need every core.
+    """
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    core = max(allowed) if pin_cpu and device.type == "cuda" and allowed else None
+    collecting = gc.isenabled()
+    if core is not None:
+        os.sched_setaffinity(0, {core})  # 0: the calling thread on Linux
+    gc.disable()
+    try:
+        yield "none" if core is None else str(core)
+    finally:
+        if collecting:
+            gc.enable()
+        if core is not None:
+            os.sched_setaffinity(0, allowed)
 
 
 def summarize(timings: list[CallTiming]) -> dict[str, float]:

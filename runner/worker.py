@@ -19,7 +19,7 @@ from runner.config import Config, ConfigError, run_name, to_config
 from runner.environment import environment_tags
 from runner.errors import RunnerError, one_line
 from runner.inputs import load_image
-from runner.measure import PhaseClock, Stopwatch, denoiser_flop_per_step, peak_memory, summarize
+from runner.measure import PhaseClock, Stopwatch, denoiser_flop_per_step, peak_memory, steady_host, summarize
 from runner.pipelines import build_pipeline, parameter_count
 from runner.tracking import Tracker
 
@@ -53,21 +53,22 @@ def measure(cfg: Config, tracker: Tracker, run_id: str) -> None:
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
 
     progress(cfg, f"loaded in {load.seconds:.1f} s; warming up ({cfg.warmup} call(s))")
-    with Stopwatch(device) as warmup:
-        for index in range(cfg.warmup):
-            pipe(**call_args(cfg, image, device, index))
-    metrics = {"load_s": load.seconds, "warmup_s": warmup.seconds}
-    progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
-
     timings, images = [], {}
-    with peak_memory(device, into=metrics):
-        for index in range(cfg.runs):
-            kwargs = call_args(cfg, image, device, index)
-            output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
-            timings.append(timing)
-            images[f"{index:03d}_seed{cfg.seed + index}.png"] = output.images[0]
-            progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
+    with steady_host(device, cfg.pin_cpu) as core:
+        with Stopwatch(device) as warmup:
+            for index in range(cfg.warmup):
+                pipe(**call_args(cfg, image, device, index))
+        metrics = {"load_s": load.seconds, "warmup_s": warmup.seconds}
+        progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
+        with peak_memory(device, into=metrics):
+            for index in range(cfg.runs):
+                kwargs = call_args(cfg, image, device, index)
+                output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
+                timings.append(timing)
+                images[f"{index:03d}_seed{cfg.seed + index}.png"] = output.images[0]
+                progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
     metrics.update(summarize(timings))
+    tracker.set_tags(run_id, {"pinned_cpu": core})
 
     assert clock.step_inputs is not None
     flop_per_step = denoiser_flop_per_step(eager_denoiser, clock.step_inputs)

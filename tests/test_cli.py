@@ -217,4 +217,4 @@ def test_tiny_job_on_cuda_records_cuda_memory_and_the_gpu(cli) -> None:
     assert (params["device"], params["dtype"]) == ("cuda", "fp16")
     assert 0 < metrics["peak_mem_gib"] <= metrics["peak_reserved_gib"] and "peak_rss_gib" not in metrics
     assert tags["device_type"] == "cuda" and tags["gpu_uuid"].startswith("GPU-") and tags["cuda_version"] != "None"
-    assert tags["driver_version"] != "unknown"
+    assert tags["driver_version"] != "unknown" and tags["pinned_cpu"] != "none"

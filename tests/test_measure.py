@@ -1,12 +1,23 @@
 """The phase clock, the summary metrics and peak memory, on the CPU (and on CUDA where there is one)."""
 
+import gc
+import os
+
 import numpy as np
 import pytest
 import torch
 from conftest import load_model
 from PIL import Image
 
-from runner.measure import CallTiming, PhaseClock, Stopwatch, denoiser_flop_per_step, peak_memory, summarize
+from runner.measure import (
+    CallTiming,
+    PhaseClock,
+    Stopwatch,
+    denoiser_flop_per_step,
+    peak_memory,
+    steady_host,
+    summarize,
+)
 from runner.pipelines import build_pipeline
 
 
@@ -82,3 +93,15 @@ def test_cuda_events_and_peak_memory() -> None:
     assert phases == pytest.approx(timing.latency_s, rel=1e-3)
     assert set(metrics) == {"peak_mem_gib", "peak_reserved_gib"}
     assert 0 < metrics["peak_mem_gib"] <= metrics["peak_reserved_gib"]
+
+
+def test_steady_host_pauses_gc_and_pins_only_cuda_work() -> None:
+    before = os.sched_getaffinity(0)
+    with steady_host(torch.device("cpu"), pin_cpu=True) as core:
+        assert core == "none" and not gc.isenabled() and os.sched_getaffinity(0) == before
+    assert gc.isenabled()
+    with steady_host(torch.device("cuda"), pin_cpu=True) as core:  # pinning needs no GPU to be checked
+        assert os.sched_getaffinity(0) == {int(core)} and int(core) == max(before)
+    assert os.sched_getaffinity(0) == before and gc.isenabled()
+    with steady_host(torch.device("cuda"), pin_cpu=False) as core:
+        assert core == "none" and os.sched_getaffinity(0) == before
