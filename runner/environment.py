@@ -20,6 +20,8 @@ def environment_tags(device: torch.device) -> dict[str, str]:
     }
     for package in ("torch", "diffusers", "transformers", "mlflow", "hydra-core"):
         tags[f"{package.replace('-', '_')}_version"] = _version(package)
+    if tags["mlflow_version"] == "not installed":  # the same module, from the client-only distribution
+        tags["mlflow_version"] = _version("mlflow-skinny")
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         properties = torch.cuda.get_device_properties(index)
