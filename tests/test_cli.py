@@ -123,14 +123,20 @@ def test_one_failing_job_leaves_the_sweep_running_and_the_exit_code_non_zero(cli
     assert "Traceback" not in sweep.output
 
 
-def test_unknown_model_in_a_sweep_is_recorded_and_the_rest_runs(cli) -> None:
-    sweep = cli("-m", "model=tiny_sdxl,no_such_model", "res=64", "runs=1")
+def test_unknown_model_or_task_in_a_sweep_is_recorded_and_the_rest_runs(cli) -> None:
+    sweep = cli("-m", "model=tiny_sdxl,no_such_model", "task=t2i,paint", "res=64", "runs=1")
     assert sweep.code != 0
     runs = sweep.runs()
     assert runs["tiny_sdxl/t2i/64/none"].data.tags["outcome"] == "ok"
     error = runs["no_such_model/t2i/64/none"].data.tags["error"]
     assert error.startswith("model=no_such_model: no such model; choose one of instruct_pix2pix, realvisxl_v4")
     assert "conf/model/no_such_model.yaml" in error
+    assert (
+        runs["tiny_sdxl/paint/64/none"]
+        .data.tags["error"]
+        .startswith("task=paint: no such task; choose one of i2i, t2i")
+    )
+    assert "4 job(s)" in sweep.output and "3 of 4 job(s) failed" in sweep.output
 
 
 def test_unknown_model_on_its_own_lists_the_options(cli) -> None:
