@@ -30,7 +30,7 @@ def main(out: Path, overrides: list[str]) -> None:
     pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
     denoiser = getattr(pipe, cfg.model.denoiser)
     for index in range(cfg.warmup):
-        pipe(**call_args(cfg, None, device, index))
+        pipe(**call_args(cfg, [cfg.prompt], None, device, index))
     start, end = Marker(device), Marker(device)
 
     def bare(kwargs: dict) -> float:
@@ -52,7 +52,7 @@ def main(out: Path, overrides: list[str]) -> None:
         for index in range(cfg.runs):  # alternate which goes first, so drift favours neither
             pair = [(bare, bare_s), (clocked, runner_s)]
             for timer, into in pair if index % 2 == 0 else reversed(pair):
-                into.append(timer(call_args(cfg, None, device, index)))
+                into.append(timer(call_args(cfg, [cfg.prompt], None, device, index)))
     # The hooks' own cost, timed directly: what the runner adds to every denoising step.
     clock = PhaseClock(denoiser, device)
     clock.steps = 1  # past the first step, whose inputs are recorded once per job

@@ -84,6 +84,21 @@ class MlflowConfig:
 
 
 @dataclass
+class QualityConfig:
+    # auto: the real CLIP below for pretrained weights; the tiny in-code CLIP for random weights, whose
+    # images are noise (either score is then meaningless, and flagged so).
+    clip_model: str = "auto"  # auto | tiny | a hub id | a local folder
+    clip_revision: str | None = None
+    reference_clip: str = "openai/clip-vit-base-patch16"  # what auto picks for pretrained weights
+    baseline: str = "none"  # the accelerator whose runs are the baseline every other run is compared with
+    # A run counts as "quality unaffected" when, against the accelerator=none run of the same job, its mean
+    # SSIM is at least min_ssim, its CLIP score is at most max_clip_drop_pct percent lower (when the CLIP
+    # score means something), and no image is broken. README, "Judging quality", says why these values.
+    min_ssim: float = 0.95
+    max_clip_drop_pct: float = 1.0
+
+
+@dataclass
 class Config:
     names: JobNames = field(default_factory=JobNames)
     model: ModelConfig = MISSING
@@ -95,6 +110,7 @@ class Config:
     steps: int = II("model.steps")
     guidance_scale: float = II("model.guidance_scale")
     prompt: str = II("task.prompt")
+    prompts: str | None = None  # a shipped prompt set (runner/prompts/) or a file; null: just `prompt`
     negative_prompt: str | None = None
     seed: int = 0
     warmup: int = 1
@@ -104,6 +120,7 @@ class Config:
     pin_cpu: bool = True  # on CUDA, pin the thread that launches GPU work to one core (runner/measure.py)
     log_images: bool = True
     sweep_id: str = ""  # stamped by the sweeper on every job of one sweep
+    quality: QualityConfig = field(default_factory=QualityConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
@@ -147,6 +164,10 @@ def check(cfg: Config) -> None:
     _check_choice("model.weights", cfg.model.weights, WEIGHTS)
     for needed in cfg.task.inputs:
         _check_choice("task.inputs", needed, INPUTS)
+    if not 0 <= cfg.quality.min_ssim <= 1:
+        raise ConfigError(f"quality.min_ssim={cfg.quality.min_ssim}: must be between 0 and 1")
+    if cfg.quality.max_clip_drop_pct < 0:
+        raise ConfigError(f"quality.max_clip_drop_pct={cfg.quality.max_clip_drop_pct}: must be at least 0")
     if cfg.model.weights == "pretrained" and not cfg.model.id:
         raise ConfigError(
             f"model.id is empty for model={cfg.names.model}: weights=pretrained needs a hub id or a local "

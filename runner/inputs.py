@@ -1,4 +1,8 @@
-"""The input image of image-to-image tasks.
+"""What a task's pipeline is given: the prompts, and the input image of image-to-image tasks.
+
+``prompts`` names a prompt set shipped in ``runner/prompts/`` (``photo``, ``edits``) or a file with one
+prompt a line (``#`` starts a comment); empty, the job uses its single ``prompt``. Timed call ``i`` uses
+prompt ``i mod P`` with seed ``seed + i``: one image per prompt and seed.
 
 ``task.image`` is a file path, an http(s) URL, ``t2i`` (the first image of the text-to-image run of the
 same model and size with accelerator=none, as the original report did), ``t2i:<model>`` (another model's),
@@ -16,6 +20,7 @@ from PIL import Image, ImageDraw
 from runner.errors import RunnerError
 
 TIMEOUT_S = 30
+PROMPT_SETS = Path(__file__).parent / "prompts"
 
 
 class InputError(RunnerError, ValueError):
@@ -29,6 +34,22 @@ ALTERNATIVES = (
 
 # (model, height, width) -> local file of that t2i run's first image and where it came from, or None
 FindT2iImage = Callable[[str, int, int], tuple[Path, str] | None]
+
+
+def load_prompts(prompts: str | None, prompt: str) -> list[str]:
+    """The job's prompts, in the order the timed calls cycle through them."""
+    if not prompts:
+        return [prompt]
+    shipped = PROMPT_SETS / f"{prompts}.txt"
+    path = shipped if shipped.is_file() else Path(prompts).expanduser()
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in PROMPT_SETS.glob("*.txt")))
+        raise InputError(f"prompts={prompts}: neither a shipped prompt set ({names}) nor a file")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    found = [line for line in lines if line and not line.startswith("#")]
+    if not found:
+        raise InputError(f"prompts={prompts}: {path} holds no prompts (one a line; # starts a comment)")
+    return found
 
 
 def load_image(

@@ -38,6 +38,7 @@ PARAM_KEYS = {
     "runs": "runs",
     "pin_cpu": "pin_cpu",
     "prompt": "prompt",
+    "prompts": "prompts",
     "negative_prompt": "negative_prompt",
     "model.scheduler.scheduler": "scheduler",
 }

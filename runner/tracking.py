@@ -123,6 +123,19 @@ class Tracker:
     def sweep_runs(self, sweep_id: str) -> list[Run]:
         return self.search(f"tags.sweep_id = '{sweep_id}'")
 
+    def find_baseline(self, image_key: str, accelerator: str) -> Run | None:
+        """The newest finished run of the same job (``image_key``) with the baseline accelerator, or None."""
+        runs = self.search(
+            f"tags.image_key = '{image_key}' and params.accelerator = '{accelerator}' and tags.outcome = 'ok'"
+        )
+        return runs[-1] if runs else None
+
+    def download_images(self, run_id: str) -> dict[str, Image.Image]:
+        """A run's generated images, by file name."""
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(self.client.download_artifacts(run_id, "images", folder))
+            return {path.name: Image.open(path).convert("RGB") for path in sorted(local.glob("*.png"))}
+
     def find_t2i_image(self, model: str, height: int, width: int) -> tuple[Path, str] | None:
         """The first image of the newest finished text-to-image run of ``model`` at this size without an
         accelerator, downloaded; and where it came from. None if there is no such run."""

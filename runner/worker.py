@@ -18,9 +18,10 @@ from runner.accelerators import build_accelerator
 from runner.config import Config, ConfigError, run_name, to_config
 from runner.environment import environment_tags
 from runner.errors import RunnerError, one_line
-from runner.inputs import load_image
+from runner.inputs import load_image, load_prompts
 from runner.measure import PhaseClock, Stopwatch, denoiser_flop_per_step, peak_memory, steady_host, summarize
 from runner.pipelines import build_pipeline, parameter_count
+from runner.quality import TINY, broken_images, clip_score, image_key, load_clip, similarity, unaffected
 from runner.tracking import Tracker
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -42,7 +43,11 @@ def measure(cfg: Config, tracker: Tracker, run_id: str) -> None:
     tracker.set_tags(run_id, environment_tags(device))
     accelerator = build_accelerator(cfg.accelerator)
     accelerator.check(device)
+    prompts = load_prompts(cfg.prompts, cfg.prompt)
     image = input_image(cfg, tracker, run_id)
+    key = image_key(cfg, device, dtype_name, prompts, image)
+    tracker.log_params(run_id, {"prompt_count": len(prompts)})
+    tracker.set_tags(run_id, {"image_key": key})
 
     progress(cfg, f"loading ({cfg.model.weights} weights, {dtype_name}, {device})")
     with Stopwatch(device) as load:
@@ -57,15 +62,15 @@ def measure(cfg: Config, tracker: Tracker, run_id: str) -> None:
     with steady_host(device, cfg.pin_cpu) as core:
         with Stopwatch(device) as warmup:
             for index in range(cfg.warmup):
-                pipe(**call_args(cfg, image, device, index))
+                pipe(**call_args(cfg, prompts, image, device, index))
         metrics = {"load_s": load.seconds, "warmup_s": warmup.seconds}
         progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
         with peak_memory(device, into=metrics):
             for index in range(cfg.runs):
-                kwargs = call_args(cfg, image, device, index)
+                kwargs = call_args(cfg, prompts, image, device, index)
                 output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
                 timings.append(timing)
-                images[f"{index:03d}_seed{cfg.seed + index}.png"] = output.images[0]
+                images[f"{index:03d}_p{index % len(prompts):02d}_seed{cfg.seed + index}.png"] = output.images[0]
                 progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
     metrics.update(summarize(timings))
     tracker.set_tags(run_id, {"pinned_cpu": core})
@@ -79,7 +84,62 @@ def measure(cfg: Config, tracker: Tracker, run_id: str) -> None:
     tracker.set_tags(run_id, accelerator.tags())
     if cfg.log_images:
         tracker.log_images(run_id, images)
-    progress(cfg, f"latency {metrics['latency_s']:.3f} s, {metrics['its']:.2f} it/s")
+    progress(cfg, f"latency {metrics['latency_s']:.3f} s, {metrics['its']:.2f} it/s; scoring quality")
+    score_quality(cfg, tracker, run_id, key, images, [prompts[i % len(prompts)] for i in range(cfg.runs)], device)
+
+
+def score_quality(
+    cfg: Config,
+    tracker: Tracker,
+    run_id: str,
+    key: str,
+    images: dict[str, Image.Image],
+    prompts: list[str],
+    device: torch.device,
+) -> None:
+    """CLIP score; similarity to the baseline run of the same job; broken images; the verdict, as tags."""
+    q = cfg.quality
+    random_weights = cfg.model.weights == "random"
+    clip_name = q.clip_model if q.clip_model != "auto" else (TINY if random_weights else q.reference_clip)
+    meaningless = "random weights" if random_weights else "tiny CLIP" if clip_name == TINY else ""
+    clip = clip_score(load_clip(clip_name, q.clip_revision), list(images.values()), prompts, device)
+    metrics, tags = (
+        {"clip_score": clip},
+        {"clip_model": clip_name, "clip_score_meaningful": f"false: {meaningless}" if meaningless else "true"},
+    )
+    broken = broken_images(images)
+    if broken:
+        tags["broken_output"] = "; ".join(broken)
+        progress(cfg, f"WARNING: {len(broken)} broken image(s): {broken[0]}")
+
+    if cfg.names.accelerator == q.baseline:
+        verdict = (not broken, f"{len(broken)} broken image(s)" if broken else "this is the baseline")
+        tags["baseline_run"] = "self"
+    elif (baseline := tracker.find_baseline(key, q.baseline)) is None:
+        verdict = None
+        tags["baseline_run"] = f"none found: run accelerator={q.baseline} for this job first, then compare"
+    else:
+        tags["baseline_run"] = baseline.info.run_id
+        similar = similarity(images, tracker.download_images(baseline.info.run_id), device)
+        metrics.update(similar)
+        if not similar:
+            verdict = None
+            tags["baseline_run"] += " (no images in common: the baseline logged none or other runs/prompts)"
+        else:
+            baseline_clip = None if meaningless else baseline.data.metrics.get("clip_score")
+            verdict = unaffected(
+                similar, None if meaningless else clip, baseline_clip, broken, q.min_ssim, q.max_clip_drop_pct
+            )
+    if verdict is None:
+        tags.update(quality_unaffected="unknown", quality_verdict="no baseline to compare with")
+    else:
+        tags.update(quality_unaffected=str(verdict[0]).lower(), quality_verdict=verdict[1])
+    tracker.log_metrics(run_id, metrics)
+    tracker.set_tags(run_id, tags)
+    summary = f"CLIP score {clip:.2f}" + (f" ({meaningless}: meaningless)" if meaningless else "")
+    if "ssim_vs_baseline" in metrics:
+        summary += f", SSIM {metrics['ssim_vs_baseline']:.4f} / PSNR {metrics['psnr_vs_baseline']:.1f} dB vs baseline"
+    progress(cfg, f"{summary}; quality unaffected: {tags['quality_unaffected']} ({tags['quality_verdict']})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,10 +161,12 @@ def input_image(cfg: Config, tracker: Tracker, run_id: str) -> Image.Image | Non
     return image
 
 
-def call_args(cfg: Config, image: Image.Image | None, device: torch.device, index: int) -> dict[str, Any]:
-    """The pipeline call's arguments for timed call ``index`` (seed + index)."""
+def call_args(
+    cfg: Config, prompts: list[str], image: Image.Image | None, device: torch.device, index: int
+) -> dict[str, Any]:
+    """The pipeline call's arguments for call ``index``: prompt ``index mod P``, seed ``seed + index``."""
     kwargs: dict[str, Any] = {
-        "prompt": cfg.prompt,
+        "prompt": prompts[index % len(prompts)],
         "negative_prompt": cfg.negative_prompt,
         "num_inference_steps": cfg.steps,
         "guidance_scale": cfg.guidance_scale,

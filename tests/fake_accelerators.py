@@ -1,4 +1,5 @@
-"""Accelerators that exist only for tests: one with options to type-check, and one that dies mid-job."""
+"""Accelerators that exist only for tests: one with options (and no effect), one that dies mid-job, one that
+changes the images a little, and one that turns the VAE's output into NaN (black images)."""
 
 import os
 import signal
@@ -39,3 +40,40 @@ class Crash:
 @dataclass
 class NotAnAccelerator:
     pass
+
+
+@dataclass
+class Perturb:
+    """Adds a little noise to every denoiser output: a lossy accelerator in miniature."""
+
+    scale: float = 0.05
+
+    def check(self, device: torch.device) -> None:
+        pass
+
+    def apply(self, pipe: DiffusionPipeline) -> None:
+        generator = torch.Generator().manual_seed(0)
+
+        def perturb(module, args, output):
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            noise = torch.randn(sample.shape, generator=generator).to(sample.device, sample.dtype)
+            return (sample + self.scale * noise,)
+
+        pipe.unet.register_forward_hook(perturb)
+
+    def tags(self) -> dict[str, str]:
+        return {}
+
+
+@dataclass
+class Blackout:
+    """Makes the VAE decoder return NaN, as an overflowing fp16 VAE or a broken compiled graph would."""
+
+    def check(self, device: torch.device) -> None:
+        pass
+
+    def apply(self, pipe: DiffusionPipeline) -> None:
+        pipe.vae.decoder.register_forward_hook(lambda module, args, output: torch.full_like(output, float("nan")))
+
+    def tags(self) -> dict[str, str]:
+        return {}

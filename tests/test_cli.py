@@ -100,7 +100,7 @@ def test_tiny_sweep_of_both_tasks_reads_back_from_mlflow(cli) -> None:
         assert [m.step for m in history] == [0, 1, 2]
         # Three images of the job's size, the resolved config and the worker's log.
         images = sorted(a.path for a in client.list_artifacts(run.info.run_id, "images"))
-        assert images == ["images/000_seed0.png", "images/001_seed1.png", "images/002_seed2.png"]
+        assert images == ["images/000_p00_seed0.png", "images/001_p00_seed1.png", "images/002_p00_seed2.png"]
         assert artifact_image(client, run.info.run_id, images[0]).size == (64, 64)
         top = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "worker.log"} <= top
@@ -181,10 +181,22 @@ def test_the_issue_command_sweeps_four_jobs_and_reports_the_unreachable_hub(cli)
 
 
 def test_pretrained_tiny_pipeline_from_a_local_folder(cli, tiny_sdxl_folder: Path) -> None:
-    sweep = cli("model.weights=pretrained", f"model.id={tiny_sdxl_folder}", "res=64", "runs=1")
+    sweep = cli(
+        "model.weights=pretrained", f"model.id={tiny_sdxl_folder}", "res=64", "runs=1", "quality.clip_model=tiny"
+    )
     assert sweep.code == 0, sweep.output
     [run] = sweep.runs().values()
     assert run.data.params["weights"] == "pretrained" and run.data.params["model_id"] == str(tiny_sdxl_folder)
+    assert run.data.tags["clip_score_meaningful"] == "false: tiny CLIP"
+
+
+def test_quality_failure_keeps_the_timings(cli, tiny_sdxl_folder: Path) -> None:
+    """Offline, the pinned CLIP model cannot load: the job fails saying how, with its timings kept."""
+    sweep = cli("model.weights=pretrained", f"model.id={tiny_sdxl_folder}", "res=64", "runs=1")
+    assert sweep.code != 0
+    [run] = sweep.runs().values()
+    assert run.data.tags["error"].startswith("quality.clip_model=openai/clip-vit-base-patch16 could not be loaded")
+    assert run.data.metrics["latency_s"] > 0
 
 
 def test_a_worker_that_dies_is_recorded_as_failed(cli, tmp_path: Path) -> None:
