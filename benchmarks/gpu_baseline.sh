@@ -4,13 +4,7 @@
 #   runner's overhead against bare pipe(...) calls. Results land in $OUT.
 # Packages the device image lacks travel as wheels in .whl/ (README, "A GPU machine without internet").
 set -uo pipefail
-OUT=${OUT:-/tmp/bench-out}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+. benchmarks/device_env.sh
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import sys, torch, diffusers, transformers; print(sys.version.split()[0], torch.__version__, torch.version.cuda, diffusers.__version__, transformers.__version__)"

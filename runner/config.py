@@ -118,6 +118,7 @@ class Config:
     device: str = "auto"
     dtype: str = "auto"
     pin_cpu: bool = True  # on CUDA, pin the thread that launches GPU work to one core (runner/measure.py)
+    cache_dir: str = "~/.cache/diffusion-bench"  # compiled artefacts that outlive a job (accelerators)
     log_images: bool = True
     sweep_id: str = ""  # stamped by the sweeper on every job of one sweep
     quality: QualityConfig = field(default_factory=QualityConfig)

@@ -8,13 +8,14 @@ fresh process per job keeps peak memory, compile caches and a broken CUDA contex
 import logging
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from runner.accelerators import build_accelerator
+from runner.accelerators import Target, build_accelerator
 from runner.config import Config, ConfigError, run_name, to_config
 from runner.environment import environment_tags
 from runner.errors import RunnerError, one_line
@@ -54,7 +55,8 @@ def measure(cfg: Config, tracker: Tracker, run_id: str) -> None:
         pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
     eager_denoiser = getattr(pipe, cfg.model.denoiser)
     tracker.log_params(run_id, {"denoiser_params": parameter_count(eager_denoiser)})
-    accelerator.apply(pipe)
+    shape_key = f"{cfg.names.model}-{cfg.model.weights}-{cfg.names.task}-{cfg.height}x{cfg.width}-{dtype_name}"
+    accelerator.apply(pipe, Target(cfg.model.denoiser, device, dtype, Path(cfg.cache_dir).expanduser(), shape_key))
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
 
     progress(cfg, f"loaded in {load.seconds:.1f} s; warming up ({cfg.warmup} call(s))")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 
+from runner.accelerators import Target
+
 
 @dataclass
 class Options:
@@ -16,7 +18,7 @@ class Options:
     def check(self, device: torch.device) -> None:
         pass
 
-    def apply(self, pipe: DiffusionPipeline) -> None:
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         pass
 
     def tags(self) -> dict[str, str]:
@@ -30,7 +32,7 @@ class Crash:
     def check(self, device: torch.device) -> None:
         pass
 
-    def apply(self, pipe: DiffusionPipeline) -> None:
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def tags(self) -> dict[str, str]:
@@ -51,7 +53,7 @@ class Perturb:
     def check(self, device: torch.device) -> None:
         pass
 
-    def apply(self, pipe: DiffusionPipeline) -> None:
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         generator = torch.Generator().manual_seed(0)
 
         def perturb(module, args, output):
@@ -72,7 +74,7 @@ class Blackout:
     def check(self, device: torch.device) -> None:
         pass
 
-    def apply(self, pipe: DiffusionPipeline) -> None:
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         pipe.vae.decoder.register_forward_hook(lambda module, args, output: torch.full_like(output, float("nan")))
 
     def tags(self) -> dict[str, str]:

@@ -5,6 +5,8 @@ them. ``build_accelerator`` checks the options against the dataclass (unknown ke
 with the key's name), so adding one touches nothing else.
 """
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -16,12 +18,23 @@ from omegaconf.errors import OmegaConfBaseException
 from runner.config import ConfigError
 
 
+@dataclass(frozen=True)
+class Target:
+    """What an accelerator works on, beyond the pipeline itself."""
+
+    denoiser: str  # the pipeline attribute that runs once per denoising step (model.denoiser)
+    device: torch.device
+    dtype: torch.dtype
+    cache_dir: Path  # where compiled artefacts may persist between processes (cache_dir=)
+    shape_key: str  # names the job's model, size and dtype, for caches that hold one shape each
+
+
 @runtime_checkable
 class Accelerator(Protocol):
     def check(self, device: torch.device) -> None:
         """Raise ConfigError (one line, with the fix) if this accelerator cannot run on ``device``."""
 
-    def apply(self, pipe: DiffusionPipeline) -> None:
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         """Change ``pipe`` in place; the runner's warmup calls pay for any compilation."""
 
     def tags(self) -> dict[str, str]:

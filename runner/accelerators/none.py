@@ -5,13 +5,15 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 
+from runner.accelerators import Target
+
 
 @dataclass
 class NoAccelerator:
     def check(self, device: torch.device) -> None:
         pass
 
-    def apply(self, pipe: DiffusionPipeline) -> None:
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         pass
 
     def tags(self) -> dict[str, str]:

@@ -1,0 +1,100 @@
+"""CUDA graphs, no compiler: the denoiser's call captured once and replayed at every step.
+
+Eager diffusers on a GPU is launch-bound (BENCHMARKS.md: an SDXL UNet step takes 57-70 ms to launch
+and 17-44 ms to run), so replaying the step's thousands of kernels as one graph removes most of its cost.
+One graph is captured per input signature (shapes, dtypes and the non-tensor arguments) on first use,
+with static input buffers; each later call copies its inputs into those buffers, replays, and returns a
+copy of the outputs. The graph runs the same kernels on the same data as eager execution, so outputs equal
+eager ones up to the choice of library algorithms (tests compare them).
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from runner.accelerators import Target
+from runner.config import ConfigError
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    inputs: list[Any]  # the static buffers (tensors) and the fixed non-tensor arguments, flattened
+    output: Any
+
+
+class GraphedModule(torch.nn.Module):
+    """Wraps a module so that its calls replay CUDA graphs; attributes not its own come from the module."""
+
+    def __init__(self, module: torch.nn.Module, warmup_calls: int) -> None:
+        super().__init__()
+        self.module = module
+        self.warmup_calls = warmup_calls
+        self.graphs: dict[tuple, _Graph] = {}
+        self.pool: tuple | None = None  # graphs of one module share one memory pool, made at first capture
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # pipelines read config, dtype, add_embedding ... from their denoiser
+            return getattr(super().__getattr__("module"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        flat, spec = tree_flatten((args, kwargs))
+        flat = [self._as_tensor(value) for value in flat]
+        signature = (spec, *((v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in flat))
+        entry = self.graphs.get(signature)
+        if entry is None:
+            entry = self.graphs[signature] = self._capture(flat, spec)
+        for static, value in zip(entry.inputs, flat, strict=True):
+            if isinstance(static, torch.Tensor):
+                static.copy_(value)
+        entry.graph.replay()
+        return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, entry.output)
+
+    def _as_tensor(self, value: Any) -> Any:
+        # A timestep given as a Python number would otherwise make every step a new signature.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return torch.tensor(value, device=next(self.module.parameters()).device)
+        return value
+
+    def _capture(self, flat: list[Any], spec: Any) -> _Graph:
+        inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in flat]
+        args, kwargs = tree_unflatten(inputs, spec)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # eager calls first, so libraries pick and allocate their algorithms
+            for _ in range(self.warmup_calls):
+                self.module(*args, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self.module(*args, **kwargs)
+        return _Graph(graph, inputs, output)
+
+
+@dataclass
+class CudaGraphAccelerator:
+    warmup_calls: int = 2  # eager calls on a side stream before each capture
+
+    def check(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ConfigError(
+                f"accelerator=cuda_graph needs a CUDA device, not device={device.type}; use accelerator=none here"
+            )
+
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        denoiser = getattr(pipe, target.denoiser)
+        if isinstance(denoiser, GraphedModule):
+            raise ConfigError("accelerator=cuda_graph: the denoiser is already replayed from CUDA graphs")
+        self.graphed = GraphedModule(denoiser, self.warmup_calls)  # state, not an option: no dataclass field
+        setattr(pipe, target.denoiser, self.graphed)
+
+    def tags(self) -> dict[str, str]:
+        graphed = getattr(self, "graphed", None)
+        return {"cuda_graphs_captured": str(len(graphed.graphs)) if graphed else "0"}
