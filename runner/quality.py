@@ -110,7 +110,7 @@ def tiny_clip() -> Clip:
 
 def clip_score(clip: Clip, images: list[Image.Image], prompts: list[str], device: torch.device) -> float:
     """torchmetrics' CLIP score of ``images`` against their ``prompts`` (same order), on ``device``."""
-    metric = CLIPScore(model_name_or_path=lambda: (FeatureTensors(clip.model), clip.processor))
+    metric = CLIPScore(model_name_or_path=lambda: (FeatureTensors(clip.model), clip.processor)).to(device)
     with torch.no_grad():
         metric.update([_tensor(image).to(device) for image in images], prompts)
         return float(metric.compute())

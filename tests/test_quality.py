@@ -224,3 +224,11 @@ def test_runs_of_different_lengths_compare_the_images_they_share(cli, test_accel
     runs = sweep.runs()
     assert runs["tiny_sdxl/t2i/64/same"].data.metrics["images_compared"] == 2
     assert runs["tiny_sdxl/t2i/64/same"].data.tags["baseline_run"] == runs["tiny_sdxl/t2i/64/none"].info.run_id
+
+
+@pytest.mark.gpu
+def test_quality_metrics_run_on_cuda() -> None:
+    cuda = torch.device("cuda")
+    images = [noise(0), noise(1)]
+    assert 0 <= clip_score(tiny_clip(), images, ["a", "b"], cuda) <= 100
+    assert similarity({"a.png": images[0]}, {"a.png": images[0]}, cuda)["ssim_vs_baseline"] == pytest.approx(1.0)
