@@ -6,6 +6,7 @@ fresh process per job keeps peak memory, compile caches and a broken CUDA contex
 """
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -200,6 +201,7 @@ def drop_log_lines(fragments: tuple[str, ...]) -> None:
 
 def main(argv: list[str]) -> int:
     job_file, run_id = argv
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # the job reports its own progress
     cfg = to_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(job_file)))
     tracker = Tracker(cfg.mlflow)
     try:
