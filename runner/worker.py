@@ -66,6 +66,7 @@ def measure(cfg: Config, tracker: Tracker, run_id: str) -> None:
         with Stopwatch(device) as warmup:
             for index in range(cfg.warmup):
                 pipe(**call_args(cfg, prompts, image, device, index))
+        accelerator.warmed_up(pipe)
         metrics = {"load_s": load.seconds, "warmup_s": warmup.seconds}
         progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
         with peak_memory(device, into=metrics):
@@ -84,6 +85,7 @@ def measure(cfg: Config, tracker: Tracker, run_id: str) -> None:
     metrics["achieved_tflops"] = flop_per_step * metrics["its"] / 1e12
     tracker.log_metrics(run_id, metrics)
     tracker.log_metric_series(run_id, "call_latency_s", [t.latency_s for t in timings])
+    tracker.log_metrics(run_id, accelerator.metrics())
     tracker.set_tags(run_id, accelerator.tags())
     if cfg.log_images:
         tracker.log_images(run_id, images)

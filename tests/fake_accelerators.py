@@ -8,15 +8,12 @@ from dataclasses import dataclass
 import torch
 from diffusers import DiffusionPipeline
 
-from runner.accelerators import Target
+from runner.accelerators import Accelerator, Target
 
 
 @dataclass
-class Options:
+class Options(Accelerator):
     interval: int = 2
-
-    def check(self, device: torch.device) -> None:
-        pass
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         pass
@@ -26,17 +23,11 @@ class Options:
 
 
 @dataclass
-class Crash:
+class Crash(Accelerator):
     """Kills its own process while the pipeline is being prepared, as an out-of-memory killer would."""
-
-    def check(self, device: torch.device) -> None:
-        pass
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
-
-    def tags(self) -> dict[str, str]:
-        return {}
 
 
 @dataclass
@@ -45,13 +36,10 @@ class NotAnAccelerator:
 
 
 @dataclass
-class Perturb:
+class Perturb(Accelerator):
     """Adds a little noise to every denoiser output: a lossy accelerator in miniature."""
 
     scale: float = 0.05
-
-    def check(self, device: torch.device) -> None:
-        pass
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         generator = torch.Generator().manual_seed(0)
@@ -63,19 +51,10 @@ class Perturb:
 
         pipe.unet.register_forward_hook(perturb)
 
-    def tags(self) -> dict[str, str]:
-        return {}
-
 
 @dataclass
-class Blackout:
+class Blackout(Accelerator):
     """Makes the VAE decoder return NaN, as an overflowing fp16 VAE or a broken compiled graph would."""
-
-    def check(self, device: torch.device) -> None:
-        pass
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         pipe.vae.decoder.register_forward_hook(lambda module, args, output: torch.full_like(output, float("nan")))
-
-    def tags(self) -> dict[str, str]:
-        return {}

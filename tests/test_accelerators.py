@@ -1,14 +1,36 @@
-"""Accelerators: each refuses clearly where it cannot run, and each lossless one gives the baseline's outputs
-within rounding (on a GPU where it needs one)."""
+"""Accelerators: each refuses clearly where it cannot run or compose, each lossless one gives the baseline's
+outputs within rounding (on a GPU where it needs one), and DeepCache's shallow path is exactly the UNet's."""
 
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from conftest import load_model
+from diffusers import UNet2DConditionModel
+from mlflow import MlflowClient
+from PIL import Image
 
-from runner.accelerators import build_accelerator
+from runner.accelerators import Target, build_accelerator
+from runner.accelerators.chain import Chain
 from runner.accelerators.cuda_graph import GraphedModule
+from runner.accelerators.deepcache import DeepCacheAccelerator, DeepCacheUNet
+from runner.accelerators.onediff import OneDiffAccelerator
+from runner.accelerators.torch_compile import TorchCompileAccelerator
 from runner.config import ConfigError
 from runner.pipelines import build_pipeline
+
+CPU = torch.device("cpu")
+
+
+def tiny_pipe(task: str = "t2i"):
+    return build_pipeline(load_model("tiny_sdxl"), task, CPU, torch.float32)
+
+
+def target(tmp_path: Path) -> Target:
+    return Target("unet", CPU, torch.float32, tmp_path, "tiny_sdxl-random-t2i-64x64-fp32")
 
 
 def test_cuda_graph_refuses_the_cpu_in_one_line() -> None:
@@ -58,3 +80,208 @@ def test_cuda_graph_sweep_matches_the_baseline_images(cli) -> None:
     graphed = sweep.runs()["tiny_sdxl/t2i/64/cuda_graph"]
     assert graphed.data.tags["cuda_graphs_captured"] == "1"
     assert graphed.data.metrics["ssim_vs_baseline"] >= 0.99 and graphed.data.tags["quality_unaffected"] == "true"
+
+
+# torch.compile
+
+
+def test_torch_compile_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"accelerator.mode=fastest: choose one of default, reduce-overhead"):
+        TorchCompileAccelerator(mode="fastest").check(CPU)
+    with pytest.raises(ConfigError, match=r"mode=reduce-overhead replays CUDA graphs: it needs device=cuda"):
+        TorchCompileAccelerator(mode="reduce-overhead").check(CPU)
+    TorchCompileAccelerator(mode="max-autotune-no-cudagraphs").check(CPU)
+
+
+def test_torch_compile_refuses_to_follow_cuda_graph(tmp_path: Path) -> None:
+    pipe = tiny_pipe()
+    pipe.unet = GraphedModule(pipe.unet, warmup_calls=1)
+    with pytest.raises(ConfigError, match="put torch_compile before cuda_graph, or use mode=reduce-overhead"):
+        TorchCompileAccelerator().apply(pipe, target(tmp_path))
+
+
+def test_second_process_compiles_from_the_cache(cli, tmp_path: Path) -> None:
+    """Cold, then warm in a new process: the warm run's warmup is far shorter and its tag says hit."""
+    args = ("accelerator=torch_compile", "accelerator.compile_vae=false", "res=64", "runs=1", f"cache_dir={tmp_path}")
+    cold, warm = cli(*args), cli(*args)
+    assert cold.code == 0 and warm.code == 0, cold.output + warm.output
+    client = MlflowClient(warm.tracking_uri)  # one store holds both runs
+    experiment = client.get_experiment_by_name("diffusion-bench")
+    first, second = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert first.data.tags["compile_cache"] == "miss" and second.data.tags["compile_cache"] == "hit"
+    assert second.data.metrics["warmup_s"] < first.data.metrics["warmup_s"] / 2
+    assert list((tmp_path / "torch_compile").iterdir())
+
+
+# DeepCache
+
+
+def sd15_like_unet() -> UNet2DConditionModel:
+    """Cross-attention in the outermost level, as SD 1.5 and instruct-pix2pix have it."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    ).eval()
+
+
+@pytest.mark.parametrize("layout", ["sdxl", "sd15"])
+def test_deepcache_shallow_path_is_exactly_the_unet_given_the_same_step_feature(layout: str) -> None:
+    torch.manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor(421.0)
+    if layout == "sdxl":
+        unet = tiny_pipe().unet
+        context, extra = (
+            torch.randn(2, 77, 64),
+            {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}},
+        )
+    else:
+        unet, context, extra = sd15_like_unet(), torch.randn(2, 77, 32), {}
+    cached = DeepCacheUNet(unet, interval=2)
+    with torch.no_grad():
+        full = cached(x, t, context, return_dict=False, **extra)[0]
+        shallow = cached.shallow(x, t, context, cached.feature, **extra)
+    torch.testing.assert_close(shallow, full, rtol=0, atol=0)
+
+
+def test_deepcache_runs_the_whole_unet_every_interval_and_restarts_each_call(tmp_path: Path) -> None:
+    pipe = tiny_pipe()
+    DeepCacheAccelerator(interval=3).apply(pipe, target(tmp_path))
+    full_calls = []
+    pipe.unet.module.register_forward_pre_hook(lambda module, args: full_calls.append(1))
+    for _ in range(2):
+        full_calls.clear()
+        pipe("a", num_inference_steps=7, height=64, width=64)
+        assert len(full_calls) == 3  # steps 0, 3 and 6 of 7
+    with pytest.raises(ConfigError, match=r"accelerator.interval=0: must be at least 1"):
+        DeepCacheAccelerator(interval=0).check(CPU)
+
+
+def test_deepcache_refuses_what_is_not_a_unet(tmp_path: Path) -> None:
+    pipe = tiny_pipe()
+    pipe.unet = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="accelerator=deepcache needs a diffusers UNet as the denoiser, not Linear"):
+        DeepCacheAccelerator().apply(pipe, target(tmp_path))
+
+
+def test_deepcache_is_lossy_and_composes_with_compile(cli, tmp_path: Path) -> None:
+    extra = tmp_path / "extra_conf" / "accelerator"
+    extra.mkdir(parents=True)
+    (extra / "dc_eager.yaml").write_text(
+        "_target_: runner.accelerators.chain.Chain\nparts:\n"
+        "  - {_target_: runner.accelerators.deepcache.DeepCacheAccelerator, interval: 3}\n"
+        "  - {_target_: runner.accelerators.torch_compile.TorchCompileAccelerator, backend: eager}\n"
+    )
+    sweep = cli(
+        "-m",
+        "accelerator=none,deepcache,dc_eager",
+        "res=64",
+        "runs=2",
+        "steps=9",
+        f"hydra.searchpath=[file://{extra.parent}]",
+    )
+    assert sweep.code == 0, sweep.output
+    runs = sweep.runs()
+    cached, compiled = runs["tiny_sdxl/t2i/64/deepcache"], runs["tiny_sdxl/t2i/64/dc_eager"]
+    assert 0.5 < cached.data.metrics["ssim_vs_baseline"] < 1 and cached.data.metrics["identical_to_baseline"] == 0
+    assert cached.data.metrics["deepcache_full_step_share"] == pytest.approx(1 / 3)
+    client = MlflowClient(sweep.tracking_uri)
+
+    def pixels(run) -> list[np.ndarray]:
+        folder = Path(client.download_artifacts(run.info.run_id, "images"))
+        return [np.asarray(Image.open(path)) for path in sorted(folder.glob("*.png"))]
+
+    for ours, theirs in zip(pixels(compiled), pixels(cached), strict=True):  # compiled paths, same images
+        assert np.array_equal(ours, theirs)
+
+
+# Chains
+
+
+def test_chains_refuse_what_does_not_compose(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="a chain needs at least two"):
+        Chain(parts=[{"_target_": "runner.accelerators.none.NoAccelerator"}]).check(CPU)
+    onediff = {"_target_": "runner.accelerators.onediff.OneDiffAccelerator"}
+    compile_ = {"_target_": "runner.accelerators.torch_compile.TorchCompileAccelerator"}
+    with pytest.raises(ConfigError, match="OneDiffAccelerator owns the whole pipeline and cannot be chained"):
+        Chain(parts=[onediff, compile_]).check(CPU)
+    pipe = tiny_pipe()
+    deepcache = {"_target_": "runner.accelerators.deepcache.DeepCacheAccelerator"}
+    graphs = {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"}
+    with pytest.raises(ConfigError, match="cannot capture a denoiser that picks its path per step"):
+        Chain(parts=[deepcache, graphs]).apply(pipe, target(tmp_path))
+
+
+# OneDiff
+
+
+def test_onediff_says_what_is_missing_and_how_to_install() -> None:
+    with pytest.raises(ConfigError) as raised:
+        OneDiffAccelerator().check(torch.device("cuda"))
+    message = str(raised.value)
+    assert message.startswith("accelerator=onediff: onediffx is not installed or does not load")
+    assert "torch 2.3-2.5" in message and "Python <= 3.11" in message and "pip install onediffx" in message
+    with pytest.raises(ConfigError, match=r"accelerator.backend=tensorrt: choose one of oneflow, nexfort"):
+        OneDiffAccelerator(backend="tensorrt").check(torch.device("cuda"))
+
+
+@pytest.fixture
+def fake_onediff(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Stand-ins for onediffx and oneflow that record what the adapter asks of them."""
+    calls: dict[str, list] = {"compile_pipe": [], "load_pipe": [], "save_pipe": []}
+    onediffx = types.ModuleType("onediffx")
+    onediffx.compile_pipe = lambda pipe, **kw: calls["compile_pipe"].append(kw) or pipe
+    onediffx.load_pipe = lambda pipe, dir, **kw: calls["load_pipe"].append(dir)
+
+    def save_pipe(pipe, dir, **kw):
+        Path(dir).mkdir(parents=True)
+        calls["save_pipe"].append(dir)
+
+    onediffx.save_pipe = save_pipe
+    oneflow = types.ModuleType("oneflow")
+    oneflow._oneflow_internal = types.SimpleNamespace(GetCUDAMemoryUsed=lambda: 9216.0)  # MiB
+    monkeypatch.setitem(sys.modules, "onediffx", onediffx)
+    monkeypatch.setitem(sys.modules, "oneflow", oneflow)
+    return calls
+
+
+def test_onediff_compiles_saves_then_loads_its_graphs(fake_onediff: dict, tmp_path: Path) -> None:
+    first = OneDiffAccelerator(options={"x": 1}, ignores=["text_encoder"])
+    first.check(torch.device("cuda"))
+    first.apply(tiny_pipe(), target(tmp_path))
+    assert fake_onediff["compile_pipe"] == [
+        {"backend": "oneflow", "options": {"x": 1}, "ignores": ("text_encoder",), "fuse_qkv_projections": False}
+    ]
+    first.warmed_up(None)
+    assert first.tags()["compile_cache"] == "miss" and len(fake_onediff["save_pipe"]) == 1
+    assert first.metrics() == {"oneflow_mem_gib": 9.0}
+
+    second = OneDiffAccelerator(options={"x": 1}, ignores=["text_encoder"])
+    second.apply(tiny_pipe(), target(tmp_path))
+    second.warmed_up(None)
+    assert fake_onediff["load_pipe"] == fake_onediff["save_pipe"] and len(fake_onediff["save_pipe"]) == 1
+    assert second.tags()["compile_cache"] == "hit"
+    other = OneDiffAccelerator(options={"x": 2})  # other options: another cache folder
+    other.apply(tiny_pipe(), target(tmp_path))
+    assert other.tags()["compile_cache"] == "miss"
+
+
+def test_onediff_recognises_pypi_placeholder_oneflow(fake_onediff: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "oneflow", types.ModuleType("oneflow"))
+    with pytest.raises(ConfigError, match="oneflow is the placeholder published on PyPI"):
+        OneDiffAccelerator().check(torch.device("cuda"))
+
+
+def test_onediff_failure_leaves_the_sweep_running(cli) -> None:
+    sweep = cli("-m", "accelerator=none,onediff", "res=64", "runs=1")
+    assert sweep.code != 0
+    runs = sweep.runs()
+    assert runs["tiny_sdxl/t2i/64/none"].data.tags["outcome"] == "ok"
+    assert runs["tiny_sdxl/t2i/64/onediff"].data.tags["error"].startswith("accelerator=onediff: onediffx is not")

@@ -89,5 +89,5 @@ def test_accelerator_options_are_type_checked() -> None:
         build_accelerator({"_target_": target, "interval": "often"})
     with pytest.raises(ConfigError, match=r"accelerator.*speed"):
         build_accelerator({"_target_": target, "speed": 2})
-    with pytest.raises(ConfigError, match="not an accelerator"):
+    with pytest.raises(ConfigError, match=r"not an accelerator \(subclass runner.accelerators.Accelerator\)"):
         build_accelerator({"_target_": "tests.fake_accelerators.NotAnAccelerator"})

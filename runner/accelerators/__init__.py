@@ -1,13 +1,14 @@
 """Accelerators: each is one module here plus one YAML in conf/accelerator/.
 
-An accelerator is a dataclass whose fields are its options; the YAML names it with ``_target_`` and sets
-them. ``build_accelerator`` checks the options against the dataclass (unknown key or wrong type is refused
-with the key's name), so adding one touches nothing else.
+An accelerator is a dataclass subclassing ``Accelerator``: its fields are its options, its methods say what
+it does to a pipeline. The YAML names it with ``_target_`` and sets the options; ``build_accelerator`` checks
+them against the dataclass (an unknown key or a wrong type is refused with the key's name), so adding one
+touches nothing else.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
@@ -26,25 +27,56 @@ class Target:
     device: torch.device
     dtype: torch.dtype
     cache_dir: Path  # where compiled artefacts may persist between processes (cache_dir=)
-    shape_key: str  # names the job's model, size and dtype, for caches that hold one shape each
+    shape_key: str  # names the job's model, task, size and dtype, for caches that hold one shape each
 
 
-@runtime_checkable
-class Accelerator(Protocol):
+class Accelerator:
+    """What every accelerator can do; the defaults do nothing. Runtime state is set in ``apply``, never
+    declared as a field (fields are options)."""
+
+    composes: ClassVar[bool] = True  # False: it owns the whole pipeline and refuses to be chained
+
     def check(self, device: torch.device) -> None:
-        """Raise ConfigError (one line, with the fix) if this accelerator cannot run on ``device``."""
+        """Raise ConfigError (one line, with the fix) if this accelerator cannot run here."""
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         """Change ``pipe`` in place; the runner's warmup calls pay for any compilation."""
 
+    def warmed_up(self, pipe: DiffusionPipeline) -> None:
+        """Called after the warmup calls, before timing (e.g. to save what compilation produced)."""
+
     def tags(self) -> dict[str, str]:
-        """Facts about this run worth filtering on (e.g. whether a compile cache was hit)."""
+        """Facts about this run worth filtering on, e.g. whether a compile cache was hit."""
+        return {}
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers only the accelerator can read, e.g. memory held outside PyTorch's allocator."""
+        return {}
+
+
+class DenoiserWrapper(torch.nn.Module):
+    """Base of accelerators' wrappers around the denoiser: attributes the wrapper lacks come from the wrapped
+    module, since pipelines read config, dtype and submodules from their denoiser."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
 
 
 def build_accelerator(options: dict[str, Any]) -> Accelerator:
-    """Instantiate the accelerator named by ``options['_target_']`` with the remaining options, type-checked."""
+    """Instantiate the accelerator named by ``options['_target_']`` with the other options, type-checked."""
     target = options["_target_"]
     cls = get_class(target)
+    if not (isinstance(cls, type) and issubclass(cls, Accelerator)):
+        raise ConfigError(
+            f"accelerator._target_={target}: not an accelerator (subclass runner.accelerators.Accelerator)"
+        )
     values = {key: value for key, value in options.items() if key != "_target_"}
     try:
         typed = OmegaConf.merge(OmegaConf.structured(cls), values)
@@ -52,7 +84,4 @@ def build_accelerator(options: dict[str, Any]) -> Accelerator:
         first = str(error).splitlines()[0]
         key = getattr(error, "full_key", None) or "?"
         raise ConfigError(f"accelerator.{key}: {first}") from error
-    accelerator = OmegaConf.to_object(typed)
-    if not isinstance(accelerator, Accelerator):
-        raise ConfigError(f"accelerator._target_={target}: not an accelerator (needs check, apply and tags)")
-    return accelerator
+    return OmegaConf.to_object(typed)

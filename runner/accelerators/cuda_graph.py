@@ -15,7 +15,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from runner.accelerators import Target
+from runner.accelerators import Accelerator, DenoiserWrapper, Target
 from runner.config import ConfigError
 
 
@@ -26,21 +26,14 @@ class _Graph:
     output: Any
 
 
-class GraphedModule(torch.nn.Module):
-    """Wraps a module so that its calls replay CUDA graphs; attributes not its own come from the module."""
+class GraphedModule(DenoiserWrapper):
+    """Wraps a module so that its calls replay CUDA graphs."""
 
     def __init__(self, module: torch.nn.Module, warmup_calls: int) -> None:
-        super().__init__()
-        self.module = module
+        super().__init__(module)
         self.warmup_calls = warmup_calls
         self.graphs: dict[tuple, _Graph] = {}
         self.pool: tuple | None = None  # graphs of one module share one memory pool, made at first capture
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # pipelines read config, dtype, add_embedding ... from their denoiser
-            return getattr(super().__getattr__("module"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
@@ -79,7 +72,7 @@ class GraphedModule(torch.nn.Module):
 
 
 @dataclass
-class CudaGraphAccelerator:
+class CudaGraphAccelerator(Accelerator):
     warmup_calls: int = 2  # eager calls on a side stream before each capture
 
     def check(self, device: torch.device) -> None:
@@ -92,6 +85,11 @@ class CudaGraphAccelerator:
         denoiser = getattr(pipe, target.denoiser)
         if isinstance(denoiser, GraphedModule):
             raise ConfigError("accelerator=cuda_graph: the denoiser is already replayed from CUDA graphs")
+        if getattr(denoiser, "compilable_parts", None):  # e.g. DeepCache: which path runs changes per step
+            raise ConfigError(
+                "accelerator=cuda_graph cannot capture a denoiser that picks its path per step "
+                f"({type(denoiser).__name__}); combine it with torch_compile instead"
+            )
         self.graphed = GraphedModule(denoiser, self.warmup_calls)  # state, not an option: no dataclass field
         setattr(pipe, target.denoiser, self.graphed)
 

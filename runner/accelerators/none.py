@@ -2,19 +2,9 @@
 
 from dataclasses import dataclass
 
-import torch
-from diffusers import DiffusionPipeline
-
-from runner.accelerators import Target
+from runner.accelerators import Accelerator
 
 
 @dataclass
-class NoAccelerator:
-    def check(self, device: torch.device) -> None:
-        pass
-
-    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
-        pass
-
-    def tags(self) -> dict[str, str]:
-        return {}
+class NoAccelerator(Accelerator):
+    pass

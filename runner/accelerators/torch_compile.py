@@ -1,0 +1,105 @@
+"""torch.compile of the denoiser and the VAE decoder.
+
+Options: the compile mode; fullgraph; the backend (inductor; aot_eager or eager to check tracing without
+code generation, as the CPU tests do); QKV projections fused into one matmul (diffusers'
+``fuse_qkv_projections``); channels_last memory format; and ``inductor_tuning``, the inductor settings
+diffusers' guide to faster SDXL recommends (1x1 convolutions as matmuls, coordinate-descent tuning, no
+epilogue fusion). Compiled artefacts persist in ``cache_dir/torch_compile`` (inductor's FX-graph and
+AOTAutograd caches, and Triton's kernels), so a second process with the same job compiles from cache:
+the run's tag ``compile_cache`` says whether it was hit.
+
+A denoiser that another accelerator wrapped may name ``compilable_parts``, the attributes to compile in its
+stead (DeepCache's full and shallow UNets), so that routing between them stays in Python.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+
+from runner.accelerators import Accelerator, Target
+from runner.config import ConfigError
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+@dataclass
+class TorchCompileAccelerator(Accelerator):
+    mode: str = "default"
+    fullgraph: bool = False
+    backend: str = "inductor"
+    compile_vae: bool = True
+    fuse_qkv: bool = False
+    channels_last: bool = False
+    inductor_tuning: bool = False
+    cache: bool = True
+
+    def check(self, device: torch.device) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"accelerator.mode={self.mode}: choose one of {', '.join(MODES)}")
+        if self.mode in CUDA_GRAPH_MODES and device.type != "cuda":
+            raise ConfigError(
+                f"accelerator.mode={self.mode} replays CUDA graphs: it needs device=cuda, not "
+                f"{device.type}; use mode=default or max-autotune-no-cudagraphs"
+            )
+
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        from runner.accelerators.cuda_graph import GraphedModule
+
+        denoiser = getattr(pipe, target.denoiser)
+        if isinstance(denoiser, GraphedModule):
+            raise ConfigError(
+                "accelerator torch_compile cannot compile a denoiser already replayed from CUDA "
+                "graphs: put torch_compile before cuda_graph, or use mode=reduce-overhead"
+            )
+        self.counters_before = _cache_counters()
+        if self.cache and self.backend == "inductor":
+            folder = target.cache_dir / "torch_compile"
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read when inductor first needs its cache
+            os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
+            import torch._functorch.config
+            import torch._inductor.config
+
+            torch._inductor.config.fx_graph_cache = True
+            torch._functorch.config.enable_autograd_cache = True
+        if self.inductor_tuning:
+            import torch._inductor.config as inductor
+
+            inductor.conv_1x1_as_mm = True
+            inductor.coordinate_descent_tuning = True
+            inductor.coordinate_descent_check_all_directions = True
+            inductor.epilogue_fusion = False
+        if self.fuse_qkv:
+            pipe.fuse_qkv_projections()
+        if self.channels_last:
+            denoiser.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        parts = getattr(denoiser, "compilable_parts", None)
+        if parts:
+            for name in parts:
+                setattr(denoiser, name, self._compile(getattr(denoiser, name)))
+        else:
+            setattr(pipe, target.denoiser, self._compile(denoiser))
+        if self.compile_vae:
+            pipe.vae.decode = self._compile(pipe.vae.decode)
+
+    def _compile(self, fn):
+        mode = None if self.mode == "default" else self.mode
+        return torch.compile(fn, mode=mode, fullgraph=self.fullgraph, backend=self.backend, dynamic=False)
+
+    def tags(self) -> dict[str, str]:
+        if not (self.cache and self.backend == "inductor"):
+            return {"compile_cache": "off"}
+        before = getattr(self, "counters_before", (0, 0))
+        hits, misses = (now - then for now, then in zip(_cache_counters(), before, strict=True))
+        state = "hit" if hits and not misses else "miss" if misses and not hits else "partial" if hits else "none"
+        return {"compile_cache": state, "compile_cache_hits": str(hits), "compile_cache_misses": str(misses)}
+
+
+def _cache_counters() -> tuple[int, int]:
+    """Inductor's FX-graph cache hits and misses so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
