@@ -62,6 +62,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
+    title: str = MISSING  # how reports name the task, e.g. Text-to-image
     inputs: list[str] = field(default_factory=lambda: ["prompt"])  # what the pipeline is given
     prompt: str = MISSING
     image: str | None = None  # for tasks with an image input; see runner/inputs.py

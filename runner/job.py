@@ -27,6 +27,7 @@ PARAM_KEYS = {
     "model.variant": "variant",
     "model.revision": "revision",
     "names.task": "task",
+    "task.title": "task_title",
     "res": "res",
     "height": "height",
     "width": "width",
@@ -41,6 +42,8 @@ PARAM_KEYS = {
     "prompts": "prompts",
     "negative_prompt": "negative_prompt",
     "model.scheduler.scheduler": "scheduler",
+    "quality.min_ssim": "quality.min_ssim",
+    "quality.max_clip_drop_pct": "quality.max_clip_drop_pct",
 }
 
 
@@ -50,16 +53,16 @@ def run_job(cfg: DictConfig) -> str:
     name = run_name(
         *(_lenient(cfg, key) for key in ("names.model", "names.task", "height", "width", "names.accelerator"))
     )
-    params, tags = job_params(cfg), {"sweep_id": str(cfg.sweep_id)}
+    params, sweep_id = job_params(cfg), str(cfg.sweep_id)
     try:
         config = to_config(cfg)
     except (ConfigError, OmegaConfBaseException) as error:
-        return _ended(name, "failed", one_line(error), tracker.record(name, params, tags, failed=one_line(error)))
+        return _ended(name, "failed", one_line(error), tracker.record(name, params, sweep_id, failed=one_line(error)))
     reason = skip_reason(config)
     if reason:
-        return _ended(name, "skipped", reason, tracker.record(name, params, tags, skipped=reason))
+        return _ended(name, "skipped", reason, tracker.record(name, params, sweep_id, skipped=reason))
 
-    run_id = tracker.start_run(name, params, tags)
+    run_id = tracker.start_run(name, params, sweep_id)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     job_file = job_dir / "config.yaml"
     job_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -177,6 +177,30 @@ def unaffected(
     return True, f"SSIM {ssim:.4f} >= {min_ssim}, CLIP score {change_pct:+.2f}% against the baseline's"
 
 
+def judge(
+    images: dict[str, Image.Image],
+    baseline_id: str,
+    baseline_images: dict[str, Image.Image],
+    clip: float | None,
+    baseline_clip: float | None,
+    broken: list[str],
+    min_ssim: float,
+    max_clip_drop_pct: float,
+    device: torch.device,
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Similarity to a baseline run's images and the verdict, as metrics and tags. ``clip`` and
+    ``baseline_clip`` are None where CLIP scores mean nothing (random weights, tiny CLIP)."""
+    similar = similarity(images, baseline_images, device)
+    if not similar:
+        return {}, {
+            "baseline_run": f"{baseline_id} (no images in common: the baseline logged none, or other runs or prompts)",
+            "quality_unaffected": "unknown",
+            "quality_verdict": "no images in common with the baseline",
+        }
+    ok, why = unaffected(similar, clip, baseline_clip, broken, min_ssim, max_clip_drop_pct)
+    return similar, {"baseline_run": baseline_id, "quality_unaffected": str(ok).lower(), "quality_verdict": why}
+
+
 def image_key(cfg: Config, device: torch.device, dtype: str, prompts: list[str], image: Image.Image | None) -> str:
     """A digest of everything that decides a job's images except the accelerator.
 

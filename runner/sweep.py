@@ -4,12 +4,17 @@ The sweeper (hydra_plugins/runner_sweeper) calls these; MLflow is the record, so
 sweep's runs back from it whichever launcher ran the jobs.
 """
 
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
 from hydra.errors import CompactHydraException, MissingConfigException
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
 
 from runner.config import MlflowConfig, run_name
 from runner.errors import RunnerError, one_line
+from runner.report import write_report
 from runner.tracking import Tracker
 
 
@@ -47,13 +52,21 @@ def record_uncomposable(master: DictConfig, overrides: list[str], error: Excepti
     message = describe_compose_error(error)
     tracker = Tracker(MlflowConfig(**OmegaConf.to_container(master.mlflow, resolve=True)))
     params = {key.lstrip("+~"): item for key, item in chosen.items() if key != "sweep_id"}
-    run_id = tracker.record(name, params, {"sweep_id": chosen.get("sweep_id", "")}, failed=message)
+    run_id = tracker.record(name, params, chosen.get("sweep_id", ""), failed=message)
     print(f"[{name}] FAILED: {message} (run {run_id})", flush=True)
     return message
 
 
+def start_sweep(master: DictConfig, arguments: list[str]) -> str:
+    """Open the sweep's own MLflow run, the parent of its jobs' runs; its run id is the sweep's id."""
+    tracker = Tracker(MlflowConfig(**OmegaConf.to_container(master.mlflow, resolve=True)))
+    command = " ".join(arguments) or "(defaults)"
+    return tracker.start_sweep(f"sweep {datetime.now():%Y-%m-%d %H:%M} {command}"[:120], command)
+
+
 def report_sweep(master: DictConfig, sweep_id: str) -> None:
-    """Print the sweep's table; raise SweepFailed (non-zero exit) if any job failed."""
+    """Print the sweep's table, compare its runs, log its report into the sweep's run, and raise SweepFailed
+    (a non-zero exit) if any job failed."""
     tracker = Tracker(MlflowConfig(**OmegaConf.to_container(master.mlflow, resolve=True)))
     runs = tracker.sweep_runs(sweep_id)
     print(
@@ -62,6 +75,17 @@ def report_sweep(master: DictConfig, sweep_id: str) -> None:
     )
     print(format_table(runs))
     failed = [run for run in runs if run.data.tags.get("outcome") not in ("ok", "skipped")]
+    if runs:
+        with tempfile.TemporaryDirectory() as folder:
+            write_report(tracker, Path(folder), f"tags.sweep_id = '{sweep_id}'")
+            tracker.client.log_artifacts(sweep_id, folder, "report")
+        tracker.client.log_text(sweep_id, format_table(tracker.sweep_runs(sweep_id)) + "\n", "sweep.txt")
+        print(
+            f"Report: the sweep's run {sweep_id}, artifacts report/report.html; "
+            "python -m runner.report writes one for the whole experiment."
+        )
+    tracker.set_tags(sweep_id, {"jobs": str(len(runs)), "jobs_failed": str(len(failed))})
+    tracker.client.set_terminated(sweep_id, "FAILED" if failed else "FINISHED")
     if failed:
         names = ", ".join(run.info.run_name for run in failed)
         raise SweepFailed(f"{len(failed)} of {len(runs)} job(s) failed: {names}")

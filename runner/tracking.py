@@ -5,6 +5,7 @@ FINISHED); ``error`` or ``skip_reason`` say why in one line. The default store i
 with artifacts beside it; any other tracking URI (an MLflow server) works the same.
 """
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from PIL import Image
 
 from runner.config import MlflowConfig
 
+# The runner reports its own progress; MLflow's bars for every small download only bury it.
+os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 MAX_TAG_CHARS = 1000  # long errors are cut here; the whole traceback is the artifact error.txt
 SQLITE_PREFIX = "sqlite:///"
 
@@ -47,9 +50,20 @@ class Tracker:
 
     # Runs
 
-    def start_run(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "outcome": "running"})
+    def start_run(self, name: str, params: dict[str, Any], sweep_id: str) -> str:
+        """A job's run, under its sweep's run when it has one."""
+        tags = {"kind": "job", "outcome": "running"}
+        if sweep_id:
+            tags.update({"sweep_id": sweep_id, "mlflow.parentRunId": sweep_id})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_sweep(self, name: str, command: str) -> str:
+        """A sweep's own run, the parent of its jobs' runs; its run id is the sweep's id."""
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"kind": "sweep"})
+        self.client.log_param(run.info.run_id, "command", command)
+        self.set_tags(run.info.run_id, {"sweep_id": run.info.run_id})
         return run.info.run_id
 
     def finish(self, run_id: str, error: str | None = None) -> None:
@@ -61,11 +75,9 @@ class Tracker:
             self.set_tags(run_id, {"outcome": "failed", "error": error})
             self.client.set_terminated(run_id, "FAILED")
 
-    def record(
-        self, name: str, params: dict[str, Any], tags: dict[str, str], *, skipped: str = "", failed: str = ""
-    ) -> str:
+    def record(self, name: str, params: dict[str, Any], sweep_id: str, *, skipped: str = "", failed: str = "") -> str:
         """Record a job that never ran: skipped (with the reason) or failed before starting (with the error)."""
-        run_id = self.start_run(name, params, tags)
+        run_id = self.start_run(name, params, sweep_id)
         if skipped:
             self.set_tags(run_id, {"outcome": "skipped", "skip_reason": skipped})
             self.client.set_terminated(run_id, "FINISHED")
@@ -120,8 +132,12 @@ class Tracker:
             )
         )
 
+    def jobs(self, filter_string: str = "") -> list[Run]:
+        """The experiment's job runs (not sweeps' own runs), oldest first, optionally filtered."""
+        return self.search(" and ".join(f for f in ("tags.kind = 'job'", filter_string) if f))
+
     def sweep_runs(self, sweep_id: str) -> list[Run]:
-        return self.search(f"tags.sweep_id = '{sweep_id}'")
+        return self.jobs(f"tags.sweep_id = '{sweep_id}'")
 
     def find_baseline(self, image_key: str, accelerator: str) -> Run | None:
         """The newest finished run of the same job (``image_key``) with the baseline accelerator, or None."""

@@ -6,7 +6,6 @@ fresh process per job keeps peak memory, compile caches and a broken CUDA contex
 """
 
 import logging
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -23,7 +22,7 @@ from runner.errors import RunnerError, one_line
 from runner.inputs import load_image, load_prompts
 from runner.measure import PhaseClock, Stopwatch, denoiser_flop_per_step, peak_memory, steady_host, summarize
 from runner.pipelines import build_pipeline, parameter_count
-from runner.quality import TINY, broken_images, clip_score, image_key, load_clip, similarity, unaffected
+from runner.quality import TINY, broken_images, clip_score, image_key, judge, load_clip
 from runner.tracking import Tracker
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -118,27 +117,32 @@ def score_quality(
         progress(cfg, f"WARNING: {len(broken)} broken image(s): {broken[0]}")
 
     if cfg.names.accelerator == q.baseline:
-        verdict = (not broken, f"{len(broken)} broken image(s)" if broken else "this is the baseline")
-        tags["baseline_run"] = "self"
+        tags.update(
+            baseline_run="self",
+            quality_unaffected=str(not broken).lower(),
+            quality_verdict=f"{len(broken)} broken image(s)" if broken else "this is the baseline",
+        )
     elif (baseline := tracker.find_baseline(key, q.baseline)) is None:
-        verdict = None
-        tags["baseline_run"] = f"none found: run accelerator={q.baseline} for this job first, then compare"
+        tags.update(
+            baseline_run=f"none found: run accelerator={q.baseline} for this job first, then compare",
+            quality_unaffected="unknown",
+            quality_verdict="no baseline to compare with",
+        )
     else:
-        tags["baseline_run"] = baseline.info.run_id
-        similar = similarity(images, tracker.download_images(baseline.info.run_id), device)
+        baseline_clip = None if meaningless else baseline.data.metrics.get("clip_score")
+        similar, verdict = judge(
+            images,
+            baseline.info.run_id,
+            tracker.download_images(baseline.info.run_id),
+            None if meaningless else clip,
+            baseline_clip,
+            broken,
+            q.min_ssim,
+            q.max_clip_drop_pct,
+            device,
+        )
         metrics.update(similar)
-        if not similar:
-            verdict = None
-            tags["baseline_run"] += " (no images in common: the baseline logged none or other runs/prompts)"
-        else:
-            baseline_clip = None if meaningless else baseline.data.metrics.get("clip_score")
-            verdict = unaffected(
-                similar, None if meaningless else clip, baseline_clip, broken, q.min_ssim, q.max_clip_drop_pct
-            )
-    if verdict is None:
-        tags.update(quality_unaffected="unknown", quality_verdict="no baseline to compare with")
-    else:
-        tags.update(quality_unaffected=str(verdict[0]).lower(), quality_verdict=verdict[1])
+        tags.update(verdict)
     tracker.log_metrics(run_id, metrics)
     tracker.set_tags(run_id, tags)
     summary = f"CLIP score {clip:.2f}" + (f" ({meaningless}: meaningless)" if meaningless else "")
@@ -203,7 +207,6 @@ def drop_log_lines(fragments: tuple[str, ...]) -> None:
 
 def main(argv: list[str]) -> int:
     job_file, run_id = argv
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # the job reports its own progress
     cfg = to_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(job_file)))
     tracker = Tracker(cfg.mlflow)
     try:

@@ -42,15 +42,16 @@ class Sweep:
         experiment = client.get_experiment_by_name("diffusion-bench")
         if experiment is None:
             return {}
-        return {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+        jobs = client.search_runs([experiment.experiment_id], "tags.kind = 'job'")  # not the sweep's own run
+        return {run.info.run_name: run for run in jobs}
 
 
 @pytest.fixture
 def cli(tmp_path: Path):
     """Run ``python -m runner ARGS`` like a user would, with its MLflow store and Hydra folders in tmp_path."""
-    tracking_uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    local = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
 
-    def run(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> Sweep:
+    def run(*args: str, env: dict[str, str] | None = None, timeout: int = 600, tracking_uri: str = local) -> Sweep:
         command = [
             sys.executable,
             "-m",

@@ -1,24 +1,24 @@
 """Hydra sweeper for the runner (Hydra finds sweepers only under the hydra_plugins namespace).
 
 Hydra's basic sweeper composes every job of a sweep before launching any, and one bad value (an unknown
-model, a resolution that is not a number) aborts them all. This one records such a job as a failed MLflow
-run with a one-line reason and launches the rest; it stamps every job with the sweep's id and ends with
-a table of the sweep's runs, exiting non-zero if any failed. The logic lives in runner/sweep.py.
+model, a resolution that is not a number) aborts them all. This one records such a job as a failed MLflow run with
+a one-line reason and launches the rest. The sweep is an MLflow run of its own, the parent of its jobs'
+runs (its id is stamped on every job); it ends with a table, a comparison of the runs and a report logged
+to that run, exiting non-zero if any job failed. The logic lives in runner/sweep.py.
 """
 
-import uuid
 from collections.abc import Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.sweep import record_uncomposable, report_sweep
+from runner.sweep import record_uncomposable, report_sweep, start_sweep
 
 
 class ResilientSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> None:
-        sweep_id = uuid.uuid4().hex[:12]
+        sweep_id = start_sweep(self.config, arguments)
         super().sweep([*arguments, f"sweep_id={sweep_id}"])
         report_sweep(self.config, sweep_id)
 

@@ -1,0 +1,102 @@
+"""Against a real MLflow tracking server on loopback: a sweep, read back through the server's REST API, and the
+report made from the server."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runner.report import main as report_main
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 with a SQLite database and proxied artifacts, stopped afterwards."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{folder}/mlflow.db",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--workers",
+        "1",
+    ]
+    with open(folder / "server.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def rest(url: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url + path, data, {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(request, timeout=30))
+
+
+def test_sweep_against_a_server_reads_back_through_its_api(cli, server: str, tmp_path: Path) -> None:
+    extra = tmp_path / "extra_conf" / "accelerator"
+    extra.mkdir(parents=True)
+    (extra / "same.yaml").write_text("_target_: tests.fake_accelerators.Options\n")
+    sweep = cli(
+        "-m",
+        "accelerator=none,same",
+        "res=64",
+        "runs=2",
+        f"hydra.searchpath=[file://{extra.parent}]",
+        tracking_uri=server,
+    )
+    assert sweep.code == 0, sweep.output
+
+    experiment = rest(server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=diffusion-bench")["experiment"]
+    assert experiment["artifact_location"].startswith("mlflow-artifacts:")  # the server keeps the artifacts
+    found = rest(
+        server,
+        "/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [experiment["experiment_id"]], "filter": "tags.kind = 'job'"},
+    )["runs"]
+    runs = {run["info"]["run_name"]: run for run in found}
+    assert set(runs) == {"tiny_sdxl/t2i/64/none", "tiny_sdxl/t2i/64/same"}
+    same = runs["tiny_sdxl/t2i/64/same"]
+    metrics = {m["key"]: m["value"] for m in same["data"]["metrics"]}
+    tags = {t["key"]: t["value"] for t in same["data"]["tags"]}
+    params = {p["key"]: p["value"] for p in same["data"]["params"]}
+    assert metrics["latency_s"] > 0 and metrics["ssim_vs_baseline"] == pytest.approx(1.0)
+    assert "speedup_vs_baseline" in metrics and tags["baseline_run"] == runs["tiny_sdxl/t2i/64/none"]["info"]["run_id"]
+    assert params["accelerator"] == "same" and tags["outcome"] == "ok" and same["info"]["status"] == "FINISHED"
+    image = urllib.request.urlopen(
+        f"{server}/get-artifact?path=images/000_p00_seed0.png&run_uuid={same['info']['run_id']}", timeout=30
+    ).read()
+    assert image[:4] == b"\x89PNG"
+
+    assert report_main(["--tracking-uri", server, "--out", str(tmp_path / "report")]) == 0
+    assert "tiny_sdxl/t2i/64" not in (tmp_path / "report" / "report.md").read_text().split("## Failed")[1]
