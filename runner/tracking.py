@@ -5,6 +5,7 @@ FINISHED); ``error`` or ``skip_reason`` say why in one line. The default store i
 with artifacts beside it; any other tracking URI (an MLflow server) works the same.
 """
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +20,9 @@ from runner.config import MlflowConfig
 
 # The runner reports its own progress; MLflow's bars for every small download only bury it.
 os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+# MLflow's UI opens an experiment in its runs table (not its GenAI traces view) when it is of this kind.
+KIND_TAG = "mlflow.experimentKind"
+KIND = {KIND_TAG: "custom_model_development"}
 MAX_TAG_CHARS = 1000  # long errors are cut here; the whole traceback is the artifact error.txt
 SQLITE_PREFIX = "sqlite:///"
 
@@ -38,15 +42,15 @@ class Tracker:
 
     def _experiment_id(self, name: str, artifact_root: str | None) -> str:
         experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=artifact_root)
-        except MlflowException:  # another job of the sweep created it first
+        if experiment is None:
+            with contextlib.suppress(MlflowException):  # another job of the sweep may have created it first
+                self.client.create_experiment(name, artifact_location=artifact_root, tags=KIND)
             experiment = self.client.get_experiment_by_name(name)
             if experiment is None:
-                raise
-            return experiment.experiment_id
+                raise MlflowException(f"mlflow.experiment={name}: could not be created in {self.client.tracking_uri}")
+        if experiment.tags.get(KIND_TAG) != KIND[KIND_TAG]:
+            self.client.set_experiment_tag(experiment.experiment_id, KIND_TAG, KIND[KIND_TAG])
+        return experiment.experiment_id
 
     # Runs
 
