@@ -119,7 +119,9 @@ class Config:
     device: str = "auto"
     dtype: str = "auto"
     pin_cpu: bool = True  # on CUDA, pin the thread that launches GPU work to one core (runner/measure.py)
-    cache_dir: str = "~/.cache/diffusion-bench"  # compiled artefacts that outlive a job (accelerators)
+    cache_dir: str = "~/.cache/diffusion-bench"  # compiled artefacts that outlive a job; GPU leases
+    gpu_lease: bool = True  # each job takes one GPU of its own, waiting while all are taken (runner/gpus.py)
+    force: bool = False  # run a job again even if its exact configuration already finished
     log_images: bool = True
     sweep_id: str = ""  # stamped by the sweeper on every job of one sweep
     quality: QualityConfig = field(default_factory=QualityConfig)

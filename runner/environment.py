@@ -29,10 +29,10 @@ def environment_tags(device: torch.device) -> dict[str, str]:
         gpu_uuid = f"GPU-{uuid}" if uuid else "unknown"
         tags.update(
             device_name=properties.name,
-            device_index=str(index),
+            device_index=str(index),  # as this process sees it: 0 when leased one GPU
             gpu_uuid=gpu_uuid,
             cuda_version=str(torch.version.cuda),
-            driver_version=_driver_version(gpu_uuid),
+            **_nvidia_smi_facts(gpu_uuid),
         )
     else:
         tags["device_name"] = tags["cpu_name"]
@@ -55,14 +55,26 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _driver_version(gpu_uuid: str) -> str:
-    query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
-    select = ["-i", gpu_uuid] if gpu_uuid.startswith("GPU-") else []
+def _nvidia_smi_facts(gpu_uuid: str) -> dict[str, str]:
+    """The GPU's index among all of the host's (whatever this process is shown) and the driver's version."""
+    facts = {"gpu_host_index": "unknown", "driver_version": "unknown"}
     try:
-        out = subprocess.run(query + select, capture_output=True, text=True, timeout=20, check=True).stdout.split()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,uuid,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out[0] if out else "unknown"
+        return facts
+    for line in out.strip().splitlines():
+        index, uuid, driver = (part.strip() for part in line.split(","))
+        if uuid == gpu_uuid or facts["driver_version"] == "unknown":
+            facts["driver_version"] = driver
+        if uuid == gpu_uuid:
+            facts["gpu_host_index"] = index
+    return facts
 
 
 def _git(*args: str) -> str:

@@ -20,23 +20,15 @@ from mlflow.entities import Run
 
 from runner.compare import FASTER, compare, memory_gib
 from runner.config import MlflowConfig
-from runner.errors import RunnerError
 from runner.plots import plot_runs
 from runner.tracking import Tracker
 
 Block = tuple[str, str, str, str]  # task, model, size, device name
 
 
-class ReportError(RunnerError):
-    """Nothing to report; the message says what was looked for."""
-
-
-def write_report(tracker: Tracker, out: Path, filter_string: str = "") -> Path:
-    """Compare the matching runs, then write ``report.md``, ``report.html``, their images and plots to ``out``."""
-    runs = tracker.jobs(filter_string)
-    if not runs:
-        where = f" matching {filter_string!r}" if filter_string else ""
-        raise ReportError(f"no job runs in experiment '{tracker.experiment_name}'{where}: nothing to report")
+def write_report(tracker: Tracker, out: Path, runs: list[Run]) -> list[Run]:
+    """Compare ``runs``, then write ``report.md``, ``report.html``, their images and plots to ``out``; return
+    the runs as they stand after the comparison."""
     compare(tracker, runs)
     runs = [tracker.run(run.info.run_id) for run in runs]
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -44,7 +36,7 @@ def write_report(tracker: Tracker, out: Path, filter_string: str = "") -> Path:
     text = Report(tracker, runs, out, plots).markdown()
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(_html(text, f"Report: {tracker.experiment_name}"))
-    return out / "report.md"
+    return runs
 
 
 class Report:
@@ -307,12 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", default="", help="MLflow filter on the runs, e.g. \"params.res = '1024'\"")
     args = parser.parse_args(argv)
     tracker = Tracker(MlflowConfig(tracking_uri=args.tracking_uri, experiment=args.experiment))
-    try:
-        path = write_report(tracker, args.out or Path("reports") / args.experiment, args.filter)
-    except RunnerError as error:
-        print(f"error: {error}", file=sys.stderr)
+    runs = tracker.jobs(args.filter)
+    if not runs:
+        where = f" matching {args.filter!r}" if args.filter else ""
+        print(f"error: no job runs in experiment '{args.experiment}'{where}: nothing to report", file=sys.stderr)
         return 1
-    print(f"wrote {path} and {path.with_suffix('.html')}")
+    out = args.out or Path("reports") / args.experiment
+    write_report(tracker, out, runs)
+    print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
     return 0
 
 

@@ -64,22 +64,23 @@ def start_sweep(master: DictConfig, arguments: list[str]) -> str:
     return tracker.start_sweep(f"sweep {datetime.now():%Y-%m-%d %H:%M} {command}"[:120], command)
 
 
-def report_sweep(master: DictConfig, sweep_id: str) -> None:
+def report_sweep(master: DictConfig, sweep_id: str, done_before: list[str]) -> None:
     """Print the sweep's table, compare its runs, log its report into the sweep's run, and raise SweepFailed
-    (a non-zero exit) if any job failed."""
+    (a non-zero exit) if any job failed. ``done_before``: runs of earlier sweeps that this one did not repeat."""
     tracker = Tracker(MlflowConfig(**OmegaConf.to_container(master.mlflow, resolve=True)))
-    runs = tracker.sweep_runs(sweep_id)
+    runs = tracker.sweep_runs(sweep_id) + [tracker.run(run_id) for run_id in done_before]
     print(
         f"\nSweep {sweep_id}: {len(runs)} job(s) in experiment '{tracker.experiment_name}' "
-        f"({master.mlflow.tracking_uri})"
+        f"({master.mlflow.tracking_uri})" + (f", {len(done_before)} done in earlier sweeps" if done_before else "")
     )
-    print(format_table(runs))
     failed = [run for run in runs if run.data.tags.get("outcome") not in ("ok", "skipped")]
     if runs:
         with tempfile.TemporaryDirectory() as folder:
-            write_report(tracker, Path(folder), f"tags.sweep_id = '{sweep_id}'")
+            runs = write_report(tracker, Path(folder), runs)
             tracker.client.log_artifacts(sweep_id, folder, "report")
-        tracker.client.log_text(sweep_id, format_table(tracker.sweep_runs(sweep_id)) + "\n", "sweep.txt")
+        table = format_table(runs, set(done_before))
+        tracker.client.log_text(sweep_id, table + "\n", "sweep.txt")
+        print(table)
         print(
             f"Report: the sweep's run {sweep_id}, artifacts report/report.html; "
             "python -m runner.report writes one for the whole experiment."
@@ -100,8 +101,9 @@ COLUMNS = (
 )
 
 
-def format_table(runs: list[Run]) -> str:
-    """A plain-text table of runs: name, outcome, key metrics, and the error or skip reason."""
+def format_table(runs: list[Run], earlier: set[str] = frozenset()) -> str:
+    """A plain-text table of runs: name, outcome, key metrics, and the error or skip reason; runs in
+    ``earlier`` are marked as done by an earlier sweep."""
     shown = [c for c in COLUMNS if any(c[0] in run.data.metrics for run in runs)]
     header = ["job", "outcome", *(title for _, title, _ in shown), "note"]
     rows = [header]
@@ -109,6 +111,7 @@ def format_table(runs: list[Run]) -> str:
         metrics, tags = run.data.metrics, run.data.tags
         cells = [fmt.format(metrics[key]) if key in metrics else "-" for key, _, fmt in shown]
         note = tags.get("error") or tags.get("skip_reason") or ""
+        note = f"done in an earlier sweep (run {run.info.run_id})" if run.info.run_id in earlier else note
         rows.append([run.info.run_name, tags.get("outcome", run.info.status.lower()), *cells, note])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ("  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]]) for row in rows)

@@ -54,9 +54,9 @@ class Tracker:
 
     # Runs
 
-    def start_run(self, name: str, params: dict[str, Any], sweep_id: str) -> str:
+    def start_run(self, name: str, params: dict[str, Any], sweep_id: str, tags: dict[str, str] | None = None) -> str:
         """A job's run, under its sweep's run when it has one."""
-        tags = {"kind": "job", "outcome": "running"}
+        tags = {**(tags or {}), "kind": "job", "outcome": "running"}
         if sweep_id:
             tags.update({"sweep_id": sweep_id, "mlflow.parentRunId": sweep_id})
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -79,9 +79,18 @@ class Tracker:
             self.set_tags(run_id, {"outcome": "failed", "error": error})
             self.client.set_terminated(run_id, "FAILED")
 
-    def record(self, name: str, params: dict[str, Any], sweep_id: str, *, skipped: str = "", failed: str = "") -> str:
+    def record(
+        self,
+        name: str,
+        params: dict[str, Any],
+        sweep_id: str,
+        tags: dict[str, str] | None = None,
+        *,
+        skipped: str = "",
+        failed: str = "",
+    ) -> str:
         """Record a job that never ran: skipped (with the reason) or failed before starting (with the error)."""
-        run_id = self.start_run(name, params, sweep_id)
+        run_id = self.start_run(name, params, sweep_id, tags)
         if skipped:
             self.set_tags(run_id, {"outcome": "skipped", "skip_reason": skipped})
             self.client.set_terminated(run_id, "FINISHED")

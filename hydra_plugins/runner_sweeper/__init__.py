@@ -10,6 +10,7 @@ to that run, exiting non-zero if any job failed. The logic lives in runner/sweep
 from collections.abc import Sequence
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.utils import JobStatus
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -19,8 +20,14 @@ from runner.sweep import record_uncomposable, report_sweep, start_sweep
 class ResilientSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> None:
         sweep_id = start_sweep(self.config, arguments)
-        super().sweep([*arguments, f"sweep_id={sweep_id}"])
-        report_sweep(self.config, sweep_id)
+        batches = super().sweep([*arguments, f"sweep_id={sweep_id}"])
+        done_before = [  # jobs that had finished in an earlier sweep (runner.job.run_job returns done:<run id>)
+            job.return_value.removeprefix("done:")
+            for batch in batches
+            for job in batch
+            if job.status == JobStatus.COMPLETED and str(job.return_value).startswith("done:")
+        ]
+        report_sweep(self.config, sweep_id, done_before)
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
         composable = []
