@@ -103,7 +103,7 @@ def test_torch_compile_refuses_to_follow_cuda_graph(tmp_path: Path) -> None:
 def test_second_process_compiles_from_the_cache(cli, tmp_path: Path) -> None:
     """Cold, then warm in a new process: the warm run's warmup is far shorter and its tag says hit."""
     args = ("accelerator=torch_compile", "accelerator.compile_vae=false", "res=64", "runs=1", f"cache_dir={tmp_path}")
-    cold, warm = cli(*args), cli(*args)
+    cold, warm = cli(*args), cli(*args, "force=true")  # the same job again: force, or resume would skip it
     assert cold.code == 0 and warm.code == 0, cold.output + warm.output
     client = MlflowClient(warm.tracking_uri)  # one store holds both runs
     experiment = client.get_experiment_by_name("diffusion-bench")

@@ -1,10 +1,14 @@
-"""Against a real MLflow tracking server on loopback: a sweep, read back through the server's REST API, and the
-report made from the server."""
+"""Against a real MLflow tracking server on loopback, with SQLite and with PostgreSQL behind it: a sweep, read
+back through the server's REST API, and the report made from the server."""
 
+import glob
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,13 +19,48 @@ import pytest
 from runner.report import main as report_main
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 with a SQLite database and proxied artifacts, stopped afterwards."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (trust authentication), from Debian's packages."""
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    if not found:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    binaries = Path(found).parent
+    folder = Path(tempfile.mkdtemp(prefix="runner-pg-"))
+    as_postgres = []
+    if os.geteuid() == 0:  # initdb refuses root: run the cluster as the postgres user
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres")
+    port = free_port()
+    data = folder / "data"
+    subprocess.run(
+        [*as_postgres, binaries / "initdb", "-D", data, "-U", "mlflow", "--auth=trust"], check=True, capture_output=True
+    )
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}"
+    subprocess.run(
+        [*as_postgres, binaries / "pg_ctl", "-D", data, "-l", folder / "log", "-o", options, "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql+psycopg://mlflow@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_postgres, binaries / "pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 with a SQLite or a PostgreSQL database, and proxied artifacts."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    database = f"sqlite:///{folder}/mlflow.db" if request.param == "sqlite" else request.getfixturevalue("postgres")
+    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -32,7 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--port",
         str(port),
         "--backend-store-uri",
-        f"sqlite:///{folder}/mlflow.db",
+        database,
         "--artifacts-destination",
         str(folder / "artifacts"),
         "--workers",
