@@ -81,3 +81,27 @@ def tiny_sdxl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_sdxl")
     build_pipeline(load_model("tiny_sdxl"), "t2i", torch.device("cpu"), torch.float32).save_pretrained(folder)
     return folder
+
+
+TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py), as Hydra options
+    "same": "_target_: tests.fake_accelerators.Options\n",
+    "perturb": "_target_: tests.fake_accelerators.Perturb\nscale: 0.5\n",
+    "blackout": "_target_: tests.fake_accelerators.Blackout\n",
+    "crash": "_target_: tests.fake_accelerators.Crash\n",
+    "dc_eager": (
+        "_target_: runner.accelerators.chain.Chain\nparts:\n"
+        "  - {_target_: runner.accelerators.deepcache.DeepCacheAccelerator, interval: 3}\n"
+        "  - {_target_: runner.accelerators.torch_compile.TorchCompileAccelerator, backend: eager}\n"
+    ),
+}
+
+
+@pytest.fixture
+def test_accelerators(tmp_path: Path) -> str:
+    """Puts the tests' own accelerators (same, perturb, blackout, crash, dc_eager) on Hydra's search path, as a
+    user would add theirs without touching conf/; returns that override."""
+    folder = tmp_path / "test_conf" / "accelerator"
+    folder.mkdir(parents=True)
+    for name, text in TEST_ACCELERATORS.items():
+        (folder / f"{name}.yaml").write_text(text)
+    return f"hydra.searchpath=[file://{folder.parent}]"

@@ -199,14 +199,9 @@ def test_quality_failure_keeps_the_timings(cli, tiny_sdxl_folder: Path) -> None:
     assert run.data.metrics["latency_s"] > 0
 
 
-def test_a_worker_that_dies_is_recorded_as_failed(cli, tmp_path: Path) -> None:
+def test_a_worker_that_dies_is_recorded_as_failed(cli, test_accelerators: str) -> None:
     """A worker killed outright (as the out-of-memory killer would) still leaves a FAILED run, not a RUNNING one."""
-    extra = tmp_path / "extra_conf" / "accelerator"
-    extra.mkdir(parents=True)
-    (extra / "crash.yaml").write_text("_target_: tests.fake_accelerators.Crash\n")
-    sweep = cli(
-        "-m", "accelerator=none,crash", "res=64", "runs=1", f"hydra.searchpath=[file://{tmp_path / 'extra_conf'}]"
-    )
+    sweep = cli("-m", "accelerator=none,crash", "res=64", "runs=1", test_accelerators)
     assert sweep.code != 0
     runs = sweep.runs()
     assert runs["tiny_sdxl/t2i/64/none"].data.tags["outcome"] == "ok"

@@ -159,17 +159,6 @@ def test_prompt_sets(tmp_path: Path) -> None:
         load_prompts(str(tmp_path / "empty.txt"), "x")
 
 
-@pytest.fixture
-def test_accelerators(tmp_path: Path) -> str:
-    """Accelerator YAMLs for tests, on Hydra's search path: same (no effect), perturb, blackout."""
-    folder = tmp_path / "extra_conf" / "accelerator"
-    folder.mkdir(parents=True)
-    (folder / "same.yaml").write_text("_target_: tests.fake_accelerators.Options\n")
-    (folder / "perturb.yaml").write_text("_target_: tests.fake_accelerators.Perturb\nscale: 0.5\n")
-    (folder / "blackout.yaml").write_text("_target_: tests.fake_accelerators.Blackout\n")
-    return f"hydra.searchpath=[file://{folder.parent}]"
-
-
 def test_accelerated_runs_are_compared_with_the_baseline_in_a_sweep(cli, test_accelerators: str) -> None:
     sweep = cli("-m", "accelerator=none,same,perturb,blackout", "res=64", "runs=3", test_accelerators)
     runs = sweep.runs()

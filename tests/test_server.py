@@ -102,16 +102,15 @@ def rest(url: str, path: str, body: dict | None = None) -> dict:
     return json.load(urllib.request.urlopen(request, timeout=30))
 
 
-def test_sweep_against_a_server_reads_back_through_its_api(cli, server: str, tmp_path: Path) -> None:
-    extra = tmp_path / "extra_conf" / "accelerator"
-    extra.mkdir(parents=True)
-    (extra / "same.yaml").write_text("_target_: tests.fake_accelerators.Options\n")
+def test_sweep_against_a_server_reads_back_through_its_api(
+    cli, server: str, test_accelerators: str, tmp_path: Path
+) -> None:
     sweep = cli(
         "-m",
         "accelerator=none,same",
         "res=64",
         "runs=2",
-        f"hydra.searchpath=[file://{extra.parent}]",
+        test_accelerators,
         tracking_uri=server,
     )
     assert sweep.code == 0, sweep.output
