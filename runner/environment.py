@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from runner.gpus import nvidia_smi
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 
@@ -58,20 +60,8 @@ def _cpu_name() -> str:
 def _nvidia_smi_facts(gpu_uuid: str) -> dict[str, str]:
     """The GPU's index among all of the host's (whatever this process is shown) and the driver's version."""
     facts = {"gpu_host_index": "unknown", "driver_version": "unknown"}
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,uuid,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return facts
-    for line in out.strip().splitlines():
-        index, uuid, driver = (part.strip() for part in line.split(","))
-        if uuid == gpu_uuid or facts["driver_version"] == "unknown":
-            facts["driver_version"] = driver
+    for index, uuid, driver in nvidia_smi("index", "uuid", "driver_version"):
+        facts["driver_version"] = driver
         if uuid == gpu_uuid:
             facts["gpu_host_index"] = index
     return facts

@@ -17,12 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def visible_gpus() -> list[str]:
-    """UUIDs of the GPUs this process may use: nvidia-smi's list, narrowed by CUDA_VISIBLE_DEVICES (indices or
-    UUIDs; an empty value hides them all). Empty without nvidia-smi."""
+def nvidia_smi(*fields: str) -> list[list[str]]:
+    """One row per GPU of the host with the asked ``--query-gpu`` fields; empty without nvidia-smi."""
     try:
-        listing = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"],
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -30,7 +29,13 @@ def visible_gpus() -> list[str]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    gpus = [[part.strip() for part in line.split(",")[:2]] for line in listing.strip().splitlines() if "," in line]
+    return [[part.strip() for part in line.split(",")][: len(fields)] for line in out.strip().splitlines() if line]
+
+
+def visible_gpus() -> list[str]:
+    """UUIDs of the GPUs this process may use: nvidia-smi's list, narrowed by CUDA_VISIBLE_DEVICES (indices or
+    UUIDs; an empty value hides them all). Empty without nvidia-smi."""
+    gpus = nvidia_smi("index", "uuid")
     chosen = os.environ.get("CUDA_VISIBLE_DEVICES")
     if chosen is None:
         return [uuid for _, uuid in gpus]

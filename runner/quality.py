@@ -78,27 +78,17 @@ def load_clip(name: str, revision: str | None) -> Clip:
 
 def tiny_clip() -> Clip:
     """A small CLIP with seeded random weights and the in-code tokenizer: for demos and tests only."""
+    tower = {  # both encoders alike: tiny, and projecting into one 16-wide space
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "projection_dim": 16,
+    }
     text = transformers.CLIPTextConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=16,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
+        vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1, **tower
     )
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
+    vision = transformers.CLIPVisionConfig(image_size=32, patch_size=8, **tower)
     config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
