@@ -100,19 +100,46 @@ def test_torch_compile_refuses_to_follow_cuda_graph(tmp_path: Path) -> None:
         TorchCompileAccelerator().apply(pipe, target(tmp_path))
 
 
-def test_second_process_compiles_from_the_cache(cli, tmp_path: Path) -> None:
-    """Cold, then warm in a new process: the warm run's warmup is far shorter and its tag says hit."""
+def test_second_process_compiles_from_the_cache_and_both_match_eager(cli, tmp_path: Path) -> None:
+    """Cold, then warm in a new process: the warm run's warmup is far shorter and its tag says hit; inductor's
+    generated code gives the eager baseline's images up to rounding."""
     args = ("accelerator=torch_compile", "accelerator.compile_vae=false", "res=64", "runs=1", f"cache_dir={tmp_path}")
+    baseline = cli("accelerator=none", "res=64", "runs=1")
     cold, warm = cli(*args), cli(*args, "force=true")  # the same job again: force, or resume would skip it
-    assert cold.code == 0 and warm.code == 0, cold.output + warm.output
-    client = MlflowClient(warm.tracking_uri)  # one store holds both runs
+    assert baseline.code == cold.code == warm.code == 0, baseline.output + cold.output + warm.output
+    client = MlflowClient(warm.tracking_uri)  # one store holds all three runs
     experiment = client.get_experiment_by_name("diffusion-bench")
     first, second = client.search_runs(
-        [experiment.experiment_id], "tags.kind = 'job'", order_by=["attributes.start_time ASC"]
+        [experiment.experiment_id],
+        "tags.kind = 'job' and params.accelerator = 'torch_compile'",
+        order_by=["attributes.start_time ASC"],
     )
     assert first.data.tags["compile_cache"] == "miss" and second.data.tags["compile_cache"] == "hit"
     assert second.data.metrics["warmup_s"] < first.data.metrics["warmup_s"] / 2
     assert list((tmp_path / "torch_compile").iterdir())
+    for run in (first, second):
+        assert run.data.metrics["psnr_vs_baseline"] > 40 and run.data.tags["quality_unaffected"] == "true"
+
+
+def test_regional_compile_compiles_the_repeated_blocks_alone(tmp_path: Path) -> None:
+    pipe = tiny_pipe()
+    torch.manual_seed(0)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor(500.0), torch.randn(2, 77, 64))
+    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}}
+    with torch.no_grad():
+        expected = pipe.unet(*args, return_dict=False, **extra)[0]
+        accelerator = TorchCompileAccelerator(regional=True, backend="eager", compile_vae=False, cache=False)
+        accelerator.apply(pipe, target(tmp_path))
+        got = pipe.unet(*args, return_dict=False, **extra)[0]
+    blocks = [m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    assert pipe.unet._compiled_call_impl is None and pipe.unet.conv_in._compiled_call_impl is None
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    pipe.unet = torch.nn.Conv2d(4, 4, 1)
+    with pytest.raises(
+        ConfigError, match=r"regional=true: Conv2d names no repeated blocks to compile; use accelerator.regional=false"
+    ):
+        TorchCompileAccelerator(regional=True, backend="eager").apply(pipe, target(tmp_path))
 
 
 # DeepCache
@@ -173,35 +200,28 @@ def test_deepcache_refuses_what_is_not_a_unet(tmp_path: Path) -> None:
         DeepCacheAccelerator().apply(pipe, target(tmp_path))
 
 
-def test_deepcache_is_lossy_and_composes_with_compile(cli, tmp_path: Path) -> None:
-    extra = tmp_path / "extra_conf" / "accelerator"
-    extra.mkdir(parents=True)
-    (extra / "dc_eager.yaml").write_text(
-        "_target_: runner.accelerators.chain.Chain\nparts:\n"
-        "  - {_target_: runner.accelerators.deepcache.DeepCacheAccelerator, interval: 3}\n"
-        "  - {_target_: runner.accelerators.torch_compile.TorchCompileAccelerator, backend: eager}\n"
-    )
+def test_deepcache_is_lossy_and_composes_with_compile(cli, test_accelerators: str) -> None:
     sweep = cli(
         "-m",
         "accelerator=none,deepcache,dc_eager",
         "res=64",
         "runs=2",
         "steps=9",
-        f"hydra.searchpath=[file://{extra.parent}]",
+        test_accelerators,
     )
     assert sweep.code == 0, sweep.output
     runs = sweep.runs()
     cached, compiled = runs["tiny_sdxl/t2i/64/deepcache"], runs["tiny_sdxl/t2i/64/dc_eager"]
     assert 0.5 < cached.data.metrics["ssim_vs_baseline"] < 1 and cached.data.metrics["identical_to_baseline"] == 0
     assert cached.data.metrics["deepcache_full_step_share"] == pytest.approx(1 / 3)
-    client = MlflowClient(sweep.tracking_uri)
-
-    def pixels(run) -> list[np.ndarray]:
-        folder = Path(client.download_artifacts(run.info.run_id, "images"))
-        return [np.asarray(Image.open(path)) for path in sorted(folder.glob("*.png"))]
-
-    for ours, theirs in zip(pixels(compiled), pixels(cached), strict=True):  # compiled paths, same images
+    for ours, theirs in zip(pixels(sweep, compiled), pixels(sweep, cached), strict=True):  # compiled paths
         assert np.array_equal(ours, theirs)
+
+
+def pixels(sweep, run) -> list[np.ndarray]:
+    """A run's images, in file order."""
+    folder = Path(MlflowClient(sweep.tracking_uri).download_artifacts(run.info.run_id, "images"))
+    return [np.asarray(Image.open(path)) for path in sorted(folder.glob("*.png"))]
 
 
 # Chains
@@ -211,14 +231,46 @@ def test_chains_refuse_what_does_not_compose(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="a chain needs at least two"):
         Chain(parts=[{"_target_": "runner.accelerators.none.NoAccelerator"}]).check(CPU)
     onediff = {"_target_": "runner.accelerators.onediff.OneDiffAccelerator"}
-    compile_ = {"_target_": "runner.accelerators.torch_compile.TorchCompileAccelerator"}
+    compile_ = {
+        "_target_": "runner.accelerators.torch_compile.TorchCompileAccelerator",
+        "backend": "eager",
+        "cache": False,
+    }
     with pytest.raises(ConfigError, match="OneDiffAccelerator owns the whole pipeline and cannot be chained"):
         Chain(parts=[onediff, compile_]).check(CPU)
+    deepcache = {"_target_": "runner.accelerators.deepcache.DeepCacheAccelerator"}
+    graphs = {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"}
+    for first in (graphs, compile_):
+        with pytest.raises(ConfigError, match=r"accelerator=deepcache must come first in a chain: the denoiser is"):
+            Chain(parts=[first, deepcache]).apply(tiny_pipe(), target(tmp_path))
+    with pytest.raises(ConfigError, match="put torch_compile before cuda_graph"):
+        Chain(parts=[deepcache, graphs, compile_]).apply(tiny_pipe(), target(tmp_path))
+    with pytest.raises(
+        ConfigError, match=r"already replayed from CUDA graphs; list cuda_graph once in accelerator\.parts"
+    ):
+        Chain(parts=[graphs, graphs]).apply(tiny_pipe(), target(tmp_path))
+
+
+def test_cuda_graph_captures_each_deepcache_path_in_one_shared_pool(tmp_path: Path) -> None:
     pipe = tiny_pipe()
     deepcache = {"_target_": "runner.accelerators.deepcache.DeepCacheAccelerator"}
     graphs = {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"}
-    with pytest.raises(ConfigError, match="cannot capture a denoiser that picks its path per step"):
-        Chain(parts=[deepcache, graphs]).apply(pipe, target(tmp_path))
+    Chain(parts=[deepcache, graphs]).apply(pipe, target(tmp_path))  # capture waits for the first call
+    assert isinstance(pipe.unet, DeepCacheUNet)
+    full, shallow = pipe.unet.full, pipe.unet.shallow
+    assert isinstance(full, GraphedModule) and isinstance(shallow, GraphedModule) and full.pool is shallow.pool
+    assert type(full.module).__name__ == "FullUNet" and type(shallow.module).__name__ == "ShallowUNet"
+
+
+@pytest.mark.gpu
+def test_graphed_deepcache_gives_deepcache_images(cli) -> None:
+    sweep = cli("-m", "accelerator=none,deepcache,deepcache_graph", "device=cuda", "res=64", "runs=2", "steps=9")
+    assert sweep.code == 0, sweep.output
+    runs = sweep.runs()
+    eager, graphed = runs["tiny_sdxl/t2i/64/deepcache"], runs["tiny_sdxl/t2i/64/deepcache_graph"]
+    assert graphed.data.tags["cuda_graphs_captured"] == "2"  # the whole UNet and the shallow path
+    for ours, theirs in zip(pixels(sweep, graphed), pixels(sweep, eager), strict=True):
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 2
 
 
 # OneDiff

@@ -23,6 +23,15 @@ def test_every_option_composes(model: str, task: str, accelerator: str) -> None:
         assert cfg.model.tasks[task].pipeline.startswith("diffusers.")
 
 
+@pytest.mark.parametrize(
+    "variant", sorted(p.stem for p in (CONF.parent / "benchmarks/conf/accelerator").glob("*.yaml"))
+)
+def test_benchmark_variants_compose_from_their_search_path(variant: str) -> None:
+    searchpath = f"hydra.searchpath=[file://{CONF.parent}/benchmarks/conf]"
+    cfg = to_config(compose_job(f"accelerator={variant}", searchpath))
+    assert cfg.names.accelerator == variant and isinstance(build_accelerator(cfg.accelerator), Accelerator)
+
+
 def test_groups_are_the_ones_the_issue_names() -> None:
     assert {
         "realvisxl_v4",

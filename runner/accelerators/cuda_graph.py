@@ -6,6 +6,10 @@ One graph is captured per input signature (shapes, dtypes and the non-tensor arg
 with static input buffers; each later call copies its inputs into those buffers, replays, and returns a
 copy of the outputs. The graph runs the same kernels on the same data as eager execution, so outputs equal
 eager ones up to the choice of library algorithms (tests compare them).
+
+A denoiser that picks its path per step in Python (DeepCache) names its ``step_modules``: each is captured
+on its own and the routing between them stays in Python. All graphs of a job share one memory pool: they
+replay one at a time on one stream and keep their outputs alive, so their scratch memory can be shared.
 """
 
 from dataclasses import dataclass
@@ -19,6 +23,18 @@ from runner.accelerators import Accelerator, DenoiserWrapper, Target
 from runner.config import ConfigError
 
 
+class MemoryPool:
+    """One CUDA graph memory pool, made at the first capture that asks for it."""
+
+    def __init__(self) -> None:
+        self._handle: tuple | None = None
+
+    def handle(self) -> tuple:
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -29,11 +45,11 @@ class _Graph:
 class GraphedModule(DenoiserWrapper):
     """Wraps a module so that its calls replay CUDA graphs."""
 
-    def __init__(self, module: torch.nn.Module, warmup_calls: int) -> None:
+    def __init__(self, module: torch.nn.Module, warmup_calls: int, pool: "MemoryPool | None" = None) -> None:
         super().__init__(module)
         self.warmup_calls = warmup_calls
         self.graphs: dict[tuple, _Graph] = {}
-        self.pool: tuple | None = None  # graphs of one module share one memory pool, made at first capture
+        self.pool = pool or MemoryPool()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
@@ -63,10 +79,8 @@ class GraphedModule(DenoiserWrapper):
             for _ in range(self.warmup_calls):
                 self.module(*args, **kwargs)
         torch.cuda.current_stream().wait_stream(side)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool.handle()):
             output = self.module(*args, **kwargs)
         return _Graph(graph, inputs, output)
 
@@ -84,15 +98,17 @@ class CudaGraphAccelerator(Accelerator):
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
         if isinstance(denoiser, GraphedModule):
-            raise ConfigError("accelerator=cuda_graph: the denoiser is already replayed from CUDA graphs")
-        if getattr(denoiser, "compilable_parts", None):  # e.g. DeepCache: which path runs changes per step
             raise ConfigError(
-                "accelerator=cuda_graph cannot capture a denoiser that picks its path per step "
-                f"({type(denoiser).__name__}); combine it with torch_compile instead"
+                "accelerator=cuda_graph: the denoiser is already replayed from CUDA graphs; list cuda_graph "
+                "once in accelerator.parts"
             )
-        self.graphed = GraphedModule(denoiser, self.warmup_calls)  # state, not an option: no dataclass field
-        setattr(pipe, target.denoiser, self.graphed)
+        pool = MemoryPool()
+        self.graphed = []  # state, not an option: no dataclass field
+        parts = getattr(denoiser, "step_modules", ())
+        for owner, name in [(denoiser, part) for part in parts] if parts else [(pipe, target.denoiser)]:
+            graphed = GraphedModule(getattr(owner, name), self.warmup_calls, pool)
+            setattr(owner, name, graphed)
+            self.graphed.append(graphed)
 
     def tags(self) -> dict[str, str]:
-        graphed = getattr(self, "graphed", None)
-        return {"cuda_graphs_captured": str(len(graphed.graphs)) if graphed else "0"}
+        return {"cuda_graphs_captured": str(sum(len(graphed.graphs) for graphed in getattr(self, "graphed", ())))}

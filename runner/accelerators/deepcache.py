@@ -5,7 +5,8 @@ whole UNet and keeps the output of the first layer of its last up block (everyth
 part, is folded into that feature). The steps in between run only the shallow path: the time and text
 embeddings, ``conv_in``, the first down block's early layers, then the last up block's remaining layers on
 top of the kept feature, and the output convolutions. Which path runs is decided in Python per step, and
-the two paths are separate modules (``compilable_parts``), so torch_compile can compile each on its own.
+the two paths are separate modules (``step_modules``) with tensors in and tensors out, so torch_compile can
+compile each on its own and cuda_graph can capture each in its own graph.
 
 Written against diffusers' UNet2DConditionModel: the shallow path is the full forward restricted to the
 outermost level, and a test checks that, given the feature of the same step, it reproduces the full
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch._dynamo.eval_frame import OptimizedModule
 
 from runner.accelerators import Accelerator, DenoiserWrapper, Target
 from runner.config import ConfigError
@@ -96,23 +98,38 @@ class ShallowUNet(torch.nn.Module):
         return unet.conv_out(hidden)
 
 
-class DeepCacheUNet(DenoiserWrapper):
-    """Runs the whole UNet every ``interval`` steps (keeping its deep feature) and the shallow path between."""
+class FullUNet(torch.nn.Module):
+    """The whole UNet, returning its output and the deep feature that the shallow steps reuse."""
 
-    compilable_parts = ("module", "shallow")
-
-    def __init__(self, unet: torch.nn.Module, interval: int) -> None:
-        super().__init__(unet)
-        self.shallow = ShallowUNet(unet)
-        self.interval = interval
-        self.step = 0
-        self.feature: torch.Tensor | None = None
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.kept: torch.Tensor | None = None
         up = unet.up_blocks[-1]
         first = up.attentions[0] if getattr(up, "attentions", None) else up.resnets[0]
         first.register_forward_hook(self._keep)
 
     def _keep(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self.feature = output[0] if isinstance(output, tuple) else output
+        self.kept = output[0] if isinstance(output, tuple) else output
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.unet(*args, return_dict=False, **kwargs)[0]
+        feature, self.kept = self.kept, None
+        return out, feature
+
+
+class DeepCacheUNet(DenoiserWrapper):
+    """Runs the whole UNet every ``interval`` steps (keeping its deep feature) and the shallow path between."""
+
+    step_modules = ("full", "shallow")  # what accelerators applied after this one compile or capture
+
+    def __init__(self, unet: torch.nn.Module, interval: int) -> None:
+        super().__init__(unet)
+        self.full = FullUNet(unet)
+        self.shallow = ShallowUNet(unet)
+        self.interval = interval
+        self.step = 0
+        self.feature: torch.Tensor | None = None
 
     def reset(self) -> None:
         """A new pipeline call: its first step runs the whole UNet."""
@@ -131,10 +148,11 @@ class DeepCacheUNet(DenoiserWrapper):
         full = self.step % self.interval == 0 or self.feature is None
         self.step += 1
         if full:
-            return self.module(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-        if args or any(kwargs.get(name) is not None for name in UNSUPPORTED):
+            out, self.feature = self.full(sample, timestep, encoder_hidden_states, *args, **kwargs)
+        elif args or any(kwargs.get(name) is not None for name in UNSUPPORTED):
             raise ConfigError("accelerator=deepcache does not support ControlNet, adapters or class labels")
-        out = self.shallow(sample, timestep, encoder_hidden_states, self.feature, **kwargs)
+        else:
+            out = self.shallow(sample, timestep, encoder_hidden_states, self.feature, **kwargs)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
@@ -148,10 +166,14 @@ class DeepCacheAccelerator(Accelerator):
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         unet = getattr(pipe, target.denoiser)
+        if isinstance(unet, (DenoiserWrapper, OptimizedModule)):
+            raise ConfigError(
+                f"accelerator=deepcache must come first in a chain: the denoiser is already wrapped "
+                f"({type(unet).__name__}), and DeepCache splits the UNet itself"
+            )
         if not (hasattr(unet, "up_blocks") and hasattr(unet, "down_blocks") and hasattr(unet, "get_aug_embed")):
             raise ConfigError(
-                f"accelerator=deepcache needs a diffusers UNet as the denoiser, not "
-                f"{type(unet).__name__} (apply it before accelerators that wrap the denoiser)"
+                f"accelerator=deepcache needs a diffusers UNet as the denoiser, not {type(unet).__name__}"
             )
         if unet.config.addition_embed_type == "image_hint":
             raise ConfigError("accelerator=deepcache does not support image-hint conditioning")

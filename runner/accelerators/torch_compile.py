@@ -4,11 +4,13 @@ Options: the compile mode; fullgraph; the backend (inductor; aot_eager or eager 
 code generation, as the CPU tests do); QKV projections fused into one matmul (diffusers'
 ``fuse_qkv_projections``); channels_last memory format; and ``inductor_tuning``, the inductor settings
 diffusers' guide to faster SDXL recommends (1x1 convolutions as matmuls, coordinate-descent tuning, no
-epilogue fusion). Compiled artefacts persist in ``cache_dir/torch_compile`` (inductor's FX-graph and
-AOTAutograd caches, and Triton's kernels), so a second process with the same job compiles from cache:
-the run's tag ``compile_cache`` says whether it was hit.
+epilogue fusion); and ``regional``, which compiles only the denoiser's repeated blocks (diffusers'
+``compile_repeated_blocks``: the transformer blocks, compiled once per shape and reused) and leaves the
+rest eager, for a fraction of the compile time. Compiled artefacts persist in ``cache_dir/torch_compile``
+(inductor's FX-graph and AOTAutograd caches, and Triton's kernels), so a second process with the same job
+compiles from cache: the run's tag ``compile_cache`` says whether it was hit.
 
-A denoiser that another accelerator wrapped may name ``compilable_parts``, the attributes to compile in its
+A denoiser that another accelerator wrapped may name ``step_modules``, the attributes to compile in its
 stead (DeepCache's full and shallow UNets), so that routing between them stays in Python.
 """
 
@@ -34,6 +36,7 @@ class TorchCompileAccelerator(Accelerator):
     fuse_qkv: bool = False
     channels_last: bool = False
     inductor_tuning: bool = False
+    regional: bool = False
     cache: bool = True
 
     def check(self, device: torch.device) -> None:
@@ -49,7 +52,8 @@ class TorchCompileAccelerator(Accelerator):
         from runner.accelerators.cuda_graph import GraphedModule
 
         denoiser = getattr(pipe, target.denoiser)
-        if isinstance(denoiser, GraphedModule):
+        parts = getattr(denoiser, "step_modules", ())
+        if any(isinstance(module, GraphedModule) for module in [denoiser, *(getattr(denoiser, p) for p in parts)]):
             raise ConfigError(
                 "accelerator torch_compile cannot compile a denoiser already replayed from CUDA "
                 "graphs: put torch_compile before cuda_graph, or use mode=reduce-overhead"
@@ -76,8 +80,14 @@ class TorchCompileAccelerator(Accelerator):
         if self.channels_last:
             denoiser.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
-        parts = getattr(denoiser, "compilable_parts", None)
-        if parts:
+        if self.regional:
+            if not getattr(denoiser, "_repeated_blocks", None):
+                raise ConfigError(
+                    f"accelerator.regional=true: {type(denoiser).__name__} names no repeated blocks to "
+                    "compile; use accelerator.regional=false"
+                )
+            denoiser.compile_repeated_blocks(**self._options())
+        elif parts:
             for name in parts:
                 setattr(denoiser, name, self._compile(getattr(denoiser, name)))
         else:
@@ -85,9 +95,12 @@ class TorchCompileAccelerator(Accelerator):
         if self.compile_vae:
             pipe.vae.decode = self._compile(pipe.vae.decode)
 
-    def _compile(self, fn):
+    def _options(self) -> dict:
         mode = None if self.mode == "default" else self.mode
-        return torch.compile(fn, mode=mode, fullgraph=self.fullgraph, backend=self.backend, dynamic=False)
+        return {"mode": mode, "fullgraph": self.fullgraph, "backend": self.backend, "dynamic": False}
+
+    def _compile(self, fn):
+        return torch.compile(fn, **self._options())
 
     def tags(self) -> dict[str, str]:
         if not (self.cache and self.backend == "inductor"):
