@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +97,10 @@ def run_job(cfg: DictConfig) -> str:
     # A job on a GPU takes one of its own (runner/gpus.py), unless told which (device=cuda:N) or not to.
     wants_gpu = config.gpu_lease and config.device in ("auto", "cuda", "cuda:0")
     gpus = visible_gpus() if wants_gpu else []
-    previous = (
-        signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
-    )
+    locks = Path(config.cache_dir).expanduser() / "gpu-locks"
+    waiting = f"[{name}] waiting for one of {len(gpus)} busy GPU(s)"
     try:
-        lease = gpu_lease(
-            Path(config.cache_dir).expanduser() / "gpu-locks",
-            gpus,
-            waiting=lambda: print(f"[{name}] waiting for one of {len(gpus)} busy GPU(s)", flush=True),
-        )
-        with lease as gpu:
+        with _sigterm_raises(), gpu_lease(locks, gpus, waiting=lambda: print(waiting, flush=True)) as gpu:
             tracker.set_tags(run_id, {"gpu_lease": gpu or "none"})
             error = launch_worker(tracker, run_id, job_file, log_file, gpu)
     except (KeyboardInterrupt, Terminated) as stop:
@@ -114,8 +109,6 @@ def run_job(cfg: DictConfig) -> str:
             raise SystemExit(128 + signal.SIGTERM) from None
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         if log_file.exists():
             tracker.log_file(run_id, log_file)
     tracker.finish(run_id, error)
@@ -152,6 +145,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises Terminated, so the job can close its run; Python lets only the main
+    thread handle signals, so elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -1,7 +1,7 @@
 """Accelerators applied one after another, e.g. DeepCache then torch.compile (conf/accelerator/deepcache_compile.yaml).
 
 Each part is an accelerator's options, as in its own YAML. Parts are applied in order; each part refuses,
-with the reason, an order it cannot follow (torch_compile after cuda_graph, cuda_graph after deepcache),
+with the reason, an order it cannot follow (torch_compile after cuda_graph, deepcache after anything),
 and an accelerator that owns the whole pipeline (``composes = False``, OneDiff) refuses to be chained.
 """
 

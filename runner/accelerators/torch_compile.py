@@ -45,7 +45,7 @@ class TorchCompileAccelerator(Accelerator):
         if self.mode in CUDA_GRAPH_MODES and device.type != "cuda":
             raise ConfigError(
                 f"accelerator.mode={self.mode} replays CUDA graphs: it needs device=cuda, not "
-                f"{device.type}; use mode=default or max-autotune-no-cudagraphs"
+                f"{device.type}; use accelerator.mode=default or accelerator.mode=max-autotune-no-cudagraphs"
             )
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
@@ -84,7 +84,7 @@ class TorchCompileAccelerator(Accelerator):
             if not getattr(denoiser, "_repeated_blocks", None):
                 raise ConfigError(
                     f"accelerator.regional=true: {type(denoiser).__name__} names no repeated blocks to "
-                    "compile; use accelerator.regional=false"
+                    "compile; use accelerator.regional=false (regional: false in a chain's part)"
                 )
             denoiser.compile_repeated_blocks(**self._options())
         elif parts:
