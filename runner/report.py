@@ -17,6 +17,7 @@ from pathlib import Path
 
 import markdown
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from runner.compare import FASTER, compare, memory_gib
 from runner.config import MlflowConfig
@@ -299,7 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", default="", help="MLflow filter on the runs, e.g. \"params.res = '1024'\"")
     args = parser.parse_args(argv)
     tracker = Tracker(MlflowConfig(tracking_uri=args.tracking_uri, experiment=args.experiment))
-    runs = tracker.jobs(args.filter)
+    try:
+        runs = tracker.jobs(args.filter)
+    except MlflowException as error:
+        print(
+            f"error: --filter {args.filter!r}: {error.message}; write MLflow's filter syntax, values quoted, "
+            "e.g. \"params.res = '1024' and tags.outcome = 'ok'\"",
+            file=sys.stderr,
+        )
+        return 2
     if not runs:
         where = f" matching {args.filter!r}" if args.filter else ""
         print(f"error: no job runs in experiment '{args.experiment}'{where}: nothing to report", file=sys.stderr)

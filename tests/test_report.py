@@ -137,6 +137,13 @@ def test_report_says_when_there_is_nothing(tmp_path: Path, capsys: pytest.Captur
     assert "no job runs in experiment 'diffusion-bench': nothing to report" in capsys.readouterr().err
 
 
+def test_report_names_a_bad_filter_and_the_syntax(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    store = f"sqlite:///{tmp_path}/db"
+    assert report_main(["--tracking-uri", store, "--filter", "params.res = 1024"]) == 2
+    error = capsys.readouterr().err
+    assert "error: --filter 'params.res = 1024': " in error and "\"params.res = '1024'" in error
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_names_existing_options(experiment: str) -> None:
     cfg = compose_job(f"+experiment={experiment}")
