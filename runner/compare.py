@@ -1,127 +1,213 @@
-"""Comparing runs: speedup and memory against the baseline, late quality verdicts, and the best run.
+"""Comparing runs: which baseline each run is measured against, its speedup and memory, whether that makes
+a verdict or only noise, late quality verdicts, and the best run.
 
-Runs compare when they are the same job on the same kind of device: the same ``image_key`` (everything that
-decides the images except the accelerator) and the same ``device_name``. Within such a group:
+    python -m runner.compare [--experiment NAME] [--tracking-uri URI] [--filter MLFLOW_FILTER]
 
-- the baseline is the run that its accelerated runs were judged against (their ``baseline_run`` tag), or
-  else the group's newest baseline run (``baseline_run=self``, accelerator=none);
-- every finished run gets ``speedup_vs_baseline`` (the baseline's mean latency over its own) and
-  ``mem_ratio_vs_baseline`` (its peak memory over the baseline's, OneFlow's own memory added where logged),
-  and the tag ``pace``: ``faster``, ``slower`` or ``about as fast`` (see ``pace``: noise is not a speedup);
-- a run that found no baseline when it ran, but has one now (another sweep made it), is judged now, as the
-  worker would have (similarity image by image, then the verdict);
-- the fastest run whose quality counts as unaffected, among the baseline and the runs faster than it beyond
-  noise, gets the tag ``best=true``, the others ``best=false``, so the tag moves when a better run appears.
+**Like with like.** A run's time is compared only with a baseline run (``accelerator`` = ``quality.baseline``)
+of the same job (``image_key``: everything that decides the images) measured under the same conditions
+(runner/record.py, ``Conditions``): the same physical device on the same machine start, with as many of the
+runner's jobs at once. Of those eligible, the same sweep's is preferred, else the newest; the tags
+``baseline_run`` and ``baseline_why`` say which and why. A baseline run is compared with no other.
 
-This runs when a sweep ends and again in ``python -m runner.report``.
+**Verdicts.** ``pace`` is ``faster`` or ``slower`` only if the mean latencies differ by at least 5% and by
+more than twice the standard error of that difference, both runs' timed calls were steady (runner/measure.py,
+``steadiness``; no other process in the way), and the eligible baselines agree with each other beyond noise.
+Otherwise it is ``about as fast``, or ``inconclusive`` with the reason: rerun.
+
+**Best.** ``best=true`` goes, per job and conditions, to the fastest run faster than its baseline with quality
+unaffected; where there is none, to the newest steady baseline. It moves when a better run appears.
+
+Comparing is a step of its own: at the end of every sweep (for the jobs its runs belong to, across sweeps),
+and ``python -m runner.compare`` for a whole experiment. The report only reads what it wrote.
 """
 
+import argparse
 import math
+import sys
+from collections import defaultdict
 
-from mlflow.entities import Run
-
-from runner.config import QualityConfig
+from runner.config import MlflowConfig
+from runner.errors import RunnerError, one_line
+from runner.record import Comparison, Conditions, JobRecord, Pace, Quality, QualityResult, Steadiness
 from runner.tracking import Tracker
 
 FASTER = 1.05  # the smallest speedup worth calling one (and slowdown, 1/FASTER), whatever the noise
 
 
-def memory_gib(run: Run) -> float | None:
-    """Peak memory of the timed calls: CUDA allocated (plus OneFlow's own) or the process's RSS on the CPU."""
-    metrics = run.data.metrics
-    peak = metrics.get("peak_mem_gib", metrics.get("peak_rss_gib"))
-    return None if peak is None else peak + metrics.get("oneflow_mem_gib", 0.0)
+def compare(tracker: Tracker, records: list[JobRecord]) -> None:
+    """Compare the jobs that ``records`` belong to (every run of them, across sweeps) and write the verdicts."""
+    keys = sorted({record.image_key for record in records if record.ok and record.image_key})
+    for key in keys:
+        members = tracker.records(f"tags.image_key = '{key}' and tags.outcome = 'ok'")
+        if judge_late(tracker, members):
+            members = tracker.records(f"tags.image_key = '{key}' and tags.outcome = 'ok'")
+        for run_id, comparison in compare_job(members).items():
+            before = next(m.comparison for m in members if m.run_id == run_id)
+            if comparison != before:
+                tracker.write_comparison(run_id, comparison)
 
 
-def compare(tracker: Tracker, runs: list[Run]) -> None:
-    """Compare the groups that ``runs`` belong to (whole groups, across sweeps) and tag each group's best."""
-    groups = {(r.data.tags["image_key"], r.data.tags.get("device_name", "")) for r in runs if _finished(r)}
-    for image_key, device in sorted(groups):
-        members = [
-            r
-            for r in tracker.jobs(f"tags.image_key = '{image_key}' and tags.outcome = 'ok'")
-            if r.data.tags.get("device_name", "") == device
-        ]
-        by_id = {r.info.run_id: r for r in members}
-        baselines = [r for r in members if r.data.tags.get("baseline_run") == "self"]
-        for run in members:
-            baseline = by_id.get(run.data.tags.get("baseline_run", "")) or (baselines[-1] if baselines else None)
-            if baseline is None:
-                continue
-            if run.data.tags.get("quality_unaffected") == "unknown" and run is not baseline:
-                _judge_late(tracker, run, baseline)
-            _log_ratios(tracker, run, baseline)
-        _tag_best([tracker.run(r.info.run_id) for r in members], tracker)
+def compare_job(members: list[JobRecord]) -> dict[str, Comparison]:
+    """The comparison of every finished run of one job (one ``image_key``), by run id."""
+    comparisons = {run.run_id: _compare_run(run, members) for run in members if run.ok}
+    by_conditions: dict[tuple, list[JobRecord]] = defaultdict(list)
+    for run in members:
+        if run.ok:
+            by_conditions[_alike(run.conditions)].append(run)
+    best = {_best(runs, comparisons) for runs in by_conditions.values()} - {None}
+    return {run_id: _with_best(c, run_id in best) for run_id, c in comparisons.items()}
 
 
-def _finished(run: Run) -> bool:
-    return run.data.tags.get("outcome") == "ok" and "image_key" in run.data.tags
+def _compare_run(run: JobRecord, members: list[JobRecord]) -> Comparison:
+    baselines = [m for m in members if m.is_baseline and m.ok]
+    eligible = [b for b in baselines if not b.conditions.unlike(run.conditions)]
+    if run.is_baseline:
+        others = [b for b in eligible if b.run_id != run.run_id and pace(run, b) is not Pace.SAME]
+        disagree = f"; it disagrees with {_latencies(others)} under the same conditions" if others else ""
+        return Comparison(Pace.BASELINE, f"this is the baseline{disagree}", "self")
+    if not eligible:
+        return Comparison(Pace.UNCOMPARED, _why_none(run, baselines))
+    chosen = next((b for b in reversed(eligible) if b.sweep_id == run.sweep_id and run.sweep_id), eligible[-1])
+    why = (
+        "the same sweep's baseline"
+        if chosen.sweep_id == run.sweep_id and run.sweep_id
+        else f"the newest of {len(eligible)} baseline(s) on the same device and machine start, from another sweep"
+    )
+    speedup = chosen.latency_s / run.latency_s if run.latency_s > 0 else None
+    memory, base_memory = run.memory_gib, chosen.memory_gib
+    ratio = memory / base_memory if memory and base_memory else None
+    problems = [
+        f"{'this run' if r is run else 'its baseline'} was {r.measurement.steadiness}: {r.measurement.why}"
+        for r in (run, chosen)
+        if r.measurement.steadiness is not Steadiness.STEADY
+    ]
+    if any(pace(a, b) is not Pace.SAME for i, a in enumerate(eligible) for b in eligible[i + 1 :]):
+        problems.append(f"the {len(eligible)} eligible baselines disagree ({_latencies(eligible)})")
+    if problems:
+        return Comparison(
+            Pace.INCONCLUSIVE, f"{why}; inconclusive, rerun: {'; '.join(problems)}", chosen.run_id, speedup, ratio
+        )
+    return Comparison(pace(run, chosen), why, chosen.run_id, speedup, ratio)
 
 
-def _log_ratios(tracker: Tracker, run: Run, baseline: Run) -> None:
-    ratios = {}
-    latency, base_latency = run.data.metrics.get("latency_s"), baseline.data.metrics.get("latency_s")
-    if latency and base_latency:
-        ratios["speedup_vs_baseline"] = base_latency / latency
-        tracker.set_tags(run.info.run_id, {"pace": "baseline" if run is baseline else pace(run, baseline)})
-    memory, base_memory = memory_gib(run), memory_gib(baseline)
-    if memory and base_memory:
-        ratios["mem_ratio_vs_baseline"] = memory / base_memory
-    tracker.log_metrics(run.info.run_id, ratios)
-
-
-def pace(run: Run, baseline: Run) -> str:
+def pace(run: JobRecord, baseline: JobRecord) -> Pace:
     """faster, slower, or about as fast: a difference counts only if the mean latencies differ by at least 5%
     and by more than twice the standard error of that difference (from each run's timed calls)."""
-    ours, theirs = run.data.metrics, baseline.data.metrics
+    ours, theirs = run.metrics, baseline.metrics
     error = math.sqrt(
-        ours.get("latency_std_s", 0) ** 2 / _calls(run) + theirs.get("latency_std_s", 0) ** 2 / _calls(baseline)
+        ours.get("latency_std_s", 0) ** 2 / run.runs + theirs.get("latency_std_s", 0) ** 2 / baseline.runs
     )
-    gained = theirs["latency_s"] - ours["latency_s"]
-    speedup = theirs["latency_s"] / ours["latency_s"]
+    gained = baseline.latency_s - run.latency_s
+    speedup = baseline.latency_s / run.latency_s
     if abs(gained) <= 2 * error or 1 / FASTER < speedup < FASTER:
-        return "about as fast"
-    return "faster" if gained > 0 else "slower"
+        return Pace.SAME
+    return Pace.FASTER if gained > 0 else Pace.SLOWER
 
 
-def _calls(run: Run) -> int:
-    return max(1, int(run.data.params.get("runs", "1")))
+def _why_none(run: JobRecord, baselines: list[JobRecord]) -> str:
+    if not baselines:
+        return f"no baseline: run accelerator={run.baseline_accelerator} for this job"
+    reasons = sorted({run.conditions.unlike(b.conditions) for b in baselines})
+    return (
+        f"no baseline under the same conditions: the {len(baselines)} baseline run(s) of this job had "
+        f"{', '.join(reasons)}; run accelerator={run.baseline_accelerator} beside it"
+    )
 
 
-def _judge_late(tracker: Tracker, run: Run, baseline: Run) -> None:
-    import torch  # only here: the sweep's own process does not need torch otherwise
+def _latencies(runs: list[JobRecord]) -> str:
+    return ", ".join(f"{r.latency_s:.3f} s (run {r.run_id[:8]})" for r in runs)
+
+
+def _alike(conditions: Conditions) -> tuple:
+    """What makes conditions alike (not the core a job happened to get)."""
+    return (
+        conditions.host,
+        conditions.boot_id,
+        conditions.device_name,
+        conditions.gpu_uuid,
+        conditions.concurrent_jobs,
+    )
+
+
+def _best(runs: list[JobRecord], comparisons: dict[str, Comparison]) -> str | None:
+    """The fastest run faster than its baseline with quality unaffected; else the newest steady baseline."""
+    faster = [r for r in runs if comparisons[r.run_id].pace is Pace.FASTER and r.quality.verdict is Quality.UNAFFECTED]
+    if faster:
+        return min(faster, key=lambda r: r.latency_s).run_id
+    steady = [
+        r
+        for r in runs
+        if r.is_baseline and r.measurement.steadiness is Steadiness.STEADY and r.quality.verdict is Quality.UNAFFECTED
+    ]
+    return steady[-1].run_id if steady else None
+
+
+def _with_best(comparison: Comparison, best: bool) -> Comparison:
+    return Comparison(
+        comparison.pace, comparison.why, comparison.baseline_run, comparison.speedup, comparison.mem_ratio, best
+    )
+
+
+def judge_late(tracker: Tracker, members: list[JobRecord]) -> bool:
+    """Judge the quality of runs that found no baseline when they ran but have one now (another sweep made
+    it), as the worker would have; return whether any was judged."""
+    waiting = [r for r in members if r.ok and not r.is_baseline and r.quality.verdict is Quality.UNKNOWN]
+    baselines = [r for r in members if r.ok and r.is_baseline]
+    if not (waiting and baselines):
+        return False
+    import torch  # only here: comparing needs torch for nothing else
 
     from runner.quality import judge
 
-    params, tags = run.data.params, run.data.tags
-    defaults = QualityConfig()
-    meaningful = tags.get("clip_score_meaningful") == "true"
-    broken = [line for line in tags.get("broken_output", "").split("; ") if line]
-    metrics, verdict = judge(
-        tracker.download_images(run.info.run_id),
-        baseline.info.run_id,
-        tracker.download_images(baseline.info.run_id),
-        run.data.metrics.get("clip_score") if meaningful else None,
-        baseline.data.metrics.get("clip_score") if meaningful else None,
-        broken,
-        float(params.get("quality.min_ssim", defaults.min_ssim)),
-        float(params.get("quality.max_clip_drop_pct", defaults.max_clip_drop_pct)),
-        torch.device("cpu"),
-    )
-    tracker.log_metrics(run.info.run_id, metrics)
-    tracker.set_tags(run.info.run_id, {**verdict, "quality_judged": "later, when its baseline was found"})
+    judged = False
+    for run in waiting:
+        alike = [b for b in baselines if b.conditions.device_name == run.conditions.device_name] or baselines
+        baseline = alike[-1]
+        meaningful = not run.quality.clip_meaningless
+        images = tracker.download_images(run.run_id)
+        if not images:
+            continue
+        metrics, verdict, why = judge(
+            images,
+            tracker.download_images(baseline.run_id),
+            run.metrics.get("clip_score") if meaningful else None,
+            baseline.metrics.get("clip_score") if meaningful else None,
+            list(run.quality.broken),
+            float(run.params.get("quality.min_ssim", "0.95")),
+            float(run.params.get("quality.max_clip_drop_pct", "1.0")),
+            torch.device("cpu"),
+        )
+        quality = QualityResult(
+            verdict,
+            why,
+            baseline.run_id,
+            run.quality.clip_model,
+            run.quality.clip_meaningless,
+            run.quality.broken,
+            judged_late=True,
+        )
+        tracker.write_quality(run.run_id, quality, metrics)
+        judged = True
+    return judged
 
 
-def _tag_best(members: list[Run], tracker: Tracker) -> None:
-    """best=true on the fastest run with quality unaffected, among the baseline and the runs faster than it
-    beyond noise (so a run only as fast as the baseline never takes the tag from the simpler baseline)."""
-    candidates = [
-        r
-        for r in members
-        if r.data.tags.get("quality_unaffected") == "true" and r.data.tags.get("pace") in ("baseline", "faster")
-    ]
-    best = min(candidates, key=lambda r: r.data.metrics["latency_s"]) if candidates else None
-    for run in members:
-        flag = "true" if best is not None and run.info.run_id == best.info.run_id else "false"
-        if run.data.tags.get("best") != flag:
-            tracker.set_tags(run.info.run_id, {"best": flag})
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default=MlflowConfig.tracking_uri, help="MLflow store or server")
+    parser.add_argument("--experiment", default=MlflowConfig.experiment, help="MLflow experiment")
+    parser.add_argument("--filter", default="", help="MLflow filter on the runs, e.g. \"params.res = '1024'\"")
+    args = parser.parse_args(argv)
+    try:
+        tracker = Tracker(MlflowConfig(tracking_uri=args.tracking_uri, experiment=args.experiment))
+        records = tracker.records(args.filter)
+        compare(tracker, records)
+    except RunnerError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    jobs = len({r.image_key for r in records if r.ok and r.image_key})
+    print(f"compared the runs of {jobs} job(s) in experiment '{args.experiment}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

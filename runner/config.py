@@ -1,13 +1,24 @@
-"""The job's typed configuration.
+"""The job's typed configuration, and what is derived from it.
 
 Hydra composes the YAML under ``conf/`` onto these dataclasses (registered as the ``schema`` config), so a
-wrong type or an unknown key is refused while composing. ``to_config`` converts a composed config once, at
-the entry point, and ``check`` refuses values that are well-typed but wrong, naming the key, the value and
-what is allowed.
+wrong type is refused while composing. ``to_config`` converts a composed config once, at the entry point,
+and ``check`` refuses values that are well-typed but wrong, naming the key, the value and what is allowed.
+
+Each setting says in its field's metadata (``setting``) what it means and what it is part of: the run's
+params (``param``), the digest of everything that decides the images (``images``: how a run finds its
+baseline), and the digest of the whole job (``identity``: how a sweep resumes). ``logged_params``,
+``image_facts`` and ``config_hash`` derive those from the schema, so none is listed by hand.
 """
 
+import difflib
+import hashlib
+import json
 import re
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +39,23 @@ class ConfigError(RunnerError, ValueError):
     """A configuration value that cannot be used; the message names the key, the value and the fix."""
 
 
+def setting(
+    default: Any = NO_DEFAULT,
+    *,
+    help: str = "",
+    param: str = "",
+    images: bool = False,
+    identity: bool = True,
+    factory: Any = NO_DEFAULT,
+) -> Any:
+    """A schema field: its meaning (``help``), the MLflow param it is logged as (``param``), whether it
+    decides the images (``images``) and whether it is part of the job's identity (``identity``)."""
+    metadata = {"help": help, "param": param, "images": images, "identity": identity}
+    if factory is not NO_DEFAULT:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TaskPipeline:
     """Which diffusers pipeline serves one task of a model, and the call arguments it adds."""
@@ -40,92 +68,116 @@ class TaskPipeline:
 class SchedulerSpec:
     """A scheduler to swap in, built from the checkpoint's scheduler config plus ``options``."""
 
-    scheduler: str = MISSING  # import path, e.g. diffusers.DPMSolverSinglestepScheduler
-    options: dict[str, Any] = field(default_factory=dict)
+    scheduler: str = setting(MISSING, help="import path of the scheduler", param="scheduler", images=True)
+    options: dict[str, Any] = setting(factory=dict, help="the scheduler's options", images=True)
 
 
 @dataclass
 class ModelConfig:
-    id: str | None = None  # hub id or local folder; what weights=pretrained loads
-    architecture: str = MISSING  # folder of configs under runner/architectures, what weights=random builds
-    weights: str = "pretrained"
-    revision: str | None = None
-    variant: str | None = None  # "fp16" where the checkpoint publishes half-precision files
-    denoiser: str = "unet"  # the pipeline attribute that runs once per denoising step
-    steps: int = MISSING
-    guidance_scale: float = MISSING
-    scheduler: SchedulerSpec | None = None
-    load_args: dict[str, Any] = field(default_factory=dict)  # extra pipeline components or flags
-    tasks: dict[str, TaskPipeline] = field(default_factory=dict)
-    init_seed: int = 0  # seeds random weights, so every run of one model gets the same ones
+    id: str | None = setting(
+        None, help="hub id or local folder that weights=pretrained loads", param="model_id", images=True
+    )
+    architecture: str = setting(
+        MISSING, help="folder under runner/architectures that weights=random builds", param="architecture", images=True
+    )
+    weights: str = setting("pretrained", help="pretrained | random", param="weights", images=True)
+    revision: str | None = setting(None, help="the checkpoint's revision", param="revision", images=True)
+    variant: str | None = setting(
+        None, help="fp16 where the checkpoint publishes half-precision files", param="variant", images=True
+    )
+    denoiser: str = setting("unet", help="the pipeline attribute that runs once per denoising step")
+    steps: int = setting(MISSING, help="the model's default number of steps")
+    guidance_scale: float = setting(MISSING, help="the model's default guidance scale")
+    scheduler: SchedulerSpec | None = setting(None, help="a scheduler to swap in (scheduler, options)")
+    load_args: dict[str, Any] = setting(factory=dict, help="extra pipeline components or flags", images=True)
+    tasks: dict[str, TaskPipeline] = setting(factory=dict, help="task name -> pipeline and call arguments")
+    init_seed: int = setting(0, help="seeds random weights, so every run of one model gets the same", images=True)
 
 
 @dataclass
 class TaskConfig:
-    title: str = MISSING  # how reports name the task, e.g. Text-to-image
-    inputs: list[str] = field(default_factory=lambda: ["prompt"])  # what the pipeline is given
-    prompt: str = MISSING
-    image: str | None = None  # for tasks with an image input; see runner/inputs.py
-    call_args: dict[str, Any] = field(default_factory=dict)
+    title: str = setting(MISSING, help="how reports name the task", param="task_title")
+    inputs: list[str] = setting(factory=lambda: ["prompt"], help="what the pipeline is given: prompt, image")
+    prompt: str = setting(MISSING, help="the task's default prompt")
+    image: str | None = setting(None, help="image-to-image input: a file, a URL, t2i, t2i:<model>, or empty")
+    call_args: dict[str, Any] = setting(factory=dict, help="the pipeline call's extra arguments", images=True)
 
 
 @dataclass
 class JobNames:
     """The options Hydra chose for this job, as typed on the command line."""
 
-    model: str = MISSING
-    task: str = MISSING
-    accelerator: str = MISSING
+    model: str = setting(MISSING, param="model", images=True)
+    task: str = setting(MISSING, param="task", images=True)
+    accelerator: str = setting(MISSING, param="accelerator")
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
-    experiment: str = "diffusion-bench"
+    tracking_uri: str = setting("sqlite:///mlruns/mlflow.db", help="the MLflow store, or a server's http:// URI")
+    experiment: str = setting("diffusion-bench", help="the MLflow experiment")
 
 
 @dataclass
 class QualityConfig:
     # auto: the real CLIP below for pretrained weights; the tiny in-code CLIP for random weights, whose
     # images are noise (either score is then meaningless, and flagged so).
-    clip_model: str = "auto"  # auto | tiny | a hub id | a local folder
-    clip_revision: str | None = None
-    reference_clip: str = "openai/clip-vit-base-patch16"  # what auto picks for pretrained weights
-    baseline: str = "none"  # the accelerator whose runs are the baseline every other run is compared with
-    # A run counts as "quality unaffected" when, against the accelerator=none run of the same job, its mean
-    # SSIM is at least min_ssim, its CLIP score is at most max_clip_drop_pct percent lower (when the CLIP
-    # score means something), and no image is broken. README, "Judging quality", says why these values.
-    min_ssim: float = 0.95
-    max_clip_drop_pct: float = 1.0
+    clip_model: str = setting("auto", help="CLIP of the CLIP score: auto, tiny, a hub id or a folder")
+    clip_revision: str | None = setting(None, help="the CLIP model's revision")
+    reference_clip: str = setting("openai/clip-vit-base-patch16", help="what clip_model=auto picks for real weights")
+    baseline: str = setting("none", help="the accelerator whose runs are the baseline", param="quality.baseline")
+    # README, "Judging quality", says why these values.
+    min_ssim: float = setting(
+        0.95, help="quality unaffected: mean SSIM to the baseline at least this", param="quality.min_ssim"
+    )
+    max_clip_drop_pct: float = setting(
+        1.0,
+        help="quality unaffected: CLIP score at most this % below the baseline's",
+        param="quality.max_clip_drop_pct",
+    )
 
 
 @dataclass
 class Config:
     names: JobNames = field(default_factory=JobNames)
-    model: ModelConfig = MISSING
-    task: TaskConfig = MISSING
-    accelerator: dict[str, Any] = MISSING  # _target_ and options, checked by the accelerator's own dataclass
-    res: int = 1024
-    height: int = II("res")
-    width: int = II("res")
-    steps: int = II("model.steps")
-    guidance_scale: float = II("model.guidance_scale")
-    prompt: str = II("task.prompt")
-    prompts: str | None = None  # a shipped prompt set (runner/prompts/) or a file; null: just `prompt`
-    negative_prompt: str | None = None
-    seed: int = 0
-    warmup: int = 1
-    runs: int = 10
-    device: str = "auto"
-    dtype: str = "auto"
-    pin_cpu: bool = True  # on CUDA, pin the thread that launches GPU work to one core (runner/measure.py)
-    cache_dir: str = "~/.cache/diffusion-bench"  # compiled artefacts that outlive a job; GPU leases
-    gpu_lease: bool = True  # each job takes one GPU of its own, waiting while all are taken (runner/gpus.py)
-    force: bool = False  # run a job again even if its exact configuration already finished
-    log_images: bool = True
-    sweep_id: str = ""  # stamped by the sweeper on every job of one sweep
+    model: ModelConfig = setting(MISSING, help="a file in conf/model/")
+    task: TaskConfig = setting(MISSING, help="a file in conf/task/")
+    accelerator: dict[str, Any] = setting(
+        MISSING, help="a file in conf/accelerator/; accelerator.<option>= sets its options"
+    )
+    res: int = setting(1024, help="square images of res x res px; a positive multiple of 8", param="res")
+    height: int = setting(II("res"), help="image height (follows res)", param="height", images=True)
+    width: int = setting(II("res"), help="image width (follows res)", param="width", images=True)
+    steps: int = setting(II("model.steps"), help="denoising steps (default from the model)", param="steps", images=True)
+    guidance_scale: float = setting(
+        II("model.guidance_scale"),
+        help="classifier-free guidance (default from the model)",
+        param="guidance_scale",
+        images=True,
+    )
+    prompt: str = setting(II("task.prompt"), help="the prompt (default from the task)", param="prompt")
+    prompts: str | None = setting(
+        None, help="a prompt set (photo, edits) or a file, one prompt a line", param="prompts"
+    )
+    negative_prompt: str | None = setting(None, help="the negative prompt", param="negative_prompt", images=True)
+    seed: int = setting(0, help="timed call i uses seed + i", param="seed", images=True)
+    warmup: int = setting(1, help="untimed calls before timing (compilation lands here)", param="warmup")
+    runs: int = setting(10, help="timed calls", param="runs")
+    device: str = setting("auto", help="auto, cpu, cuda or cuda:N (auto: cuda if present)")
+    dtype: str = setting("auto", help="auto, fp16, bf16 or fp32 (auto: fp16 on cuda, fp32 on cpu)")
+    pin_cpu: bool = setting(True, help="on CUDA, pin the GPU-launching thread to a core of its own", param="pin_cpu")
+    cache_dir: str = setting("~/.cache/diffusion-bench", help="compile caches, GPU and core leases")
+    gpu_lease: bool = setting(True, help="each job takes one GPU of its own, waiting while all are taken")
+    gpu_slot: int | None = setting(
+        None, help="stamped by the sweeper: jobs differing only in accelerator share a GPU", identity=False
+    )
+    force: bool = setting(
+        False, help="run jobs again though their exact configuration already finished", identity=False
+    )
+    log_images: bool = setting(True, help="log the generated PNGs")
+    sweep_id: str = setting("", help="stamped by the sweeper on every job of one sweep", identity=False)
     quality: QualityConfig = field(default_factory=QualityConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    mlflow: MlflowConfig = setting(factory=MlflowConfig, identity=False)
 
 
 ConfigStore.instance().store(name="schema", node=Config)
@@ -196,3 +248,116 @@ def run_name(model: str, task: str, height: int | str, width: int | str, acceler
     """The run's readable name, e.g. realvisxl_v4/t2i/1024/none (or .../768x1024/... when not square)."""
     size = f"{height}" if str(height) == str(width) else f"{height}x{width}"
     return f"{model}/{task}/{size}/{accelerator}"
+
+
+def job_name(cfg: Config) -> str:
+    return run_name(cfg.names.model, cfg.names.task, cfg.height, cfg.width, cfg.names.accelerator)
+
+
+# What is derived from the schema.
+
+
+def _settings(node: Any, prefix: str = "") -> Iterator[tuple[str, dict, Any]]:
+    """(dotted key, metadata, value) of every setting under ``node``, nested dataclasses walked into and
+    skipped entirely where their own field says identity=False."""
+    for item in fields(node):
+        value, key = getattr(node, item.name), f"{prefix}{item.name}"
+        if is_dataclass(value):
+            if item.metadata.get("identity", True):
+                yield from _settings(value, f"{key}.")
+        else:
+            yield key, dict(item.metadata), value
+
+
+def logged_params(cfg: Config) -> dict[str, Any]:
+    """The run's params: every setting that names its param, the call's extra arguments (``call.*``) and the
+    accelerator's options (``accelerator.*``)."""
+    params = {meta["param"]: value for _, meta, value in _settings(cfg) if meta.get("param")}
+    params.setdefault("scheduler", "checkpoint default")
+    for key, value in call_args(cfg).items():
+        params[f"call.{key}"] = value
+    for key, value in cfg.accelerator.items():
+        if key != "_target_":
+            params[f"accelerator.{key}"] = value
+    return params
+
+
+def call_args(cfg: Config) -> dict[str, Any]:
+    """The pipeline call's extra arguments: the task's, then the model's for this task."""
+    served = cfg.model.tasks.get(cfg.names.task)
+    return {**cfg.task.call_args, **(served.call_args if served else {})}
+
+
+def image_facts(cfg: Config) -> dict[str, Any]:
+    """Every setting that decides the images (not the accelerator), and the pipeline serving the task."""
+    facts = {key: value for key, meta, value in _settings(cfg) if meta.get("images")}
+    if cfg.model.scheduler is None:
+        facts["model.scheduler"] = None
+    facts["pipeline"] = asdict(cfg.model.tasks[cfg.names.task]) if cfg.names.task in cfg.model.tasks else None
+    return facts
+
+
+def config_hash(cfg: Config) -> str:
+    """A digest of the job's whole configuration except which sweep ran it, where it is recorded and force:
+    the same digest is the same job."""
+    values = {key: value for key, meta, value in _settings(cfg) if meta.get("identity", True)}
+    return digest(values)
+
+
+def digest(values: Any) -> str:
+    """A short, stable digest of plain values (nested dataclasses included)."""
+    return hashlib.sha256(json.dumps(_plain(values), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+# Keys typed on the command line.
+
+OPEN = object()  # a dict of free keys: anything beneath it is allowed
+
+
+def known_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema; OPEN for dict-typed settings whose own keys are free."""
+    keys: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for item in fields(cls):
+        key, kind = f"{prefix}{item.name}", hints[item.name]
+        optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        nested = kind if is_dataclass(kind) else next((a for a in typing.get_args(kind) if is_dataclass(a)), None)
+        nested = nested if is_dataclass(kind) or optional else None
+        if nested is not None:
+            keys[key] = nested
+            keys.update(known_keys(nested, f"{key}."))
+        else:
+            keys[key] = OPEN if typing.get_origin(kind) is dict or kind is Any else kind
+    return keys
+
+
+def check_override_keys(overrides: list[str], groups: set[str]) -> None:
+    """Refuse, before anything runs, a command-line key the schema does not have, naming the closest one.
+    ``groups`` are the config groups (model, task, ...), whose options Hydra itself checks."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # Hydra's own parser then says what is wrong with the syntax
+    keys = known_keys()
+    for override in parsed:
+        key = override.key_or_group
+        if key.split(".")[0].split("/")[0] == "hydra" or key in groups or "/" in key or key in keys:
+            continue
+        if any(key.startswith(f"{open_key}.") for open_key, kind in keys.items() if kind is OPEN):
+            continue
+        close = difflib.get_close_matches(key, [*keys, *groups], n=1)
+        hint = f"did you mean {close[0]}?" if close else "python -m runner --help lists every key"
+        raise ConfigError(f"{key}: no such key; {hint}")

@@ -1,19 +1,17 @@
-"""One job, seen from the sweep's process: check its config, open its MLflow run, measure it in a fresh
-process (runner/worker.py) on a GPU of its own, and record how that ended. Whatever happens, the job leaves
-a run behind: finished, failed with its error, killed, or skipped with the reason; and the sweep goes on.
+"""One job, seen from the sweep's process: convert and check its config once, open its MLflow run, measure
+it in a fresh process (runner/worker.py) on a GPU and a core of its own, and record what it handed back.
+Whatever happens, the job leaves a run behind: finished, failed with its error, skipped with the reason,
+or killed (Ctrl-C, SIGTERM); and the sweep goes on.
 
-Sweeps resume: a job whose exact configuration (the tag ``config_hash``) already has a finished run is not
-run again unless ``force=true``. A run left RUNNING by a job process that died without a word (SIGKILL, a
-lost machine) is closed as KILLED when the same job comes round again on the same host.
+Sweeps resume: a job whose exact configuration (the tag ``config_hash``) already has a finished or skipped
+run is not run again unless ``force=true``. A run left RUNNING by a job process that died without a word
+(SIGKILL, a lost machine) is closed as KILLED by the next job on that host.
 """
 
 import contextlib
 import ctypes
-import hashlib
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,119 +23,155 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.config import ConfigError, MlflowConfig, run_name, skip_reason, to_config
+from runner.config import (
+    Config,
+    ConfigError,
+    MlflowConfig,
+    config_hash,
+    job_name,
+    logged_params,
+    run_name,
+    skip_reason,
+    to_config,
+)
 from runner.errors import one_line
 from runner.gpus import gpu_lease, visible_gpus
+from runner.host import HOST, boot_id, core_lease, cores_near
+from runner.record import Outcome, WorkerResult
 from runner.tracking import Tracker
-
-HOST = socket.gethostname()
+from runner.worker import RESULT
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived while the job ran (a scheduler or a user stopping the sweep)."""
+    """SIGTERM arrived (a scheduler or a user stopping the sweep)."""
 
 
-# Params every run carries (config key -> param name), read leniently so a bad config still gets them.
-PARAM_KEYS = {
-    "names.model": "model",
-    "model.id": "model_id",
-    "model.weights": "weights",
-    "model.architecture": "architecture",
-    "model.variant": "variant",
-    "model.revision": "revision",
-    "names.task": "task",
-    "task.title": "task_title",
-    "res": "res",
-    "height": "height",
-    "width": "width",
-    "names.accelerator": "accelerator",
-    "steps": "steps",
-    "guidance_scale": "guidance_scale",
-    "seed": "seed",
-    "warmup": "warmup",
-    "runs": "runs",
-    "pin_cpu": "pin_cpu",
-    "prompt": "prompt",
-    "prompts": "prompts",
-    "negative_prompt": "negative_prompt",
-    "model.scheduler.scheduler": "scheduler",
-    "quality.min_ssim": "quality.min_ssim",
-    "quality.max_clip_drop_pct": "quality.max_clip_drop_pct",
-}
+class Stopped(BaseException):
+    """The job was stopped by Ctrl-C or SIGTERM; its run is closed as KILLED. The sweep stops too."""
+
+    def __init__(self, signal_name: str, name: str, run_id: str) -> None:
+        super().__init__(f"{signal_name}: job {name} (run {run_id}) closed as KILLED")
+        self.signal_name, self.name, self.run_id = signal_name, name, run_id
 
 
 def run_job(cfg: DictConfig) -> str:
-    """Run one composed job; return ok, failed, skipped, or done:<run id> when it had already finished."""
+    """Run one composed job; return ok, failed, skipped, or done:<run id> when it had already ended so."""
     tracker = Tracker(MlflowConfig(**OmegaConf.to_container(cfg.mlflow, resolve=True)))
-    name = run_name(
-        *(_lenient(cfg, key) for key in ("names.model", "names.task", "height", "width", "names.accelerator"))
-    )
-    params, sweep_id, key = job_params(cfg), str(_lenient(cfg, "sweep_id") or ""), config_hash(cfg)
-    close_abandoned(tracker, key)
-    done = [] if _lenient(cfg, "force") else tracker.jobs(f"tags.config_hash = '{key}' and tags.outcome = 'ok'")
-    if done:
-        print(f"[{name}] DONE already as run {done[-1].info.run_id}: not run again (force=true would)", flush=True)
-        return f"done:{done[-1].info.run_id}"
-    tags = {"config_hash": key, "host": HOST, "pid": str(os.getpid())}
+    close_abandoned(tracker)
+    tags = {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()}
     try:
         config = to_config(cfg)
     except (ConfigError, OmegaConfBaseException) as error:
-        message = one_line(error)
-        return _ended(name, "failed", message, tracker.record(name, params, sweep_id, tags, failed=message))
+        name, message = lenient_name(cfg), one_line(error)
+        run_id = tracker.record_never_ran(name, fallback_params(cfg), _sweep_id(cfg), tags, Outcome.FAILED, message)
+        return _ended(name, Outcome.FAILED, message, run_id)
+    name, key = job_name(config), config_hash(config)
+    tags["config_hash"] = key
+    earlier = [] if config.force else [r for r in tracker.records(f"tags.config_hash = '{key}'") if r.outcome in DONE]
+    if earlier:
+        last = earlier[-1]
+        print(f"[{name}] {DONE[last.outcome]} already as run {last.run_id}: not run again (force=true would)")
+        return f"done:{last.run_id}"
     reason = skip_reason(config)
     if reason:
-        return _ended(name, "skipped", reason, tracker.record(name, params, sweep_id, tags, skipped=reason))
+        run_id = tracker.record_never_ran(name, logged_params(config), config.sweep_id, tags, Outcome.SKIPPED, reason)
+        return _ended(name, Outcome.SKIPPED, reason, run_id)
 
-    run_id = tracker.start_run(name, params, sweep_id, tags)
-    job_dir = Path(HydraConfig.get().runtime.output_dir)
-    job_file = job_dir / "config.yaml"
-    job_file.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    run_id = tracker.start_job(name, logged_params(config), config.sweep_id, tags)
+    try:
+        with sigterm_raises():  # from here to the run's end a stop closes the run, wherever it lands
+            outcome, why = measure_and_record(tracker, run_id, config, name)
+    except (KeyboardInterrupt, Terminated) as stop:
+        signal_name = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        tracker.end_job(run_id, Outcome.KILLED, f"stopped by {signal_name}")
+        raise Stopped(signal_name, name, run_id) from None
+    tracker.end_job(run_id, outcome, why)
+    return _ended(name, outcome, why, run_id)
+
+
+def measure_and_record(tracker: Tracker, run_id: str, config: Config, name: str) -> tuple[Outcome, str]:
+    """Hand the checked config to a worker, and record whatever it handed back (also when it failed)."""
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    job_file = folder / "config.yaml"
+    job_file.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
     tracker.log_file(run_id, job_file)
-    log_file = job_dir / "worker.log"
+    try:
+        return measure_in_worker(config, name, folder)
+    finally:
+        if (folder / "worker.log").exists():
+            tracker.log_file(run_id, folder / "worker.log")
+        result = WorkerResult.load(folder / RESULT)
+        if result is not None:
+            tracker.record_result(run_id, result, folder)
+
+
+DONE = {Outcome.OK: "DONE", Outcome.SKIPPED: "SKIPPED"}
+
+
+def measure_in_worker(config: Config, name: str, folder: Path) -> tuple[Outcome, str]:
+    """Run the worker on a GPU and a core of its own (when on CUDA)."""
     # A job on a GPU takes one of its own (runner/gpus.py), unless told which (device=cuda:N) or not to.
     wants_gpu = config.gpu_lease and config.device in ("auto", "cuda", "cuda:0")
     gpus = visible_gpus() if wants_gpu else []
-    locks = Path(config.cache_dir).expanduser() / "gpu-locks"
-    waiting = f"[{name}] waiting for one of {len(gpus)} busy GPU(s)"
-    try:
-        with _sigterm_raises(), gpu_lease(locks, gpus, waiting=lambda: print(waiting, flush=True)) as gpu:
-            tracker.set_tags(run_id, {"gpu_lease": gpu or "none"})
-            error = launch_worker(tracker, run_id, job_file, log_file, gpu)
-    except (KeyboardInterrupt, Terminated) as stop:
-        tracker.kill(run_id, "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted by the user")
-        if isinstance(stop, Terminated):
-            raise SystemExit(128 + signal.SIGTERM) from None
-        raise
-    finally:
-        if log_file.exists():
-            tracker.log_file(run_id, log_file)
-    tracker.finish(run_id, error)
-    return _ended(name, "failed" if error else "ok", error or "", run_id)
+    if gpus and config.gpu_slot is not None:  # a sweep's job waits for its slot's GPU (runner/sweep.py)
+        gpus = [gpus[config.gpu_slot % len(gpus)]]
+    cache = Path(config.cache_dir).expanduser()
+    waiting = f"[{name}] waiting for {'its GPU' if len(gpus) == 1 else f'one of {len(gpus)} busy GPUs'}"
+    with (
+        gpu_lease(cache / "gpu-locks", gpus, waiting=lambda: print(waiting, flush=True)) as gpu,
+        core_lease(cache / "core-locks", cores_near(gpu) if config.pin_cpu else []) as cores,
+    ):
+        return launch_worker(folder, gpu, cores)
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """A digest of the job's whole configuration except which sweep ran it, where it is recorded and force:
-    the same digest is the same job."""
-    try:
-        values = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException:  # a broken config still gets a stable digest
-        values = OmegaConf.to_container(cfg, resolve=False)
-    for key in ("sweep_id", "mlflow", "force"):
-        values.pop(key, None)
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def launch_worker(folder: Path, gpu: str | None, cores: list[int]) -> tuple[Outcome, str]:
+    """Measure in a fresh process that sees only ``gpu`` (if given) and may pin to the first of ``cores`` (the
+    others are its siblings, held idle), echoing its output and keeping it in ``worker.log``; return how it
+    ended and why."""
+    config = str(folder / "config.yaml")
+    command = [sys.executable, "-m", "runner.worker", config, str(folder), ",".join(map(str, cores)), gpu or ""]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}
+    (folder / RESULT).unlink(missing_ok=True)
+    with (
+        open(folder / "worker.log", "w") as log,
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=_die_with_parent
+        ) as worker,
+    ):
+        try:
+            assert worker.stdout is not None
+            for line in worker.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            code = worker.wait()
+        except BaseException:
+            worker.terminate()
+            worker.wait(timeout=30)
+            raise
+    result = WorkerResult.load(folder / RESULT)
+    if code == 0:
+        return Outcome.OK, ""
+    if result is not None and result.error:
+        return Outcome.FAILED, result.error
+    if code < 0:
+        return (
+            Outcome.FAILED,
+            f"the worker process was killed by {signal.Signals(-code).name} (out of memory?); see worker.log",
+        )
+    return Outcome.FAILED, f"the worker process exited with code {code}; see worker.log"
 
 
-def close_abandoned(tracker: Tracker, key: str) -> None:
-    """Close as KILLED the RUNNING runs of this job whose process on this host is gone."""
-    for run in tracker.jobs(f"tags.config_hash = '{key}' and attributes.status = 'RUNNING'"):
-        tags = run.data.tags
-        if tags.get("host") == HOST and tags.get("pid", "").isdigit() and not _alive(int(tags["pid"])):
-            tracker.kill(
-                run.info.run_id, f"abandoned: its job process ({tags['pid']} on {HOST}) died without ending it"
+def close_abandoned(tracker: Tracker) -> None:
+    """Close as KILLED the RUNNING job runs of this host whose process is gone (or whose machine restarted)."""
+    for record in tracker.records(f"attributes.status = 'RUNNING' and tags.host = '{HOST}'"):
+        pid = record.pid
+        if record.conditions.boot_id != boot_id() or not (pid.isdigit() and alive(int(pid))):
+            tracker.end_job(
+                record.run_id, Outcome.KILLED, f"abandoned: its job process ({pid} on {HOST}) died without ending it"
             )
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,7 +182,7 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[None]:
     """Within the block SIGTERM raises Terminated, so the job can close its run; Python lets only the main
     thread handle signals, so elsewhere the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
@@ -171,61 +205,35 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
-def launch_worker(tracker: Tracker, run_id: str, job_file: Path, log_file: Path, gpu: str | None) -> str | None:
-    """Measure in a fresh process that sees only ``gpu`` (if given), echoing its output and keeping it in
-    ``log_file``; return its error or None."""
-    command = [sys.executable, "-m", "runner.worker", str(job_file), run_id]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}
-    with (
-        open(log_file, "w") as log,
-        subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=_die_with_parent
-        ) as worker,
-    ):
-        try:
-            assert worker.stdout is not None
-            for line in worker.stdout:
-                sys.stdout.write(line)
-                log.write(line)
-            code = worker.wait()
-        except BaseException:
-            worker.terminate()
-            worker.wait(timeout=30)
-            raise
-    if code == 0:
-        return None
-    error = tracker.run(run_id).data.tags.get("error")
-    if error:
-        return error
-    if code < 0:
-        return f"the worker process was killed by {signal.Signals(-code).name} (out of memory?); see worker.log"
-    return f"the worker process exited with code {code}; see worker.log"
+def lenient_name(cfg: DictConfig) -> str:
+    """The run's name for a config that could not be converted: whatever of it can be read."""
+    keys = ("names.model", "names.task", "height", "width", "names.accelerator")
+    return run_name(*(_lenient(cfg, key) for key in keys))
 
 
-def job_params(cfg: DictConfig) -> dict[str, Any]:
-    """The run's params: the settings that define the job, its call arguments and accelerator options."""
-    params = {name: _lenient(cfg, key) for key, name in PARAM_KEYS.items()}
-    params["scheduler"] = params["scheduler"] or "checkpoint default"
-    task = _lenient(cfg, "names.task")
-    for source in ("task.call_args", f"model.tasks.{task}.call_args"):
-        for key, value in (_lenient(cfg, source) or {}).items():
-            params[f"call.{key}"] = value
-    for key, value in (_lenient(cfg, "accelerator") or {}).items():
-        if key != "_target_":
-            params[f"accelerator.{key}"] = value
+def fallback_params(cfg: DictConfig) -> dict[str, Any]:
+    """Params for a job whose config could not be converted: the options chosen and the overrides typed."""
+    params = {key: _lenient(cfg, f"names.{key}") for key in ("model", "task", "accelerator")}
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = override.partition("=")
+        if key != "sweep_id":
+            params[key.lstrip("+~")] = value
     return params
+
+
+def _sweep_id(cfg: DictConfig) -> str:
+    return str(_lenient(cfg, "sweep_id") or "")
 
 
 def _lenient(cfg: DictConfig, key: str) -> Any:
     """The resolved value at ``key``, or None where it is missing or cannot be resolved."""
     try:
-        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
     except OmegaConfBaseException:
         return None
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
-def _ended(name: str, outcome: str, detail: str, run_id: str) -> str:
-    line = f"[{name}] {outcome.upper()}" + (f": {detail}" if detail else "") + f" (run {run_id})"
-    print(line, file=sys.stderr if outcome == "failed" else sys.stdout, flush=True)
-    return outcome
+def _ended(name: str, outcome: Outcome, detail: str, run_id: str) -> str:
+    line = f"[{name}] {str(outcome).upper()}" + (f": {detail}" if detail else "") + f" (run {run_id})"
+    print(line, file=sys.stderr if outcome is Outcome.FAILED else sys.stdout, flush=True)
+    return str(outcome)

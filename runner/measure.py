@@ -21,6 +21,8 @@ import torch
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from runner.record import Measurement, Steadiness
+
 GIB = 2**30
 
 
@@ -118,28 +120,67 @@ def synchronize(device: torch.device) -> None:
 
 
 @contextmanager
-def steady_host(device: torch.device, pin_cpu: bool) -> Iterator[str]:
-    """Keep the host from adding noise to timed calls; yields the pinned core's number, or "none".
+def steady_host(device: torch.device, core: int | None) -> Iterator[None]:
+    """Keep the host from adding noise to timed calls, without starving the pipeline's CPU work.
 
     Eager pipelines on a GPU are launch-bound: the calling thread's speed is the pipeline's speed. Moving
     between cores and garbage-collection pauses made single calls vary by 5-25% on our GPU host (see
-    BENCHMARKS.md), so on CUDA the calling thread is pinned to one core (the last its process may use), and
-    Python's collector is paused throughout (time_call collects before each call instead). CPU jobs are
-    never pinned: they need every core.
+    BENCHMARKS.md), so on CUDA the calling thread is pinned to ``core``, a core of its own that the job leased
+    (runner/host.py: never two jobs on one core), and Python's collector is paused throughout (time_call
+    collects before each call instead). While pinned, torch's CPU operations (the pipeline's image pre- and
+    post-processing) run on that thread alone: a pool of threads squeezed onto the one pinned core made
+    image-to-image calls 2.3x slower. CPU jobs are never pinned: they need every core.
     """
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-    core = max(allowed) if pin_cpu and device.type == "cuda" and allowed else None
+    pin = core is not None and device.type == "cuda"
+    allowed = os.sched_getaffinity(0) if pin else set()
+    threads = torch.get_num_threads()
     collecting = gc.isenabled()
-    if core is not None:
+    if pin:
+        torch.set_num_threads(1)
         os.sched_setaffinity(0, {core})  # 0: the calling thread on Linux
     gc.disable()
     try:
-        yield "none" if core is None else str(core)
+        yield
     finally:
         if collecting:
             gc.enable()
-        if core is not None:
+        if pin:
             os.sched_setaffinity(0, allowed)
+            torch.set_num_threads(threads)
+
+
+# A run's timed calls carry a verdict only if they look like draws from one steady distribution.
+# Spread: over MAX_CV the mean of 10 calls has a standard error near 5%, the smallest difference the comparison
+# calls a speedup, so it cannot carry one. Eager SDXL on our H100 hosts: 3-12% CV on quiet stretches; bursts of
+# 1.5x slower calls took it to 20-23% and its mean 23% up (BENCHMARKS.md); graphed runs stay under 2%.
+MAX_CV = 0.15
+MAX_DRIFT = 0.10  # drift: the two halves' means may differ by this share of the mean...
+DRIFT_ERRORS = 3.0  # ...unless the gap is also beyond this many standard errors (noise, not drift)
+DRIFT_CALLS = 6  # the drift test needs this many calls (3 a half)
+
+
+def steadiness(latencies: list[float]) -> Measurement:
+    """Whether timed calls can carry a verdict: noisy when their spread is over MAX_CV of their mean, or when
+    the second half of the calls ran more than MAX_DRIFT faster or slower than the first, beyond noise."""
+    calls = np.array(latencies, dtype=float)
+    if len(calls) < 2:
+        return Measurement(Steadiness.UNCHECKED, "one timed call: its spread is unknown (use runs=2 or more)")
+    mean = float(calls.mean())
+    cv = float(calls.std(ddof=1)) / mean
+    if cv > MAX_CV:
+        return Measurement(Steadiness.NOISY, f"the calls' spread is {cv:.1%} of their mean (over {MAX_CV:.0%})")
+    if len(calls) >= DRIFT_CALLS:
+        half = len(calls) // 2
+        first, second = calls[:half], calls[-half:]
+        gap = float(second.mean() - first.mean())
+        error = float(np.sqrt(first.var(ddof=1) / half + second.var(ddof=1) / half))
+        if abs(gap) > MAX_DRIFT * mean and abs(gap) > DRIFT_ERRORS * error:
+            return Measurement(
+                Steadiness.NOISY,
+                f"the second half of the calls ran {abs(gap) / first.mean():.0%} "
+                f"{'slower' if gap > 0 else 'faster'} than the first: the host changed during the run",
+            )
+    return Measurement(Steadiness.STEADY, f"CV {cv:.1%}")
 
 
 def summarize(timings: list[CallTiming]) -> dict[str, float]:

@@ -1,54 +1,51 @@
-"""Plots where a picture beats a table: latency and peak memory per accelerator, grouped by job."""
+"""The report's picture: each accelerated run's speedup and memory against its baseline, one row per job and
+accelerator, on ratio axes, so jobs of any size sit side by side and the verdict shows in the colour."""
 
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
-import numpy as np
-from mlflow.entities import Run
 
-from runner.compare import memory_gib
+from runner.record import JobRecord, Pace
+
+COLOURS = {Pace.FASTER: "#2a9d4b", Pace.SLOWER: "#c0392b", Pace.SAME: "#8c8c8c", Pace.INCONCLUSIVE: "#e69f00"}
 
 
-def plot_runs(runs: list[Run], folder: Path) -> list[Path]:
-    """``latency.png`` and ``memory.png`` in ``folder``: one group of bars per job (task, model, size, device),
-    one bar per accelerator, the baseline first. Nothing for no runs."""
-    if not runs:
+def plot_speedups(records: list[JobRecord], folder: Path) -> list[Path]:
+    """``speedup.png`` in ``folder`` for the compared accelerated runs among ``records``; nothing if none."""
+    rows = [
+        r
+        for r in records
+        if not r.is_baseline and r.comparison and r.comparison.speedup and r.comparison.pace in COLOURS
+    ]
+    if not rows:
         return []
-    groups: dict[str, dict[str, Run]] = defaultdict(dict)
-    for run in runs:
-        p = run.data.params
-        label = f"{p.get('model')}\n{p.get('task')} {p.get('height')}x{p.get('width')}"
-        groups[label][p.get("accelerator", "?")] = run
-    baselines = {r.data.params.get("accelerator") for r in runs if r.data.tags.get("baseline_run") == "self"}
-    accelerators = sorted({a for group in groups.values() for a in group}, key=lambda a: (a not in baselines, a))
-    folder.mkdir(parents=True, exist_ok=True)
-    charts = (
-        (
-            "latency.png",
-            "Mean latency per image (s), ± standard deviation of the timed calls",
-            lambda r: (r.data.metrics.get("latency_s"), r.data.metrics.get("latency_std_s", 0.0)),
-        ),
-        ("memory.png", "Peak memory of the timed calls (GiB)", lambda r: (memory_gib(r), 0.0)),
+    rows.sort(key=lambda r: (r.task, r.model, r.size, r.conditions.device_name, -r.comparison.speedup))
+    labels = [f"{r.model} {r.task} {r.size} · {r.accelerator}" for r in rows]
+    figure, (speed, memory) = plt.subplots(
+        1, 2, figsize=(11, 1.2 + 0.32 * len(rows)), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
     )
-    paths = []
-    for name, title, value in charts:
-        figure, axes = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 4.2))
-        x, width = np.arange(len(groups)), 0.8 / len(accelerators)
-        for i, accelerator in enumerate(accelerators):
-            values = [value(group[accelerator]) if accelerator in group else (None, 0.0) for group in groups.values()]
-            heights = [np.nan if v is None else v for v, _ in values]
-            axes.bar(
-                x - 0.4 + (i + 0.5) * width, heights, width, yerr=[e for _, e in values], capsize=3, label=accelerator
-            )
-        axes.set_xticks(x, list(groups), fontsize=8)
-        axes.set_title(title, fontsize=10)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(folder / name, dpi=120)
-        plt.close(figure)
-        paths.append(folder / name)
-    return paths
+    y = range(len(rows))
+    colours = [COLOURS[r.comparison.pace] for r in rows]
+    speed.barh(y, [r.comparison.speedup for r in rows], color=colours)
+    speed.set_xscale("log")
+    speed.axvline(1.0, color="black", linewidth=0.8)
+    speed.set_yticks(list(y), labels, fontsize=8)
+    speed.invert_yaxis()
+    speed.set_title("speedup against the baseline (log scale; colour: pace)", fontsize=9)
+    for i, row in enumerate(rows):
+        speed.annotate(f"{row.comparison.speedup:.2f}×", (row.comparison.speedup, i), fontsize=7, va="center")
+    ratios = [r.comparison.mem_ratio or 0.0 for r in rows]
+    memory.barh(y, ratios, color="#4c72b0")
+    memory.axvline(1.0, color="black", linewidth=0.8)
+    memory.set_title("peak memory against the baseline", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
+    speed.legend(handles, [str(p) for p in COLOURS], fontsize=7, loc="lower right")
+    figure.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "speedup.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return [path]

@@ -11,8 +11,8 @@
 """
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,9 +21,10 @@ from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.multimodal.clip_score import CLIPScore
 
-from runner.config import Config
+from runner.config import Config, digest, image_facts
 from runner.errors import RunnerError
 from runner.pipelines import clip_tokenizer
+from runner.record import Quality
 
 PSNR_CAP_DB = 100.0
 TINY = "tiny"
@@ -101,7 +102,9 @@ def tiny_clip() -> Clip:
 def clip_score(clip: Clip, images: list[Image.Image], prompts: list[str], device: torch.device) -> float:
     """torchmetrics' CLIP score of ``images`` against their ``prompts`` (same order), on ``device``."""
     metric = CLIPScore(model_name_or_path=lambda: (FeatureTensors(clip.model), clip.processor)).to(device)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # CLIP reads 77 tokens; cutting a longer prompt there is what the score means, not news for every job
+        warnings.filterwarnings("ignore", message="Encountered caption longer than max_position_embeddings")
         metric.update([_tensor(image).to(device) for image in images], prompts)
         return float(metric.compute())
 
@@ -169,7 +172,6 @@ def unaffected(
 
 def judge(
     images: dict[str, Image.Image],
-    baseline_id: str,
     baseline_images: dict[str, Image.Image],
     clip: float | None,
     baseline_clip: float | None,
@@ -177,50 +179,33 @@ def judge(
     min_ssim: float,
     max_clip_drop_pct: float,
     device: torch.device,
-) -> tuple[dict[str, float], dict[str, str]]:
-    """Similarity to a baseline run's images and the verdict, as metrics and tags. ``clip`` and
-    ``baseline_clip`` are None where CLIP scores mean nothing (random weights, tiny CLIP)."""
+) -> tuple[dict[str, float], Quality, str]:
+    """Similarity to a baseline run's images, the verdict and why. ``clip`` and ``baseline_clip`` are None
+    where CLIP scores mean nothing (random weights, tiny CLIP)."""
     similar = similarity(images, baseline_images, device)
     if not similar:
-        return {}, {
-            "baseline_run": f"{baseline_id} (no images in common: the baseline logged none, or other runs or prompts)",
-            "quality_unaffected": "unknown",
-            "quality_verdict": "no images in common with the baseline",
-        }
+        return {}, Quality.UNKNOWN, "no images in common with the baseline (it logged none, or other prompts)"
     ok, why = unaffected(similar, clip, baseline_clip, broken, min_ssim, max_clip_drop_pct)
-    return similar, {"baseline_run": baseline_id, "quality_unaffected": str(ok).lower(), "quality_verdict": why}
+    return similar, Quality.UNAFFECTED if ok else Quality.AFFECTED, why
 
 
 def image_key(cfg: Config, device: torch.device, dtype: str, prompts: list[str], image: Image.Image | None) -> str:
     """A digest of everything that decides a job's images except the accelerator.
 
     Runs with the same key and no accelerator produce the same images, so the key finds a run's baseline:
-    model and weights, scheduler, task and its arguments, size, steps, guidance, seeds, prompts, dtype, the
-    device's kind, and for image-to-image the input's pixels.
+    the settings the schema marks as deciding the images (runner/config.py: model and weights, scheduler,
+    task and its arguments, size, steps, guidance, seed, negative prompt), and what the job resolved from
+    them: the prompts, the dtype, the device's kind, and for image-to-image the input's pixels.
     """
-    decisive = {
-        "model": cfg.names.model,
-        "id": cfg.model.id,
-        "weights": cfg.model.weights,
-        "init_seed": cfg.model.init_seed,
-        "architecture": cfg.model.architecture,
-        "variant": cfg.model.variant,
-        "revision": cfg.model.revision,
-        "scheduler": asdict(cfg.model.scheduler) if cfg.model.scheduler else None,
-        "task": cfg.names.task,
-        "call_args": {**cfg.task.call_args, **cfg.model.tasks[cfg.names.task].call_args},
-        "height": cfg.height,
-        "width": cfg.width,
-        "steps": cfg.steps,
-        "guidance_scale": cfg.guidance_scale,
-        "seed": cfg.seed,
-        "prompts": prompts,
-        "negative_prompt": cfg.negative_prompt,
-        "dtype": dtype,
-        "device": device.type,
-        "input": hashlib.sha256(image.tobytes()).hexdigest() if image else None,
-    }
-    return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return digest(
+        {
+            **image_facts(cfg),
+            "prompts": prompts,
+            "dtype": dtype,
+            "device": device.type,
+            "input": hashlib.sha256(image.tobytes()).hexdigest() if image else None,
+        }
+    )
 
 
 def _tensor(image: Image.Image) -> torch.Tensor:

@@ -1,25 +1,139 @@
-"""A sweep as a whole: jobs Hydra could not even compose, and the table printed when the sweep ends.
+"""A sweep as a whole: its own MLflow run, jobs Hydra could not even compose, and its end.
 
-The sweeper (hydra_plugins/runner_sweeper) calls these; MLflow is the record, so the table reads the
-sweep's runs back from it whichever launcher ran the jobs.
+The sweeper (hydra_plugins/runner_sweeper) hands the launching of jobs to ``run_sweep``, which opens the
+sweep's run (the parent of its jobs' runs), launches, and always ends: the sweep's table is printed and its
+run closed FINISHED, FAILED (some job failed) or KILLED (Ctrl-C, SIGTERM), whatever the comparison or the
+report ran into (that becomes one line and a tag). The exit code says whether any job failed. A sweep
+run left RUNNING by a process that died (SIGKILL, a lost machine) is closed by the next sweep on its host.
+MLflow is the record, so the table reads the sweep's runs back from it whichever launcher ran the jobs.
 """
 
+import os
+import signal
+import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from hydra.errors import CompactHydraException, MissingConfigException
-from mlflow.entities import Run
+from hydra.core.utils import JobStatus
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from runner.catalogue import SWEEP_TABLE, describe
+from runner.compare import compare
 from runner.config import MlflowConfig, run_name
 from runner.errors import RunnerError, one_line
+from runner.host import HOST, boot_id
+from runner.job import Stopped, Terminated, alive, sigterm_raises
+from runner.record import JobRecord, Outcome
 from runner.report import write_report
 from runner.tracking import Tracker
 
+EXIT_STOPPED = {"Ctrl-C": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
-class SweepFailed(RunnerError, CompactHydraException):
-    """Some jobs of the sweep failed; the table above names them and why (Hydra prints it without a trace)."""
+
+def run_sweep(master: DictConfig, arguments: list[str], launch: Callable[[list[str]], Sequence[Any]]) -> None:
+    """Open the sweep's run, launch its jobs with ``launch`` (Hydra's sweep), and end it, always."""
+    tracker = open_tracker(master)
+    close_abandoned_sweeps(tracker)
+    command = " ".join(arguments) or "(defaults)"
+    sweep_id = tracker.start_sweep(
+        f"{command} ({datetime.now():%Y-%m-%d %H:%M})"[:120],
+        command,
+        {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()},
+    )
+    problems: list[str] = []
+    done_before: list[str] = []
+    try:
+        with sigterm_raises():
+            try:
+                batches = launch([*arguments, f"sweep_id={sweep_id}"])
+                done_before = [  # jobs that had ended in an earlier sweep (run_job returns done:<run id>)
+                    str(job.return_value).removeprefix("done:")
+                    for batch in batches
+                    for job in batch
+                    if job.status == JobStatus.COMPLETED and str(job.return_value).startswith("done:")
+                ]
+            except Exception as error:  # a job that could not even record itself: still end with the table
+                problems.append(f"the sweep stopped early: {one_line(error)}")
+            finish(tracker, sweep_id, done_before, problems)
+    except (Stopped, KeyboardInterrupt, Terminated) as stop:
+        stopped(tracker, sweep_id, stop)
+
+
+def open_tracker(master: DictConfig) -> Tracker:
+    try:
+        return Tracker(MlflowConfig(**OmegaConf.to_container(master.mlflow, resolve=True)))
+    except RunnerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def stopped(tracker: Tracker, sweep_id: str, stop: BaseException) -> None:
+    """Close the sweep's run as KILLED and say in one line what was stopped, what is recorded, how to resume."""
+    how = stop.signal_name if isinstance(stop, Stopped) else "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+    finished = [r for r in tracker.records(f"tags.sweep_id = '{sweep_id}'") if r.outcome is not Outcome.KILLED]
+    job = f"job {stop.name} (run {stop.run_id}) closed as KILLED; " if isinstance(stop, Stopped) else ""
+    tracker.end_sweep(sweep_id, "KILLED", {"stopped": f"by {how}"})
+    print(
+        f"\nStopped by {how}: {job}{len(finished)} ended job(s) are recorded in sweep {sweep_id}; "
+        "run the same command again to resume where it stopped.",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(EXIT_STOPPED[how])
+
+
+def finish(tracker: Tracker, sweep_id: str, done_before: list[str], problems: list[str]) -> None:
+    """Compare the sweep's runs, log its report, print its table, close its run; exit non-zero if a job failed."""
+    records = tracker.records(f"tags.sweep_id = '{sweep_id}'") + [tracker.record(run_id) for run_id in done_before]
+    try:
+        compare(tracker, records)
+        records = [tracker.record(r.run_id) for r in records]
+    except Exception as error:  # the table matters more than the comparison: say what went wrong, go on
+        problems.append(f"the comparison failed: {one_line(error)}")
+    report = ""
+    if records:
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                write_report(tracker, Path(folder), records)
+                tracker.log_folder(sweep_id, Path(folder), "report")
+            report = tracker.artifact_path(sweep_id, "report/report.html")
+        except Exception as error:
+            problems.append(f"the report failed: {one_line(error)}")
+    table = format_table(records, set(done_before))
+    earlier = f", {len(done_before)} done in earlier sweeps" if done_before else ""
+    where = f"experiment '{tracker.experiment_name}' ({tracker.tracking_uri})"
+    print(f"\nSweep {sweep_id}: {len(records)} job(s) in {where}{earlier}")
+    print(table)
+    for problem in problems:
+        print(f"WARNING: {problem}", file=sys.stderr)
+    if report:
+        print(f"Report: {report}")
+    print(f"MLflow: {tracker.ui_link(sweep_id)}")
+    failed = [r for r in records if r.outcome in (Outcome.FAILED, Outcome.KILLED)]
+    tags = {"jobs": str(len(records)), "jobs_failed": str(len(failed)), "mlflow.note.content": f"```\n{table}\n```"}
+    if problems:
+        tags["sweep_problems"] = "; ".join(problems)
+    tracker.log_text(sweep_id, table + "\n", "sweep.txt")
+    tracker.end_sweep(sweep_id, "FAILED" if failed or problems else "FINISHED", tags)
+    if failed:
+        print(f"{len(failed)} of {len(records)} job(s) failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
+    if failed or problems:
+        raise SystemExit(1)
+
+
+def close_abandoned_sweeps(tracker: Tracker) -> None:
+    """Close as KILLED the RUNNING sweep runs of this host whose process is gone (or whose machine restarted)."""
+    for sweep in tracker.running_sweeps():
+        tags = sweep.data.tags
+        pid = tags.get("pid", "")
+        if tags.get("host") == HOST and (tags.get("boot_id") != boot_id() or not (pid.isdigit() and alive(int(pid)))):
+            tracker.end_sweep(
+                sweep.info.run_id, "KILLED", {"stopped": f"abandoned: its process ({pid} on {HOST}) died"}
+            )
 
 
 def describe_compose_error(error: Exception) -> str:
@@ -37,82 +151,48 @@ def record_uncomposable(master: DictConfig, overrides: list[str], error: Excepti
     """Record a job whose config could not be composed as a failed run; return its one-line error."""
     chosen = dict(item.split("=", 1) for item in overrides if "=" in item)
     choices = master.hydra.runtime.choices
-
-    def value(key: str, default: object) -> str:
-        return str(chosen.get(key, default))
-
-    res = value("res", OmegaConf.select(master, "res"))
+    params = {group: chosen.get(group, choices.get(group)) for group in ("model", "task", "accelerator")}
+    params.update({key.lstrip("+~"): value for key, value in chosen.items() if key != "sweep_id"})
+    res = chosen.get("res", OmegaConf.select(master, "res"))
     name = run_name(
-        value("model", choices.get("model")),
-        value("task", choices.get("task")),
-        value("height", res),
-        value("width", res),
-        value("accelerator", choices.get("accelerator")),
+        params["model"], params["task"], chosen.get("height", res), chosen.get("width", res), params["accelerator"]
     )
     message = describe_compose_error(error)
-    tracker = Tracker(MlflowConfig(**OmegaConf.to_container(master.mlflow, resolve=True)))
-    params = {key.lstrip("+~"): item for key, item in chosen.items() if key != "sweep_id"}
-    run_id = tracker.record(name, params, chosen.get("sweep_id", ""), failed=message)
+    tracker = open_tracker(master)
+    tags = {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()}
+    run_id = tracker.record_never_ran(name, params, chosen.get("sweep_id", ""), tags, Outcome.FAILED, message)
     print(f"[{name}] FAILED: {message} (run {run_id})", flush=True)
     return message
 
 
-def start_sweep(master: DictConfig, arguments: list[str]) -> str:
-    """Open the sweep's own MLflow run, the parent of its jobs' runs; its run id is the sweep's id."""
-    tracker = Tracker(MlflowConfig(**OmegaConf.to_container(master.mlflow, resolve=True)))
-    command = " ".join(arguments) or "(defaults)"
-    return tracker.start_sweep(f"sweep {datetime.now():%Y-%m-%d %H:%M} {command}"[:120], command)
+def with_gpu_slots(batch: list[list[str]]) -> list[list[str]]:
+    """Stamp every job with a ``gpu_slot``: jobs that differ only in their accelerator share one, so that on a
+    host with several GPUs they run on one GPU, one after another, and compare like with like (the same
+    physical GPU), while other jobs run on the other GPUs."""
+    slots: dict[tuple[str, ...], int] = {}
+    for overrides in batch:
+        job = tuple(item for item in overrides if not item.startswith(("accelerator=", "accelerator.")))
+        overrides.append(f"gpu_slot={slots.setdefault(job, len(slots))}")
+    return batch
 
 
-def report_sweep(master: DictConfig, sweep_id: str, done_before: list[str]) -> None:
-    """Print the sweep's table, compare its runs, log its report into the sweep's run, and raise SweepFailed
-    (a non-zero exit) if any job failed. ``done_before``: runs of earlier sweeps that this one did not repeat."""
-    tracker = Tracker(MlflowConfig(**OmegaConf.to_container(master.mlflow, resolve=True)))
-    runs = tracker.sweep_runs(sweep_id) + [tracker.run(run_id) for run_id in done_before]
-    print(
-        f"\nSweep {sweep_id}: {len(runs)} job(s) in experiment '{tracker.experiment_name}' "
-        f"({master.mlflow.tracking_uri})" + (f", {len(done_before)} done in earlier sweeps" if done_before else "")
-    )
-    failed = [run for run in runs if run.data.tags.get("outcome") not in ("ok", "skipped")]
-    if runs:
-        with tempfile.TemporaryDirectory() as folder:
-            runs = write_report(tracker, Path(folder), runs)
-            tracker.client.log_artifacts(sweep_id, folder, "report")
-        table = format_table(runs, set(done_before))
-        tracker.client.log_text(sweep_id, table + "\n", "sweep.txt")
-        print(table)
-        print(
-            f"Report: the sweep's run {sweep_id}, artifacts report/report.html; "
-            "python -m runner.report writes one for the whole experiment."
-        )
-    tracker.set_tags(sweep_id, {"jobs": str(len(runs)), "jobs_failed": str(len(failed))})
-    tracker.client.set_terminated(sweep_id, "FAILED" if failed else "FINISHED")
-    if failed:
-        names = ", ".join(run.info.run_name for run in failed)
-        raise SweepFailed(f"{len(failed)} of {len(runs)} job(s) failed: {names}")
-
-
-COLUMNS = (
-    ("latency_s", "latency s", "{:.3f}"),
-    ("its", "it/s", "{:.2f}"),
-    ("warmup_s", "warmup s", "{:.1f}"),
-    ("peak_mem_gib", "peak GiB", "{:.2f}"),
-    ("peak_rss_gib", "peak RSS GiB", "{:.2f}"),
-)
-
-
-def format_table(runs: list[Run], earlier: set[str] = frozenset()) -> str:
-    """A plain-text table of runs: name, outcome, key metrics, and the error or skip reason; runs in
-    ``earlier`` are marked as done by an earlier sweep."""
-    shown = [c for c in COLUMNS if any(c[0] in run.data.metrics for run in runs)]
-    header = ["job", "outcome", *(title for _, title, _ in shown), "note"]
+def format_table(records: list[JobRecord], earlier: set[str] = frozenset()) -> str:
+    """A plain-text table of runs: name, outcome, key metrics and the verdicts, and the error or skip reason;
+    runs in ``earlier`` are marked as done by an earlier sweep."""
+    shown = [describe(key) for key in SWEEP_TABLE if any(key in r.metrics for r in records)]
+    header = ["job", "outcome", *(m.heading for m in shown), "pace", "note"]
     rows = [header]
-    for run in runs:
-        metrics, tags = run.data.metrics, run.data.tags
-        cells = [fmt.format(metrics[key]) if key in metrics else "-" for key, _, fmt in shown]
-        note = tags.get("error") or tags.get("skip_reason") or ""
-        note = f"done in an earlier sweep (run {run.info.run_id})" if run.info.run_id in earlier else note
-        rows.append([run.info.run_name, tags.get("outcome", run.info.status.lower()), *cells, note])
+    for record in records:
+        cells = [m.show(record.metrics.get(m.key)) for m in shown]
+        pace = str(record.comparison.pace) if record.comparison else "-"
+        note = record.why or (
+            record.comparison.why if record.comparison and record.comparison.pace.value in NOTED else ""
+        )
+        note = f"done in an earlier sweep (run {record.run_id})" if record.run_id in earlier else note
+        rows.append([record.name, str(record.outcome), *cells, pace, note])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = ("  ".join([*(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)), row[-1]]) for row in rows)
     return "\n".join(line.rstrip() for line in lines)
+
+
+NOTED = ("inconclusive", "no baseline")  # paces whose reason the table spells out

@@ -1,13 +1,21 @@
-"""One job's measurement, in a process of its own: ``python -m runner.worker JOB_YAML RUN_ID``.
+"""One job's measurement, in a process of its own: ``python -m runner.worker JOB_YAML FOLDER [CORES [GPU]]``.
 
-``measure`` reads top to bottom: build the pipeline, apply the accelerator, warm up, time the calls, count
-FLOPs, log. The sweep's process (runner/job.py) started the MLflow run and ends it after this exits; a
-fresh process per job keeps peak memory, compile caches and a broken CUDA context out of the next job.
+``measure`` reads top to bottom: build the pipeline, apply the accelerator, warm up, time the calls, judge
+how steady they were, count FLOPs, score quality. The job's process (runner/job.py) hands over the checked
+config as JOB_YAML, the cores it leased (CORES: the core to pin the launching thread to, then its
+hyperthread siblings, held idle) and the GPU it leased; the worker hands back a ``WorkerResult`` as
+FOLDER/result.json, with its images beside it, and the job's process records them. A fresh process per job
+keeps peak memory, compile caches and a broken CUDA context out of the next job.
 """
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
+import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +24,28 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from runner.accelerators import Target, build_accelerator
-from runner.config import Config, ConfigError, run_name, to_config
+from runner.config import Config, ConfigError, job_name
 from runner.environment import environment_tags
 from runner.errors import RunnerError, one_line
+from runner.host import HOST, CpuLoad, JobRegistry, boot_id, busy_threshold_cores, gpu_neighbours
 from runner.inputs import load_image, load_prompts
-from runner.measure import PhaseClock, Stopwatch, denoiser_flop_per_step, peak_memory, steady_host, summarize
+from runner.measure import (
+    PhaseClock,
+    Stopwatch,
+    denoiser_flop_per_step,
+    peak_memory,
+    steadiness,
+    steady_host,
+    summarize,
+)
 from runner.pipelines import build_pipeline, parameter_count
 from runner.quality import TINY, broken_images, clip_score, image_key, judge, load_clip
+from runner.record import Conditions, Measurement, Quality, QualityResult, Steadiness, WorkerResult
 from runner.tracking import Tracker
 
+HEARTBEAT_S = 15.0
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+RESULT = "result.json"
 
 # Library log lines that say nothing here and alarm users: diffusers' warning about an empty list of fp32
 # modules, and transformers falling back from torchvision (deliberately not a dependency).
@@ -35,120 +55,155 @@ HARMLESS = ("should be kept in float32: []", "requires torchvision (not installe
 TRUNCATION = ("part of your input was truncated", "Token indices sequence length is longer")
 
 
-def measure(cfg: Config, tracker: Tracker, run_id: str) -> None:
+def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult) -> None:
+    """Measure the job, filling ``result`` as it goes (so a failure keeps what was measured before it)."""
     drop_log_lines(HARMLESS + (TRUNCATION if cfg.model.weights == "random" else ()))
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
     dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
-    tracker.log_params(run_id, {"device": str(device), "dtype": dtype_name})
-    tracker.set_tags(run_id, environment_tags(device))
+    result.params.update(device=str(device), dtype=dtype_name)
+    result.facts.update(environment_tags(device))
     accelerator = build_accelerator(cfg.accelerator)
     accelerator.check(device)
+    tracker = Tracker(cfg.mlflow)
     prompts = load_prompts(cfg.prompts, cfg.prompt)
-    image = input_image(cfg, tracker, run_id)
-    key = image_key(cfg, device, dtype_name, prompts, image)
-    tracker.log_params(run_id, {"prompt_count": len(prompts)})
-    tracker.set_tags(run_id, {"image_key": key})
+    image = input_image(cfg, tracker, folder, result)
+    result.image_key = image_key(cfg, device, dtype_name, prompts, image)
+    result.params["prompt_count"] = len(prompts)
 
     progress(cfg, f"loading ({cfg.model.weights} weights, {dtype_name}, {device})")
-    with Stopwatch(device) as load:
+    with heartbeat(cfg, "loading"), Stopwatch(device) as load:
         pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
     eager_denoiser = getattr(pipe, cfg.model.denoiser)
-    tracker.log_params(run_id, {"denoiser_params": parameter_count(eager_denoiser)})
+    result.params["denoiser_params"] = parameter_count(eager_denoiser)
     shape_key = f"{cfg.names.model}-{cfg.model.weights}-{cfg.names.task}-{cfg.height}x{cfg.width}-{dtype_name}"
     accelerator.apply(pipe, Target(cfg.model.denoiser, device, dtype, Path(cfg.cache_dir).expanduser(), shape_key))
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
 
     progress(cfg, f"loaded in {load.seconds:.1f} s; warming up ({cfg.warmup} call(s))")
     timings, images = [], {}
-    with steady_host(device, cfg.pin_cpu) as core:
-        with Stopwatch(device) as warmup:
+    with JobRegistry(Path(cfg.cache_dir).expanduser() / "running") as registry, steady_host(device, core):
+        with heartbeat(cfg, "warming up (compilation and graph capture land here)"), Stopwatch(device) as warmup:
             for index in range(cfg.warmup):
-                pipe(**call_args(cfg, prompts, image, device, index))
+                pipe(**pipeline_args(cfg, prompts, image, device, index))
         accelerator.warmed_up(pipe)
-        metrics = {"load_s": load.seconds, "warmup_s": warmup.seconds}
+        result.metrics.update(load_s=load.seconds, warmup_s=warmup.seconds)
         progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
-        with peak_memory(device, into=metrics):
+        jobs_at_once, host_load = registry.count(), CpuLoad()
+        with peak_memory(device, into=result.metrics):
             for index in range(cfg.runs):
-                kwargs = call_args(cfg, prompts, image, device, index)
+                kwargs = pipeline_args(cfg, prompts, image, device, index)
                 output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
+                jobs_at_once = max(jobs_at_once, registry.count())
                 timings.append(timing)
                 images[f"{index:03d}_p{index % len(prompts):02d}_seed{cfg.seed + index}.png"] = output.images[0]
                 progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
-    metrics.update(summarize(timings))
-    tracker.set_tags(run_id, {"pinned_cpu": core})
+        others_cores = host_load.others_cores()
+    result.metrics.update(summarize(timings))
+    result.series["call_latency_s"] = [t.latency_s for t in timings]
+    result.conditions = Conditions(
+        host=HOST,
+        boot_id=boot_id(),
+        device_name=result.facts["device_name"],
+        gpu_uuid=result.facts.get("gpu_uuid", ""),
+        concurrent_jobs=jobs_at_once,
+        cores=str(core) if core is not None and device.type == "cuda" else "",
+    )
+    result.measurement = judge_measurement(result, others_cores)
+    if result.measurement.steadiness is not Steadiness.STEADY:
+        progress(cfg, f"WARNING: measurement {result.measurement.steadiness}: {result.measurement.why}")
 
     assert clock.step_inputs is not None
     flop_per_step = denoiser_flop_per_step(eager_denoiser, clock.step_inputs)
-    metrics["denoiser_tflop_per_step"] = flop_per_step / 1e12
-    metrics["achieved_tflops"] = flop_per_step * metrics["its"] / 1e12
-    tracker.log_metrics(run_id, metrics)
-    tracker.log_metric_series(run_id, "call_latency_s", [t.latency_s for t in timings])
-    tracker.log_metrics(run_id, accelerator.metrics())
-    tracker.set_tags(run_id, accelerator.tags())
+    result.metrics["denoiser_tflop_per_step"] = flop_per_step / 1e12
+    result.metrics["achieved_tflops"] = flop_per_step * result.metrics["its"] / 1e12
+    result.metrics.update(accelerator.metrics())
+    result.facts.update(accelerator.tags())
     if cfg.log_images:
-        tracker.log_images(run_id, images)
-    progress(cfg, f"latency {metrics['latency_s']:.3f} s, {metrics['its']:.2f} it/s; scoring quality")
-    score_quality(cfg, tracker, run_id, key, images, [prompts[i % len(prompts)] for i in range(cfg.runs)], device)
+        (folder / "images").mkdir(exist_ok=True)
+        for name, picture in images.items():
+            picture.save(folder / "images" / name)
+    latency, its = result.metrics["latency_s"], result.metrics["its"]
+    progress(cfg, f"latency {latency:.3f} s, {its:.2f} it/s; scoring quality")
+    prompts_used = [prompts[i % len(prompts)] for i in range(cfg.runs)]
+    with heartbeat(cfg, "scoring quality"):
+        score_quality(cfg, tracker, result, images, prompts_used, device)
+
+
+def judge_measurement(result: WorkerResult, others_cores: float | None) -> Measurement:
+    """Contended when another process used the job's GPU or a busy share of the host's CPUs while it was
+    timed; else whatever the calls themselves say (runner/measure.py, ``steadiness``)."""
+    spread = steadiness(result.series["call_latency_s"])
+    busy = []
+    if others_cores is not None:
+        result.metrics["other_cpu_cores"] = others_cores
+        if others_cores > busy_threshold_cores():
+            busy.append(f"other processes used {others_cores:.1f} CPU cores while it was timed")
+    neighbours = gpu_neighbours(result.facts["gpu_uuid"]) if result.facts.get("gpu_uuid", "") else None
+    if neighbours:
+        result.facts["gpu_other_processes"] = " ".join(map(str, neighbours))
+        busy.append(f"{len(neighbours)} other process(es) on its GPU")
+    if busy:
+        noisy = f"; and {spread.why}" if spread.steadiness is Steadiness.NOISY else ""
+        return Measurement(Steadiness.CONTENDED, "; ".join(busy) + noisy)
+    return spread
 
 
 def score_quality(
     cfg: Config,
     tracker: Tracker,
-    run_id: str,
-    key: str,
+    result: WorkerResult,
     images: dict[str, Image.Image],
     prompts: list[str],
     device: torch.device,
 ) -> None:
-    """CLIP score; similarity to the baseline run of the same job; broken images; the verdict, as tags."""
+    """CLIP score; similarity to the baseline run of the same job; broken images; the verdict."""
     q = cfg.quality
     random_weights = cfg.model.weights == "random"
     clip_name = q.clip_model if q.clip_model != "auto" else (TINY if random_weights else q.reference_clip)
     meaningless = "random weights" if random_weights else "tiny CLIP" if clip_name == TINY else ""
     clip = clip_score(load_clip(clip_name, q.clip_revision), list(images.values()), prompts, device)
-    metrics, tags = (
-        {"clip_score": clip},
-        {"clip_model": clip_name, "clip_score_meaningful": f"false: {meaningless}" if meaningless else "true"},
-    )
-    broken = broken_images(images)
+    result.metrics["clip_score"] = clip
+    broken = tuple(broken_images(images))
     if broken:
-        tags["broken_output"] = "; ".join(broken)
         progress(cfg, f"WARNING: {len(broken)} broken image(s): {broken[0]}")
+    about = {"clip_model": clip_name, "clip_meaningless": meaningless, "broken": broken}
 
-    if cfg.names.accelerator == q.baseline:
-        tags.update(
-            baseline_run="self",
-            quality_unaffected=str(not broken).lower(),
-            quality_verdict=f"{len(broken)} broken image(s)" if broken else "this is the baseline",
-        )
-    elif (baseline := tracker.find_baseline(key, q.baseline)) is None:
-        tags.update(
-            baseline_run=f"none found: run accelerator={q.baseline} for this job first, then compare",
-            quality_unaffected="unknown",
-            quality_verdict="no baseline to compare with",
-        )
+    is_baseline = cfg.names.accelerator == q.baseline
+    baseline = (
+        None
+        if is_baseline
+        else tracker.find_quality_baseline(result.image_key, q.baseline, cfg.sweep_id, device_name(result))
+    )
+    if is_baseline:
+        verdict = Quality.AFFECTED if broken else Quality.UNAFFECTED
+        why = f"{len(broken)} broken image(s)" if broken else "this is the baseline"
+        result.quality = QualityResult(verdict, why, "self", **about)
+    elif baseline is None:
+        why = f"no baseline: run accelerator={q.baseline} for this job too; the comparison judges it then"
+        result.quality = QualityResult(Quality.UNKNOWN, why, "", **about)
     else:
-        baseline_clip = None if meaningless else baseline.data.metrics.get("clip_score")
-        similar, verdict = judge(
+        similar, verdict, why = judge(
             images,
-            baseline.info.run_id,
-            tracker.download_images(baseline.info.run_id),
+            tracker.download_images(baseline.run_id),
             None if meaningless else clip,
-            baseline_clip,
-            broken,
+            None if meaningless else baseline.metrics.get("clip_score"),
+            list(broken),
             q.min_ssim,
             q.max_clip_drop_pct,
             device,
         )
-        metrics.update(similar)
-        tags.update(verdict)
-    tracker.log_metrics(run_id, metrics)
-    tracker.set_tags(run_id, tags)
+        result.metrics.update(similar)
+        result.quality = QualityResult(verdict, why, baseline.run_id, **about)
     summary = f"CLIP score {clip:.2f}" + (f" ({meaningless}: meaningless)" if meaningless else "")
-    if "ssim_vs_baseline" in metrics:
-        summary += f", SSIM {metrics['ssim_vs_baseline']:.4f} / PSNR {metrics['psnr_vs_baseline']:.1f} dB vs baseline"
-    progress(cfg, f"{summary}; quality unaffected: {tags['quality_unaffected']} ({tags['quality_verdict']})")
+    if "ssim_vs_baseline" in result.metrics:
+        ssim, psnr = result.metrics["ssim_vs_baseline"], result.metrics["psnr_vs_baseline"]
+        summary += f", SSIM {ssim:.4f} / PSNR {psnr:.1f} dB vs baseline"
+    progress(cfg, f"{summary}; quality unaffected: {result.quality.verdict} ({result.quality.why})")
+
+
+def device_name(result: WorkerResult) -> str:
+    return result.facts.get("device_name", "")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,17 +215,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def input_image(cfg: Config, tracker: Tracker, run_id: str) -> Image.Image | None:
-    """The task's input image (None for tasks without one), logged as the run's input.png."""
+def input_image(cfg: Config, tracker: Tracker, folder: Path, result: WorkerResult) -> Image.Image | None:
+    """The task's input image (None for tasks without one), kept as the run's input.png."""
     if "image" not in cfg.task.inputs:
         return None
     image, origin = load_image(cfg.task.image, cfg.names.model, cfg.width, cfg.height, tracker.find_t2i_image)
-    tracker.set_tags(run_id, {"input_image": origin})
-    tracker.client.log_image(run_id, image, artifact_file="input.png")
+    result.facts["input_image"] = origin
+    image.save(folder / "input.png")
     return image
 
 
-def call_args(
+def pipeline_args(
     cfg: Config, prompts: list[str], image: Image.Image | None, device: torch.device, index: int
 ) -> dict[str, Any]:
     """The pipeline call's arguments for call ``index``: prompt ``index mod P``, seed ``seed + index``."""
@@ -189,8 +244,26 @@ def call_args(
 
 
 def progress(cfg: Config, message: str) -> None:
-    name = run_name(cfg.names.model, cfg.names.task, cfg.height, cfg.width, cfg.names.accelerator)
-    print(f"[{name}] {message}", flush=True)
+    print(f"[{job_name(cfg)}] {message}", flush=True)
+
+
+@contextlib.contextmanager
+def heartbeat(cfg: Config, doing: str, every_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """Say every ``every_s`` seconds that the block is still running, and for how long: a compile or a
+    model on the CPU can take minutes. Never used around timed calls."""
+    done, began = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            progress(cfg, f"still {doing}: {time.monotonic() - began:.0f} s")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def drop_log_lines(fragments: tuple[str, ...]) -> None:
@@ -205,18 +278,33 @@ def drop_log_lines(fragments: tuple[str, ...]) -> None:
             handler.addFilter(Drop())
 
 
+def load_config(job_file: Path) -> Config:
+    """The job's config as the job's process wrote it: already checked there, converted here without checks."""
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(job_file)))
+    assert isinstance(config, Config)
+    return config
+
+
 def main(argv: list[str]) -> int:
-    job_file, run_id = argv
-    cfg = to_config(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(job_file)))
-    tracker = Tracker(cfg.mlflow)
+    # Ctrl-C reaches the whole process group: the job's process answers it (it closes the run and ends this
+    # process), so the worker does not add a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    job_file, folder = Path(argv[0]), Path(argv[1])
+    cores = [int(core) for core in argv[2].split(",")] if len(argv) > 2 and argv[2] else []
+    result = WorkerResult()
+    result.facts["gpu_lease"] = argv[3] if len(argv) > 3 and argv[3] else "none"
+    if len(cores) > 1:
+        result.facts["cpu_siblings_held"] = ",".join(map(str, cores[1:]))
     try:
-        measure(cfg, tracker, run_id)
+        measure(load_config(job_file), folder, cores[0] if cores else None, result)
     except Exception as error:
-        tracker.set_tags(run_id, {"error": one_line(error)})
-        tracker.log_text(run_id, traceback.format_exc(), "error.txt")
+        result.error = one_line(error)
+        (folder / "error.txt").write_text(traceback.format_exc())
         if not isinstance(error, RunnerError):  # a user's mistake needs no trace; anything else does
             traceback.print_exc()
         return 1
+    finally:
+        result.save(folder / RESULT)
     return 0
 
 

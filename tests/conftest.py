@@ -52,11 +52,15 @@ def cli(tmp_path: Path):
     local = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: int = 600, tracking_uri: str = local) -> Sweep:
+        # Its own cache_dir too: the count of jobs at once on this host (and the GPU and core leases) lives
+        # there, and the other tests running beside this one are not part of its sweep.
+        own_cache = [] if any(arg.startswith("cache_dir=") for arg in args) else [f"cache_dir={tmp_path}/cache"]
         command = [
             sys.executable,
             "-m",
             "runner",
             *args,
+            *own_cache,
             f"mlflow.tracking_uri={tracking_uri}",
             f"hydra.sweep.dir={tmp_path}/hydra",
         ]
@@ -88,6 +92,11 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
     "perturb": "_target_: tests.fake_accelerators.Perturb\nscale: 0.5\n",
     "blackout": "_target_: tests.fake_accelerators.Blackout\n",
     "crash": "_target_: tests.fake_accelerators.Crash\n",
+    "wrong_order": (
+        "_target_: runner.accelerators.chain.Chain\nparts:\n"
+        "  - {_target_: runner.accelerators.torch_compile.TorchCompileAccelerator, backend: eager}\n"
+        "  - {_target_: runner.accelerators.deepcache.DeepCacheAccelerator}\n"
+    ),
     "dc_eager": (
         "_target_: runner.accelerators.chain.Chain\nparts:\n"
         "  - {_target_: runner.accelerators.deepcache.DeepCacheAccelerator, interval: 3}\n"
@@ -98,8 +107,8 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
 
 @pytest.fixture
 def test_accelerators(tmp_path: Path) -> str:
-    """Puts the tests' own accelerators (same, perturb, blackout, crash, dc_eager) on Hydra's search path, as a
-    user would add theirs without touching conf/; returns that override."""
+    """Puts the tests' own accelerators (same, perturb, blackout, crash, wrong_order, dc_eager) on Hydra's search
+    path, as a user would add theirs without touching conf/; returns that override."""
     folder = tmp_path / "test_conf" / "accelerator"
     folder.mkdir(parents=True)
     for name, text in TEST_ACCELERATORS.items():

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from runner.accelerators import Target, build_accelerator
-from runner.accelerators.chain import Chain
+from runner.accelerators.chain import Chain, check_order
 from runner.accelerators.cuda_graph import GraphedModule
 from runner.accelerators.deepcache import DeepCacheAccelerator, DeepCacheUNet
 from runner.accelerators.onediff import OneDiffAccelerator
@@ -91,13 +91,6 @@ def test_torch_compile_options_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"mode=reduce-overhead replays CUDA graphs: it needs device=cuda"):
         TorchCompileAccelerator(mode="reduce-overhead").check(CPU)
     TorchCompileAccelerator(mode="max-autotune-no-cudagraphs").check(CPU)
-
-
-def test_torch_compile_refuses_to_follow_cuda_graph(tmp_path: Path) -> None:
-    pipe = tiny_pipe()
-    pipe.unet = GraphedModule(pipe.unet, warmup_calls=1)
-    with pytest.raises(ConfigError, match="put torch_compile before cuda_graph, or use mode=reduce-overhead"):
-        TorchCompileAccelerator().apply(pipe, target(tmp_path))
 
 
 def test_second_process_compiles_from_the_cache_and_both_match_eager(cli, tmp_path: Path) -> None:
@@ -227,7 +220,8 @@ def pixels(sweep, run) -> list[np.ndarray]:
 # Chains
 
 
-def test_chains_refuse_what_does_not_compose(tmp_path: Path) -> None:
+def test_chains_refuse_what_does_not_compose_before_any_model_is_loaded() -> None:
+    """The order is checked from what each part declares (check runs before loading); no pipeline is built."""
     with pytest.raises(ConfigError, match="a chain needs at least two"):
         Chain(parts=[{"_target_": "runner.accelerators.none.NoAccelerator"}]).check(CPU)
     onediff = {"_target_": "runner.accelerators.onediff.OneDiffAccelerator"}
@@ -236,19 +230,30 @@ def test_chains_refuse_what_does_not_compose(tmp_path: Path) -> None:
         "backend": "eager",
         "cache": False,
     }
-    with pytest.raises(ConfigError, match="OneDiffAccelerator owns the whole pipeline and cannot be chained"):
-        Chain(parts=[onediff, compile_]).check(CPU)
     deepcache = {"_target_": "runner.accelerators.deepcache.DeepCacheAccelerator"}
     graphs = {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"}
-    for first in (graphs, compile_):
-        with pytest.raises(ConfigError, match=r"accelerator=deepcache must come first in a chain: the denoiser is"):
-            Chain(parts=[first, deepcache]).apply(tiny_pipe(), target(tmp_path))
-    with pytest.raises(ConfigError, match="put torch_compile before cuda_graph"):
-        Chain(parts=[deepcache, graphs, compile_]).apply(tiny_pipe(), target(tmp_path))
-    with pytest.raises(
-        ConfigError, match=r"already replayed from CUDA graphs; list cuda_graph once in accelerator\.parts"
-    ):
-        Chain(parts=[graphs, graphs]).apply(tiny_pipe(), target(tmp_path))
+    hooks = {"_target_": "tests.fake_accelerators.Perturb"}  # in place, no stage: anywhere
+    with pytest.raises(ConfigError, match="OneDiffAccelerator compiles the whole pipeline and cannot be chained"):
+        Chain(parts=[onediff, compile_]).check(CPU)
+    refused = [
+        ([graphs, deepcache], r"DeepCacheAccelerator \(restructure\) cannot follow CudaGraphAccelerator \(capture\)"),
+        ([compile_, deepcache], r"DeepCacheAccelerator \(restructure\) cannot follow TorchCompileAccelerator"),
+        ([deepcache, graphs, compile_], r"TorchCompileAccelerator \(compile\) cannot follow CudaGraphAccelerator"),
+        ([graphs, graphs], r"CudaGraphAccelerator \(capture\) cannot follow CudaGraphAccelerator"),
+    ]
+    for parts, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            check_order([build_accelerator(part) for part in parts])
+    for parts in ([deepcache, compile_, graphs], [hooks, deepcache, hooks, compile_], [compile_, graphs]):
+        check_order([build_accelerator(part) for part in parts])  # accepted
+
+
+def test_a_chain_in_the_wrong_order_fails_the_job_before_loading(cli, test_accelerators: str) -> None:
+    sweep = cli("accelerator=wrong_order", "res=64", "runs=1", test_accelerators)
+    assert sweep.code != 0
+    [run] = sweep.runs().values()
+    assert run.data.tags["error"].startswith("accelerator.parts: DeepCacheAccelerator (restructure) cannot follow")
+    assert "loading" not in sweep.output  # refused before the pipeline was built
 
 
 def test_cuda_graph_captures_each_deepcache_path_in_one_shared_pool(tmp_path: Path) -> None:

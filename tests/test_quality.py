@@ -166,6 +166,7 @@ def test_accelerated_runs_are_compared_with_the_baseline_in_a_sweep(cli, test_ac
     none, same, perturb, blackout = (runs[f"tiny_sdxl/t2i/64/{a}"] for a in ("none", "same", "perturb", "blackout"))
     assert len({run.data.tags["image_key"] for run in runs.values()}) == 1
     assert none.data.tags["baseline_run"] == "self" and none.data.tags["quality_unaffected"] == "true"
+    assert none.data.tags["quality_baseline_run"] == "self" and "speedup_vs_baseline" not in none.data.metrics
     assert "ssim_vs_baseline" not in none.data.metrics
     for run in runs.values():
         assert (
@@ -173,7 +174,7 @@ def test_accelerated_runs_are_compared_with_the_baseline_in_a_sweep(cli, test_ac
         )
         assert 0 <= run.data.metrics["clip_score"] <= 100
 
-    assert same.data.tags["baseline_run"] == none.info.run_id
+    assert same.data.tags["baseline_run"] == same.data.tags["quality_baseline_run"] == none.info.run_id
     assert same.data.metrics["ssim_vs_baseline"] == pytest.approx(1.0)
     assert same.data.metrics["psnr_vs_baseline"] == PSNR_CAP_DB and same.data.metrics["identical_to_baseline"] == 1
     assert same.data.metrics["images_compared"] == 3 and same.data.tags["quality_unaffected"] == "true"
@@ -192,8 +193,10 @@ def test_missing_baseline_is_said_not_guessed(cli, test_accelerators: str) -> No
     sweep = cli("accelerator=same", "res=64", "runs=2", test_accelerators)
     assert sweep.code == 0, sweep.output
     [run] = sweep.runs().values()
-    assert run.data.tags["baseline_run"].startswith("none found: run accelerator=none for this job first")
+    assert run.data.tags["quality_verdict"].startswith("no baseline: run accelerator=none for this job too")
     assert run.data.tags["quality_unaffected"] == "unknown" and "ssim_vs_baseline" not in run.data.metrics
+    assert run.data.tags["pace"] == "no baseline" and "speedup_vs_baseline" not in run.data.metrics
+    assert "[tiny_sdxl/t2i/64/same] CLIP score" in sweep.output and "Encountered caption" not in sweep.output
 
 
 def test_prompt_set_gives_one_image_per_prompt_and_seed(cli) -> None:

@@ -12,7 +12,9 @@ import pytest
 from conftest import ROOT
 from mlflow import MlflowClient
 
+from runner import host
 from runner.gpus import gpu_lease, visible_gpus
+from runner.host import JobRegistry, core_lease
 
 
 @pytest.fixture
@@ -79,9 +81,37 @@ def test_concurrent_jobs_one_store_one_job_per_gpu(cli, two_fake_gpus: dict, tmp
         assert {"latency_s", "its", "clip_score"} <= set(run.data.metrics)
         assert len(client.list_artifacts(run.info.run_id, "images")) == 3
     assert {run.data.tags["gpu_lease"] for run in runs.values()} == {"GPU-aaaa", "GPU-bbbb"}
-    assert "waiting for one of 2 busy GPU(s)" in sweep.output or any(
-        "waiting for one of 2 busy GPU(s)" in path.read_text() for path in (tmp_path / "hydra").rglob("*.out")
-    )  # four jobs, two GPUs: some waited
+    outputs = [sweep.output, *(path.read_text() for path in (tmp_path / "hydra").rglob("*.out"))]
+    assert any("waiting for its GPU" in output for output in outputs)  # four jobs, two GPUs: some waited
+    on = {run.data.params["res"]: run.data.tags["gpu_lease"] for run in runs.values()}
+    assert on["64"] == on["80"] != on["72"] == on["88"]  # the sweeper's slots: one GPU per slot
+    assert {run.data.tags["concurrent_jobs"] for run in runs.values()} <= {"1", "2"}  # never more than GPUs
+
+
+def test_jobs_at_once_lease_distinct_cores_and_their_siblings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with core_lease(tmp_path, [1, 0]) as first, core_lease(tmp_path, [1, 0]) as second:
+        assert (first, second) == ([1], [0])  # the second job does not get the first's core
+        with core_lease(tmp_path, [1, 0]) as third:
+            assert third == []  # every core held: the job runs unpinned rather than share one
+    monkeypatch.setattr(host, "siblings", lambda core: {0, 1})  # 0 and 1: hyperthreads of one physical core
+    with core_lease(tmp_path, [1, 0]) as first, core_lease(tmp_path, [1, 0]) as second:
+        assert (first, second) == ([1, 0], [])  # the sibling is held idle with its core
+
+
+def test_the_registry_counts_the_jobs_running_on_this_host(tmp_path: Path) -> None:
+    script = (
+        "import pathlib, sys\nfrom runner.host import JobRegistry\n"
+        f"with JobRegistry(pathlib.Path({str(tmp_path)!r})):\n    print('in', flush=True)\n    sys.stdin.read()\n"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert other.stdout.readline() == "in\n"  # another job is running
+    with JobRegistry(tmp_path) as registry:
+        assert registry.count() == 2  # it and this one
+        other.communicate("", timeout=30)  # it ends
+        assert registry.count() == 1
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
 def test_resume_skips_finished_jobs_and_force_runs_them_again(cli) -> None:

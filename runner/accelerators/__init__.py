@@ -1,12 +1,14 @@
 """Accelerators: each is one module here plus one YAML in conf/accelerator/.
 
 An accelerator is a dataclass subclassing ``Accelerator``: its fields are its options, its methods say what
-it does to a pipeline. The YAML names it with ``_target_`` and sets the options; ``build_accelerator`` checks
-them against the dataclass (an unknown key or a wrong type is refused with the key's name), so adding one
-touches nothing else.
+it does to a pipeline, and its class says what it wraps and where in a chain it must stand (``wraps``,
+``stage``), so a chain is checked before any model is loaded. The YAML names it with ``_target_`` and sets
+the options; ``build_accelerator`` checks them against the dataclass (an unknown key or a wrong type is
+refused with the key's name), so adding one touches nothing else.
 """
 
 from dataclasses import dataclass
+from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,6 +18,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from runner.catalogue import Metric
 from runner.config import ConfigError
 
 
@@ -30,11 +33,29 @@ class Target:
     shape_key: str  # names the job's model, task, size and dtype, for caches that hold one shape each
 
 
+class Wraps(Enum):
+    """What an accelerator puts its hands on."""
+
+    IN_PLACE = "in place"  # changes modules where they are (hooks, fused weights); composes with anything
+    DENOISER = "the denoiser"  # replaces the denoiser (or its step modules) with a wrapper of its own
+    PIPELINE = "the whole pipeline"  # compiles the pipeline with its own runtime: runs alone, never chained
+
+
+class Stage(IntEnum):
+    """Where in a chain an accelerator that wraps the denoiser must stand: stages strictly in this order."""
+
+    RESTRUCTURE = 1  # changes how the denoiser runs (DeepCache splits the UNet into two paths)
+    COMPILE = 2  # compiles the denoiser's code (torch.compile): needs Python modules to trace
+    CAPTURE = 3  # records the denoiser's kernels for replay (CUDA graphs): nothing can change them after
+
+
 class Accelerator:
     """What every accelerator can do; the defaults do nothing. Runtime state is set in ``apply``, never
     declared as a field (fields are options)."""
 
-    composes: ClassVar[bool] = True  # False: it owns the whole pipeline and refuses to be chained
+    wraps: ClassVar[Wraps] = Wraps.IN_PLACE
+    stage: ClassVar[Stage | None] = None  # None: anywhere in a chain
+    catalogue: ClassVar[tuple[Metric, ...]] = ()  # metrics of its own (runner/catalogue.py)
 
     def check(self, device: torch.device) -> None:
         """Raise ConfigError (one line, with the fix) if this accelerator cannot run here."""

@@ -1,17 +1,19 @@
 """Accelerators applied one after another, e.g. DeepCache then torch.compile (conf/accelerator/deepcache_compile.yaml).
 
-Each part is an accelerator's options, as in its own YAML. Parts are applied in order; each part refuses,
-with the reason, an order it cannot follow (torch_compile after cuda_graph, deepcache after anything),
-and an accelerator that owns the whole pipeline (``composes = False``, OneDiff) refuses to be chained.
+Each part is an accelerator's options, as in its own YAML. Parts are applied in order. The order is checked
+from what each part's class declares, before any model is loaded: parts that wrap the denoiser must stand
+in the order of their stages (restructure, compile, capture; each once), and a part that owns the whole
+pipeline (OneDiff) cannot be chained at all.
 """
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
-from runner.accelerators import Accelerator, Target, build_accelerator
+from runner.accelerators import Accelerator, Target, Wraps, build_accelerator
 from runner.config import ConfigError
 
 
@@ -27,12 +29,8 @@ class Chain(Accelerator):
     def check(self, device: torch.device) -> None:
         if len(self.parts) < 2:
             raise ConfigError(f"accelerator.parts has {len(self.parts)} part(s): a chain needs at least two")
+        check_order(self._accelerators())
         for accelerator in self._accelerators():
-            if not accelerator.composes:
-                raise ConfigError(
-                    f"accelerator {type(accelerator).__name__} owns the whole pipeline and cannot "
-                    "be chained with others; run it on its own"
-                )
             accelerator.check(device)
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
@@ -48,3 +46,21 @@ class Chain(Accelerator):
 
     def metrics(self) -> dict[str, float]:
         return {key: value for accelerator in self._accelerators() for key, value in accelerator.metrics().items()}
+
+
+def check_order(parts: list[Accelerator]) -> None:
+    """Raise ConfigError, naming the parts and the rule, if ``parts`` cannot be applied in this order."""
+    for part in parts:
+        if part.wraps is Wraps.PIPELINE:
+            raise ConfigError(
+                f"accelerator {type(part).__name__} compiles the whole pipeline and cannot be chained with "
+                "others; run it on its own"
+            )
+    staged = [part for part in parts if part.stage is not None]
+    for before, after in itertools.pairwise(staged):
+        if after.stage <= before.stage:
+            raise ConfigError(
+                f"accelerator.parts: {type(after).__name__} ({after.stage.name.lower()}) cannot follow "
+                f"{type(before).__name__} ({before.stage.name.lower()}): parts that wrap the denoiser go in the "
+                "order restructure (deepcache), compile (torch_compile), capture (cuda_graph), each once"
+            )

@@ -13,13 +13,13 @@ replay one at a time on one stream and keep their outputs alive, so their scratc
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from runner.accelerators import Accelerator, DenoiserWrapper, Target
+from runner.accelerators import Accelerator, DenoiserWrapper, Stage, Target, Wraps
 from runner.config import ConfigError
 
 
@@ -89,6 +89,9 @@ class GraphedModule(DenoiserWrapper):
 class CudaGraphAccelerator(Accelerator):
     warmup_calls: int = 2  # eager calls on a side stream before each capture
 
+    wraps: ClassVar[Wraps] = Wraps.DENOISER
+    stage: ClassVar[Stage] = Stage.CAPTURE
+
     def check(self, device: torch.device) -> None:
         if device.type != "cuda":
             raise ConfigError(
@@ -97,11 +100,6 @@ class CudaGraphAccelerator(Accelerator):
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
-        if isinstance(denoiser, GraphedModule):
-            raise ConfigError(
-                "accelerator=cuda_graph: the denoiser is already replayed from CUDA graphs; list cuda_graph "
-                "once in accelerator.parts"
-            )
         pool = MemoryPool()
         self.graphed = []  # state, not an option: no dataclass field
         parts = getattr(denoiser, "step_modules", ())

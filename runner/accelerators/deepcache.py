@@ -15,14 +15,14 @@ are refused.
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-from torch._dynamo.eval_frame import OptimizedModule
 
-from runner.accelerators import Accelerator, DenoiserWrapper, Target
+from runner.accelerators import Accelerator, DenoiserWrapper, Stage, Target, Wraps
+from runner.catalogue import Metric
 from runner.config import ConfigError
 
 UNSUPPORTED = (
@@ -160,17 +160,18 @@ class DeepCacheUNet(DenoiserWrapper):
 class DeepCacheAccelerator(Accelerator):
     interval: int = 3  # the whole UNet runs on steps 0, interval, 2 x interval, ...
 
+    wraps: ClassVar[Wraps] = Wraps.DENOISER
+    stage: ClassVar[Stage] = Stage.RESTRUCTURE
+    catalogue: ClassVar[tuple[Metric, ...]] = (
+        Metric("deepcache_full_step_share", "steps running the whole UNet", "", "{:.0%}"),
+    )
+
     def check(self, device: torch.device) -> None:
         if self.interval < 1:
             raise ConfigError(f"accelerator.interval={self.interval}: must be at least 1 (1 caches nothing)")
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         unet = getattr(pipe, target.denoiser)
-        if isinstance(unet, (DenoiserWrapper, OptimizedModule)):
-            raise ConfigError(
-                f"accelerator=deepcache must come first in a chain: the denoiser is already wrapped "
-                f"({type(unet).__name__}), and DeepCache splits the UNet itself"
-            )
         if not (hasattr(unet, "up_blocks") and hasattr(unet, "down_blocks") and hasattr(unet, "get_aug_embed")):
             raise ConfigError(
                 f"accelerator=deepcache needs a diffusers UNet as the denoiser, not {type(unet).__name__}"

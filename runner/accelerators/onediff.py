@@ -26,7 +26,8 @@ from typing import Any, ClassVar
 import torch
 from diffusers import DiffusionPipeline
 
-from runner.accelerators import Accelerator, Target
+from runner.accelerators import Accelerator, Target, Wraps
+from runner.catalogue import Metric
 from runner.config import ConfigError
 
 BACKENDS = ("oneflow", "nexfort")
@@ -46,7 +47,8 @@ class OneDiffAccelerator(Accelerator):
     fuse_qkv: bool = False
     cache: bool = True  # oneflow: save compiled graphs, load them in the next process
 
-    composes: ClassVar[bool] = False  # it compiles the whole pipeline with its own runtime
+    wraps: ClassVar[Wraps] = Wraps.PIPELINE  # it compiles the whole pipeline with its own runtime
+    catalogue: ClassVar[tuple[Metric, ...]] = (Metric("oneflow_mem_gib", "OneFlow's memory", "GiB", "{:.2f}"),)
 
     def check(self, device: torch.device) -> None:
         if self.backend not in BACKENDS:

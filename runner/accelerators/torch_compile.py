@@ -16,11 +16,12 @@ stead (DeepCache's full and shallow UNets), so that routing between them stays i
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
 
-from runner.accelerators import Accelerator, Target
+from runner.accelerators import Accelerator, Stage, Target, Wraps
 from runner.config import ConfigError
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -39,6 +40,9 @@ class TorchCompileAccelerator(Accelerator):
     regional: bool = False
     cache: bool = True
 
+    wraps: ClassVar[Wraps] = Wraps.DENOISER
+    stage: ClassVar[Stage] = Stage.COMPILE
+
     def check(self, device: torch.device) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"accelerator.mode={self.mode}: choose one of {', '.join(MODES)}")
@@ -49,15 +53,8 @@ class TorchCompileAccelerator(Accelerator):
             )
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
-        from runner.accelerators.cuda_graph import GraphedModule
-
         denoiser = getattr(pipe, target.denoiser)
         parts = getattr(denoiser, "step_modules", ())
-        if any(isinstance(module, GraphedModule) for module in [denoiser, *(getattr(denoiser, p) for p in parts)]):
-            raise ConfigError(
-                "accelerator torch_compile cannot compile a denoiser already replayed from CUDA "
-                "graphs: put torch_compile before cuda_graph, or use mode=reduce-overhead"
-            )
         self.counters_before = _cache_counters()
         if self.cache and self.backend == "inductor":
             folder = target.cache_dir / "torch_compile"

@@ -1,0 +1,82 @@
+"""One catalogue of the metrics a job logs: key, title, unit and format.
+
+The sweep's table, the report and the plots show metrics through it, so a metric is named and formatted
+the same everywhere. An accelerator adds its own by declaring them (``Accelerator.catalogue``); ``describe``
+finds those too.
+"""
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from functools import cache
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    unit: str = ""
+    fmt: str = "{:.3f}"
+
+    @property
+    def heading(self) -> str:
+        return f"{self.title} ({self.unit})" if self.unit else self.title
+
+    def show(self, value: float | None) -> str:
+        return "-" if value is None else self.fmt.format(value)
+
+
+METRICS = (
+    Metric("load_s", "load", "s", "{:.1f}"),
+    Metric("warmup_s", "warmup", "s", "{:.1f}"),
+    Metric("latency_s", "latency", "s", "{:.3f}"),
+    Metric("latency_std_s", "latency std", "s", "{:.3f}"),
+    Metric("latency_p50_s", "latency p50", "s", "{:.3f}"),
+    Metric("latency_p90_s", "latency p90", "s", "{:.3f}"),
+    Metric("latency_min_s", "latency min", "s", "{:.3f}"),
+    Metric("latency_cv", "latency CV", "", "{:.1%}"),
+    Metric("its", "it/s", "", "{:.2f}"),
+    Metric("text_encode_s", "to first step", "s", "{:.3f}"),
+    Metric("denoise_s", "denoising", "s", "{:.3f}"),
+    Metric("decode_s", "decode", "s", "{:.3f}"),
+    Metric("denoise_steps", "steps", "", "{:.0f}"),
+    Metric("denoiser_tflop_per_step", "TFLOP per step", "", "{:.2f}"),
+    Metric("achieved_tflops", "achieved", "TFLOP/s", "{:.1f}"),
+    Metric("peak_mem_gib", "peak memory", "GiB", "{:.2f}"),
+    Metric("peak_reserved_gib", "peak reserved", "GiB", "{:.2f}"),
+    Metric("peak_rss_gib", "peak RSS", "GiB", "{:.2f}"),
+    Metric("other_cpu_cores", "others' CPU use", "cores", "{:.2f}"),
+    Metric("clip_score", "CLIP score", "", "{:.2f}"),
+    Metric("ssim_vs_baseline", "SSIM vs baseline", "", "{:.4f}"),
+    Metric("ssim_vs_baseline_min", "lowest SSIM vs baseline", "", "{:.4f}"),
+    Metric("psnr_vs_baseline", "PSNR vs baseline", "dB", "{:.1f}"),
+    Metric("images_compared", "images compared", "", "{:.0f}"),
+    Metric("identical_to_baseline", "identical to baseline", "", "{:.0%}"),
+    Metric("speedup_vs_baseline", "speedup", "", "{:.2f}×"),
+    Metric("mem_ratio_vs_baseline", "memory vs baseline", "", "{:.2f}×"),
+)
+CATALOGUE = {metric.key: metric for metric in METRICS}
+
+# What the sweep's table shows, where the runs have it.
+SWEEP_TABLE = ("latency_s", "latency_cv", "its", "warmup_s", "peak_mem_gib", "peak_rss_gib", "speedup_vs_baseline")
+
+
+def describe(key: str) -> Metric:
+    """The catalogue's entry for ``key``, an accelerator's own, or a plain one named by the key."""
+    return CATALOGUE.get(key) or accelerator_metrics().get(key) or Metric(key, key.replace("_", " "), "", "{:.4g}")
+
+
+@cache
+def accelerator_metrics() -> dict[str, Metric]:
+    """The metrics declared by the accelerators shipped in runner/accelerators (imported to find them)."""
+    import runner.accelerators as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+    declared: dict[str, Metric] = {}
+    pending = [package.Accelerator]
+    while pending:
+        cls = pending.pop()
+        declared.update({metric.key: metric for metric in cls.catalogue})
+        pending.extend(cls.__subclasses__())
+    return declared

@@ -1,0 +1,199 @@
+"""The host a job measures on: which machine start it is, what else runs there, and which core the job's
+GPU-launching thread may have.
+
+- ``boot_id``: the kernel's id of this machine start; timings from different starts do not compare.
+- ``JobRegistry``: each job's worker holds a lock file under ``cache_dir/running`` while it runs, so a job
+  counts the runner's jobs on this host at once (``concurrent_jobs``).
+- ``core_lease``: jobs on one host pin their launching threads to distinct physical cores, one lock per
+  core (and its hyperthread siblings) under ``cache_dir/core-locks``, preferring the cores of the job's GPU's
+  NUMA node: never two jobs on one core.
+- ``CpuLoad`` and ``gpu_neighbours``: the CPU other processes used while the job was timed (from
+  /proc/stat), and other processes on the job's GPU (from NVML).
+"""
+
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from runner.gpus import nvidia_smi
+
+HOST = socket.gethostname()
+STAT = Path("/proc/stat")
+# A host counts as busy when other processes used more than this share of its cores (at least half a core)
+# while the job was timed: then the scheduler puts their threads on the job's cores too.
+BUSY_SHARE = 0.25
+
+
+def boot_id() -> str:
+    """The kernel's id of this machine start, or "" where the system does not tell."""
+    path = Path("/proc/sys/kernel/random/boot_id")
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def allowed_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+class JobRegistry:
+    """Marks this process as a running job of the runner on this host while it is entered."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._handle: IO | None = None
+
+    def __enter__(self) -> "JobRegistry":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.folder / f"{HOST}-{os.getpid()}.lock", "w")  # held open as the mark itself
+        fcntl.flock(self._handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            Path(self._handle.name).unlink(missing_ok=True)
+            self._handle.close()
+
+    def count(self) -> int:
+        """How many jobs on this host are running now, this one included; stale marks are removed."""
+        running = 0
+        for path in self.folder.glob(f"{HOST}-*.lock"):
+            try:
+                with open(path) as probe:
+                    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    path.unlink(missing_ok=True)  # nobody holds it: its job died without cleaning up
+            except BlockingIOError:
+                running += 1
+            except FileNotFoundError:
+                continue
+        return running
+
+
+@contextmanager
+def core_lease(folder: Path, preferred: list[int]) -> Iterator[list[int]]:
+    """Hold the first free core of ``preferred`` for the block, with its hyperthread siblings (a thread on a
+    sibling shares the core's execution units and slows a launch-bound thread as much as one on the core
+    itself), and yield them, the core to pin first; an empty list when every one is held."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for core in preferred:
+        handles = []
+        for member in [core, *sorted(siblings(core) - {core})]:
+            handle = open(folder / f"{HOST}-core{member}.lock", "w")  # noqa: SIM115 (held open as the lease)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                break
+            handles.append(handle)
+        else:
+            try:
+                yield [core, *sorted(siblings(core) - {core})]
+            finally:
+                for handle in handles:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    handle.close()
+            return
+        for handle in handles:
+            handle.close()
+    yield []
+
+
+def siblings(core: int) -> set[int]:
+    """The hardware threads sharing ``core``'s physical core (itself included), as the kernel reports them."""
+    listing = Path(f"/sys/devices/system/cpu/cpu{core}/topology/thread_siblings_list")
+    return set(parse_cpulist(listing.read_text())) | {core} if listing.is_file() else {core}
+
+
+def cores_near(gpu_uuid: str | None) -> list[int]:
+    """The cores this process may use, those of ``gpu_uuid``'s NUMA node first, highest numbers first in each
+    part (low-numbered cores are where the system's own work tends to run)."""
+    allowed = allowed_cores()
+    local = set(_numa_cores(gpu_uuid)) & set(allowed) if gpu_uuid else set()
+    return sorted(local, reverse=True) + sorted(set(allowed) - local, reverse=True)
+
+
+def _numa_cores(gpu_uuid: str) -> list[int]:
+    for uuid, bus_id in nvidia_smi("uuid", "pci.bus_id"):
+        if uuid == gpu_uuid:
+            domain, _, rest = bus_id.lower().partition(":")
+            cpulist = Path(f"/sys/bus/pci/devices/{domain[-4:]}:{rest}/local_cpulist")
+            return parse_cpulist(cpulist.read_text()) if cpulist.is_file() else []
+    return []
+
+
+def parse_cpulist(text: str) -> list[int]:
+    """The cores of a kernel cpulist such as ``0-15,32-47``."""
+    cores: list[int] = []
+    for part in text.strip().split(","):
+        if part:
+            first, _, last = part.partition("-")
+            cores.extend(range(int(first), int(last or first) + 1))
+    return cores
+
+
+class CpuLoad:
+    """CPU time used by processes other than this one over a stretch of wall time, in cores."""
+
+    def __init__(self) -> None:
+        self._start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float]:
+        times = os.times()
+        return time.monotonic(), _host_busy_s(), times.user + times.system
+
+    def others_cores(self) -> float | None:
+        """Cores' worth of CPU others used since this was made; None where /proc/stat is missing."""
+        (wall0, busy0, own0), (wall1, busy1, own1) = self._start, self._now()
+        if busy1 < 0 or wall1 <= wall0:
+            return None
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
+
+
+def _host_busy_s() -> float:
+    """Seconds all cores spent busy since boot (user, nice, system, irq, softirq, steal); -1 without /proc."""
+    if not STAT.is_file():
+        return -1.0
+    fields = [int(value) for value in STAT.read_text().split("\n", 1)[0].split()[1:]]
+    busy = fields[0] + fields[1] + fields[2] + sum(fields[5:8])  # idle (3) and iowait (4) are not busy
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def busy_threshold_cores() -> float:
+    return max(0.5, BUSY_SHARE * max(1, len(allowed_cores())))
+
+
+def gpu_neighbours(gpu_uuid: str) -> list[int] | None:
+    """Process ids on this GPU other than this process and its children; None where NVML cannot tell."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByUUID(gpu_uuid)
+            pids = {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML (CPU machines, old drivers): say nothing rather than guess
+        return None
+    own = os.getpid()
+    if own not in pids:  # NVML sees another pid namespace: all but one of its processes are others
+        return sorted(pids)[: max(0, len(pids) - 1)]
+    return sorted(pid for pid in pids if pid != own and not _descends_from(pid, own))
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ``pid`` is a child (or grandchild...) of ``ancestor``, e.g. a compiler's worker process."""
+    for _ in range(32):
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+    return False

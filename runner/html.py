@@ -1,0 +1,48 @@
+"""The report as one self-contained HTML file: the Markdown rendered, its plots and images inside it as data
+URIs (images as thumbnails), so it reads the same from disk, from MLflow's Artifacts tab, or mailed."""
+
+import base64
+import io
+import re
+from pathlib import Path
+
+import markdown
+from PIL import Image
+
+THUMBNAIL_PX = 320
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+td, th { border: 1px solid #ccc; padding: 3px 7px; }
+th { background: #f3f3f3; }
+img.plot { max-width: 100%; display: block; margin: 1em 0; }
+img.thumb { width: 200px; margin: 0 6px 6px 0; vertical-align: top; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
+"""
+
+
+def to_html(text: str, title: str, folder: Path) -> str:
+    """``text`` (Markdown whose images are files under ``folder``) as HTML with every image embedded."""
+    body = markdown.markdown(text, extensions=["tables"])
+    body = re.sub(r'<img alt="([^"]*)" src="([^"]+)"', lambda m: _embedded(m.group(1), folder / m.group(2)), body)
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )
+
+
+def _embedded(alt: str, path: Path) -> str:
+    if not path.is_file():
+        return f'<img alt="{alt} (missing)" src=""'
+    if path.parent.name == "plots":
+        data, kind, css = path.read_bytes(), "png", "plot"
+    else:
+        with Image.open(path) as image:
+            thumbnail = image.convert("RGB")
+            thumbnail.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+            buffer = io.BytesIO()
+            thumbnail.save(buffer, "JPEG", quality=85)
+        data, kind, css = buffer.getvalue(), "jpeg", "thumb"
+    encoded = base64.b64encode(data).decode()
+    return f'<img class="{css}" title="{alt}" alt="{alt}" src="data:image/{kind};base64,{encoded}"'

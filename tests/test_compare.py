@@ -1,0 +1,168 @@
+"""Comparisons you can trust: like with like, noise and contention caught, baselines that disagree, the best
+tag; on records built in code (the rules) and through a real MLflow store (what a script reads back)."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from runner.compare import compare, compare_job, pace
+from runner.config import MlflowConfig
+from runner.record import (
+    Comparison,
+    Conditions,
+    JobRecord,
+    Measurement,
+    Outcome,
+    Pace,
+    Quality,
+    QualityResult,
+    Steadiness,
+    WorkerResult,
+)
+from runner.tracking import Tracker
+
+HERE = Conditions(host="gpu-host", boot_id="boot-1", device_name="H100", gpu_uuid="GPU-a", concurrent_jobs=1)
+STEADY = Measurement(Steadiness.STEADY, "CV 1%")
+COUNTER = iter(range(1_000_000))
+
+
+def job(
+    accelerator: str,
+    latency: float,
+    std: float = 0.01,
+    *,
+    sweep: str = "s1",
+    conditions: Conditions = HERE,
+    measurement: Measurement = STEADY,
+    quality: Quality = Quality.UNAFFECTED,
+    memory: float = 10.0,
+) -> JobRecord:
+    """A finished run of one job (one image_key) as a worker would have left it."""
+    number = next(COUNTER)
+    return JobRecord(
+        run_id=f"run{number:04d}",
+        name=f"m/t2i/512/{accelerator}",
+        outcome=Outcome.OK,
+        why="",
+        started_ms=number,
+        pid="1",
+        sweep_id=sweep,
+        config_hash=f"{accelerator}-{sweep}",
+        model="m",
+        task="t2i",
+        task_title="Text-to-image",
+        size="512x512",
+        accelerator=accelerator,
+        baseline_accelerator="none",
+        weights="random",
+        model_id="",
+        runs=10,
+        image_key="k",
+        conditions=conditions,
+        measurement=measurement,
+        quality=QualityResult(quality, "", "self" if accelerator == "none" else ""),
+        comparison=None,
+        metrics={"latency_s": latency, "latency_std_s": std, "peak_mem_gib": memory},
+        params={},
+    )
+
+
+def test_speedup_pace_and_best_against_the_same_sweeps_baseline() -> None:
+    base, fast, broken, close = job("none", 2.0, 0.1), job("fast", 1.0, memory=11.0), job("broken", 0.5), job("x", 1.97)
+    broken = replace(broken, quality=QualityResult(Quality.AFFECTED, "SSIM 0.5 < 0.95"))
+    result = compare_job([base, fast, broken, close])
+    assert result[base.run_id] == Comparison(Pace.BASELINE, "this is the baseline", "self", None, None, False)
+    assert result[fast.run_id].speedup == pytest.approx(2.0) and result[fast.run_id].mem_ratio == pytest.approx(1.1)
+    assert result[fast.run_id].baseline_run == base.run_id and result[fast.run_id].why == "the same sweep's baseline"
+    assert [result[r.run_id].pace for r in (fast, broken, close)] == [Pace.FASTER, Pace.FASTER, Pace.SAME]
+    assert [r for r in result if result[r].best] == [fast.run_id]  # the fastest one is broken: not best
+
+
+def test_noise_is_not_a_speedup() -> None:
+    base = job("none", 1.00, 0.30)
+    small = job("small", 0.97, 0.001)  # beyond its noise, but under 5%
+    lucky = job("lucky", 0.80, 0.30)  # 20%, but within 2 standard errors
+    assert pace(small, base) is Pace.SAME and pace(lucky, base) is Pace.SAME and pace(base, small) is Pace.SAME
+
+
+def test_a_baseline_from_another_gpu_machine_start_or_concurrency_is_not_used() -> None:
+    run = job("fast", 1.0, sweep="s2")
+    elsewhere = [
+        job("none", 2.0, conditions=replace(HERE, gpu_uuid="GPU-b")),
+        job("none", 3.0, conditions=replace(HERE, boot_id="boot-0")),
+        job("none", 2.8, conditions=replace(HERE, concurrent_jobs=2)),
+        job("none", 2.5, conditions=replace(HERE, boot_id="")),  # a run from before machine starts were tagged
+    ]
+    comparison = compare_job([*elsewhere, run])[run.run_id]
+    assert comparison.pace is Pace.UNCOMPARED and comparison.speedup is None
+    assert comparison.why == (
+        "no baseline under the same conditions: the 4 baseline run(s) of this job had 2 job(s) at once, not 1, "
+        "another device, another machine start, its machine start is unknown; run accelerator=none beside it"
+    )
+    same = job("none", 2.1, sweep="s0")  # same GPU and start, another sweep: used, and said so
+    comparison = compare_job([*elsewhere, same, run])[run.run_id]
+    assert comparison.baseline_run == same.run_id and comparison.pace is Pace.FASTER
+    assert comparison.why.startswith("the newest of 1 baseline(s) on the same device and machine start")
+
+
+def test_the_same_sweeps_baseline_wins_over_a_newer_one() -> None:
+    ours = job("none", 2.0, sweep="s1")
+    run = job("fast", 1.0, sweep="s1")
+    newer = job("none", 2.02, sweep="s2")
+    assert compare_job([ours, run, newer])[run.run_id].baseline_run == ours.run_id
+
+
+def test_baselines_that_disagree_give_no_verdict() -> None:
+    """The issue's 2-GPU host: the same job measured 2.04 s in one sweep and 2.83 s in another."""
+    quiet, busy = job("none", 2.043, 0.05, sweep="s1"), job("none", 2.830, 0.05, sweep="s2")
+    graphed = job("compile_graph", 1.122, 0.004, sweep="s3")
+    result = compare_job([quiet, busy, graphed])
+    assert result[graphed.run_id].pace is Pace.INCONCLUSIVE
+    assert "the 2 eligible baselines disagree (2.043 s" in result[graphed.run_id].why
+    assert result[graphed.run_id].speedup == pytest.approx(2.830 / 1.122)  # measured against the newest, said
+    assert "disagrees with 2.830 s" in result[quiet.run_id].why  # and the baselines say so too
+    assert result[quiet.run_id].pace is Pace.BASELINE and result[quiet.run_id].speedup is None
+
+
+def test_a_noisy_or_contended_run_or_baseline_gets_no_verdict() -> None:
+    noisy = Measurement(Steadiness.NOISY, "the calls' spread is 96.2% of their mean (over 15%)")
+    contended = Measurement(Steadiness.CONTENDED, "2 other process(es) on its GPU")
+    base = job("none", 1.7)
+    slow = job("deepcache", 8.65, 8.3, measurement=noisy)  # the issue's deepcache run
+    result = compare_job([base, slow])[slow.run_id]
+    assert result.pace is Pace.INCONCLUSIVE and "this run was noisy: the calls' spread is 96.2%" in result.why
+    busy_base, run = job("none", 2.0, measurement=contended), job("fast", 1.0)
+    result = compare_job([busy_base, run])
+    assert result[run.run_id].pace is Pace.INCONCLUSIVE and "its baseline was contended" in result[run.run_id].why
+    assert not any(c.best for c in result.values())  # no steady baseline, no verdict: no best
+
+
+def test_verdicts_written_and_read_back_through_mlflow(tmp_path: Path) -> None:
+    """compare writes its verdicts into the store; the best tag moves when a better run appears."""
+    tracker = Tracker(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="x"))
+
+    def finished(accelerator: str, latency: float) -> str:
+        run_id = tracker.start_job(f"m/t2i/512/{accelerator}", {"accelerator": accelerator, "runs": 10}, "", {})
+        result = WorkerResult(
+            metrics={"latency_s": latency, "latency_std_s": 0.01, "peak_mem_gib": 10.0},
+            image_key="k",
+            conditions=HERE,
+            measurement=STEADY,
+            quality=QualityResult(Quality.UNAFFECTED, "fine", "self" if accelerator == "none" else "b"),
+        )
+        tracker.record_result(run_id, result, tmp_path)
+        tracker.end_job(run_id, Outcome.OK)
+        return run_id
+
+    base, fast = finished("none", 2.0), finished("fast", 1.0)
+    compare(tracker, tracker.records())
+    assert tracker.record(fast).comparison.best and not tracker.record(base).comparison.best
+    faster = finished("faster", 0.8)
+    compare(tracker, [tracker.record(faster)])  # one run's job: the whole job is compared again
+    assert tracker.record(faster).comparison.best and not tracker.record(fast).comparison.best
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # how a user's script finds them
+    best = mlflow.search_runs(experiment_names=["x"], filter_string="tags.best = 'true'")
+    assert list(best["run_id"]) == [faster]
+    assert best["tags.pace"][0] == "faster" and best["metrics.speedup_vs_baseline"][0] == pytest.approx(2.5)

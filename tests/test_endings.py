@@ -1,0 +1,136 @@
+"""Every sweep ends with its table, every run closed, every mistake one line: bad jobs beside good ones, keys
+that do not exist, Ctrl-C and SIGTERM, a server that does not answer, a rerun with a skipped pair."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from mlflow import MlflowClient
+
+from runner.config import MlflowConfig
+from runner.host import HOST, boot_id
+from runner.tracking import Tracker
+
+
+def sweeps(uri: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("diffusion-bench")
+    return client.search_runs([experiment.experiment_id], "tags.kind = 'sweep'") if experiment else []
+
+
+def test_good_jobs_beside_an_unknown_model_and_accelerator_end_with_the_table(cli) -> None:
+    sweep = cli("-m", "model=tiny_sdxl,tiny_sdxll", "accelerator=none,tensorrt", "res=64", "runs=2")
+    assert sweep.code == 1
+    table = sweep.output.split("\nSweep ")[1]
+    assert "tiny_sdxl/t2i/64/none  " in table and " ok " in table
+    assert "tiny_sdxll/t2i/64/none" in table and "model=tiny_sdxll: no such model; choose one of" in table
+    assert "tiny_sdxl/t2i/64/tensorrt" in table and "accelerator=tensorrt: no such accelerator" in table
+    assert "3 of 4 job(s) failed" in sweep.output
+    assert "Traceback" not in sweep.output and "HYDRA_FULL_ERROR" not in sweep.output
+    runs = sweep.runs()
+    assert {run.info.status for run in runs.values()} == {"FINISHED", "FAILED"} and len(runs) == 4
+    [parent] = sweeps(sweep.tracking_uri)
+    assert parent.info.status == "FAILED" and parent.data.tags["jobs_failed"] == "3"
+
+
+@pytest.mark.parametrize("args", [("-m", "reso=256,512"), ("+reso=256",), ("reso=256",)])
+def test_an_unknown_key_is_refused_before_anything_runs(cli, args: tuple[str, ...]) -> None:
+    sweep = cli(*args, "res=64", "runs=1")
+    assert sweep.code == 2
+    assert sweep.output.strip() == "error: reso: no such key; did you mean res?"
+    assert sweep.runs() == {}  # no job ran, none was recorded
+
+
+def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
+    sweep = cli("quality.min_ssm=0.9")
+    assert sweep.code == 2 and "quality.min_ssm: no such key; did you mean quality.min_ssim?" in sweep.output
+
+
+def start_sweep(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """A sweep whose first job takes a while, in a process group of its own (as a terminal's job); returns once
+    the job's timed calls have begun."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    places = [f"mlflow.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path}/hydra", f"cache_dir={tmp_path}/cache"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runner", "-m", "res=512,520", "runs=40", *args, *places],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    for line in process.stdout:
+        if "timed 1/40" in line or time.monotonic() > deadline:
+            break
+    return process, uri
+
+
+@pytest.mark.parametrize(("stop", "code", "name"), [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_stopped_sweep_says_so_in_one_line_and_closes_every_run(tmp_path: Path, stop, code: int, name: str) -> None:
+    process, uri = start_sweep(tmp_path)
+    os.killpg(process.pid, stop)  # Ctrl-C reaches the whole group, as from a terminal; SIGTERM, as a scheduler's
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == code
+    lines = [line for line in rest.splitlines() if line.strip() and not line.startswith("[tiny_sdxl")]
+    assert len(lines) == 1, rest  # no traceback, no table: one line
+    assert lines[0].startswith(f"Stopped by {name}: job tiny_sdxl/t2i/512/none (run ")
+    assert lines[0].endswith("run the same command again to resume where it stopped.")
+    [job] = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("diffusion-bench").experiment_id], "tags.kind = 'job'"
+    )
+    assert job.info.status == "KILLED" and job.data.tags["error"] == f"stopped by {name}"
+    [parent] = sweeps(uri)
+    assert parent.info.status == "KILLED" and parent.data.tags["stopped"] == f"by {name}"
+
+
+def test_an_abandoned_sweep_run_is_closed_by_the_next_sweep(cli, tmp_path: Path) -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    tracker = Tracker(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db"))
+    left = tracker.start_sweep(
+        "killed outright", "res=64", {"host": HOST, "pid": gone.stdout.strip(), "boot_id": boot_id()}
+    )
+    assert cli("res=64", "runs=1").code == 0
+    closed = {run.info.run_id: run for run in sweeps(f"sqlite:///{tmp_path}/mlruns/mlflow.db")}[left]
+    assert closed.info.status == "KILLED" and closed.data.tags["stopped"].startswith("abandoned: its process")
+
+
+def test_a_rerun_records_a_skipped_pair_once(cli) -> None:
+    first = cli("-m", "model=tiny_pix2pix", "task=t2i,i2i", "res=64", "runs=1")
+    assert first.code == 0, first.output
+    again = cli("-m", "model=tiny_pix2pix", "task=t2i,i2i", "res=64", "runs=1")
+    assert again.code == 0 and "[tiny_pix2pix/t2i/64/none] SKIPPED already as run" in again.output
+    assert len(again.runs()) == 2  # the skip and the finished job, each once
+
+
+def silent_server() -> socket.socket:
+    """A port that accepts connections and never answers: a server that hangs."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    return server
+
+
+@pytest.mark.parametrize("hangs", [False, True])
+def test_a_server_that_does_not_answer_is_one_line_within_seconds(cli, hangs: bool) -> None:
+    with silent_server() if hangs else socket.socket() as server:
+        if not hangs:
+            server.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        began = time.monotonic()
+        report = subprocess.run(
+            [sys.executable, "-m", "runner.report", "--tracking-uri", uri], cwd=ROOT, capture_output=True, text=True
+        )
+        sweep = cli("res=64", "runs=1", tracking_uri=uri)
+        took = time.monotonic() - began
+    for code, output in ((report.returncode, report.stderr), (sweep.code, sweep.output)):
+        assert code == 2 and output.strip().count("\n") == 0, output
+        assert output.startswith(f"error: mlflow.tracking_uri={uri}: no tracking server answers there")
+    assert took < 2 * 15

@@ -1,0 +1,75 @@
+"""What else runs on the host while a job is timed: other processes on its GPU (a stand-in NVML), other
+processes' CPU time, and the verdict they make of a run."""
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from runner import host, worker
+from runner.host import CpuLoad, gpu_neighbours, parse_cpulist
+from runner.record import Steadiness, WorkerResult
+
+STEADY_CALLS = [1.00, 1.01, 0.99, 1.00, 1.01, 1.00, 0.99, 1.00, 1.01, 1.00]
+
+
+def stand_in_nvml(monkeypatch: pytest.MonkeyPatch, pids: list[int]) -> None:
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None
+    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: uuid
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda handle: [types.SimpleNamespace(pid=pid) for pid in pids]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+
+def test_other_processes_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    stand_in_nvml(monkeypatch, [os.getpid()])
+    assert gpu_neighbours("GPU-a") == []  # only this job
+    stand_in_nvml(monkeypatch, [os.getpid(), 4_000_001])
+    assert gpu_neighbours("GPU-a") == [4_000_001]
+    stand_in_nvml(monkeypatch, [12, 13])  # NVML in another pid namespace: one of them is this job
+    assert len(gpu_neighbours("GPU-a")) == 1
+    monkeypatch.setitem(sys.modules, "pynvml", types.ModuleType("pynvml"))  # no NVML: nothing said
+    assert gpu_neighbours("GPU-a") is None
+
+
+def test_a_compilers_worker_process_is_not_a_neighbour(monkeypatch: pytest.MonkeyPatch) -> None:
+    with subprocess.Popen(["sleep", "30"]) as child:  # a child of this job, as inductor's compile workers are
+        try:
+            stand_in_nvml(monkeypatch, [os.getpid(), child.pid])
+            assert gpu_neighbours("GPU-a") == []
+        finally:
+            child.kill()
+
+
+def test_cpu_time_of_other_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    readings = iter([(0.0, 100.0, 1.0), (10.0, 130.0, 6.0)])  # wall, host busy and own CPU seconds
+    monkeypatch.setattr(CpuLoad, "_now", staticmethod(lambda: next(readings)))
+    assert CpuLoad().others_cores() == pytest.approx(2.5)  # 30 busy seconds, 5 of them ours, over 10 s
+
+
+def test_a_busy_gpu_or_host_makes_the_run_contended(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = WorkerResult(series={"call_latency_s": STEADY_CALLS}, facts={"gpu_uuid": "GPU-a"})
+    monkeypatch.setattr(worker, "gpu_neighbours", lambda uuid: [])
+    assert worker.judge_measurement(result, 0.1).steadiness is Steadiness.STEADY
+    monkeypatch.setattr(worker, "gpu_neighbours", lambda uuid: [4242])
+    busy = worker.judge_measurement(result, 0.1)
+    assert (busy.steadiness, busy.why) == (Steadiness.CONTENDED, "1 other process(es) on its GPU")
+    assert result.facts["gpu_other_processes"] == "4242"
+    monkeypatch.setattr(worker, "gpu_neighbours", lambda uuid: [])
+    monkeypatch.setattr(worker, "busy_threshold_cores", lambda: 4.0)
+    busy = worker.judge_measurement(result, 6.5)
+    assert (
+        busy.why == "other processes used 6.5 CPU cores while it was timed" and result.metrics["other_cpu_cores"] == 6.5
+    )
+
+
+def test_cpulists_and_cores_near_a_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert parse_cpulist("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    monkeypatch.setattr(host, "allowed_cores", lambda: list(range(8)))
+    monkeypatch.setattr(host, "_numa_cores", lambda uuid: [4, 5, 6, 7, 8])
+    assert host.cores_near("GPU-a") == [7, 6, 5, 4, 3, 2, 1, 0]  # the GPU's node first, allowed cores only
+    monkeypatch.setattr(host, "_numa_cores", lambda uuid: [0, 1])
+    assert host.cores_near("GPU-a") == [1, 0, 7, 6, 5, 4, 3, 2]
