@@ -1,11 +1,19 @@
-"""The runner's own overhead: one pipeline call timed bare (CUDA events, or perf_counter on the CPU, around
-``pipe(...)``) and as the runner times it (PhaseClock's hooks on the denoiser), alternating in one process
-so both see the same GPU clocks and the same pipeline.
+"""The runner's timing against bare diffusers, for text-to-image and image-to-image alike: one pipeline
+built once, its calls alternating between
 
-    python benchmarks/overhead.py OUT.json model=sdxl_base model.weights=random steps=30 res=1024
+- **bare**: what a user's own script does, ``pipe(...)`` between two CUDA events (perf_counter on the CPU),
+  on the host as it is (no pinning, torch's default threads, the garbage collector on); a second bare series
+  adds only the runner's step hooks, to read bare diffusers' time from the call's start to the first
+  denoising step (``bare_to_first_step_s``);
+- **runner**: the call as the runner times it (runner/measure.py: PhaseClock's hooks, the steady host with
+  the launching thread pinned to one core and torch's CPU work on that thread).
 
-Takes the job's overrides like ``python -m runner``; writes every call's latency to OUT.json. Also times the
-denoiser hooks on their own, a precise figure where the end-to-end difference is within the calls' noise.
+    python benchmarks/overhead.py OUT.json model=sdxl_base model.weights=random steps=30 task=i2i res=1024 \\
+        accelerator=cuda_graph runs=20
+
+Takes the job's overrides like ``python -m runner`` (the accelerator is applied as the runner applies it);
+writes every call's latency and phases to OUT.json. Also times the hooks on their own: a precise figure
+where the end-to-end difference is within the calls' noise.
 """
 
 import gc
@@ -16,10 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from runner.accelerators import Target, build_accelerator
 from runner.config import compose_job, to_config
+from runner.host import allowed_cores
+from runner.inputs import load_image
 from runner.measure import Marker, PhaseClock, steady_host, synchronize
 from runner.pipelines import build_pipeline
-from runner.worker import DTYPES, HARMLESS, TRUNCATION, call_args, drop_log_lines, resolve_device
+from runner.worker import DTYPES, HARMLESS, TRUNCATION, drop_log_lines, pipeline_args, resolve_device
 
 
 def main(out: Path, overrides: list[str]) -> None:
@@ -28,32 +39,44 @@ def main(out: Path, overrides: list[str]) -> None:
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else DTYPES["fp16" if device.type == "cuda" else "fp32"]
     pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
+    accelerator = build_accelerator(cfg.accelerator)
+    accelerator.check(device)
+    shape_key = f"overhead-{cfg.names.model}-{cfg.names.task}-{cfg.height}x{cfg.width}"
+    accelerator.apply(pipe, Target(cfg.model.denoiser, device, dtype, Path(cfg.cache_dir).expanduser(), shape_key))
+    image = None
+    if "image" in cfg.task.inputs:
+        image, _ = load_image(cfg.task.image, cfg.names.model, cfg.width, cfg.height, lambda *_: None)
     denoiser = getattr(pipe, cfg.model.denoiser)
-    for index in range(cfg.warmup):
-        pipe(**call_args(cfg, [cfg.prompt], None, device, index))
+    core = max(allowed_cores()) if cfg.pin_cpu else None
+    with steady_host(device, core):
+        for index in range(cfg.warmup):
+            pipe(**pipeline_args(cfg, [cfg.prompt], image, device, index))
     start, end = Marker(device), Marker(device)
 
-    def bare(kwargs: dict) -> float:
-        gc.collect()  # as PhaseClock.time_call does, outside the timed region
+    def bare(kwargs: dict) -> dict:
         start.mark()
         pipe(**kwargs)
         end.mark()
         synchronize(device)
-        return start.seconds_until(end)
+        return {"latency_s": start.seconds_until(end)}
 
-    def clocked(kwargs: dict) -> float:
+    def phases(kwargs: dict) -> dict:
         clock = PhaseClock(denoiser, device)
         _, timing = clock.time_call(lambda: pipe(**kwargs))
         clock.detach()
-        return timing.latency_s
+        return vars(timing)
 
-    bare_s, runner_s = [], []
-    with steady_host(device, cfg.pin_cpu):  # the host as the runner's timed calls see it
-        for index in range(cfg.runs):  # alternate which goes first, so drift favours neither
-            pair = [(bare, bare_s), (clocked, runner_s)]
-            for timer, into in pair if index % 2 == 0 else reversed(pair):
-                into.append(timer(call_args(cfg, [cfg.prompt], None, device, index)))
-    # The hooks' own cost, timed directly: what the runner adds to every denoising step.
+    def runner(kwargs: dict) -> dict:
+        with steady_host(device, core):
+            return phases(kwargs)
+
+    series: dict[str, list[dict]] = {"bare": [], "bare_hooked": [], "runner": []}
+    timers = {"bare": bare, "bare_hooked": phases, "runner": runner}
+    for index in range(cfg.runs):  # rotate which goes first, so drift favours none
+        names = list(timers)
+        for name in names[index % 3 :] + names[: index % 3]:
+            gc.collect()
+            series[name].append(timers[name](pipeline_args(cfg, [cfg.prompt], image, device, index)))
     clock = PhaseClock(denoiser, device)
     clock.steps = 1  # past the first step, whose inputs are recorded once per job
     repeats = 10_000
@@ -61,28 +84,44 @@ def main(out: Path, overrides: list[str]) -> None:
     for _ in range(repeats):
         clock._before_step(denoiser, (), {})
         clock._after_step(denoiser, (), None)
-    hook_s_per_step = (time.perf_counter() - begin) / repeats
+    hook_us = (time.perf_counter() - begin) / repeats * 1e6
     clock.detach()
+
+    def mean(name: str, key: str = "latency_s") -> float:
+        return float(np.mean([call[key] for call in series[name]]))
+
+    def cv(name: str) -> float:
+        values = [call["latency_s"] for call in series[name]]
+        return float(np.std(values, ddof=1) / np.mean(values))
+
     result = {
         "overrides": overrides,
-        "hook_us_per_step": hook_s_per_step * 1e6,
-        "hook_pct_of_call": 100 * hook_s_per_step * cfg.steps / float(np.mean(bare_s)),
         "device": str(device),
-        "bare_s": bare_s,
-        "runner_s": runner_s,
-        "bare_mean_s": float(np.mean(bare_s)),
-        "runner_mean_s": float(np.mean(runner_s)),
-        "bare_cv": float(np.std(bare_s, ddof=1) / np.mean(bare_s)),
-        "runner_cv": float(np.std(runner_s, ddof=1) / np.mean(runner_s)),
-        "overhead_pct": float(100 * (np.mean(runner_s) / np.mean(bare_s) - 1)),
-        "overhead_median_pct": float(100 * (np.median(runner_s) / np.median(bare_s) - 1)),
+        "pinned_core": core,
+        "series": series,
+        "hook_us_per_step": hook_us,
+        "bare_mean_s": mean("bare"),
+        "bare_cv": cv("bare"),
+        "bare_to_first_step_s": mean("bare_hooked", "text_encode_s"),
+        "runner_mean_s": mean("runner"),
+        "runner_cv": cv("runner"),
+        "runner_text_encode_s": mean("runner", "text_encode_s"),
+        "runner_denoise_s": mean("runner", "denoise_s"),
+        "runner_decode_s": mean("runner", "decode_s"),
+        "runner_vs_bare_pct": 100 * (mean("runner") / mean("bare") - 1),
+        "runner_vs_bare_median_pct": 100
+        * (
+            np.median([c["latency_s"] for c in series["runner"]]) / np.median([c["latency_s"] for c in series["bare"]])
+            - 1
+        ),
     }
-    out.write_text(json.dumps(result, indent=2))
+    out.write_text(json.dumps(result, indent=1))
     print(
-        f"{' '.join(overrides)}: bare {result['bare_mean_s']:.4f} s (cv {result['bare_cv']:.2%}), "
-        f"runner {result['runner_mean_s']:.4f} s (cv {result['runner_cv']:.2%}), "
-        f"overhead {result['overhead_pct']:+.2f}% (median {result['overhead_median_pct']:+.2f}%); "
-        f"hooks {result['hook_us_per_step']:.1f} us/step = {result['hook_pct_of_call']:.3f}% of a call"
+        f"{' '.join(overrides)}: bare {result['bare_mean_s']:.4f} s (cv {result['bare_cv']:.1%}, first step after "
+        f"{result['bare_to_first_step_s'] * 1000:.0f} ms), runner {result['runner_mean_s']:.4f} s (cv "
+        f"{result['runner_cv']:.1%}, text_encode {result['runner_text_encode_s'] * 1000:.0f} ms), runner vs bare "
+        f"{result['runner_vs_bare_pct']:+.1f}% (median {result['runner_vs_bare_median_pct']:+.1f}%); hooks "
+        f"{hook_us:.1f} us/step"
     )
 
 
