@@ -42,6 +42,13 @@ METRICS = (
     Metric("denoise_steps", "steps", "", "{:.0f}"),
     Metric("denoiser_tflop_per_step", "TFLOP per step", "", "{:.2f}"),
     Metric("achieved_tflops", "achieved", "TFLOP/s", "{:.1f}"),
+    Metric("images_per_s", "images/s", "", "{:.2f}"),
+    Metric("latency_per_image_s", "latency per image", "s", "{:.3f}"),
+    Metric("energy_j_per_image", "energy per image", "J", "{:.1f}"),
+    Metric("avg_power_w", "power", "W", "{:.0f}"),
+    Metric("images_per_kwh", "images per kWh", "", "{:.0f}"),
+    Metric("warmup_energy_j", "warmup energy", "J", "{:.0f}"),
+    Metric("usd_per_1k_images", "cost per 1k images", "USD", "{:.3f}"),
     Metric("peak_mem_gib", "peak memory", "GiB", "{:.2f}"),
     Metric("peak_reserved_gib", "peak reserved", "GiB", "{:.2f}"),
     Metric("peak_rss_gib", "peak RSS", "GiB", "{:.2f}"),
@@ -58,7 +65,18 @@ METRICS = (
 CATALOGUE = {metric.key: metric for metric in METRICS}
 
 # What the sweep's table shows, where the runs have it.
-SWEEP_TABLE = ("latency_s", "latency_cv", "its", "warmup_s", "peak_mem_gib", "peak_rss_gib", "speedup_vs_baseline")
+SWEEP_TABLE = (
+    "latency_s",
+    "latency_cv",
+    "its",
+    "images_per_s",
+    "warmup_s",
+    "peak_mem_gib",
+    "peak_rss_gib",
+    "energy_j_per_image",
+    "usd_per_1k_images",
+    "speedup_vs_baseline",
+)
 
 
 def describe(key: str) -> Metric:

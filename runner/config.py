@@ -138,6 +138,14 @@ class QualityConfig:
 
 
 @dataclass
+class CostConfig:
+    gpu_hour_usd: float | None = setting(None, help="the device's price per hour: logs usd_per_1k_images")
+    per_device: dict[str, float] = setting(
+        factory=dict, help="prices per hour by device name (device_name tag), used where gpu_hour_usd is unset"
+    )
+
+
+@dataclass
 class Config:
     names: JobNames = field(default_factory=JobNames)
     model: ModelConfig = setting(MISSING, help="a file in conf/model/")
@@ -148,19 +156,20 @@ class Config:
     res: int = setting(1024, help="square images of res x res px; a positive multiple of 8", param="res")
     height: int = setting(II("res"), help="image height (follows res)", param="height", images=True)
     width: int = setting(II("res"), help="image width (follows res)", param="width", images=True)
-    steps: int = setting(II("model.steps"), help="denoising steps (default from the model)", param="steps", images=True)
+    steps: int = setting(II("model.steps"), help="denoising steps; the model's unless set", param="steps", images=True)
     guidance_scale: float = setting(
         II("model.guidance_scale"),
-        help="classifier-free guidance (default from the model)",
+        help="classifier-free guidance; the model's unless set",
         param="guidance_scale",
         images=True,
     )
-    prompt: str = setting(II("task.prompt"), help="the prompt (default from the task)", param="prompt")
+    prompt: str = setting(II("task.prompt"), help="the prompt; the task's unless set", param="prompt")
     prompts: str | None = setting(
         None, help="a prompt set (photo, edits) or a file, one prompt a line", param="prompts"
     )
     negative_prompt: str | None = setting(None, help="the negative prompt", param="negative_prompt", images=True)
     seed: int = setting(0, help="timed call i uses seed + i", param="seed", images=True)
+    batch: int = setting(1, help="images per call (num_images_per_prompt)", param="batch", images=True)
     warmup: int = setting(1, help="untimed calls before timing (compilation lands here)", param="warmup")
     runs: int = setting(10, help="timed calls", param="runs")
     device: str = setting("auto", help="auto, cpu, cuda or cuda:N (auto: cuda if present)")
@@ -177,11 +186,53 @@ class Config:
     log_images: bool = setting(True, help="log the generated PNGs")
     sweep_id: str = setting("", help="stamped by the sweeper on every job of one sweep", identity=False)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     mlflow: MlflowConfig = setting(factory=MlflowConfig, identity=False)
 
 
-ConfigStore.instance().store(name="schema", node=Config)
 CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def help_text() -> str:
+    """``python -m runner --help``: every setting of the schema with its meaning and default."""
+    lines = [
+        "python -m runner [-m] key=value ...     one job, or a sweep over comma-separated values",
+        "python -m runner.compare | python -m runner.report [--help]     compare runs; write the report",
+        "",
+        "Groups (one option each, or several comma-separated to sweep; a file in conf/<group>/):",
+        "$APP_CONFIG_GROUPS",
+        "Settings (key=value; README.md, 'Running jobs', says more):",
+    ]
+    for key, meta, default in _described(Config):
+        empty = default is NO_DEFAULT or default is MISSING or default in (None, "", {}, [])
+        shown = "" if empty else f" (default: {_shown(default)})"
+        lines.append(f"  {key:28} {meta['help']}{shown}")
+    lines += ["", "Example: python -m runner -m model=realvisxl_v4,realvisxl_v4_lightning res=512,1024"]
+    return "\n".join(lines) + "\n"
+
+
+def _described(cls: type, prefix: str = "") -> Iterator[tuple[str, dict, Any]]:
+    hints = typing.get_type_hints(cls)
+    for item in fields(cls):
+        key, kind = f"{prefix}{item.name}", hints[item.name]
+        nested = kind if is_dataclass(kind) else next((a for a in typing.get_args(kind) if is_dataclass(a)), None)
+        if item.metadata.get("help"):
+            default = item.default_factory() if item.default_factory is not NO_DEFAULT else item.default
+            yield key, dict(item.metadata), None if is_dataclass(default) else default
+        if nested is not None and typing.get_origin(kind) is not dict:
+            yield from _described(nested, f"{key}.")
+
+
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+ConfigStore.instance().store(name="schema", node=Config)
+ConfigStore.instance().store(
+    group="hydra/help",
+    name="runner",
+    node={"app_name": "runner", "header": "", "footer": "", "template": help_text()},
+)
 
 
 def compose_job(*overrides: str) -> DictConfig:
@@ -210,7 +261,7 @@ def check(cfg: Config) -> None:
         value = getattr(cfg, key)
         if value <= 0 or value % 8:
             raise ConfigError(f"{key}={value}: must be a positive multiple of 8, e.g. 512 or 1024")
-    for key, least in (("runs", 1), ("steps", 1), ("warmup", 0)):
+    for key, least in (("runs", 1), ("steps", 1), ("warmup", 0), ("batch", 1)):
         value = getattr(cfg, key)
         if value < least:
             raise ConfigError(f"{key}={value}: must be at least {least}")
@@ -222,6 +273,13 @@ def check(cfg: Config) -> None:
         _check_choice("task.inputs", needed, INPUTS)
     if not 0 <= cfg.quality.min_ssim <= 1:
         raise ConfigError(f"quality.min_ssim={cfg.quality.min_ssim}: must be between 0 and 1")
+    prices = {
+        "cost.gpu_hour_usd": cfg.cost.gpu_hour_usd,
+        **{f"cost.per_device.{k}": v for k, v in cfg.cost.per_device.items()},
+    }
+    for key, price in prices.items():
+        if price is not None and price < 0:
+            raise ConfigError(f"{key}={price}: a price per hour cannot be negative")
     if cfg.quality.max_clip_drop_pct < 0:
         raise ConfigError(f"quality.max_clip_drop_pct={cfg.quality.max_clip_drop_pct}: must be at least 0")
     if cfg.model.weights == "pretrained" and not cfg.model.id:
@@ -244,14 +302,16 @@ def skip_reason(cfg: Config) -> str | None:
     return f"model {cfg.names.model} has no {cfg.names.task} pipeline (it offers: {offered})"
 
 
-def run_name(model: str, task: str, height: int | str, width: int | str, accelerator: str) -> str:
-    """The run's readable name, e.g. realvisxl_v4/t2i/1024/none (or .../768x1024/... when not square)."""
+def run_name(model: str, task: str, height: int | str, width: int | str, accelerator: str, batch: object = 1) -> str:
+    """The run's readable name, e.g. realvisxl_v4/t2i/1024/none (.../768x1024/... when not square, and
+    .../1024-b4/... for four images a call)."""
     size = f"{height}" if str(height) == str(width) else f"{height}x{width}"
+    size += f"-b{batch}" if str(batch) not in ("1", "None") else ""
     return f"{model}/{task}/{size}/{accelerator}"
 
 
 def job_name(cfg: Config) -> str:
-    return run_name(cfg.names.model, cfg.names.task, cfg.height, cfg.width, cfg.names.accelerator)
+    return run_name(cfg.names.model, cfg.names.task, cfg.height, cfg.width, cfg.names.accelerator, cfg.batch)
 
 
 # What is derived from the schema.

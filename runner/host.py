@@ -8,7 +8,7 @@ GPU-launching thread may have.
   core (and its hyperthread siblings) under ``cache_dir/core-locks``, preferring the cores of the job's GPU's
   NUMA node: never two jobs on one core.
 - ``CpuLoad`` and ``gpu_neighbours``: the CPU other processes used while the job was timed (from
-  /proc/stat), and other processes on the job's GPU (from NVML).
+  /proc/stat), and other processes on the job's GPU (from NVML); ``gpu_energy_mj``, the GPU's energy counter.
 """
 
 import fcntl
@@ -183,6 +183,21 @@ def gpu_neighbours(gpu_uuid: str) -> list[int] | None:
     if own not in pids:  # NVML sees another pid namespace: all but one of its processes are others
         return sorted(pids)[: max(0, len(pids) - 1)]
     return sorted(pid for pid in pids if pid != own and not _descends_from(pid, own))
+
+
+def gpu_energy_mj(gpu_uuid: str) -> tuple[float | None, str]:
+    """NVML's cumulative energy counter of the GPU (millijoules since the driver loaded); None and why where
+    the GPU or NVML does not keep one (before Volta, CPU machines)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return float(pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByUUID(gpu_uuid))), ""
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as error:
+        return None, f"{type(error).__name__}: {error}".strip(": ")
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:

@@ -17,7 +17,9 @@ table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
 td, th { border: 1px solid #ccc; padding: 3px 7px; }
 th { background: #f3f3f3; }
 img.plot { max-width: 100%; display: block; margin: 1em 0; }
-img.thumb { width: 200px; margin: 0 6px 6px 0; vertical-align: top; }
+figure { display: inline-block; margin: 0 8px 8px 0; vertical-align: top; }
+figcaption { font-size: 0.85em; color: #555; text-align: center; }
+img.thumb { width: 200px; display: block; }
 h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
 """
 
@@ -25,7 +27,7 @@ h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
 def to_html(text: str, title: str, folder: Path) -> str:
     """``text`` (Markdown whose images are files under ``folder``) as HTML with every image embedded."""
     body = markdown.markdown(text, extensions=["tables"])
-    body = re.sub(r'<img alt="([^"]*)" src="([^"]+)"', lambda m: _embedded(m.group(1), folder / m.group(2)), body)
+    body = re.sub(r'<img alt="([^"]*)" src="([^"]+)" />', lambda m: _embedded(m.group(1), folder / m.group(2)), body)
     return (
         f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n"
@@ -33,8 +35,9 @@ def to_html(text: str, title: str, folder: Path) -> str:
 
 
 def _embedded(alt: str, path: Path) -> str:
+    """The image as a data URI; a run's image as a captioned thumbnail (the caption names its accelerator)."""
     if not path.is_file():
-        return f'<img alt="{alt} (missing)" src=""'
+        return f"<span>({alt}: image missing)</span>"
     if path.parent.name == "plots":
         data, kind, css = path.read_bytes(), "png", "plot"
     else:
@@ -44,5 +47,5 @@ def _embedded(alt: str, path: Path) -> str:
             buffer = io.BytesIO()
             thumbnail.save(buffer, "JPEG", quality=85)
         data, kind, css = buffer.getvalue(), "jpeg", "thumb"
-    encoded = base64.b64encode(data).decode()
-    return f'<img class="{css}" title="{alt}" alt="{alt}" src="data:image/{kind};base64,{encoded}"'
+    image = f'<img class="{css}" alt="{alt}" src="data:image/{kind};base64,{base64.b64encode(data).decode()}" />'
+    return image if css == "plot" else f"<figure>{image}<figcaption>{alt}</figcaption></figure>"

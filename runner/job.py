@@ -207,7 +207,7 @@ def _die_with_parent() -> None:
 
 def lenient_name(cfg: DictConfig) -> str:
     """The run's name for a config that could not be converted: whatever of it can be read."""
-    keys = ("names.model", "names.task", "height", "width", "names.accelerator")
+    keys = ("names.model", "names.task", "height", "width", "names.accelerator", "batch")
     return run_name(*(_lenient(cfg, key) for key in keys))
 
 

@@ -21,6 +21,7 @@ import torch
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from runner.host import gpu_energy_mj
 from runner.record import Measurement, Steadiness
 
 GIB = 2**30
@@ -183,8 +184,9 @@ def steadiness(latencies: list[float]) -> Measurement:
     return Measurement(Steadiness.STEADY, f"CV {cv:.1%}")
 
 
-def summarize(timings: list[CallTiming]) -> dict[str, float]:
-    """Metrics over the timed calls. it/s is denoising steps per second of denoising (not per call)."""
+def summarize(timings: list[CallTiming], batch: int = 1) -> dict[str, float]:
+    """Metrics over the timed calls. it/s is denoising steps per second of denoising (not per call); images/s
+    is the images of all calls over their summed latency."""
     latency = np.array([t.latency_s for t in timings])
     denoise = np.array([t.denoise_s for t in timings])
     steps = np.array([t.denoise_steps for t in timings])
@@ -201,6 +203,8 @@ def summarize(timings: list[CallTiming]) -> dict[str, float]:
         "decode_s": float(np.mean([t.decode_s for t in timings])),
         "denoise_steps": float(steps.mean()),
         "its": float(steps.sum() / denoise.sum()),
+        "images_per_s": float(batch * len(latency) / latency.sum()),
+        "latency_per_image_s": float(latency.mean() / batch),
     }
 
 
@@ -250,6 +254,46 @@ def _peak_rss_bytes() -> int:
     import resource  # not Linux: the process's lifetime peak, an upper bound
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class EnergyMeter:
+    """The energy a GPU drew over a block: NVML's cumulative counter (millijoules, kept by the driver at its
+    own resolution) read before and after, so short spikes between the reads count, unlike sampled power.
+    It is the whole GPU's energy over the block's wall time, idle power included. ``joules`` stays None, with
+    ``why``, where there is no counter (CPU jobs, GPUs before Volta)."""
+
+    def __init__(self, gpu_uuid: str) -> None:
+        self.gpu_uuid = gpu_uuid
+        self.joules: float | None = None
+        self.seconds = 0.0
+        self.why = "not on a GPU" if not gpu_uuid else ""
+
+    def __enter__(self) -> "EnergyMeter":
+        self._start = gpu_energy_mj(self.gpu_uuid) if self.gpu_uuid else (None, self.why)
+        self._began = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._began
+        if self._start[0] is None:
+            self.why = self.why or self._start[1]
+            return
+        end, why = gpu_energy_mj(self.gpu_uuid)
+        if end is None:
+            self.why = why
+            return
+        self.joules = (end - self._start[0]) / 1000
+
+
+def energy_metrics(meter: EnergyMeter, images: int) -> dict[str, float]:
+    """Energy per image, average power and images per kWh of the timed calls; empty without a counter."""
+    if meter.joules is None or meter.seconds <= 0 or images <= 0:
+        return {}
+    return {
+        "energy_j_per_image": meter.joules / images,
+        "avg_power_w": meter.joules / meter.seconds,
+        "images_per_kwh": images / (meter.joules / 3.6e6) if meter.joules > 0 else float("inf"),
+    }
 
 
 class Stopwatch:

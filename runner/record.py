@@ -172,8 +172,9 @@ def quality_tags(quality: QualityResult) -> dict[str, str]:
         "quality_baseline_run": quality.baseline_run or "none",
         "clip_model": quality.clip_model,
         "clip_score_meaningful": f"false: {quality.clip_meaningless}" if quality.clip_meaningless else "true",
-        "broken_output": "; ".join(quality.broken),
     }
+    if quality.broken:
+        tags["broken_output"] = "; ".join(quality.broken)
     if quality.judged_late:
         tags["quality_judged"] = "later, when its baseline was found"
     return tags
@@ -210,6 +211,7 @@ class JobRecord:
     task: str
     task_title: str
     size: str  # HxW
+    batch: int  # images per call
     accelerator: str
     baseline_accelerator: str  # the accelerator whose runs are the baselines (quality.baseline)
     weights: str
@@ -259,6 +261,7 @@ class JobRecord:
             task=params.get("task", "?"),
             task_title=params.get("task_title") or params.get("task", "?"),
             size=f"{height}x{width}",
+            batch=int(params["batch"]) if params.get("batch", "").isdigit() else 1,
             accelerator=params.get("accelerator", "?"),
             baseline_accelerator=params.get("quality.baseline", "none"),
             weights=params.get("weights", "?"),

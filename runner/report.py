@@ -11,26 +11,38 @@ it; ``report.html`` carries them inside, so it reads the same from disk, from ML
 import argparse
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from runner.catalogue import describe
+from runner.catalogue import Metric, describe
 from runner.compare import FASTER
 from runner.config import MlflowConfig
 from runner.errors import RunnerError, one_line
 from runner.html import to_html
-from runner.plots import plot_speedups
+from runner.plots import plot_speedups, plot_throughput
 from runner.record import JobRecord, Outcome, Pace, Quality
 from runner.tracking import Tracker
 
-DETAIL_COLUMNS = ("warmup_s", "latency_s", "its", "clip_score", "ssim_vs_baseline", "speedup_vs_baseline")
+DETAIL_COLUMNS = (
+    "warmup_s",
+    "latency_s",
+    "its",
+    "images_per_s",
+    "energy_j_per_image",
+    "usd_per_1k_images",
+    "clip_score",
+    "ssim_vs_baseline",
+    "speedup_vs_baseline",
+)
 
 
 def write_report(tracker: Tracker, out: Path, records: list[JobRecord]) -> None:
     """Write ``report.md`` and ``report.html`` (with their images and plots) about ``records`` to ``out``."""
     shown = newest(records)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    plots = plot_speedups([r for r in shown if r.ok], out / "plots")
+    finished = [r for r in shown if r.ok]
+    plots = plot_speedups(finished, out / "plots") + plot_throughput(finished, out / "plots")
     text = Report(tracker, shown, len(records), out, plots).markdown()
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(to_html(text, f"Report: {tracker.experiment_name}", out))
@@ -53,8 +65,8 @@ class Report:
         self.jobs: dict[tuple[str, str, str, str], list[JobRecord]] = defaultdict(list)
         for record in records:
             if record.ok:
-                key = (record.task_title, record.model, record.size, record.conditions.device_name)
-                self.jobs[key].append(record)
+                size = record.size + (f", batch {record.batch}" if record.batch > 1 else "")
+                self.jobs[(record.task_title, record.model, size, record.conditions.device_name)].append(record)
 
     def markdown(self) -> str:
         lines = [
@@ -90,43 +102,19 @@ class Report:
         )
 
     def _answer(self) -> list[str]:
-        compared: dict[str, list[JobRecord]] = defaultdict(list)
-        failed: dict[str, int] = defaultdict(int)
-        for record in self.records:
-            if record.is_baseline:
-                continue
-            if record.outcome in (Outcome.FAILED, Outcome.KILLED):
-                failed[record.accelerator] += 1
-            elif record.ok:
-                compared[record.accelerator].append(record)
-        if not compared and not failed:
+        found = answers(self.records)
+        if not found:
             return ["No accelerated run yet: sweep `accelerator=none,<other>` (the baseline first) to answer."]
         lines = [
             "| accelerator | answer | jobs | faster | quality unaffected | faster and unaffected | speedup "
             "| inconclusive | not compared | failed |",
             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
         ]
-        for accelerator in sorted({*compared, *failed}):
-            runs = compared.get(accelerator, [])
-            paces = [r.comparison.pace if r.comparison else Pace.UNCOMPARED for r in runs]
-            fast = [r for r, p in zip(runs, paces, strict=True) if p is Pace.FASTER]
-            good = [r for r in runs if r.quality.verdict is Quality.UNAFFECTED]
-            both = [r for r in fast if r in good]
-            judged = [r for r, p in zip(runs, paces, strict=True) if p in (Pace.FASTER, Pace.SLOWER, Pace.SAME)]
-            speedups = [r.comparison.speedup for r in judged if r.comparison and r.comparison.speedup]
-            answer = (
-                "not answered"
-                if not judged
-                else "**Yes**"
-                if len(both) == len(judged)
-                else "**Partly**"
-                if both
-                else "**No**"
-            )
-            span = f"{min(speedups):.2f}×-{max(speedups):.2f}×" if speedups else "-"
+        for a in found:
+            verdict = a.verdict if a.verdict == "not answered" else f"**{a.verdict}**"
             lines.append(
-                f"| {accelerator} | {answer} | {len(runs)} | {len(fast)} | {len(good)} | {len(both)} | {span} "
-                f"| {paces.count(Pace.INCONCLUSIVE)} | {paces.count(Pace.UNCOMPARED)} | {failed.get(accelerator, 0)} |"
+                f"| {a.accelerator} | {verdict} | {a.jobs} | {a.faster} | {a.unaffected} | {a.both} | {a.span} "
+                f"| {a.inconclusive} | {a.uncompared} | {a.failed} |"
             )
         lines += [
             "",
@@ -166,7 +154,7 @@ class Report:
         first = runs[0]
         source = f"`{first.model_id}`" if first.model_id else "built in code"
         lines = [f"## {_job_title(key)}", "", f"{first.model}: {source}, {first.weights} weights.", ""]
-        metrics = [describe(key) for key in DETAIL_COLUMNS]
+        metrics = [describe(key) for key in DETAIL_COLUMNS if any(key in run.metrics for run in runs)]
         lines += [
             "| accelerator | " + " | ".join(m.heading for m in metrics) + " | peak memory (GiB) | pace | quality "
             "unaffected | measurement |",
@@ -175,8 +163,7 @@ class Report:
         for run in runs:
             name = run.accelerator + (" (baseline)" if run.is_baseline else "")
             name += " **best**" if run.comparison and run.comparison.best else ""
-            cells = [m.show(run.metrics.get(m.key)) for m in metrics]
-            cells[1] += f" ± {run.metrics.get('latency_std_s', 0):.3f}"
+            cells = [_cell(run, metric) for metric in metrics]
             memory = run.memory_gib
             lines.append(
                 f"| {name} | {' | '.join(cells)} | {'-' if memory is None else f'{memory:.2f}'} | "
@@ -215,6 +202,84 @@ class Report:
         for record in sorted(missing, key=lambda r: (r.outcome is Outcome.SKIPPED, r.name)):
             lines.append(f"| {record.name} | {record.outcome} | {record.why.replace('|', '/') or '?'} |")
         return [*lines, ""]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The answer for one accelerator: in how many jobs it was faster, with quality unaffected."""
+
+    accelerator: str
+    jobs: int  # finished runs of it, one per job (the newest)
+    faster: int
+    unaffected: int
+    both: int
+    judged: int  # jobs whose pace is a verdict: faster, slower or about as fast
+    inconclusive: int
+    uncompared: int
+    failed: int
+    speedups: tuple[float, ...]  # of the judged jobs
+
+    @property
+    def verdict(self) -> str:
+        if not self.judged:
+            return "not answered"
+        return "Yes" if self.both == self.judged else "Partly" if self.both else "No"
+
+    @property
+    def span(self) -> str:
+        return f"{min(self.speedups):.2f}×-{max(self.speedups):.2f}×" if self.speedups else "-"
+
+    def line(self) -> str:
+        """The answer in one line, as a sweep prints it under its table."""
+        if not self.judged:
+            why = f"{self.inconclusive} inconclusive, {self.uncompared} not compared, {self.failed} failed"
+            return f"{self.accelerator}: not answered ({why})"
+        return (
+            f"{self.accelerator}: {self.verdict}, faster with quality unaffected in {self.both} of {self.judged} "
+            f"judged job(s) ({self.span})"
+        )
+
+
+def answers(records: list[JobRecord]) -> list[Answer]:
+    """One answer per accelerator under test (not the baseline) among ``records``, one run per job."""
+    compared: dict[str, list[JobRecord]] = defaultdict(list)
+    failed: dict[str, int] = defaultdict(int)
+    for record in newest(records):
+        if record.is_baseline:
+            continue
+        if record.outcome in (Outcome.FAILED, Outcome.KILLED):
+            failed[record.accelerator] += 1
+        elif record.ok:
+            compared[record.accelerator].append(record)
+    found = []
+    for accelerator in sorted({*compared, *failed}):
+        runs = compared.get(accelerator, [])
+        paces = [r.comparison.pace if r.comparison else Pace.UNCOMPARED for r in runs]
+        fast = [r for r, p in zip(runs, paces, strict=True) if p is Pace.FASTER]
+        good = [r for r in runs if r.quality.verdict is Quality.UNAFFECTED]
+        judged = [r for r, p in zip(runs, paces, strict=True) if p in (Pace.FASTER, Pace.SLOWER, Pace.SAME)]
+        found.append(
+            Answer(
+                accelerator,
+                len(runs),
+                len(fast),
+                len(good),
+                len([r for r in fast if r in good]),
+                len(judged),
+                paces.count(Pace.INCONCLUSIVE),
+                paces.count(Pace.UNCOMPARED),
+                failed.get(accelerator, 0),
+                tuple(r.comparison.speedup for r in judged if r.comparison and r.comparison.speedup),
+            )
+        )
+    return found
+
+
+def _cell(run: JobRecord, metric: Metric) -> str:
+    """A run's metric as the tables show it; latency with its standard deviation over the calls."""
+    shown = metric.show(run.metrics.get(metric.key))
+    spread = run.metrics.get("latency_std_s") if metric.key == "latency_s" else None
+    return shown if spread is None else f"{shown} ± {spread:.3f}"
 
 
 def _sentence(run: JobRecord) -> str:

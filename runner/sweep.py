@@ -28,9 +28,11 @@ from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
 from runner.job import Stopped, Terminated, alive, sigterm_raises
 from runner.record import JobRecord, Outcome
-from runner.report import write_report
+from runner.report import answers, write_report
 from runner.tracking import Tracker
 
+# Overrides that say where a sweep is recorded, not what it measures: left out of its run's name.
+WHERE = ("mlflow.", "hydra.", "hydra/", "cache_dir=")
 EXIT_STOPPED = {"Ctrl-C": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
 
@@ -39,8 +41,9 @@ def run_sweep(master: DictConfig, arguments: list[str], launch: Callable[[list[s
     tracker = open_tracker(master)
     close_abandoned_sweeps(tracker)
     command = " ".join(arguments) or "(defaults)"
+    chosen = " ".join(a for a in arguments if not a.startswith(WHERE)) or "(defaults)"
     sweep_id = tracker.start_sweep(
-        f"{command} ({datetime.now():%Y-%m-%d %H:%M})"[:120],
+        f"{chosen[:100]} ({datetime.now():%Y-%m-%d %H:%M})",
         command,
         {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()},
     )
@@ -108,13 +111,15 @@ def finish(tracker: Tracker, sweep_id: str, done_before: list[str], problems: li
     where = f"experiment '{tracker.experiment_name}' ({tracker.tracking_uri})"
     print(f"\nSweep {sweep_id}: {len(records)} job(s) in {where}{earlier}")
     print(table)
+    for answer in answers(records):
+        print(f"Answer: {answer.line()}")
     for problem in problems:
         print(f"WARNING: {problem}", file=sys.stderr)
     if report:
         print(f"Report: {report}")
     print(f"MLflow: {tracker.ui_link(sweep_id)}")
     failed = [r for r in records if r.outcome in (Outcome.FAILED, Outcome.KILLED)]
-    tags = {"jobs": str(len(records)), "jobs_failed": str(len(failed)), "mlflow.note.content": f"```\n{table}\n```"}
+    tags = {"jobs": str(len(records)), "jobs_failed": str(len(failed)), "mlflow.note.content": note(records)}
     if problems:
         tags["sweep_problems"] = "; ".join(problems)
     tracker.log_text(sweep_id, table + "\n", "sweep.txt")
@@ -123,6 +128,21 @@ def finish(tracker: Tracker, sweep_id: str, done_before: list[str], problems: li
         print(f"{len(failed)} of {len(records)} job(s) failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
     if failed or problems:
         raise SystemExit(1)
+
+
+def note(records: list[JobRecord]) -> str:
+    """The sweep's answer and table in Markdown: MLflow shows it as the sweep run's description."""
+    lines = [f"**Answer.** {answer.line()}" for answer in answers(records)]
+    lines += ["", "| job | outcome | latency (s) | speedup | pace | note |", "|---|---|---:|---:|---|---|"]
+    latency, speedup = describe("latency_s"), describe("speedup_vs_baseline")
+    for r in records:
+        pace = str(r.comparison.pace) if r.comparison else "-"
+        why = (r.why or (r.comparison.why if r.comparison else "")).replace("|", "/")[:200]
+        lines.append(
+            f"| {r.name} | {r.outcome} | {latency.show(r.metrics.get('latency_s'))} | "
+            f"{speedup.show(r.metrics.get('speedup_vs_baseline'))} | {pace} | {why} |"
+        )
+    return "\n".join([*lines, "", "The report: this run's artifacts, report/report.html."])
 
 
 def close_abandoned_sweeps(tracker: Tracker) -> None:
@@ -154,9 +174,8 @@ def record_uncomposable(master: DictConfig, overrides: list[str], error: Excepti
     params = {group: chosen.get(group, choices.get(group)) for group in ("model", "task", "accelerator")}
     params.update({key.lstrip("+~"): value for key, value in chosen.items() if key != "sweep_id"})
     res = chosen.get("res", OmegaConf.select(master, "res"))
-    name = run_name(
-        params["model"], params["task"], chosen.get("height", res), chosen.get("width", res), params["accelerator"]
-    )
+    height, width = chosen.get("height", res), chosen.get("width", res)
+    name = run_name(params["model"], params["task"], height, width, params["accelerator"], chosen.get("batch", 1))
     message = describe_compose_error(error)
     tracker = open_tracker(master)
     tags = {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()}

@@ -49,6 +49,7 @@ PROBE_TIMEOUT_S = 5
 KIND_TAG = "mlflow.experimentKind"
 KIND = {KIND_TAG: "custom_model_development"}
 MAX_TAG_CHARS = 1000  # long errors are cut here; the whole traceback is the artifact error.txt
+NOTE_TAG, MAX_NOTE_CHARS = "mlflow.note.content", 8000  # a run's description (MLflow's own limit for a tag)
 SQLITE_PREFIX = "sqlite:///"
 STATUS = {Outcome.OK: "FINISHED", Outcome.SKIPPED: "FINISHED", Outcome.FAILED: "FAILED", Outcome.KILLED: "KILLED"}
 WHY_TAG = {Outcome.SKIPPED: "skip_reason", Outcome.FAILED: "error", Outcome.KILLED: "error"}
@@ -282,7 +283,10 @@ class Tracker:
         now = _now_ms()
         items = {
             "params": [Param(key, _text(value)) for key, value in (params or {}).items()],
-            "tags": [RunTag(key, _text(value)[:MAX_TAG_CHARS]) for key, value in (tags or {}).items()],
+            "tags": [
+                RunTag(key, _text(value)[: MAX_NOTE_CHARS if key == NOTE_TAG else MAX_TAG_CHARS])
+                for key, value in (tags or {}).items()
+            ],
             "metrics": [Metric(key, float(value), now, 0) for key, value in (metrics or {}).items()]
             + (extra_metrics or []),
         }

@@ -23,16 +23,19 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from runner.accelerators import Target, build_accelerator
+from runner.accelerators import Accelerator, Target, build_accelerator
 from runner.config import Config, ConfigError, job_name
 from runner.environment import environment_tags
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, CpuLoad, JobRegistry, boot_id, busy_threshold_cores, gpu_neighbours
 from runner.inputs import load_image, load_prompts
 from runner.measure import (
+    CallTiming,
+    EnergyMeter,
     PhaseClock,
     Stopwatch,
     denoiser_flop_per_step,
+    energy_metrics,
     peak_memory,
     steadiness,
     steady_host,
@@ -76,30 +79,23 @@ def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult) -
         pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
     eager_denoiser = getattr(pipe, cfg.model.denoiser)
     result.params["denoiser_params"] = parameter_count(eager_denoiser)
-    shape_key = f"{cfg.names.model}-{cfg.model.weights}-{cfg.names.task}-{cfg.height}x{cfg.width}-{dtype_name}"
+    shape = f"{cfg.height}x{cfg.width}-b{cfg.batch}-{dtype_name}"  # what one compiled graph serves
+    shape_key = f"{cfg.names.model}-{cfg.model.weights}-{cfg.names.task}-{shape}"
     accelerator.apply(pipe, Target(cfg.model.denoiser, device, dtype, Path(cfg.cache_dir).expanduser(), shape_key))
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
 
     progress(cfg, f"loaded in {load.seconds:.1f} s; warming up ({cfg.warmup} call(s))")
-    timings, images = [], {}
-    with JobRegistry(Path(cfg.cache_dir).expanduser() / "running") as registry, steady_host(device, core):
-        with heartbeat(cfg, "warming up (compilation and graph capture land here)"), Stopwatch(device) as warmup:
-            for index in range(cfg.warmup):
-                pipe(**pipeline_args(cfg, prompts, image, device, index))
-        accelerator.warmed_up(pipe)
-        result.metrics.update(load_s=load.seconds, warmup_s=warmup.seconds)
-        progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
-        jobs_at_once, host_load = registry.count(), CpuLoad()
-        with peak_memory(device, into=result.metrics):
-            for index in range(cfg.runs):
-                kwargs = pipeline_args(cfg, prompts, image, device, index)
-                output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
-                jobs_at_once = max(jobs_at_once, registry.count())
-                timings.append(timing)
-                images[f"{index:03d}_p{index % len(prompts):02d}_seed{cfg.seed + index}.png"] = output.images[0]
-                progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
-        others_cores = host_load.others_cores()
-    result.metrics.update(summarize(timings))
+    result.metrics["load_s"] = load.seconds
+    try:
+        timings, images, jobs_at_once, others_cores = time_calls(
+            cfg, pipe, accelerator, clock, prompts, image, core, result
+        )
+    except torch.OutOfMemoryError as error:
+        raise OutOfMemory(
+            f"batch={cfg.batch} does not fit on {result.facts['device_name']}: {one_line(error)}"
+        ) from None
+    result.metrics.update(summarize(timings, cfg.batch))
+    result.metrics.update(price(cfg, result))
     result.series["call_latency_s"] = [t.latency_s for t in timings]
     result.conditions = Conditions(
         host=HOST,
@@ -125,9 +121,65 @@ def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult) -
             picture.save(folder / "images" / name)
     latency, its = result.metrics["latency_s"], result.metrics["its"]
     progress(cfg, f"latency {latency:.3f} s, {its:.2f} it/s; scoring quality")
-    prompts_used = [prompts[i % len(prompts)] for i in range(cfg.runs)]
+    prompts_used = [prompts[i % len(prompts)] for i in range(cfg.runs) for _ in range(cfg.batch)]  # image order
     with heartbeat(cfg, "scoring quality"):
         score_quality(cfg, tracker, result, images, prompts_used, device)
+
+
+def time_calls(
+    cfg: Config,
+    pipe: Any,
+    accelerator: Accelerator,
+    clock: PhaseClock,
+    prompts: list[str],
+    image: Image.Image | None,
+    core: int | None,
+    result: WorkerResult,
+) -> tuple[list[CallTiming], dict[str, Image.Image], int, float | None]:
+    """Warm up, then time the calls on the steady host, reading peak memory and the GPU's energy counter
+    around them; return the calls' timings and images, the most jobs seen at once, and others' CPU use."""
+    device, gpu = clock.device, result.facts.get("gpu_uuid", "")
+    timings, images = [], {}
+    with JobRegistry(Path(cfg.cache_dir).expanduser() / "running") as registry, steady_host(device, core):
+        warming = heartbeat(cfg, "warming up (compilation and graph capture land here)")
+        with warming, EnergyMeter(gpu) as warm_energy, Stopwatch(device) as warmup:
+            for index in range(cfg.warmup):
+                pipe(**pipeline_args(cfg, prompts, image, device, index))
+        accelerator.warmed_up(pipe)
+        result.metrics["warmup_s"] = warmup.seconds
+        progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
+        jobs_at_once, host_load = registry.count(), CpuLoad()
+        with peak_memory(device, into=result.metrics), EnergyMeter(gpu) as energy:
+            for index in range(cfg.runs):
+                kwargs = pipeline_args(cfg, prompts, image, device, index)
+                output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
+                jobs_at_once = max(jobs_at_once, registry.count())
+                timings.append(timing)
+                for number, picture in enumerate(output.images):
+                    images[image_name(cfg, len(prompts), index, number)] = picture
+                progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
+        others_cores = host_load.others_cores()
+    if warm_energy.joules is not None:
+        result.metrics["warmup_energy_j"] = warm_energy.joules
+    result.metrics.update(energy_metrics(energy, cfg.runs * cfg.batch))
+    result.facts["energy"] = "NVML energy counter" if energy.joules is not None else f"unavailable: {energy.why}"
+    return timings, images, jobs_at_once, others_cores
+
+
+def image_name(cfg: Config, prompt_count: int, index: int, number: int) -> str:
+    """Call ``index``'s image ``number``: call, prompt and seed, and the image's place in its batch."""
+    name = f"{index:03d}_p{index % prompt_count:02d}_seed{cfg.seed + index}"
+    return f"{name}_{number}.png" if cfg.batch > 1 else f"{name}.png"
+
+
+def price(cfg: Config, result: WorkerResult) -> dict[str, float]:
+    """What 1,000 images cost at the configured price per hour of this device; nothing without a price."""
+    per_hour = cfg.cost.gpu_hour_usd
+    if per_hour is None:
+        per_hour = cfg.cost.per_device.get(result.facts.get("device_name", ""))
+    if per_hour is None:
+        return {}
+    return {"usd_per_1k_images": per_hour / 3600 / result.metrics["images_per_s"] * 1000}
 
 
 def judge_measurement(result: WorkerResult, others_cores: float | None) -> Measurement:
@@ -206,6 +258,10 @@ def device_name(result: WorkerResult) -> str:
     return result.facts.get("device_name", "")
 
 
+class OutOfMemory(RunnerError):
+    """The job does not fit on its device; the message names the memory."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,6 +293,7 @@ def pipeline_args(
         "generator": torch.Generator(device).manual_seed(cfg.seed + index),
         **cfg.task.call_args,
         **cfg.model.tasks[cfg.names.task].call_args,
+        "num_images_per_prompt": cfg.batch,
     }
     if image is not None:
         kwargs["image"] = image

@@ -92,6 +92,7 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
     "perturb": "_target_: tests.fake_accelerators.Perturb\nscale: 0.5\n",
     "blackout": "_target_: tests.fake_accelerators.Blackout\n",
     "crash": "_target_: tests.fake_accelerators.Crash\n",
+    "oom": "_target_: tests.fake_accelerators.OutOfMemory\n",
     "wrong_order": (
         "_target_: runner.accelerators.chain.Chain\nparts:\n"
         "  - {_target_: runner.accelerators.torch_compile.TorchCompileAccelerator, backend: eager}\n"
@@ -107,7 +108,8 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
 
 @pytest.fixture
 def test_accelerators(tmp_path: Path) -> str:
-    """Puts the tests' own accelerators (same, perturb, blackout, crash, wrong_order, dc_eager) on Hydra's search
+    """Puts the tests' own accelerators (same, perturb, blackout, crash, oom, wrong_order,
+    dc_eager) on Hydra's search
     path, as a user would add theirs without touching conf/; returns that override."""
     folder = tmp_path / "test_conf" / "accelerator"
     folder.mkdir(parents=True)

@@ -58,3 +58,14 @@ class Blackout(Accelerator):
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         pipe.vae.decoder.register_forward_hook(lambda module, args, output: torch.full_like(output, float("nan")))
+
+
+@dataclass
+class OutOfMemory(Accelerator):
+    """Runs out of device memory at the first denoising step, as a batch too large for the GPU would."""
+
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        def fail(module, args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has 1.00 GiB free.")
+
+        pipe.unet.register_forward_pre_hook(fail)

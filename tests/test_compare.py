@@ -54,6 +54,7 @@ def job(
         task="t2i",
         task_title="Text-to-image",
         size="512x512",
+        batch=1,
         accelerator=accelerator,
         baseline_accelerator="none",
         weights="random",

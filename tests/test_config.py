@@ -1,11 +1,24 @@
 """Every option of every config group composes; bad values are refused with the key, the value and the fix."""
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from runner.accelerators import Accelerator, build_accelerator
-from runner.config import CONF, Config, ConfigError, check, compose_job, run_name, skip_reason, to_config
+from runner.config import (
+    CONF,
+    Config,
+    ConfigError,
+    check,
+    compose_job,
+    known_keys,
+    run_name,
+    skip_reason,
+    to_config,
+)
 
 GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "task", "accelerator")}
 
@@ -100,3 +113,19 @@ def test_accelerator_options_are_type_checked() -> None:
         build_accelerator({"_target_": target, "speed": 2})
     with pytest.raises(ConfigError, match=r"not an accelerator \(subclass runner.accelerators.Accelerator\)"):
         build_accelerator({"_target_": "tests.fake_accelerators.NotAnAccelerator"})
+
+
+def test_help_lists_every_setting_of_the_schema() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "runner", "--help"], cwd=CONF.parent, capture_output=True, text=True, timeout=120
+    ).stdout
+    for key in known_keys():
+        if not key.startswith("names") and key not in ("quality", "cost", "mlflow"):  # Hydra's choices; sections
+            assert f"\n  {key} " in shown, key
+    assert "model: instruct_pix2pix, realvisxl_v4" in shown  # and every group's options
+
+
+def test_the_readmes_table_names_only_real_keys() -> None:
+    table = (CONF.parent / "README.md").read_text().split("| key | values | meaning |")[1].split("\n\n")[0]
+    keys = {key for row in table.splitlines()[2:] for key in re.findall(r"`([a-z_.]+)`", row.split("|")[1])}
+    assert keys and keys <= set(known_keys()), keys - set(known_keys())

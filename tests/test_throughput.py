@@ -1,0 +1,91 @@
+"""Energy per image, throughput at batch sizes, and cost: a stand-in NVML for the energy counter, real tiny
+sweeps for batches and prices."""
+
+import sys
+import types
+
+import pytest
+from mlflow import MlflowClient
+
+from runner.config import compose_job, to_config
+from runner.measure import EnergyMeter, energy_metrics
+from runner.record import WorkerResult
+from runner.worker import price
+
+
+def stand_in_counter(monkeypatch: pytest.MonkeyPatch, readings_mj: list[float] | None) -> None:
+    """NVML with an energy counter that returns ``readings_mj`` in turn, or none (raises) for None."""
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = nvml.nvmlShutdown = lambda: None
+    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: uuid
+    values = iter(readings_mj or [])
+
+    def counter(handle):
+        if readings_mj is None:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        return next(values)
+
+    nvml.nvmlDeviceGetTotalEnergyConsumption = counter
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+
+def test_energy_is_read_from_the_gpus_counter(monkeypatch: pytest.MonkeyPatch) -> None:
+    stand_in_counter(monkeypatch, [1_000_000.0, 1_500_000.0])  # 500 J between the reads
+    with EnergyMeter("GPU-a") as meter:
+        pass
+    assert meter.joules == pytest.approx(500.0) and meter.seconds > 0
+    meter.seconds = 2.0  # as if the 10 images took 2 s
+    assert energy_metrics(meter, images=10) == {
+        "energy_j_per_image": pytest.approx(50.0),
+        "avg_power_w": pytest.approx(250.0),
+        "images_per_kwh": pytest.approx(10 / (500 / 3.6e6)),
+    }
+
+
+def test_no_counter_logs_nothing_made_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    stand_in_counter(monkeypatch, None)
+    with EnergyMeter("GPU-old") as meter:
+        pass
+    assert meter.joules is None and meter.why == "RuntimeError: NVML_ERROR_NOT_SUPPORTED"
+    assert energy_metrics(meter, images=10) == {}
+    with EnergyMeter("") as cpu:
+        pass
+    assert cpu.joules is None and cpu.why == "not on a GPU"
+
+
+def test_a_price_per_hour_becomes_the_cost_of_1000_images() -> None:
+    result = WorkerResult(metrics={"images_per_s": 2.0}, facts={"device_name": "NVIDIA H100 80GB HBM3"})
+    assert price(to_config(compose_job()), result) == {}  # no price: nothing logged
+    assert price(to_config(compose_job("cost.gpu_hour_usd=3.6")), result) == {"usd_per_1k_images": pytest.approx(0.5)}
+    by_device = to_config(compose_job("+cost.per_device={NVIDIA H100 80GB HBM3: 7.2}"))
+    assert price(by_device, result) == {"usd_per_1k_images": pytest.approx(1.0)}
+
+
+def test_a_batch_sweep_counts_every_image_and_compares_image_by_image(cli, test_accelerators: str) -> None:
+    sweep = cli(
+        "-m", "batch=1,2", "accelerator=none,same", "res=64", "runs=2", "cost.gpu_hour_usd=3.6", test_accelerators
+    )
+    assert sweep.code == 0, sweep.output
+    runs = sweep.runs()
+    client = MlflowClient(sweep.tracking_uri)
+    by = {(r.data.params["batch"], r.data.params["accelerator"]): r for r in runs.values()}
+    assert set(runs) >= {"tiny_sdxl/t2i/64/none", "tiny_sdxl/t2i/64-b2/none"}  # names tell batches apart
+    images = sorted(a.path for a in client.list_artifacts(by[("2", "none")].info.run_id, "images"))
+    assert images == [f"images/00{i}_p00_seed{i}_{k}.png" for i in (0, 1) for k in (0, 1)]
+    assert len(client.list_artifacts(by[("1", "none")].info.run_id, "images")) == 2
+    for (batch, _), run in by.items():
+        metrics = run.data.metrics
+        assert metrics["images_per_s"] == pytest.approx(int(batch) / metrics["latency_s"], rel=1e-6)
+        assert metrics["latency_per_image_s"] == pytest.approx(metrics["latency_s"] / int(batch), rel=1e-6)
+        assert metrics["usd_per_1k_images"] == pytest.approx(1 / metrics["images_per_s"], rel=1e-6)
+        assert run.data.tags["energy"] == "unavailable: not on a GPU" and "energy_j_per_image" not in metrics
+    assert by[("2", "same")].data.metrics["images_compared"] == 4  # image by image, all four
+    assert by[("2", "same")].data.tags["baseline_run"] == by[("2", "none")].info.run_id  # its own batch's baseline
+
+
+def test_a_batch_that_does_not_fit_fails_naming_the_memory(cli, test_accelerators: str) -> None:
+    sweep = cli("-m", "accelerator=none,oom", "batch=8", "res=64", "runs=1", test_accelerators)
+    assert sweep.code == 1
+    error = sweep.runs()["tiny_sdxl/t2i/64-b8/oom"].data.tags["error"]
+    assert error.startswith("batch=8 does not fit on ") and "Tried to allocate 20.00 GiB" in error
+    assert sweep.runs()["tiny_sdxl/t2i/64-b8/none"].data.tags["outcome"] == "ok"  # the sweep went on
