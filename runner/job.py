@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from runner import slurm
 from runner.config import (
     Config,
     ConfigError,
@@ -59,6 +60,8 @@ def run_job(cfg: DictConfig) -> str:
     tracker = Tracker(MlflowConfig(**OmegaConf.to_container(cfg.mlflow, resolve=True)))
     close_abandoned(tracker)
     tags = {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()}
+    if slurm.job_id():
+        tags["slurm_job_id"] = slurm.job_id()
     try:
         config = to_config(cfg)
     except (ConfigError, OmegaConfBaseException) as error:
@@ -83,8 +86,13 @@ def run_job(cfg: DictConfig) -> str:
             outcome, why = measure_and_record(tracker, run_id, config, name)
     except (KeyboardInterrupt, Terminated) as stop:
         signal_name = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
-        tracker.end_job(run_id, Outcome.KILLED, f"stopped by {signal_name}")
+        why = (isinstance(stop, Terminated) and slurm.job_id() and slurm.why_stopped(slurm.job_id())) or ""
+        tracker.end_job(run_id, Outcome.KILLED, why or f"stopped by {signal_name}")
         raise Stopped(signal_name, name, run_id) from None
+    except BaseException as error:  # e.g. submitit ending a SLURM job at its time-limit warning (SIGUSR2)
+        why = slurm.job_id() and slurm.why_stopped(slurm.job_id(), exiting=True)
+        tracker.end_job(run_id, Outcome.KILLED, why or f"stopped: {one_line(error)}")
+        raise
     tracker.end_job(run_id, outcome, why)
     return _ended(name, outcome, why, run_id)
 
@@ -162,13 +170,17 @@ def launch_worker(folder: Path, gpu: str | None, cores: list[int]) -> tuple[Outc
 
 
 def close_abandoned(tracker: Tracker) -> None:
-    """Close as KILLED the RUNNING job runs of this host whose process is gone (or whose machine restarted)."""
-    for record in tracker.records(f"attributes.status = 'RUNNING' and tags.host = '{HOST}'"):
-        pid = record.pid
-        if record.conditions.boot_id != boot_id() or not (pid.isdigit() and alive(int(pid))):
-            tracker.end_job(
-                record.run_id, Outcome.KILLED, f"abandoned: its job process ({pid} on {HOST}) died without ending it"
-            )
+    """Close as KILLED the RUNNING job runs whose job is gone: on this host, its process died (or the machine
+    restarted); on another node, SLURM no longer runs the SLURM job it recorded (a node lost mid-job)."""
+    for record in tracker.records("attributes.status = 'RUNNING'"):
+        host, pid = record.conditions.host, record.pid
+        if host == HOST and (record.conditions.boot_id != boot_id() or not (pid.isdigit() and alive(int(pid)))):
+            why = f"abandoned: its job process ({pid} on {HOST}) died without ending it"
+        elif host != HOST and record.slurm_job and slurm.still_running(record.slurm_job) is False:
+            why = f"abandoned: SLURM no longer runs its job {record.slurm_job} (on {host}: a node lost mid-job?)"
+        else:
+            continue
+        tracker.end_job(record.run_id, Outcome.KILLED, why)
 
 
 def alive(pid: int) -> bool:

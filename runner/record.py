@@ -205,6 +205,7 @@ class JobRecord:
     why: str  # the error, the skip reason or the reason it was stopped; empty for a finished run
     started_ms: int
     pid: str  # the job's process, on conditions.host
+    slurm_job: str  # the SLURM job it ran in, if any
     sweep_id: str
     config_hash: str
     model: str
@@ -255,6 +256,7 @@ class JobRecord:
             why=tags.get("error") or tags.get("skip_reason") or "",
             started_ms=run.info.start_time or 0,
             pid=tags.get("pid", ""),
+            slurm_job=tags.get("slurm_job_id", ""),
             sweep_id=tags.get("sweep_id", ""),
             config_hash=tags.get("config_hash", ""),
             model=params.get("model", "?"),

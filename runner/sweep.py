@@ -59,11 +59,21 @@ def run_sweep(master: DictConfig, arguments: list[str], launch: Callable[[list[s
                     for job in batch
                     if job.status == JobStatus.COMPLETED and str(job.return_value).startswith("done:")
                 ]
-            except Exception as error:  # a job that could not even record itself: still end with the table
-                problems.append(f"the sweep stopped early: {one_line(error)}")
+            except Exception as error:  # a launcher or a job that could not record itself: end with the table
+                problems.append(launch_problem(error))
             finish(tracker, sweep_id, done_before, problems)
     except (Stopped, KeyboardInterrupt, Terminated) as stop:
         stopped(tracker, sweep_id, stop)
+
+
+def launch_problem(error: Exception) -> str:
+    """One line on why the launcher stopped: for a job scheduler's refusal or a job it ended, what to check."""
+    line = one_line(error)
+    if "sbatch" in line:  # submitit could not submit: SLURM refused the jobs as asked
+        return f"SLURM refused the sweep's jobs: {line} (check hydra.launcher.partition and the resources asked)"
+    if type(error).__name__ == "UncompletedJobError":  # submitit: a job ended without a result
+        return f"a job ended without finishing, so the sweep stopped waiting: {line} (its run says why)"
+    return f"the sweep stopped early: {line}"
 
 
 def open_tracker(master: DictConfig) -> Tracker:

@@ -44,6 +44,8 @@ os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+# Against a server MLflow prints a "View run ... at" line for every run it closes; the sweep prints one link.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 PROBE_TIMEOUT_S = 5
 # MLflow's UI opens an experiment in its runs table (not its GenAI traces view) when it is of this kind.
 KIND_TAG = "mlflow.experimentKind"

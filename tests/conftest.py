@@ -1,8 +1,13 @@
 """Shared fixtures: composing jobs as Hydra does, tiny pipelines, and the real CLI against a temporary store."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,3 +121,34 @@ def test_accelerators(tmp_path: Path) -> str:
     for name, text in TEST_ACCELERATORS.items():
         (folder / f"{name}.yaml").write_text(text)
     return f"hydra.searchpath=[file://{folder.parent}]"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(folder: Path, database: str) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 with ``database`` behind it and proxied artifacts in ``folder``; its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", database, "--artifacts-destination", str(folder / "artifacts"), "--workers", "1"]
+    with open(folder / "server.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

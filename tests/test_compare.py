@@ -48,6 +48,7 @@ def job(
         why="",
         started_ms=number,
         pid="1",
+        slurm_job="",
         sweep_id=sweep,
         config_hash=f"{accelerator}-{sweep}",
         model="m",
