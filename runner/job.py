@@ -9,12 +9,12 @@ run is not run again unless ``force=true``. A run left RUNNING by a job process 
 """
 
 import contextlib
-import ctypes
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,9 +38,20 @@ from runner.config import (
 from runner.errors import one_line
 from runner.gpus import gpu_lease, visible_gpus
 from runner.host import HOST, boot_id, core_lease, cores_near
+from runner.measure import Timeline
 from runner.record import Outcome, WorkerResult
 from runner.tracking import Tracker
-from runner.worker import RESULT
+from runner.worker import LAUNCHED_AT, RESULT, run_forked
+
+# Workers are forked from a server that imported runner.worker once (see launch_worker); where a platform has
+# no fork, each is spawned afresh. The server must never initialise CUDA (a fork would inherit a broken
+# context): torch's CUDA checks read NVML instead.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+if "forkserver" in multiprocessing.get_all_start_methods():
+    WORKERS = multiprocessing.get_context("forkserver")
+    WORKERS.set_forkserver_preload(["runner.worker", "torch._inductor.compile_fx"])  # the latter: 3 s a compile
+else:
+    WORKERS = multiprocessing.get_context("spawn")  # type: ignore[assignment]
 
 
 class Terminated(BaseException):
@@ -57,6 +68,7 @@ class Stopped(BaseException):
 
 def run_job(cfg: DictConfig) -> str:
     """Run one composed job; return ok, failed, skipped, or done:<run id> when it had already ended so."""
+    began, timeline = time.perf_counter(), Timeline()
     tracker = Tracker(MlflowConfig(**OmegaConf.to_container(cfg.mlflow, resolve=True)))
     close_abandoned(tracker)
     tags = {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()}
@@ -83,7 +95,7 @@ def run_job(cfg: DictConfig) -> str:
     run_id = tracker.start_job(name, logged_params(config), config.sweep_id, tags)
     try:
         with sigterm_raises():  # from here to the run's end a stop closes the run, wherever it lands
-            outcome, why = measure_and_record(tracker, run_id, config, name)
+            outcome, why, result = measure_and_record(tracker, run_id, config, name, timeline)
     except (KeyboardInterrupt, Terminated) as stop:
         signal_name = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
         why = (isinstance(stop, Terminated) and slurm.job_id() and slurm.why_stopped(slurm.job_id())) or ""
@@ -93,30 +105,69 @@ def run_job(cfg: DictConfig) -> str:
         why = slurm.job_id() and slurm.why_stopped(slurm.job_id(), exiting=True)
         tracker.end_job(run_id, Outcome.KILLED, why or f"stopped: {one_line(error)}")
         raise
-    tracker.end_job(run_id, outcome, why)
+    spent = job_time(timeline, time.perf_counter() - began, result)
+    if spent:
+        print(f"[{name}] {time_summary(spent | (result.metrics if result else {}))}", flush=True)
+    tracker.end_job(run_id, outcome, why, metrics=spent)
     return _ended(name, outcome, why, run_id)
 
 
-def measure_and_record(tracker: Tracker, run_id: str, config: Config, name: str) -> tuple[Outcome, str]:
+def measure_and_record(
+    tracker: Tracker, run_id: str, config: Config, name: str, timeline: Timeline
+) -> tuple[Outcome, str, WorkerResult | None]:
     """Hand the checked config to a worker, and record whatever it handed back (also when it failed)."""
     folder = Path(HydraConfig.get().runtime.output_dir)
     job_file = folder / "config.yaml"
     job_file.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
     tracker.log_file(run_id, job_file)
+    result = None
     try:
-        return measure_in_worker(config, name, folder)
+        outcome, why = measure_in_worker(config, name, folder, timeline)
     finally:
-        if (folder / "worker.log").exists():
-            tracker.log_file(run_id, folder / "worker.log")
-        result = WorkerResult.load(folder / RESULT)
-        if result is not None:
-            tracker.record_result(run_id, result, folder)
+        with timeline.phase("record"):
+            if (folder / "worker.log").exists():
+                tracker.log_file(run_id, folder / "worker.log")
+            result = WorkerResult.load(folder / RESULT)
+            if result is not None:
+                tracker.record_result(run_id, result, folder)
+    return outcome, why, result
+
+
+def job_time(timeline: Timeline, wall_s: float, result: WorkerResult | None) -> dict[str, float]:
+    """The job's wall time and where it went: the job process's own phases (its setup is what no other phase
+    took), and the runner's overhead: the wall time less queueing for a GPU, loading, warmup and the timed
+    calls themselves. Empty when the worker handed back no timed calls."""
+    calls = result.series.get("call_latency_s") if result else None
+    if not calls:
+        return {}
+    assert result is not None
+    phases = timeline.seconds
+    spent = {f"time_{name}_s": phases[name] for name in ("queued", "worker_exit", "record") if name in phases}
+    job_own = sum(phases.get(name, 0.0) for name in ("queued", "worker", "record"))
+    spent["time_job_setup_s"] = wall_s - job_own
+    waited = phases.get("queued", 0.0)
+    measured = result.metrics.get("load_s", 0.0) + result.metrics.get("warmup_s", 0.0) + sum(calls)
+    spent.update(job_wall_s=wall_s, overhead_s=wall_s - waited - measured)
+    return spent
+
+
+def time_summary(metrics: dict[str, float]) -> str:
+    """One line: the job's wall time, what was measured, and the runner's own phases, largest first."""
+    measured = ", ".join(
+        f"{what} {metrics[key]:.1f}" for what, key in (("loading", "load_s"), ("warmup", "warmup_s")) if key in metrics
+    )
+    own = sorted(
+        ((key[5:-2].replace("_", " "), value) for key, value in metrics.items() if key.startswith("time_")),
+        key=lambda item: -item[1],
+    )
+    parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in own if name not in ("queued", "timed"))
+    return f"wall {metrics['job_wall_s']:.1f} s: {measured}; the runner's own {metrics['overhead_s']:.1f} s ({parts})"
 
 
 DONE = {Outcome.OK: "DONE", Outcome.SKIPPED: "SKIPPED"}
 
 
-def measure_in_worker(config: Config, name: str, folder: Path) -> tuple[Outcome, str]:
+def measure_in_worker(config: Config, name: str, folder: Path, timeline: Timeline) -> tuple[Outcome, str]:
     """Run the worker on a GPU and a core of its own (when on CUDA)."""
     # A job on a GPU takes one of its own (runner/gpus.py), unless told which (device=cuda:N) or not to.
     wants_gpu = config.gpu_lease and config.device in ("auto", "cuda", "cuda:0")
@@ -125,37 +176,48 @@ def measure_in_worker(config: Config, name: str, folder: Path) -> tuple[Outcome,
         gpus = [gpus[config.gpu_slot % len(gpus)]]
     cache = Path(config.cache_dir).expanduser()
     waiting = f"[{name}] waiting for {'its GPU' if len(gpus) == 1 else f'one of {len(gpus)} busy GPUs'}"
-    with (
-        gpu_lease(cache / "gpu-locks", gpus, waiting=lambda: print(waiting, flush=True)) as gpu,
-        core_lease(cache / "core-locks", cores_near(gpu) if config.pin_cpu else []) as cores,
-    ):
-        return launch_worker(folder, gpu, cores)
+    with contextlib.ExitStack() as leases:
+        with timeline.phase("queued"):
+            gpu = leases.enter_context(gpu_lease(cache / "gpu-locks", gpus, waiting=lambda: print(waiting, flush=True)))
+            cores = leases.enter_context(core_lease(cache / "core-locks", cores_near(gpu) if config.pin_cpu else []))
+        with timeline.phase("worker"):
+            outcome = launch_worker(folder, gpu, cores)
+        written = folder / RESULT
+        if written.exists():  # the worker writes its result last: from there to its end is its exit
+            timeline.seconds["worker_exit"] = max(0.0, time.time() - written.stat().st_mtime)
+        return outcome
 
 
 def launch_worker(folder: Path, gpu: str | None, cores: list[int]) -> tuple[Outcome, str]:
     """Measure in a fresh process that sees only ``gpu`` (if given) and may pin to the first of ``cores`` (the
     others are its siblings, held idle), echoing its output and keeping it in ``worker.log``; return how it
-    ended and why."""
-    config = str(folder / "config.yaml")
-    command = [sys.executable, "-m", "runner.worker", config, str(folder), ",".join(map(str, cores)), gpu or ""]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}
+    ended and why.
+
+    The process is a fork of a server that has already imported the worker's modules (torch, diffusers,
+    transformers, MLflow), started once per job process: importing them took 14-18 s per job on our H100
+    host. Each job still gets a process of its own, forked from a server that never touched CUDA, never
+    loaded a pipeline and never compiled anything (multiprocessing's forkserver)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHED_AT: repr(time.time())}
+    env.update({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})
+    argv = [str(folder / "config.yaml"), str(folder), ",".join(map(str, cores)), gpu or ""]
     (folder / RESULT).unlink(missing_ok=True)
-    with (
-        open(folder / "worker.log", "w") as log,
-        subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=_die_with_parent
-        ) as worker,
-    ):
+    reader, writer = WORKERS.Pipe(duplex=False)
+    worker = WORKERS.Process(target=run_forked, args=(argv, env, writer), name=f"worker {folder.name}")
+    worker.start()
+    writer.close()  # the worker holds the only writing end: its exit ends the output
+    with open(folder / "worker.log", "w") as log, open(os.dup(reader.fileno()), errors="replace") as output:
+        reader.close()
         try:
-            assert worker.stdout is not None
-            for line in worker.stdout:
+            for line in output:
                 sys.stdout.write(line)
                 log.write(line)
-            code = worker.wait()
+            worker.join()
         except BaseException:
             worker.terminate()
-            worker.wait(timeout=30)
+            worker.join(timeout=30)
             raise
+    code = worker.exitcode
+    assert code is not None
     result = WorkerResult.load(folder / RESULT)
     if code == 0:
         return Outcome.OK, ""
@@ -209,12 +271,6 @@ def sigterm_raises() -> Iterator[None]:
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
-
-
-def _die_with_parent() -> None:
-    """Run in the worker before it starts: be killed if the job's process dies, so no orphan holds the GPU."""
-    with contextlib.suppress(OSError, AttributeError):  # PR_SET_PDEATHSIG exists on Linux only
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def lenient_name(cfg: DictConfig) -> str:

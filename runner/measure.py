@@ -8,6 +8,8 @@ is a CUDA event, read after the call synchronises; on the CPU it is ``time.perf_
 """
 
 import gc
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -208,12 +210,51 @@ def summarize(timings: list[CallTiming], batch: int = 1) -> dict[str, float]:
     }
 
 
-def denoiser_flop_per_step(denoiser: torch.nn.Module, step_inputs: tuple[tuple, dict]) -> float:
+def denoiser_flop_per_step(
+    denoiser: torch.nn.Module, step_inputs: tuple[tuple, dict], cache: Path | None = None
+) -> float:
     """FLOPs of one denoiser call with the recorded input shapes, counted on a weightless meta copy.
 
     The copy is built from the module's config (diffusers models), so counting costs no device time or
-    memory; torch's FlopCounterMode counts matrix products, convolutions and attention (2 per MAC).
+    memory; torch's FlopCounterMode counts matrix products, convolutions and attention (2 per MAC). The count
+    depends only on the architecture, the dtype and the input shapes, so it is kept in the JSON file ``cache``
+    under a hash of those: a sweep counts each shape once (SDXL's UNet takes 1-3 s to count).
     """
+    key = _flop_key(denoiser, step_inputs)
+    known = _read_json(cache) if cache else {}
+    if key not in known:
+        known[key] = _count_flops(denoiser, step_inputs)
+        if cache:
+            _write_json(cache, {**_read_json(cache), key: known[key]})
+    return float(known[key])
+
+
+def _flop_key(denoiser: torch.nn.Module, step_inputs: tuple[tuple, dict]) -> str:
+    def shape(value: Any) -> Any:
+        return (tuple(value.shape), str(value.dtype)) if isinstance(value, torch.Tensor) else repr(value)
+
+    config = json.dumps(dict(getattr(denoiser, "config", {})), sort_keys=True, default=repr)
+    dtype = str(next(denoiser.parameters()).dtype)
+    described = repr((type(denoiser).__qualname__, config, dtype, tree_map(shape, step_inputs)))
+    return hashlib.sha256(described.encode()).hexdigest()[:32]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write whole or not at all (a rename), so a job reading at the same moment never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(data, indent=0, sort_keys=True))
+    partial.replace(path)
+
+
+def _count_flops(denoiser: torch.nn.Module, step_inputs: tuple[tuple, dict]) -> float:
     with torch.device("meta"):
         copy = type(denoiser).from_config(denoiser.config)
     copy = copy.to(next(denoiser.parameters()).dtype)
@@ -294,6 +335,25 @@ def energy_metrics(meter: EnergyMeter, images: int) -> dict[str, float]:
         "avg_power_w": meter.joules / meter.seconds,
         "images_per_kwh": images / (meter.joules / 3.6e6) if meter.joules > 0 else float("inf"),
     }
+
+
+class Timeline:
+    """Where a job's wall time goes outside the timed calls: seconds per named phase, wall clock, logged as
+    ``time_<phase>_s`` (runner/catalogue.py names them). Phases that wait on the device say so themselves."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time_{name}_s": seconds for name, seconds in self.seconds.items()}
 
 
 class Stopwatch:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from PIL import Image
+
 from runner.catalogue import Metric, describe
 from runner.compare import FASTER
 from runner.config import MlflowConfig
@@ -23,6 +25,9 @@ from runner.html import to_html
 from runner.plots import plot_speedups, plot_throughput
 from runner.record import JobRecord, Outcome, Pace, Quality
 from runner.tracking import Tracker
+
+NO_IMAGES = "(no images in this artifact store: log_images=false, or the artifacts stayed where the runs ran)"
+REPORT_IMAGE_PX = 384  # the report's copies of run images; MLflow keeps them at full size
 
 DETAIL_COLUMNS = (
     "warmup_s",
@@ -182,16 +187,20 @@ class Report:
             path = self._copy(run)
             if path:
                 cells.append(f"![{run.accelerator}]({path})")
-        return [" ".join(cells)] if cells else ["(no images logged)"]
+        return [" ".join(cells)] if cells else [NO_IMAGES]
 
     def _copy(self, run: JobRecord, artifact: str = "") -> str:
-        """Copy the run's first image (or ``artifact``) beside the report; its relative path, or ""."""
-        target = self.out / "images" / f"{run.run_id[:12]}-{Path(artifact).name or 'first.png'}"
+        """The run's first image (or ``artifact``) beside the report, at most REPORT_IMAGE_PX on a side (the
+        full-size images stay in MLflow): a report of a large grid stays small enough to mail or commit.
+        Its relative path, or ""."""
+        target = self.out / "images" / f"{run.run_id[:12]}-{Path(artifact).stem or 'first'}.png"
         if not target.exists():
             downloaded = self.tracker.download(run.run_id, artifact)
             if downloaded is None:
                 return ""
-            target.write_bytes(downloaded.read_bytes())
+            with Image.open(downloaded) as image:
+                image.thumbnail((REPORT_IMAGE_PX, REPORT_IMAGE_PX))
+                image.save(target)
         return f"images/{target.name}"
 
     def _not_run(self) -> list[str]:

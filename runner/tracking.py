@@ -126,12 +126,12 @@ class Tracker:
         if (folder / "images").is_dir() and any((folder / "images").iterdir()):
             self._client.log_artifacts(run_id, str(folder / "images"), "images")
 
-    def end_job(self, run_id: str, outcome: Outcome, why: str = "") -> None:
-        """Close a job's run with its outcome (and, unless it finished, why)."""
+    def end_job(self, run_id: str, outcome: Outcome, why: str = "", metrics: dict[str, float] | None = None) -> None:
+        """Close a job's run with its outcome (and, unless it finished, why), logging its last ``metrics``."""
         tags = {"outcome": str(outcome)}
         if outcome in WHY_TAG:
             tags[WHY_TAG[outcome]] = why or "failed before it started"
-        self._log(run_id, tags=tags)
+        self._log(run_id, tags=tags, metrics=metrics or {})
         self._client.set_terminated(run_id, STATUS[outcome])
 
     def record_never_ran(

@@ -9,19 +9,25 @@ keeps peak memory, compile caches and a broken CUDA context out of the next job.
 """
 
 import contextlib
+import ctypes
+import gc
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from tqdm import tqdm
 
 from runner.accelerators import Accelerator, Target, build_accelerator
 from runner.config import Config, ConfigError, job_name
@@ -34,6 +40,7 @@ from runner.measure import (
     EnergyMeter,
     PhaseClock,
     Stopwatch,
+    Timeline,
     denoiser_flop_per_step,
     energy_metrics,
     peak_memory,
@@ -49,6 +56,7 @@ from runner.tracking import Tracker
 HEARTBEAT_S = 15.0
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESULT = "result.json"
+LAUNCHED_AT = "RUNNER_WORKER_LAUNCHED_AT"  # set by the job's process: time.time() when it started the worker
 
 # Library log lines that say nothing here and alarm users: diffusers' warning about an empty list of fp32
 # modules, and transformers falling back from torchvision (deliberately not a dependency).
@@ -58,21 +66,23 @@ HARMLESS = ("should be kept in float32: []", "requires torchvision (not installe
 TRUNCATION = ("part of your input was truncated", "Token indices sequence length is longer")
 
 
-def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult) -> None:
-    """Measure the job, filling ``result`` as it goes (so a failure keeps what was measured before it)."""
-    drop_log_lines(HARMLESS + (TRUNCATION if cfg.model.weights == "random" else ()))
-    device = resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
-    dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
-    result.params.update(device=str(device), dtype=dtype_name)
-    result.facts.update(environment_tags(device))
-    accelerator = build_accelerator(cfg.accelerator)
-    accelerator.check(device)
-    tracker = Tracker(cfg.mlflow)
-    prompts = load_prompts(cfg.prompts, cfg.prompt)
-    image = input_image(cfg, tracker, folder, result)
-    result.image_key = image_key(cfg, device, dtype_name, prompts, image)
-    result.params["prompt_count"] = len(prompts)
+def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult, timeline: Timeline) -> None:
+    """Measure the job, filling ``result`` as it goes (so a failure keeps what was measured before it), and
+    ``timeline`` with where the time outside loading, warmup and the timed calls went."""
+    with timeline.phase("setup"):
+        drop_log_lines(HARMLESS + (TRUNCATION if cfg.model.weights == "random" else ()))
+        device = resolve_device(cfg.device)
+        dtype_name = cfg.dtype if cfg.dtype != "auto" else "fp16" if device.type == "cuda" else "fp32"
+        dtype = DTYPES[dtype_name]
+        result.params.update(device=str(device), dtype=dtype_name)
+        result.facts.update(environment_tags(device))
+        accelerator = build_accelerator(cfg.accelerator)
+        accelerator.check(device)
+        tracker = Tracker(cfg.mlflow)
+        prompts = load_prompts(cfg.prompts, cfg.prompt)
+        image = input_image(cfg, tracker, folder, result)
+        result.image_key = image_key(cfg, device, dtype_name, prompts, image)
+        result.params["prompt_count"] = len(prompts)
 
     progress(cfg, f"loading ({cfg.model.weights} weights, {dtype_name}, {device})")
     with heartbeat(cfg, "loading"), Stopwatch(device) as load:
@@ -81,14 +91,15 @@ def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult) -
     result.params["denoiser_params"] = parameter_count(eager_denoiser)
     shape = f"{cfg.height}x{cfg.width}-b{cfg.batch}-{dtype_name}"  # what one compiled graph serves
     shape_key = f"{cfg.names.model}-{cfg.model.weights}-{cfg.names.task}-{shape}"
-    accelerator.apply(pipe, Target(cfg.model.denoiser, device, dtype, Path(cfg.cache_dir).expanduser(), shape_key))
+    with timeline.phase("accelerate"):
+        accelerator.apply(pipe, Target(cfg.model.denoiser, device, dtype, Path(cfg.cache_dir).expanduser(), shape_key))
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
 
     progress(cfg, f"loaded in {load.seconds:.1f} s; warming up ({cfg.warmup} call(s))")
     result.metrics["load_s"] = load.seconds
     try:
         timings, images, jobs_at_once, others_cores = time_calls(
-            cfg, pipe, accelerator, clock, prompts, image, core, result
+            cfg, pipe, accelerator, clock, prompts, image, core, result, timeline
         )
     except torch.OutOfMemoryError as error:
         raise OutOfMemory(
@@ -110,19 +121,20 @@ def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult) -
         progress(cfg, f"WARNING: measurement {result.measurement.steadiness}: {result.measurement.why}")
 
     assert clock.step_inputs is not None
-    flop_per_step = denoiser_flop_per_step(eager_denoiser, clock.step_inputs)
+    with timeline.phase("flops"):
+        flops_cache = Path(cfg.cache_dir).expanduser() / "flops.json"
+        flop_per_step = denoiser_flop_per_step(eager_denoiser, clock.step_inputs, flops_cache)
     result.metrics["denoiser_tflop_per_step"] = flop_per_step / 1e12
     result.metrics["achieved_tflops"] = flop_per_step * result.metrics["its"] / 1e12
     result.metrics.update(accelerator.metrics())
     result.facts.update(accelerator.tags())
     if cfg.log_images:
-        (folder / "images").mkdir(exist_ok=True)
-        for name, picture in images.items():
-            picture.save(folder / "images" / name)
+        with timeline.phase("images"):
+            save_images(images, folder / "images")
     latency, its = result.metrics["latency_s"], result.metrics["its"]
     progress(cfg, f"latency {latency:.3f} s, {its:.2f} it/s; scoring quality")
     prompts_used = [prompts[i % len(prompts)] for i in range(cfg.runs) for _ in range(cfg.batch)]  # image order
-    with heartbeat(cfg, "scoring quality"):
+    with heartbeat(cfg, "scoring quality"), timeline.phase("quality"):
         score_quality(cfg, tracker, result, images, prompts_used, device)
 
 
@@ -135,6 +147,7 @@ def time_calls(
     image: Image.Image | None,
     core: int | None,
     result: WorkerResult,
+    timeline: Timeline,
 ) -> tuple[list[CallTiming], dict[str, Image.Image], int, float | None]:
     """Warm up, then time the calls on the steady host, reading peak memory and the GPU's energy counter
     around them; return the calls' timings and images, the most jobs seen at once, and others' CPU use."""
@@ -147,9 +160,14 @@ def time_calls(
                 pipe(**pipeline_args(cfg, prompts, image, device, index))
         accelerator.warmed_up(pipe)
         result.metrics["warmup_s"] = warmup.seconds
+        # Each timed call is preceded by a garbage collection (PhaseClock.time_call); with the pipeline, its
+        # compiled graphs and the libraries' objects frozen out of the collector's reach, that takes
+        # milliseconds, not the 0.35-1.1 s per call it took on our H100 host.
+        gc.collect()
+        gc.freeze()
         progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
         jobs_at_once, host_load = registry.count(), CpuLoad()
-        with peak_memory(device, into=result.metrics), EnergyMeter(gpu) as energy:
+        with timeline.phase("timed"), peak_memory(device, into=result.metrics), EnergyMeter(gpu) as energy:
             for index in range(cfg.runs):
                 kwargs = pipeline_args(cfg, prompts, image, device, index)
                 output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
@@ -164,6 +182,15 @@ def time_calls(
     result.metrics.update(energy_metrics(energy, cfg.runs * cfg.batch))
     result.facts["energy"] = "NVML energy counter" if energy.joules is not None else f"unavailable: {energy.why}"
     return timings, images, jobs_at_once, others_cores
+
+
+def save_images(images: dict[str, Image.Image], folder: Path) -> None:
+    """The timed calls' images as PNG files. Compression level 1: lossless like any level, several times
+    faster than Pillow's default 6 on 1024 px images, and barely larger (random weights' images are noise,
+    which no level compresses)."""
+    folder.mkdir(exist_ok=True)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # zlib lets go of the GIL: the files encode side by side
+        list(pool.map(lambda item: item[1].save(folder / item[0], compress_level=1), images.items()))
 
 
 def image_name(cfg: Config, prompt_count: int, index: int, number: int) -> str:
@@ -348,12 +375,15 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     job_file, folder = Path(argv[0]), Path(argv[1])
     cores = [int(core) for core in argv[2].split(",")] if len(argv) > 2 and argv[2] else []
-    result = WorkerResult()
+    timeline, result = Timeline(), WorkerResult()
+    launched = os.environ.get(LAUNCHED_AT, "")
+    if launched:  # the process's start and its imports
+        timeline.seconds["start"] = time.time() - float(launched)
     result.facts["gpu_lease"] = argv[3] if len(argv) > 3 and argv[3] else "none"
     if len(cores) > 1:
         result.facts["cpu_siblings_held"] = ",".join(map(str, cores[1:]))
     try:
-        measure(load_config(job_file), folder, cores[0] if cores else None, result)
+        measure(load_config(job_file), folder, cores[0] if cores else None, result, timeline)
     except Exception as error:
         result.error = one_line(error)
         (folder / "error.txt").write_text(traceback.format_exc())
@@ -361,9 +391,44 @@ def main(argv: list[str]) -> int:
             traceback.print_exc()
         return 1
     finally:
+        result.metrics.update(timeline.metrics())
         result.save(folder / RESULT)
     return 0
 
 
+def run_forked(argv: list[str], env: dict[str, str], output: Connection) -> None:
+    """The worker, as a process forked by the job's process (runner/job.py, launch_worker): the job's
+    environment (its GPU, CUDA_VISIBLE_DEVICES, set before anything touches CUDA), its output into
+    ``output``, then ``main``."""
+    _die_with_parent()
+    os.environ.clear()
+    os.environ.update(env)
+    for stream in (1, 2):
+        os.dup2(output.fileno(), stream)
+    output.close()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    # tqdm's default lock is a multiprocessing semaphore, which the server's resource tracker reports as
+    # leaked once a worker ends at once (os._exit): the pipelines' progress bars are off, a thread lock does.
+    tqdm.set_lock(threading.RLock())
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # as below
+
+
+def _die_with_parent() -> None:
+    """Be killed if the process that started this one dies, so no orphan holds the GPU (Linux only); the
+    server that forks workers ends when the job's process does."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # it died before that took hold
+        os._exit(1)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is handed back (result.json, images): skip the interpreter's teardown, which takes seconds
+    # with torch, diffusers and a pipeline loaded (timed as the job's worker_exit).
+    os._exit(code)

@@ -96,6 +96,14 @@ def test_tiny_sweep_of_both_tasks_reads_back_from_mlflow(cli) -> None:
         assert phases == pytest.approx(metrics["latency_s"], rel=1e-6)
         assert metrics["its"] == pytest.approx(metrics["denoise_steps"] / metrics["denoise_s"], rel=1e-6)
         assert metrics["denoiser_tflop_per_step"] > 0 and metrics["peak_rss_gib"] > 0.1
+        # Where the job's wall time went: the measured parts and the runner's own add up to the wall time.
+        calls = [m.value for m in client.get_metric_history(run.info.run_id, "call_latency_s")]
+        measured = metrics["load_s"] + metrics["warmup_s"] + sum(calls) + metrics.get("time_queued_s", 0.0)
+        assert metrics["overhead_s"] == pytest.approx(metrics["job_wall_s"] - measured, abs=1e-6)
+        own = [key for key in metrics if key.startswith("time_")]
+        assert {"time_start_s", "time_setup_s", "time_flops_s", "time_quality_s", "time_record_s"} <= set(own)
+        assert all(metrics[key] >= 0 for key in own)
+        assert sum(metrics[key] for key in own if key not in ("time_queued_s", "time_timed_s")) < metrics["job_wall_s"]
         history = client.get_metric_history(run.info.run_id, "call_latency_s")
         assert [m.step for m in history] == [0, 1, 2]
         # Three images of the job's size, the resolved config and the worker's log.
@@ -109,6 +117,7 @@ def test_tiny_sweep_of_both_tasks_reads_back_from_mlflow(cli) -> None:
     for name in ("tiny_sdxl/i2i/64/none", "tiny_pix2pix/i2i/64/none"):  # the input is the t2i run's first image
         assert runs[name].data.tags["input_image"].startswith(f"run {t2i.info.run_id} ")
     assert "tiny_sdxl/t2i/64/none" in sweep.output.split("Sweep ")[-1]  # the summary table
+    assert "[tiny_sdxl/t2i/64/none] wall " in sweep.output and "the runner's own " in sweep.output
 
 
 def test_one_failing_job_leaves_the_sweep_running_and_the_exit_code_non_zero(cli) -> None:

@@ -4,6 +4,7 @@ import gc
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from conftest import ROOT, load_model
 from PIL import Image
 
+from runner import measure
 from runner.config import compose_job, to_config
 from runner.measure import (
     CallTiming,
@@ -72,6 +74,22 @@ def test_flops_of_the_tiny_denoiser_match_its_real_inputs() -> None:
     pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", torch.device("cpu"), torch.float32)
     flop = denoiser_flop_per_step(pipe.unet, clock.step_inputs)
     assert 1e6 < flop < 1e11
+
+
+def test_flop_counts_are_kept_per_architecture_and_shape(tmp_path: Path, monkeypatch) -> None:
+    _, clock = timed_call(torch.device("cpu"), height=64, width=64)
+    _, wider = timed_call(torch.device("cpu"), height=64, width=96)
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", torch.device("cpu"), torch.float32)
+    cache = tmp_path / "flops.json"
+    first = denoiser_flop_per_step(pipe.unet, clock.step_inputs, cache)
+    assert first == denoiser_flop_per_step(pipe.unet, clock.step_inputs)  # the cache changes nothing
+    counted = []
+    monkeypatch.setattr(measure, "_count_flops", lambda *args: counted.append(args) or 1.0)
+    assert denoiser_flop_per_step(pipe.unet, clock.step_inputs, cache) == first  # from the cache
+    assert not counted
+    assert denoiser_flop_per_step(pipe.unet, wider.step_inputs, cache) == 1.0  # another shape: counted
+    assert denoiser_flop_per_step(pipe.unet.to(torch.float16), clock.step_inputs, cache) == 1.0  # another dtype
+    assert len(counted) == 2 and len(json.loads(cache.read_text())) == 3
 
 
 def test_peak_rss_is_recorded_on_cpu() -> None:
