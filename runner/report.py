@@ -116,9 +116,8 @@ class Report:
             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
         ]
         for a in found:
-            verdict = a.verdict if a.verdict == "not answered" else f"**{a.verdict}**"
             lines.append(
-                f"| {a.accelerator} | {verdict} | {a.jobs} | {a.faster} | {a.unaffected} | {a.both} | {a.span} "
+                f"| {a.accelerator} | {a.cell} | {a.jobs} | {a.faster} | {a.unaffected} | {a.both} | {a.span} "
                 f"| {a.inconclusive} | {a.uncompared} | {a.failed} |"
             )
         lines += [
@@ -233,6 +232,14 @@ class Answer:
         if not self.judged:
             return "not answered"
         return "Yes" if self.both == self.judged else "Partly" if self.both else "No"
+
+    @property
+    def cell(self) -> str:
+        """The answer as the report's table shows it: bold, and on how many of its jobs it rests when the
+        others could not be judged (a Yes from 2 of 8 jobs is not a Yes from 8)."""
+        if not self.judged:
+            return self.verdict
+        return f"**{self.verdict}**" + (f" ({self.judged} of {self.jobs} judged)" if self.judged < self.jobs else "")
 
     @property
     def span(self) -> str:

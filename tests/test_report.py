@@ -8,8 +8,8 @@ import pytest
 from mlflow import MlflowClient
 
 from runner.config import CONF, MlflowConfig, compose_job
+from runner.report import Answer, newest
 from runner.report import main as report_main
-from runner.report import newest
 from runner.tracking import Tracker
 
 
@@ -103,3 +103,14 @@ def test_every_experiment_composes_and_names_existing_options(experiment: str) -
             for value in str(values).split(","):
                 assert (CONF / group / f"{value}.yaml").is_file(), f"{experiment}: {group}={value}"
     assert cfg.names.model
+
+
+def test_an_answer_says_on_how_many_jobs_it_rests() -> None:
+    def answer(judged: int, both: int) -> Answer:
+        counts = dict(faster=both, unaffected=8, both=both, judged=judged, inconclusive=8 - judged, uncompared=0)
+        return Answer("compile_graph", jobs=8, failed=0, speedups=(2.1,) * judged, **counts)
+
+    assert answer(judged=8, both=8).cell == "**Yes**"
+    assert answer(judged=2, both=2).cell == "**Yes** (2 of 8 judged)"
+    assert answer(judged=2, both=1).cell == "**Partly** (2 of 8 judged)"
+    assert answer(judged=0, both=0).cell == "not answered"
