@@ -2,6 +2,7 @@
 pipelines are the same pipeline; loading failures name the model and the way around them."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,17 @@ def test_model_scheduler_is_swapped_in() -> None:
     model.scheduler = load_model("realvisxl_v4_lightning").scheduler
     pipe = build_pipeline(model, "t2i", torch.device("cpu"), torch.float32)
     assert type(pipe.scheduler).__name__ == "DPMSolverSinglestepScheduler"
-    assert pipe.scheduler.config.use_karras_sigmas
+    assert pipe.scheduler.config.use_karras_sigmas and pipe.scheduler.config.lower_order_final
+
+
+def test_lightning_s_five_steps_run_without_a_scheduler_warning(caplog: pytest.LogCaptureFixture) -> None:
+    model = load_model("tiny_sdxl")
+    model.scheduler = load_model("realvisxl_v4_lightning").scheduler
+    pipe = build_pipeline(model, "t2i", torch.device("cpu"), torch.float32)
+    with caplog.at_level(logging.WARNING):
+        pipe.scheduler.set_timesteps(load_model("realvisxl_v4_lightning").steps)
+    assert len(pipe.scheduler.timesteps) == 5
+    assert not [record for record in caplog.records if "lower_order_final" in record.getMessage()]
 
 
 def test_missing_local_folder_is_named() -> None:
