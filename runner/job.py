@@ -152,15 +152,22 @@ def job_time(timeline: Timeline, wall_s: float, result: WorkerResult | None) -> 
 
 
 def time_summary(metrics: dict[str, float]) -> str:
-    """One line: the job's wall time, what was measured, and the runner's own phases, largest first."""
-    measured = ", ".join(
-        f"{what} {metrics[key]:.1f}" for what, key in (("loading", "load_s"), ("warmup", "warmup_s")) if key in metrics
-    )
+    """One line: the job's wall time, what was measured (loading, warmup, the timed calls), and the runner's
+    own phases, largest first; the parts add up to the wall time, with waiting for a GPU where there was any."""
+    waited = metrics.get("time_queued_s", 0.0)
+    load, warmup = metrics.get("load_s", 0.0), metrics.get("warmup_s", 0.0)
+    calls = metrics["job_wall_s"] - metrics["overhead_s"] - waited - load - warmup
+    measured = f"loading {load:.1f}, warmup {warmup:.1f}, timed calls {calls:.1f}"
+    measured += f", waiting for a GPU {waited:.1f}" if waited >= 0.05 else ""
     own = sorted(
-        ((key[5:-2].replace("_", " "), value) for key, value in metrics.items() if key.startswith("time_")),
+        (
+            (key[5:-2].replace("_", " "), value)
+            for key, value in metrics.items()
+            if key.startswith("time_") and key not in ("time_queued_s", "time_timed_s") and value >= 0.05
+        ),
         key=lambda item: -item[1],
     )
-    parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in own if name not in ("queued", "timed"))
+    parts = ", ".join(f"{name} {seconds:.1f}" for name, seconds in own)
     return f"wall {metrics['job_wall_s']:.1f} s: {measured}; the runner's own {metrics['overhead_s']:.1f} s ({parts})"
 
 

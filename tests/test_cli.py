@@ -7,6 +7,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from runner.job import time_summary
+
 REQUIRED_PARAMS = {
     "model",
     "model_id",
@@ -240,3 +242,11 @@ def test_tiny_job_on_cuda_records_cuda_memory_and_the_gpu(cli) -> None:
     assert 0 < metrics["peak_mem_gib"] <= metrics["peak_reserved_gib"] and "peak_rss_gib" not in metrics
     assert tags["device_type"] == "cuda" and tags["gpu_uuid"].startswith("GPU-") and tags["cuda_version"] != "None"
     assert tags["driver_version"] != "unknown" and tags["pinned_cpu"] != "none"
+
+
+def test_a_job_s_time_line_adds_up_to_its_wall_time() -> None:
+    metrics = {"job_wall_s": 40.0, "overhead_s": 8.0, "load_s": 1.0, "warmup_s": 6.0, "time_queued_s": 5.0}
+    metrics.update(time_start_s=0.1, time_setup_s=1.5, time_quality_s=0.4, time_timed_s=20.3, time_images_s=0.01)
+    line = time_summary(metrics)
+    assert line.startswith("wall 40.0 s: loading 1.0, warmup 6.0, timed calls 20.0, waiting for a GPU 5.0; ")
+    assert line.endswith("the runner's own 8.0 s (setup 1.5, quality 0.4, start 0.1)")
