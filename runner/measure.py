@@ -132,7 +132,8 @@ def steady_host(device: torch.device, core: int | None) -> Iterator[None]:
     (runner/host.py: never two jobs on one core), and Python's collector is paused throughout (time_call
     collects before each call instead). While pinned, torch's CPU operations (the pipeline's image pre- and
     post-processing) run on that thread alone: a pool of threads squeezed onto the one pinned core made
-    image-to-image calls 2.3x slower. CPU jobs are never pinned: they need every core.
+    image-to-image calls 2.3x slower. CPU jobs are never pinned: they need every core. Only the timed calls
+    run inside it: the warmup's compilation starts worker processes, which would inherit the one core.
     """
     pin = core is not None and device.type == "cuda"
     allowed = os.sched_getaffinity(0) if pin else set()

@@ -150,10 +150,14 @@ def time_calls(
     timeline: Timeline,
 ) -> tuple[list[CallTiming], dict[str, Image.Image], int, float | None]:
     """Warm up, then time the calls on the steady host, reading peak memory and the GPU's energy counter
-    around them; return the calls' timings and images, the most jobs seen at once, and others' CPU use."""
+    around them; return the calls' timings and images, the most jobs seen at once, and others' CPU use.
+
+    The warmup runs unpinned, with every allowed core and torch thread: compilation starts a pool of worker
+    processes, and each process or thread inherits the affinity of the thread that starts it, so a pool started
+    on the pinned thread would compile on that one core. Only the timed calls are pinned (``steady_host``)."""
     device, gpu = clock.device, result.facts.get("gpu_uuid", "")
     timings, images = [], {}
-    with JobRegistry(Path(cfg.cache_dir).expanduser() / "running") as registry, steady_host(device, core):
+    with JobRegistry(Path(cfg.cache_dir).expanduser() / "running") as registry:
         warming = heartbeat(cfg, "warming up (compilation and graph capture land here)")
         with warming, EnergyMeter(gpu) as warm_energy, Stopwatch(device) as warmup:
             for index in range(cfg.warmup):
@@ -166,17 +170,18 @@ def time_calls(
         gc.collect()
         gc.freeze()
         progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
-        jobs_at_once, host_load = registry.count(), CpuLoad()
-        with timeline.phase("timed"), peak_memory(device, into=result.metrics), EnergyMeter(gpu) as energy:
-            for index in range(cfg.runs):
-                kwargs = pipeline_args(cfg, prompts, image, device, index)
-                output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
-                jobs_at_once = max(jobs_at_once, registry.count())
-                timings.append(timing)
-                for number, picture in enumerate(output.images):
-                    images[image_name(cfg, len(prompts), index, number)] = picture
-                progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
-        others_cores = host_load.others_cores()
+        with steady_host(device, core):
+            jobs_at_once, host_load = registry.count(), CpuLoad()
+            with timeline.phase("timed"), peak_memory(device, into=result.metrics), EnergyMeter(gpu) as energy:
+                for index in range(cfg.runs):
+                    kwargs = pipeline_args(cfg, prompts, image, device, index)
+                    output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
+                    jobs_at_once = max(jobs_at_once, registry.count())
+                    timings.append(timing)
+                    for number, picture in enumerate(output.images):
+                        images[image_name(cfg, len(prompts), index, number)] = picture
+                    progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
+            others_cores = host_load.others_cores()
     if warm_energy.joules is not None:
         result.metrics["warmup_energy_j"] = warm_energy.joules
     result.metrics.update(energy_metrics(energy, cfg.runs * cfg.batch))

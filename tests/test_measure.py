@@ -4,6 +4,8 @@ import gc
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +14,14 @@ import torch
 from conftest import ROOT, load_model
 from PIL import Image
 
-from runner import measure
+from runner import measure, worker
+from runner.accelerators import build_accelerator
 from runner.config import compose_job, to_config
 from runner.measure import (
     CallTiming,
     PhaseClock,
     Stopwatch,
+    Timeline,
     denoiser_flop_per_step,
     peak_memory,
     steadiness,
@@ -25,7 +29,7 @@ from runner.measure import (
     summarize,
 )
 from runner.pipelines import build_pipeline
-from runner.record import Measurement, Steadiness
+from runner.record import Measurement, Steadiness, WorkerResult
 from runner.worker import heartbeat
 
 
@@ -130,6 +134,35 @@ def test_steady_host_pins_only_cuda_work_to_its_core_with_one_torch_thread() -> 
     assert os.sched_getaffinity(0) == before and torch.get_num_threads() == threads and gc.isenabled()
     with steady_host(torch.device("cuda"), None):  # no core leased: not pinned
         assert os.sched_getaffinity(0) == before and torch.get_num_threads() == threads
+
+
+def test_only_the_timed_calls_are_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warmup (where compilation starts its worker processes, which inherit the starting thread's cores) runs
+    on every core; the timed calls run on the leased one."""
+    pinned = []
+
+    @contextmanager
+    def recording_steady_host(device: torch.device, core: int | None) -> Iterator[None]:
+        pinned.append(core)
+        yield
+        pinned.pop()
+
+    monkeypatch.setattr(worker, "steady_host", recording_steady_host)
+    cfg = to_config(compose_job("res=64", "steps=2", "warmup=2", "runs=3", f"cache_dir={tmp_path}"))
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", torch.device("cpu"), torch.float32)
+    calls = []
+    real_call = type(pipe).__call__
+
+    def recording_call(self: object, **kwargs: object) -> object:
+        calls.append(list(pinned))
+        return real_call(self, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", recording_call)
+    clock = PhaseClock(pipe.unet, torch.device("cpu"))
+    worker.time_calls(
+        cfg, pipe, build_accelerator(cfg.accelerator), clock, ["a lighthouse"], None, 3, WorkerResult(), Timeline()
+    )
+    assert calls == [[], [], [3], [3], [3]]
 
 
 def test_steadiness_of_timed_calls() -> None:
