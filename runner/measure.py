@@ -123,24 +123,38 @@ def synchronize(device: torch.device) -> None:
 
 
 @contextmanager
+def one_torch_thread(device: torch.device, core: int | None) -> Iterator[None]:
+    """On CUDA with a leased core, torch's CPU operations (the pipeline's image pre- and post-processing) run
+    on the launching thread alone: a pool of threads squeezed onto the one pinned core (``steady_host``) made
+    image-to-image calls 2.3x slower. Set for the warmup and the timed calls together: torch.compile's guards
+    include the thread count, so changing it between them recompiled on the first timed call (2.1 s instead
+    of 0.4 s on the H100)."""
+    if core is None or device.type != "cuda":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
 def steady_host(device: torch.device, core: int | None) -> Iterator[None]:
-    """Keep the host from adding noise to timed calls, without starving the pipeline's CPU work.
+    """Keep the host from adding noise to timed calls.
 
     Eager pipelines on a GPU are launch-bound: the calling thread's speed is the pipeline's speed. Moving
     between cores and garbage-collection pauses made single calls vary by 5-25% on our GPU host (see
     BENCHMARKS.md), so on CUDA the calling thread is pinned to ``core``, a core of its own that the job leased
     (runner/host.py: never two jobs on one core), and Python's collector is paused throughout (time_call
-    collects before each call instead). While pinned, torch's CPU operations (the pipeline's image pre- and
-    post-processing) run on that thread alone: a pool of threads squeezed onto the one pinned core made
-    image-to-image calls 2.3x slower. CPU jobs are never pinned: they need every core. Only the timed calls
+    collects before each call instead). CPU jobs are never pinned: they need every core. Only the timed calls
     run inside it: the warmup's compilation starts worker processes, which would inherit the one core.
     """
     pin = core is not None and device.type == "cuda"
     allowed = os.sched_getaffinity(0) if pin else set()
-    threads = torch.get_num_threads()
     collecting = gc.isenabled()
     if pin:
-        torch.set_num_threads(1)
         os.sched_setaffinity(0, {core})  # 0: the calling thread on Linux
     gc.disable()
     try:
@@ -150,7 +164,6 @@ def steady_host(device: torch.device, core: int | None) -> Iterator[None]:
             gc.enable()
         if pin:
             os.sched_setaffinity(0, allowed)
-            torch.set_num_threads(threads)
 
 
 # A run's timed calls carry a verdict only if they look like draws from one steady distribution.

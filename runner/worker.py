@@ -43,6 +43,7 @@ from runner.measure import (
     Timeline,
     denoiser_flop_per_step,
     energy_metrics,
+    one_torch_thread,
     peak_memory,
     steadiness,
     steady_host,
@@ -154,10 +155,12 @@ def time_calls(
 
     The warmup runs unpinned, with every allowed core and torch thread: compilation starts a pool of worker
     processes, and each process or thread inherits the affinity of the thread that starts it, so a pool started
-    on the pinned thread would compile on that one core. Only the timed calls are pinned (``steady_host``)."""
+    on the pinned thread would compile on that one core. Only the timed calls are pinned (``steady_host``); the
+    torch thread count is one for both (``one_torch_thread``)."""
     device, gpu = clock.device, result.facts.get("gpu_uuid", "")
     timings, images = [], {}
-    with JobRegistry(Path(cfg.cache_dir).expanduser() / "running") as registry:
+    running = Path(cfg.cache_dir).expanduser() / "running"
+    with JobRegistry(running) as registry, one_torch_thread(device, core):
         warming = heartbeat(cfg, "warming up (compilation and graph capture land here)")
         with warming, EnergyMeter(gpu) as warm_energy, Stopwatch(device) as warmup:
             for index in range(cfg.warmup):

@@ -4,7 +4,7 @@ import gc
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from runner.measure import (
     Stopwatch,
     Timeline,
     denoiser_flop_per_step,
+    one_torch_thread,
     peak_memory,
     steadiness,
     steady_host,
@@ -123,38 +124,65 @@ def test_cuda_events_and_peak_memory() -> None:
     assert 0 < metrics["peak_mem_gib"] <= metrics["peak_reserved_gib"]
 
 
-def test_steady_host_pins_only_cuda_work_to_its_core_with_one_torch_thread() -> None:
-    before, threads = os.sched_getaffinity(0), torch.get_num_threads()
+def test_steady_host_pins_only_cuda_work_to_its_core() -> None:
+    before = os.sched_getaffinity(0)
     core = max(before)
-    with steady_host(torch.device("cpu"), core):  # CPU jobs need every core and thread
-        assert not gc.isenabled() and os.sched_getaffinity(0) == before and torch.get_num_threads() == threads
+    with steady_host(torch.device("cpu"), core):  # CPU jobs need every core
+        assert not gc.isenabled() and os.sched_getaffinity(0) == before
     assert gc.isenabled()
     with steady_host(torch.device("cuda"), core):  # pinning needs no GPU to be checked
-        assert os.sched_getaffinity(0) == {core} and torch.get_num_threads() == 1 and not gc.isenabled()
-    assert os.sched_getaffinity(0) == before and torch.get_num_threads() == threads and gc.isenabled()
+        assert os.sched_getaffinity(0) == {core} and not gc.isenabled()
+    assert os.sched_getaffinity(0) == before and gc.isenabled()
     with steady_host(torch.device("cuda"), None):  # no core leased: not pinned
-        assert os.sched_getaffinity(0) == before and torch.get_num_threads() == threads
+        assert os.sched_getaffinity(0) == before
+
+
+def test_one_torch_thread_only_for_pinned_cuda_work() -> None:
+    threads, core = torch.get_num_threads(), max(os.sched_getaffinity(0))
+    with one_torch_thread(torch.device("cuda"), core):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+    for device, leased in ((torch.device("cpu"), core), (torch.device("cuda"), None)):
+        with one_torch_thread(device, leased):
+            assert torch.get_num_threads() == threads
+
+
+def test_what_was_compiled_in_the_warmup_is_not_recompiled_when_pinned() -> None:
+    """torch.compile guards on torch's thread count: the timed calls must see the warmup's."""
+    torch._dynamo.reset()
+    double = torch.compile(lambda x: x * 2, backend="eager")
+    cuda, core = torch.device("cuda"), max(os.sched_getaffinity(0))
+    with one_torch_thread(cuda, core):
+        double(torch.ones(2))  # the warmup
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        with steady_host(cuda, core):
+            double(torch.ones(2))  # a timed call
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_only_the_timed_calls_are_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Warmup (where compilation starts its worker processes, which inherit the starting thread's cores) runs
-    on every core; the timed calls run on the leased one."""
-    pinned = []
+    on every core; the timed calls run on the leased one; torch's thread count is the same for both."""
+    active = []
 
-    @contextmanager
-    def recording_steady_host(device: torch.device, core: int | None) -> Iterator[None]:
-        pinned.append(core)
-        yield
-        pinned.pop()
+    def recorder(what: str) -> Callable:
+        @contextmanager
+        def recording(device: torch.device, core: int | None) -> Iterator[None]:
+            active.append(f"{what} {core}")
+            yield
+            active.remove(f"{what} {core}")
 
-    monkeypatch.setattr(worker, "steady_host", recording_steady_host)
+        return recording
+
+    monkeypatch.setattr(worker, "steady_host", recorder("pinned"))
+    monkeypatch.setattr(worker, "one_torch_thread", recorder("one thread"))
     cfg = to_config(compose_job("res=64", "steps=2", "warmup=2", "runs=3", f"cache_dir={tmp_path}"))
     pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", torch.device("cpu"), torch.float32)
     calls = []
     real_call = type(pipe).__call__
 
     def recording_call(self: object, **kwargs: object) -> object:
-        calls.append(list(pinned))
+        calls.append(list(active))
         return real_call(self, **kwargs)
 
     monkeypatch.setattr(type(pipe), "__call__", recording_call)
@@ -162,7 +190,8 @@ def test_only_the_timed_calls_are_pinned(tmp_path: Path, monkeypatch: pytest.Mon
     worker.time_calls(
         cfg, pipe, build_accelerator(cfg.accelerator), clock, ["a lighthouse"], None, 3, WorkerResult(), Timeline()
     )
-    assert calls == [[], [], [3], [3], [3]]
+    warmup, timed = ["one thread 3"], ["one thread 3", "pinned 3"]
+    assert calls == [warmup, warmup, timed, timed, timed]
 
 
 def test_steadiness_of_timed_calls() -> None:
