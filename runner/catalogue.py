@@ -53,6 +53,7 @@ METRICS = (
     Metric("peak_reserved_gib", "peak reserved", "GiB", "{:.2f}"),
     Metric("peak_rss_gib", "peak RSS", "GiB", "{:.2f}"),
     Metric("other_cpu_cores", "others' CPU use", "cores", "{:.2f}"),
+    Metric("timed_compiles", "graphs compiled while timed", "", "{:.0f}"),
     Metric("clip_score", "CLIP score", "", "{:.2f}"),
     Metric("ssim_vs_baseline", "SSIM vs baseline", "", "{:.4f}"),
     Metric("ssim_vs_baseline_min", "lowest SSIM vs baseline", "", "{:.4f}"),

@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -120,6 +121,15 @@ def _as_meta(value: Any) -> Any:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def graphs_compiled() -> int:
+    """How many graphs torch.compile has captured in this process so far (0 if it never ran)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 @contextmanager

@@ -43,6 +43,7 @@ from runner.measure import (
     Timeline,
     denoiser_flop_per_step,
     energy_metrics,
+    graphs_compiled,
     one_torch_thread,
     peak_memory,
     steadiness,
@@ -174,7 +175,7 @@ def time_calls(
         gc.freeze()
         progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
         with steady_host(device, core):
-            jobs_at_once, host_load = registry.count(), CpuLoad()
+            jobs_at_once, host_load, compiled = registry.count(), CpuLoad(), graphs_compiled()
             with timeline.phase("timed"), peak_memory(device, into=result.metrics), EnergyMeter(gpu) as energy:
                 for index in range(cfg.runs):
                     kwargs = pipeline_args(cfg, prompts, image, device, index)
@@ -185,6 +186,7 @@ def time_calls(
                         images[image_name(cfg, len(prompts), index, number)] = picture
                     progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
             others_cores = host_load.others_cores()
+        result.metrics["timed_compiles"] = graphs_compiled() - compiled
     if warm_energy.joules is not None:
         result.metrics["warmup_energy_j"] = warm_energy.joules
     result.metrics.update(energy_metrics(energy, cfg.runs * cfg.batch))
@@ -219,8 +221,16 @@ def price(cfg: Config, result: WorkerResult) -> dict[str, float]:
 
 def judge_measurement(result: WorkerResult, others_cores: float | None) -> Measurement:
     """Contended when another process used the job's GPU or a busy share of the host's CPUs while it was
-    timed; else whatever the calls themselves say (runner/measure.py, ``steadiness``)."""
+    timed; else noisy when torch.compile compiled during the timed calls (their times include compilation,
+    however steady they look); else whatever the calls themselves say (runner/measure.py, ``steadiness``)."""
     spread = steadiness(result.series["call_latency_s"])
+    compiles = int(result.metrics.get("timed_compiles", 0))
+    if compiles:
+        spread = Measurement(
+            Steadiness.NOISY,
+            f"torch.compile compiled {compiles} graph(s) during the timed calls, so their times include "
+            "compilation (a guard failed after the warmup: TORCH_LOGS=recompiles says which)",
+        )
     busy = []
     if others_cores is not None:
         result.metrics["other_cpu_cores"] = others_cores

@@ -194,6 +194,29 @@ def test_only_the_timed_calls_are_pinned(tmp_path: Path, monkeypatch: pytest.Mon
     assert calls == [warmup, warmup, timed, timed, timed]
 
 
+def test_a_compile_while_timed_takes_the_verdict_away(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Times that include compiling are not the accelerator's times, however steady they are."""
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: x + 1, backend="eager", dynamic=False)
+    cfg = to_config(compose_job("res=64", "steps=2", "warmup=1", "runs=3", f"cache_dir={tmp_path}"))
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", torch.device("cpu"), torch.float32)
+    real_call, calls = type(pipe).__call__, []
+
+    def call_compiling_a_new_shape_in_the_second_timed_call(self: object, **kwargs: object) -> object:
+        calls.append(None)
+        step(torch.ones(3 if len(calls) == 3 else 2))  # warmup, timed 1: one shape; timed 2: a new one
+        return real_call(self, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", call_compiling_a_new_shape_in_the_second_timed_call)
+    result = WorkerResult(facts={})
+    clock = PhaseClock(pipe.unet, torch.device("cpu"))
+    worker.time_calls(cfg, pipe, build_accelerator(cfg.accelerator), clock, ["a"], None, None, result, Timeline())
+    assert result.metrics["timed_compiles"] == 1
+    result.series["call_latency_s"] = [1.0, 1.0, 1.0]  # steady as can be
+    verdict = worker.judge_measurement(result, None)
+    assert verdict.steadiness is Steadiness.NOISY and "compiled 1 graph(s) during the timed calls" in verdict.why
+
+
 def test_steadiness_of_timed_calls() -> None:
     assert steadiness([1.0]).steadiness is Steadiness.UNCHECKED
     assert steadiness([1.00, 1.02, 0.99, 1.01, 1.00, 0.98, 1.01, 1.00, 1.02, 0.99]) == Measurement(
