@@ -92,6 +92,9 @@ class ModelConfig:
     load_args: dict[str, Any] = setting(factory=dict, help="extra pipeline components or flags", images=True)
     tasks: dict[str, TaskPipeline] = setting(factory=dict, help="task name -> pipeline and call arguments")
     init_seed: int = setting(0, help="seeds random weights, so every run of one model gets the same", images=True)
+    label: str | None = setting(
+        None, help="the model's short name in run names (the file's name if unset), e.g. RV4L", identity=False
+    )
 
 
 @dataclass
@@ -110,6 +113,9 @@ class JobNames:
     model: str = setting(MISSING, param="model", images=True)
     task: str = setting(MISSING, param="task", images=True)
     accelerator: str = setting(MISSING, param="accelerator")
+    # Short names for run names, from the model's and the accelerator's `label:` (their files' names if unset)
+    model_label: str = setting("", identity=False)
+    accelerator_label: str = setting("", identity=False)
 
 
 @dataclass
@@ -251,6 +257,10 @@ def to_config(cfg: DictConfig) -> Config:
     """Convert a composed config into the typed ``Config`` and check its values."""
     config = OmegaConf.to_object(cfg)
     assert isinstance(config, Config)
+    names = config.names
+    names.model_label = config.model.label or names.model
+    # An accelerator's label is a name, not an option: it is neither built into the accelerator nor logged.
+    names.accelerator_label = str(config.accelerator.pop("label", None) or names.accelerator)
     check(config)
     return config
 
@@ -303,15 +313,24 @@ def skip_reason(cfg: Config) -> str | None:
 
 
 def run_name(model: str, task: str, height: int | str, width: int | str, accelerator: str, batch: object = 1) -> str:
-    """The run's readable name, e.g. realvisxl_v4/t2i/1024/none (.../768x1024/... when not square, and
-    .../1024-b4/... for four images a call)."""
+    """The run's readable name, e.g. RV4/t2i/1024/none (.../768x1024/... when not square, and .../1024-b4/...
+    for four images a call), from the model's and the accelerator's labels: short enough that the jobs of
+    one experiment differ within the 20 characters MLflow's run list shows."""
     size = f"{height}" if str(height) == str(width) else f"{height}x{width}"
     size += f"-b{batch}" if str(batch) not in ("1", "None") else ""
     return f"{model}/{task}/{size}/{accelerator}"
 
 
 def job_name(cfg: Config) -> str:
-    return run_name(cfg.names.model, cfg.names.task, cfg.height, cfg.width, cfg.names.accelerator, cfg.batch)
+    names = cfg.names
+    return run_name(
+        names.model_label or names.model,
+        names.task,
+        cfg.height,
+        cfg.width,
+        names.accelerator_label or names.accelerator,
+        cfg.batch,
+    )
 
 
 # What is derived from the schema.

@@ -272,7 +272,7 @@ def test_graphed_deepcache_gives_deepcache_images(cli) -> None:
     sweep = cli("-m", "accelerator=none,deepcache,deepcache_graph", "device=cuda", "res=64", "runs=2", "steps=9")
     assert sweep.code == 0, sweep.output
     runs = sweep.runs()
-    eager, graphed = runs["tiny_sdxl/t2i/64/deepcache"], runs["tiny_sdxl/t2i/64/deepcache_graph"]
+    eager, graphed = runs["tiny_sdxl/t2i/64/deepcache"], runs["tiny_sdxl/t2i/64/dc+graph"]
     assert graphed.data.tags["cuda_graphs_captured"] == "2"  # the whole UNet and the shallow path
     for ours, theirs in zip(pixels(sweep, graphed), pixels(sweep, eager), strict=True):
         assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 2

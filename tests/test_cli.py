@@ -68,18 +68,18 @@ def test_tiny_sweep_of_both_tasks_reads_back_from_mlflow(cli) -> None:
     assert set(runs) == {
         "tiny_sdxl/t2i/64/none",
         "tiny_sdxl/i2i/64/none",
-        "tiny_pix2pix/t2i/64/none",
-        "tiny_pix2pix/i2i/64/none",
+        "tiny_p2p/t2i/64/none",
+        "tiny_p2p/i2i/64/none",
     }
     assert len({run.data.tags["sweep_id"] for run in runs.values()}) == 1
 
-    skipped = runs["tiny_pix2pix/t2i/64/none"]
+    skipped = runs["tiny_p2p/t2i/64/none"]
     assert skipped.data.tags["outcome"] == "skipped" and skipped.info.status == "FINISHED"
     assert skipped.data.tags["skip_reason"] == "model tiny_pix2pix has no t2i pipeline (it offers: i2i)"
 
     client = MlflowClient(sweep.tracking_uri)
     t2i = runs["tiny_sdxl/t2i/64/none"]
-    for name in ("tiny_sdxl/t2i/64/none", "tiny_sdxl/i2i/64/none", "tiny_pix2pix/i2i/64/none"):
+    for name in ("tiny_sdxl/t2i/64/none", "tiny_sdxl/i2i/64/none", "tiny_p2p/i2i/64/none"):
         run = runs[name]
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
         assert run.info.status == "FINISHED" and tags["outcome"] == "ok"
@@ -116,7 +116,7 @@ def test_tiny_sweep_of_both_tasks_reads_back_from_mlflow(cli) -> None:
         assert {"config.yaml", "worker.log"} <= top
     assert runs["tiny_sdxl/i2i/64/none"].data.params["call.strength"] == "0.75"
     assert runs["tiny_sdxl/i2i/64/none"].data.metrics["denoise_steps"] == 3  # int(4 steps x 0.75)
-    for name in ("tiny_sdxl/i2i/64/none", "tiny_pix2pix/i2i/64/none"):  # the input is the t2i run's first image
+    for name in ("tiny_sdxl/i2i/64/none", "tiny_p2p/i2i/64/none"):  # the input is the t2i run's first image
         assert runs[name].data.tags["input_image"].startswith(f"run {t2i.info.run_id} ")
     assert "tiny_sdxl/t2i/64/none" in sweep.output.split("Sweep ")[-1]  # the summary table
     assert "[tiny_sdxl/t2i/64/none] wall " in sweep.output and "the runner's own " in sweep.output
@@ -184,11 +184,11 @@ def test_the_issue_command_sweeps_four_jobs_and_reports_the_unreachable_hub(cli)
     sweep = cli("-m", "model=realvisxl_v4,realvisxl_v4_lightning", "res=512,1024")
     assert sweep.code != 0
     runs = sweep.runs()
-    assert set(runs) == {f"{m}/t2i/{r}/none" for m in ("realvisxl_v4", "realvisxl_v4_lightning") for r in (512, 1024)}
+    assert set(runs) == {f"{m}/t2i/{r}/none" for m in ("RV4", "RV4L") for r in (512, 1024)}  # the models' labels
     for run in runs.values():
         assert run.info.status == "FAILED"
         assert "could not be loaded" in run.data.tags["error"] and "model.weights=random" in run.data.tags["error"]
-    assert runs["realvisxl_v4_lightning/t2i/512/none"].data.params["model_id"] == "SG161222/RealVisXL_V4.0_Lightning"
+    assert runs["RV4L/t2i/512/none"].data.params["model_id"] == "SG161222/RealVisXL_V4.0_Lightning"
 
 
 def test_pretrained_tiny_pipeline_from_a_local_folder(cli, tiny_sdxl_folder: Path) -> None:

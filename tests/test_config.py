@@ -1,11 +1,14 @@
 """Every option of every config group composes; bad values are refused with the key, the value and the fix."""
 
+import collections
+import itertools
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from runner.accelerators import Accelerator, build_accelerator
 from runner.config import (
@@ -14,7 +17,10 @@ from runner.config import (
     ConfigError,
     check,
     compose_job,
+    config_hash,
+    job_name,
     known_keys,
+    logged_params,
     run_name,
     skip_reason,
     to_config,
@@ -64,6 +70,54 @@ def test_height_and_width_follow_res_unless_set() -> None:
     cfg = to_config(compose_job("res=512", "width=768"))
     assert (cfg.height, cfg.width) == (512, 768)
     assert run_name("m", "t2i", 512, 768, "none") == "m/t2i/512x768/none"
+
+
+MLFLOW_SHOWN = 20  # characters of a run name MLflow's run list shows in its default column width
+
+
+def experiment_jobs(experiment: str) -> list[list[str]]:
+    """The overrides of every job a ready-made sweep (conf/experiment/) runs."""
+    params = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
+    swept = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+    return [[f"+experiment={experiment}", *job] for job in itertools.product(*swept)]
+
+
+def real_model_jobs() -> list[list[str]]:
+    """Every accelerator on every task of the real models, at 512 and 1024 px."""
+    return [
+        [f"model={model}", f"task={task}", f"res={res}", f"accelerator={accelerator}"]
+        for model in ("realvisxl_v4", "realvisxl_v4_lightning", "instruct_pix2pix", "sdxl_base")
+        for task in GROUPS["task"]
+        for res in (512, 1024)
+        for accelerator in GROUPS["accelerator"]
+    ]
+
+
+@pytest.mark.parametrize(
+    "jobs", [*(experiment_jobs(p.stem) for p in sorted((CONF / "experiment").glob("*.yaml"))), real_model_jobs()]
+)
+def test_run_names_differ_within_what_mlflow_shows(jobs: list[list[str]]) -> None:
+    names = [job_name(to_config(compose_job(*job))) for job in jobs]
+    assert len(set(names)) == len(names)
+    shown = collections.Counter(name[:MLFLOW_SHOWN] for name in names)
+    assert [prefix for prefix, count in shown.items() if count > 1] == []
+
+
+def test_labels_name_runs_and_are_neither_options_nor_identity() -> None:
+    cfg = to_config(compose_job("model=realvisxl_v4_lightning", "task=i2i", "accelerator=deepcache_compile"))
+    assert job_name(cfg) == "RV4L/i2i/1024/dc+compile"
+    assert "label" not in cfg.accelerator and "accelerator.label" not in logged_params(cfg)
+    relabelled = to_config(
+        compose_job(
+            "model=realvisxl_v4_lightning",
+            "task=i2i",
+            "accelerator=deepcache_compile",
+            "model.label=L",
+            "accelerator.label=DC",
+        )
+    )
+    assert job_name(relabelled) == "L/i2i/1024/DC" and config_hash(relabelled) == config_hash(cfg)
+    assert job_name(to_config(compose_job("model=tiny_sdxl"))) == "tiny_sdxl/t2i/1024/none"  # no label: the name
 
 
 def test_pix2pix_has_no_text_to_image() -> None:

@@ -106,7 +106,7 @@ def test_a_rerun_records_a_skipped_pair_once(cli) -> None:
     first = cli("-m", "model=tiny_pix2pix", "task=t2i,i2i", "res=64", "runs=1")
     assert first.code == 0, first.output
     again = cli("-m", "model=tiny_pix2pix", "task=t2i,i2i", "res=64", "runs=1")
-    assert again.code == 0 and "[tiny_pix2pix/t2i/64/none] SKIPPED already as run" in again.output
+    assert again.code == 0 and "[tiny_p2p/t2i/64/none] SKIPPED already as run" in again.output
     assert len(again.runs()) == 2  # the skip and the finished job, each once
 
 

@@ -51,7 +51,7 @@ def test_report_of_a_sweep_with_a_skip_and_a_failure(cli, test_accelerators: str
     assert sections[-1] == "Failed and skipped jobs"  # at the end, after every measured job
     assert not any("tiny_pix2pix" in section for section in sections)  # no section of its own
     not_run = text.split("## Failed and skipped jobs")[1]
-    assert "| tiny_pix2pix/t2i/64/none | skipped | model tiny_pix2pix has no t2i pipeline" in not_run
+    assert "| tiny_p2p/t2i/64/none | skipped | model tiny_pix2pix has no t2i pipeline" in not_run
     assert "| tiny_sdxl/t2i/64/onediff | failed | accelerator=onediff: onediffx is not installed" in not_run
 
 
