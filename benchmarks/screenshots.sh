@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Headless-Chromium screenshots of what a person reads: the experiment's report, MLflow's runs page and the
-# newest sweep's own page, to be looked at by eye (Debian: apt-get install chromium).
+# Headless-Chromium screenshots of what a person reads: the experiment's report, MLflow's runs page (every
+# sweep's jobs unfolded) and the newest sweep's own page, to be looked at by eye (Debian: apt-get install
+# chromium).
 #   bash benchmarks/screenshots.sh [TRACKING_URI] [OUT_DIR]      # defaults: the local store, reports/screenshots
 set -euo pipefail
 uri=${1:-sqlite:///mlruns/mlflow.db}
@@ -28,5 +29,5 @@ print(experiment.experiment_id, sweeps[0].info.run_id if sweeps else "")
 PY
 )
 page="http://127.0.0.1:$port/#/experiments/$experiment"
-shoot "$page/runs?workflowType=machine_learning" mlflow_runs.png 1600x1000
+python benchmarks/ui_screenshot.py "$page/runs?workflowType=machine_learning" "$out/mlflow_runs.png" 1600x1000  # sweeps unfolded
 [ -n "$sweep" ] && shoot "$page/runs/$sweep?workflowType=machine_learning" mlflow_sweep.png 1600x1300
