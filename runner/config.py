@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -319,6 +320,17 @@ def run_name(model: str, task: str, height: int | str, width: int | str, acceler
     size = f"{height}" if str(height) == str(width) else f"{height}x{width}"
     size += f"-b{batch}" if str(batch) not in ("1", "None") else ""
     return f"{model}/{task}/{size}/{accelerator}"
+
+
+def option_label(group: str, option: str) -> str:
+    """The ``label`` of conf/<group>/<option>.yaml, or the option's name: for jobs whose config could not be
+    composed or converted, so that a failed job is named as it would have been had it run."""
+    try:
+        node = OmegaConf.load(CONF / group / f"{option}.yaml")
+    except (OSError, yaml.YAMLError):  # no such option, or a file that does not parse: the job's error says so
+        return option
+    label = node.get("label") if isinstance(node, DictConfig) else None
+    return str(label or option)
 
 
 def job_name(cfg: Config) -> str:

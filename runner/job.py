@@ -31,6 +31,7 @@ from runner.config import (
     config_hash,
     job_name,
     logged_params,
+    option_label,
     run_name,
     skip_reason,
     to_config,
@@ -282,8 +283,15 @@ def _terminate(signum: int, frame: object) -> None:
 
 def lenient_name(cfg: DictConfig) -> str:
     """The run's name for a config that could not be converted: whatever of it can be read."""
-    keys = ("names.model", "names.task", "height", "width", "names.accelerator", "batch")
-    return run_name(*(_lenient(cfg, key) for key in keys))
+    model, accelerator = _lenient(cfg, "names.model"), _lenient(cfg, "names.accelerator")
+    return run_name(
+        _lenient(cfg, "model.label") or option_label("model", str(model)),
+        _lenient(cfg, "names.task"),
+        _lenient(cfg, "height"),
+        _lenient(cfg, "width"),
+        _lenient(cfg, "accelerator.label") or option_label("accelerator", str(accelerator)),
+        _lenient(cfg, "batch"),
+    )
 
 
 def fallback_params(cfg: DictConfig) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.catalogue import SWEEP_TABLE, describe
 from runner.compare import compare
-from runner.config import MlflowConfig, run_name
+from runner.config import MlflowConfig, option_label, run_name
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
 from runner.job import Stopped, Terminated, alive, sigterm_raises
@@ -185,7 +185,8 @@ def record_uncomposable(master: DictConfig, overrides: list[str], error: Excepti
     params.update({key.lstrip("+~"): value for key, value in chosen.items() if key != "sweep_id"})
     res = chosen.get("res", OmegaConf.select(master, "res"))
     height, width = chosen.get("height", res), chosen.get("width", res)
-    name = run_name(params["model"], params["task"], height, width, params["accelerator"], chosen.get("batch", 1))
+    model, accelerator = option_label("model", params["model"]), option_label("accelerator", params["accelerator"])
+    name = run_name(model, params["task"], height, width, accelerator, chosen.get("batch", 1))
     message = describe_compose_error(error)
     tracker = open_tracker(master)
     tags = {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()}

@@ -77,7 +77,7 @@ def test_graph_replay_equals_eager_on_fresh_inputs() -> None:
 def test_cuda_graph_sweep_matches_the_baseline_images(cli) -> None:
     sweep = cli("-m", "accelerator=none,cuda_graph", "device=cuda", "res=64", "runs=3")
     assert sweep.code == 0, sweep.output
-    graphed = sweep.runs()["tiny_sdxl/t2i/64/cuda_graph"]
+    graphed = sweep.runs()["tiny/t2i/64/cuda_graph"]
     assert graphed.data.tags["cuda_graphs_captured"] == "1"
     assert graphed.data.metrics["ssim_vs_baseline"] >= 0.99 and graphed.data.tags["quality_unaffected"] == "true"
 
@@ -204,7 +204,7 @@ def test_deepcache_is_lossy_and_composes_with_compile(cli, test_accelerators: st
     )
     assert sweep.code == 0, sweep.output
     runs = sweep.runs()
-    cached, compiled = runs["tiny_sdxl/t2i/64/deepcache"], runs["tiny_sdxl/t2i/64/dc_eager"]
+    cached, compiled = runs["tiny/t2i/64/deepcache"], runs["tiny/t2i/64/dc_eager"]
     assert 0.5 < cached.data.metrics["ssim_vs_baseline"] < 1 and cached.data.metrics["identical_to_baseline"] == 0
     assert cached.data.metrics["deepcache_full_step_share"] == pytest.approx(1 / 3)
     for ours, theirs in zip(pixels(sweep, compiled), pixels(sweep, cached), strict=True):  # compiled paths
@@ -272,7 +272,7 @@ def test_graphed_deepcache_gives_deepcache_images(cli) -> None:
     sweep = cli("-m", "accelerator=none,deepcache,deepcache_graph", "device=cuda", "res=64", "runs=2", "steps=9")
     assert sweep.code == 0, sweep.output
     runs = sweep.runs()
-    eager, graphed = runs["tiny_sdxl/t2i/64/deepcache"], runs["tiny_sdxl/t2i/64/dc+graph"]
+    eager, graphed = runs["tiny/t2i/64/deepcache"], runs["tiny/t2i/64/dc+graph"]
     assert graphed.data.tags["cuda_graphs_captured"] == "2"  # the whole UNet and the shallow path
     for ours, theirs in zip(pixels(sweep, graphed), pixels(sweep, eager), strict=True):
         assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 2
@@ -342,5 +342,5 @@ def test_onediff_failure_leaves_the_sweep_running(cli) -> None:
     sweep = cli("-m", "accelerator=none,onediff", "res=64", "runs=1")
     assert sweep.code != 0
     runs = sweep.runs()
-    assert runs["tiny_sdxl/t2i/64/none"].data.tags["outcome"] == "ok"
-    assert runs["tiny_sdxl/t2i/64/onediff"].data.tags["error"].startswith("accelerator=onediff: onediffx is not")
+    assert runs["tiny/t2i/64/none"].data.tags["outcome"] == "ok"
+    assert runs["tiny/t2i/64/onediff"].data.tags["error"].startswith("accelerator=onediff: onediffx is not")

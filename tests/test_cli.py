@@ -66,20 +66,20 @@ def test_tiny_sweep_of_both_tasks_reads_back_from_mlflow(cli) -> None:
     assert sweep.code == 0, sweep.output
     runs = sweep.runs()
     assert set(runs) == {
-        "tiny_sdxl/t2i/64/none",
-        "tiny_sdxl/i2i/64/none",
-        "tiny_p2p/t2i/64/none",
-        "tiny_p2p/i2i/64/none",
+        "tiny/t2i/64/none",
+        "tiny/i2i/64/none",
+        "tp2p/t2i/64/none",
+        "tp2p/i2i/64/none",
     }
     assert len({run.data.tags["sweep_id"] for run in runs.values()}) == 1
 
-    skipped = runs["tiny_p2p/t2i/64/none"]
+    skipped = runs["tp2p/t2i/64/none"]
     assert skipped.data.tags["outcome"] == "skipped" and skipped.info.status == "FINISHED"
     assert skipped.data.tags["skip_reason"] == "model tiny_pix2pix has no t2i pipeline (it offers: i2i)"
 
     client = MlflowClient(sweep.tracking_uri)
-    t2i = runs["tiny_sdxl/t2i/64/none"]
-    for name in ("tiny_sdxl/t2i/64/none", "tiny_sdxl/i2i/64/none", "tiny_p2p/i2i/64/none"):
+    t2i = runs["tiny/t2i/64/none"]
+    for name in ("tiny/t2i/64/none", "tiny/i2i/64/none", "tp2p/i2i/64/none"):
         run = runs[name]
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
         assert run.info.status == "FINISHED" and tags["outcome"] == "ok"
@@ -114,23 +114,23 @@ def test_tiny_sweep_of_both_tasks_reads_back_from_mlflow(cli) -> None:
         assert artifact_image(client, run.info.run_id, images[0]).size == (64, 64)
         top = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.yaml", "worker.log"} <= top
-    assert runs["tiny_sdxl/i2i/64/none"].data.params["call.strength"] == "0.75"
-    assert runs["tiny_sdxl/i2i/64/none"].data.metrics["denoise_steps"] == 3  # int(4 steps x 0.75)
-    for name in ("tiny_sdxl/i2i/64/none", "tiny_p2p/i2i/64/none"):  # the input is the t2i run's first image
+    assert runs["tiny/i2i/64/none"].data.params["call.strength"] == "0.75"
+    assert runs["tiny/i2i/64/none"].data.metrics["denoise_steps"] == 3  # int(4 steps x 0.75)
+    for name in ("tiny/i2i/64/none", "tp2p/i2i/64/none"):  # the input is the t2i run's first image
         assert runs[name].data.tags["input_image"].startswith(f"run {t2i.info.run_id} ")
-    assert "tiny_sdxl/t2i/64/none" in sweep.output.split("Sweep ")[-1]  # the summary table
-    assert "[tiny_sdxl/t2i/64/none] wall " in sweep.output and "the runner's own " in sweep.output
+    assert "tiny/t2i/64/none" in sweep.output.split("Sweep ")[-1]  # the summary table
+    assert "[tiny/t2i/64/none] wall " in sweep.output and "the runner's own " in sweep.output
 
 
 def test_one_failing_job_leaves_the_sweep_running_and_the_exit_code_non_zero(cli) -> None:
     sweep = cli("-m", "res=64,100", "runs=1")
     assert sweep.code != 0
     runs = sweep.runs()
-    assert runs["tiny_sdxl/t2i/64/none"].data.tags["outcome"] == "ok"
-    failed = runs["tiny_sdxl/t2i/100/none"]
+    assert runs["tiny/t2i/64/none"].data.tags["outcome"] == "ok"
+    failed = runs["tiny/t2i/100/none"]
     assert failed.info.status == "FAILED" and failed.data.tags["outcome"] == "failed"
     assert failed.data.tags["error"] == "res=100: must be a positive multiple of 8, e.g. 512 or 1024"
-    assert "1 of 2 job(s) failed: tiny_sdxl/t2i/100/none" in sweep.output
+    assert "1 of 2 job(s) failed: tiny/t2i/100/none" in sweep.output
     assert "Traceback" not in sweep.output
 
 
@@ -138,15 +138,11 @@ def test_unknown_model_or_task_in_a_sweep_is_recorded_and_the_rest_runs(cli) -> 
     sweep = cli("-m", "model=tiny_sdxl,no_such_model", "task=t2i,paint", "res=64", "runs=1")
     assert sweep.code != 0
     runs = sweep.runs()
-    assert runs["tiny_sdxl/t2i/64/none"].data.tags["outcome"] == "ok"
+    assert runs["tiny/t2i/64/none"].data.tags["outcome"] == "ok"
     error = runs["no_such_model/t2i/64/none"].data.tags["error"]
     assert error.startswith("model=no_such_model: no such model; choose one of instruct_pix2pix, realvisxl_v4")
     assert "conf/model/no_such_model.yaml" in error
-    assert (
-        runs["tiny_sdxl/paint/64/none"]
-        .data.tags["error"]
-        .startswith("task=paint: no such task; choose one of i2i, t2i")
-    )
+    assert runs["tiny/paint/64/none"].data.tags["error"].startswith("task=paint: no such task; choose one of i2i, t2i")
     assert "4 job(s)" in sweep.output and "3 of 4 job(s) failed" in sweep.output
 
 
@@ -159,7 +155,7 @@ def test_unknown_model_on_its_own_lists_the_options(cli) -> None:
 def test_value_that_is_not_a_number_in_a_sweep(cli) -> None:
     sweep = cli("-m", "res=64,large", "runs=1")
     assert sweep.code != 0
-    error = sweep.runs()["tiny_sdxl/t2i/large/none"].data.tags["error"]
+    error = sweep.runs()["tiny/t2i/large/none"].data.tags["error"]
     assert error.startswith("res: ") and "'large'" in error and "Integer" in error
 
 
@@ -215,8 +211,8 @@ def test_a_worker_that_dies_is_recorded_as_failed(cli, test_accelerators: str) -
     sweep = cli("-m", "accelerator=none,crash", "res=64", "runs=1", test_accelerators)
     assert sweep.code != 0
     runs = sweep.runs()
-    assert runs["tiny_sdxl/t2i/64/none"].data.tags["outcome"] == "ok"
-    crashed = runs["tiny_sdxl/t2i/64/crash"]
+    assert runs["tiny/t2i/64/none"].data.tags["outcome"] == "ok"
+    crashed = runs["tiny/t2i/64/crash"]
     assert crashed.info.status == "FAILED" and "killed by SIGKILL" in crashed.data.tags["error"]
 
 

@@ -72,7 +72,9 @@ def test_height_and_width_follow_res_unless_set() -> None:
     assert run_name("m", "t2i", 512, 768, "none") == "m/t2i/512x768/none"
 
 
-MLFLOW_SHOWN = 20  # characters of a run name MLflow's run list shows in its default column width
+# Characters of a job's name MLflow 3.17's run list shows in its default column width, the job unfolded under its
+# sweep (benchmarks/screenshots.sh); a run at the top level shows about 20.
+SHOWN_NESTED, SHOWN = 15, 20
 
 
 def experiment_jobs(experiment: str) -> list[list[str]]:
@@ -94,13 +96,17 @@ def real_model_jobs() -> list[list[str]]:
 
 
 @pytest.mark.parametrize(
-    "jobs", [*(experiment_jobs(p.stem) for p in sorted((CONF / "experiment").glob("*.yaml"))), real_model_jobs()]
+    ("jobs", "shown"),
+    [
+        *((experiment_jobs(p.stem), SHOWN_NESTED) for p in sorted((CONF / "experiment").glob("*.yaml"))),
+        (real_model_jobs(), SHOWN),  # every accelerator on one job: unique once the column is a little wider
+    ],
 )
-def test_run_names_differ_within_what_mlflow_shows(jobs: list[list[str]]) -> None:
+def test_run_names_differ_within_what_mlflow_shows(jobs: list[list[str]], shown: int) -> None:
     names = [job_name(to_config(compose_job(*job))) for job in jobs]
     assert len(set(names)) == len(names)
-    shown = collections.Counter(name[:MLFLOW_SHOWN] for name in names)
-    assert [prefix for prefix, count in shown.items() if count > 1] == []
+    prefixes = collections.Counter(name[:shown] for name in names)
+    assert [prefix for prefix, count in prefixes.items() if count > 1] == []
 
 
 def test_labels_name_runs_and_are_neither_options_nor_identity() -> None:
@@ -117,7 +123,7 @@ def test_labels_name_runs_and_are_neither_options_nor_identity() -> None:
         )
     )
     assert job_name(relabelled) == "L/i2i/1024/DC" and config_hash(relabelled) == config_hash(cfg)
-    assert job_name(to_config(compose_job("model=tiny_sdxl"))) == "tiny_sdxl/t2i/1024/none"  # no label: the name
+    assert job_name(to_config(compose_job("model=tiny_sdxl"))) == "tiny/t2i/1024/none"  # no label: the name
 
 
 def test_pix2pix_has_no_text_to_image() -> None:

@@ -28,9 +28,9 @@ def test_good_jobs_beside_an_unknown_model_and_accelerator_end_with_the_table(cl
     sweep = cli("-m", "model=tiny_sdxl,tiny_sdxll", "accelerator=none,tensorrt", "res=64", "runs=2")
     assert sweep.code == 1
     table = sweep.output.split("\nSweep ")[1]
-    assert "tiny_sdxl/t2i/64/none  " in table and " ok " in table
+    assert "tiny/t2i/64/none  " in table and " ok " in table
     assert "tiny_sdxll/t2i/64/none" in table and "model=tiny_sdxll: no such model; choose one of" in table
-    assert "tiny_sdxl/t2i/64/tensorrt" in table and "accelerator=tensorrt: no such accelerator" in table
+    assert "tiny/t2i/64/tensorrt" in table and "accelerator=tensorrt: no such accelerator" in table
     assert "3 of 4 job(s) failed" in sweep.output
     assert "Traceback" not in sweep.output and "HYDRA_FULL_ERROR" not in sweep.output
     runs = sweep.runs()
@@ -81,7 +81,7 @@ def test_a_stopped_sweep_says_so_in_one_line_and_closes_every_run(tmp_path: Path
     assert process.returncode == code
     lines = [line for line in rest.splitlines() if line.strip() and not line.startswith("[tiny_sdxl")]
     assert len(lines) == 1, rest  # no traceback, no table: one line
-    assert lines[0].startswith(f"Stopped by {name}: job tiny_sdxl/t2i/512/none (run ")
+    assert lines[0].startswith(f"Stopped by {name}: job tiny/t2i/512/none (run ")
     assert lines[0].endswith("run the same command again to resume where it stopped.")
     [job] = MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_experiment_by_name("diffusion-bench").experiment_id], "tags.kind = 'job'"
@@ -106,7 +106,7 @@ def test_a_rerun_records_a_skipped_pair_once(cli) -> None:
     first = cli("-m", "model=tiny_pix2pix", "task=t2i,i2i", "res=64", "runs=1")
     assert first.code == 0, first.output
     again = cli("-m", "model=tiny_pix2pix", "task=t2i,i2i", "res=64", "runs=1")
-    assert again.code == 0 and "[tiny_p2p/t2i/64/none] SKIPPED already as run" in again.output
+    assert again.code == 0 and "[tp2p/t2i/64/none] SKIPPED already as run" in again.output
     assert len(again.runs()) == 2  # the skip and the finished job, each once
 
 

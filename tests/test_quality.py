@@ -163,7 +163,7 @@ def test_accelerated_runs_are_compared_with_the_baseline_in_a_sweep(cli, test_ac
     sweep = cli("-m", "accelerator=none,same,perturb,blackout", "res=64", "runs=3", test_accelerators)
     runs = sweep.runs()
     assert sweep.code == 0, sweep.output  # broken images are a quality verdict, not a failed job
-    none, same, perturb, blackout = (runs[f"tiny_sdxl/t2i/64/{a}"] for a in ("none", "same", "perturb", "blackout"))
+    none, same, perturb, blackout = (runs[f"tiny/t2i/64/{a}"] for a in ("none", "same", "perturb", "blackout"))
     assert len({run.data.tags["image_key"] for run in runs.values()}) == 1
     assert none.data.tags["baseline_run"] == "self" and none.data.tags["quality_unaffected"] == "true"
     assert none.data.tags["quality_baseline_run"] == "self" and "speedup_vs_baseline" not in none.data.metrics
@@ -196,7 +196,7 @@ def test_missing_baseline_is_said_not_guessed(cli, test_accelerators: str) -> No
     assert run.data.tags["quality_verdict"].startswith("no baseline: run accelerator=none for this job too")
     assert run.data.tags["quality_unaffected"] == "unknown" and "ssim_vs_baseline" not in run.data.metrics
     assert run.data.tags["pace"] == "no baseline" and "speedup_vs_baseline" not in run.data.metrics
-    assert "[tiny_sdxl/t2i/64/same] CLIP score" in sweep.output and "Encountered caption" not in sweep.output
+    assert "[tiny/t2i/64/same] CLIP score" in sweep.output and "Encountered caption" not in sweep.output
 
 
 def test_prompt_set_gives_one_image_per_prompt_and_seed(cli) -> None:
@@ -214,8 +214,8 @@ def test_runs_of_different_lengths_compare_the_images_they_share(cli, test_accel
     sweep = cli("accelerator=same", "res=64", "runs=2", test_accelerators)
     assert sweep.code == 0, sweep.output
     runs = sweep.runs()
-    assert runs["tiny_sdxl/t2i/64/same"].data.metrics["images_compared"] == 2
-    assert runs["tiny_sdxl/t2i/64/same"].data.tags["baseline_run"] == runs["tiny_sdxl/t2i/64/none"].info.run_id
+    assert runs["tiny/t2i/64/same"].data.metrics["images_compared"] == 2
+    assert runs["tiny/t2i/64/same"].data.tags["baseline_run"] == runs["tiny/t2i/64/none"].info.run_id
 
 
 @pytest.mark.gpu

@@ -27,7 +27,7 @@ def test_report_of_a_sweep_with_a_skip_and_a_failure(cli, test_accelerators: str
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.html", "report/plots", "report/images"} <= logged, sweep.output
     assert parent.info.status == "FAILED" and parent.data.tags["jobs_failed"] == "1"  # pix2pix x onediff: skipped
-    assert "tiny_sdxl/t2i/64/onediff" in parent.data.tags["mlflow.note.content"]  # the table, in MLflow's UI
+    assert "tiny/t2i/64/onediff" in parent.data.tags["mlflow.note.content"]  # the table, in MLflow's UI
 
     out = tmp_path / "report"
     assert report_main(["--tracking-uri", sweep.tracking_uri, "--out", str(out)]) == 0
@@ -42,8 +42,8 @@ def test_report_of_a_sweep_with_a_skip_and_a_failure(cli, test_accelerators: str
     answer = text.split("## Answer")[1].split("\n## ")[0]
     assert "| same |" in answer and "| onediff | not answered |" in answer
     assert "| none |" not in answer  # the baseline is not an accelerator under test
-    same = client.get_run(runs["tiny_sdxl/t2i/64/same"].info.run_id)
-    speedup = runs["tiny_sdxl/t2i/64/none"].data.metrics["latency_s"] / same.data.metrics["latency_s"]
+    same = client.get_run(runs["tiny/t2i/64/same"].info.run_id)
+    speedup = runs["tiny/t2i/64/none"].data.metrics["latency_s"] / same.data.metrics["latency_s"]
     assert same.data.metrics["speedup_vs_baseline"] == pytest.approx(speedup)
     assert f"| same | {same.data.metrics['latency_s']:.3f} | {speedup:.2f}× | {same.data.tags['pace']} |" in answer
 
@@ -51,15 +51,15 @@ def test_report_of_a_sweep_with_a_skip_and_a_failure(cli, test_accelerators: str
     assert sections[-1] == "Failed and skipped jobs"  # at the end, after every measured job
     assert not any("tiny_pix2pix" in section for section in sections)  # no section of its own
     not_run = text.split("## Failed and skipped jobs")[1]
-    assert "| tiny_p2p/t2i/64/none | skipped | model tiny_pix2pix has no t2i pipeline" in not_run
-    assert "| tiny_sdxl/t2i/64/onediff | failed | accelerator=onediff: onediffx is not installed" in not_run
+    assert "| tp2p/t2i/64/none | skipped | model tiny_pix2pix has no t2i pipeline" in not_run
+    assert "| tiny/t2i/64/onediff | failed | accelerator=onediff: onediffx is not installed" in not_run
 
 
 def test_a_later_baseline_judges_the_earlier_run(cli, test_accelerators: str) -> None:
     early = cli("accelerator=same", "res=64", "runs=2", test_accelerators)
     assert early.code == 0, early.output
     assert cli("accelerator=none", "res=64", "runs=2").code == 0  # its sweep compares the whole job
-    run = early.runs()["tiny_sdxl/t2i/64/same"]
+    run = early.runs()["tiny/t2i/64/same"]
     assert run.data.tags["quality_unaffected"] == "true" and run.data.metrics["ssim_vs_baseline"] == pytest.approx(1)
     assert run.data.tags["quality_judged"] == "later, when its baseline was found"
     assert "speedup_vs_baseline" in run.data.metrics and run.data.tags["baseline_why"]

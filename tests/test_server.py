@@ -83,13 +83,13 @@ def test_sweep_against_a_server_reads_back_through_its_api(
         {"experiment_ids": [experiment["experiment_id"]], "filter": "tags.kind = 'job'"},
     )["runs"]
     runs = {run["info"]["run_name"]: run for run in found}
-    assert set(runs) == {"tiny_sdxl/t2i/64/none", "tiny_sdxl/t2i/64/same"}
-    same = runs["tiny_sdxl/t2i/64/same"]
+    assert set(runs) == {"tiny/t2i/64/none", "tiny/t2i/64/same"}
+    same = runs["tiny/t2i/64/same"]
     metrics = {m["key"]: m["value"] for m in same["data"]["metrics"]}
     tags = {t["key"]: t["value"] for t in same["data"]["tags"]}
     params = {p["key"]: p["value"] for p in same["data"]["params"]}
     assert metrics["latency_s"] > 0 and metrics["ssim_vs_baseline"] == pytest.approx(1.0)
-    assert "speedup_vs_baseline" in metrics and tags["baseline_run"] == runs["tiny_sdxl/t2i/64/none"]["info"]["run_id"]
+    assert "speedup_vs_baseline" in metrics and tags["baseline_run"] == runs["tiny/t2i/64/none"]["info"]["run_id"]
     assert params["accelerator"] == "same" and tags["outcome"] == "ok" and same["info"]["status"] == "FINISHED"
     image = urllib.request.urlopen(
         f"{server}/get-artifact?path=images/000_p00_seed0.png&run_uuid={same['info']['run_id']}", timeout=30
@@ -97,4 +97,4 @@ def test_sweep_against_a_server_reads_back_through_its_api(
     assert image[:4] == b"\x89PNG"
 
     assert report_main(["--tracking-uri", server, "--out", str(tmp_path / "report")]) == 0
-    assert "tiny_sdxl/t2i/64" not in (tmp_path / "report" / "report.md").read_text().split("## Failed")[1]
+    assert "tiny/t2i/64" not in (tmp_path / "report" / "report.md").read_text().split("## Failed")[1]

@@ -76,15 +76,15 @@ def test_a_sweep_through_slurm_reads_back_through_the_server(cli, cluster: Clust
     )
     assert sweep.code == 0, sweep.output
     runs = runs_of(server, "slurm")
-    assert {run["info"]["run_name"] for run in runs} == {"tiny_sdxl/t2i/64/none", "tiny_sdxl/t2i/72/none"}
+    assert {run["info"]["run_name"] for run in runs} == {"tiny/t2i/64/none", "tiny/t2i/72/none"}
     for run in runs:
         assert run["info"]["status"] == "FINISHED" and run["tags"]["outcome"] == "ok"
         assert re.fullmatch(r"\d+_[01]", run["tags"]["slurm_job_id"])  # an array job's task, recorded
         listed = rest(server, f"/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}&path=images")
         assert len(listed["files"]) == 2
     [parent] = runs_of(server, "slurm", kind="sweep")
-    assert parent["info"]["status"] == "FINISHED" and "tiny_sdxl/t2i/72/none" in parent["tags"]["mlflow.note.content"]
-    assert "\nSweep " in sweep.output and "tiny_sdxl/t2i/64/none  ok" in sweep.output  # the table
+    assert parent["info"]["status"] == "FINISHED" and "tiny/t2i/72/none" in parent["tags"]["mlflow.note.content"]
+    assert "\nSweep " in sweep.output and "tiny/t2i/64/none  ok" in sweep.output  # the table
     report = rest(server, f"/api/2.0/mlflow/artifacts/list?run_id={parent['info']['run_id']}&path=report")
     assert "report/report.html" in {f["path"] for f in report["files"]}
 

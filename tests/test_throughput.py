@@ -69,7 +69,7 @@ def test_a_batch_sweep_counts_every_image_and_compares_image_by_image(cli, test_
     runs = sweep.runs()
     client = MlflowClient(sweep.tracking_uri)
     by = {(r.data.params["batch"], r.data.params["accelerator"]): r for r in runs.values()}
-    assert set(runs) >= {"tiny_sdxl/t2i/64/none", "tiny_sdxl/t2i/64-b2/none"}  # names tell batches apart
+    assert set(runs) >= {"tiny/t2i/64/none", "tiny/t2i/64-b2/none"}  # names tell batches apart
     images = sorted(a.path for a in client.list_artifacts(by[("2", "none")].info.run_id, "images"))
     assert images == [f"images/00{i}_p00_seed{i}_{k}.png" for i in (0, 1) for k in (0, 1)]
     assert len(client.list_artifacts(by[("1", "none")].info.run_id, "images")) == 2
@@ -86,6 +86,6 @@ def test_a_batch_sweep_counts_every_image_and_compares_image_by_image(cli, test_
 def test_a_batch_that_does_not_fit_fails_naming_the_memory(cli, test_accelerators: str) -> None:
     sweep = cli("-m", "accelerator=none,oom", "batch=8", "res=64", "runs=1", test_accelerators)
     assert sweep.code == 1
-    error = sweep.runs()["tiny_sdxl/t2i/64-b8/oom"].data.tags["error"]
+    error = sweep.runs()["tiny/t2i/64-b8/oom"].data.tags["error"]
     assert error.startswith("batch=8 does not fit on ") and "Tried to allocate 20.00 GiB" in error
-    assert sweep.runs()["tiny_sdxl/t2i/64-b8/none"].data.tags["outcome"] == "ok"  # the sweep went on
+    assert sweep.runs()["tiny/t2i/64-b8/none"].data.tags["outcome"] == "ok"  # the sweep went on
