@@ -316,7 +316,7 @@ def skip_reason(cfg: Config) -> str | None:
 def run_name(model: str, task: str, height: int | str, width: int | str, accelerator: str, batch: object = 1) -> str:
     """The run's readable name, e.g. RV4/t2i/1024/none (.../768x1024/... when not square, and .../1024-b4/...
     for four images a call), from the model's and the accelerator's labels: short enough that the jobs of
-    one experiment differ within the 20 characters MLflow's run list shows."""
+    one experiment differ within the 15 characters MLflow's run list shows of a job under its sweep."""
     size = f"{height}" if str(height) == str(width) else f"{height}x{width}"
     size += f"-b{batch}" if str(batch) not in ("1", "None") else ""
     return f"{model}/{task}/{size}/{accelerator}"
