@@ -154,10 +154,10 @@ def time_calls(
     """Warm up, then time the calls on the steady host, reading peak memory and the GPU's energy counter
     around them; return the calls' timings and images, the most jobs seen at once, and others' CPU use.
 
-    The warmup runs unpinned, with every allowed core and torch thread: compilation starts a pool of worker
-    processes, and each process or thread inherits the affinity of the thread that starts it, so a pool started
-    on the pinned thread would compile on that one core. Only the timed calls are pinned (``steady_host``); the
-    torch thread count is one for both (``one_torch_thread``)."""
+    The warmup runs unpinned, on every allowed core: compilation starts a pool of worker processes, and each
+    process or thread inherits the affinity of the thread that starts it, so a pool started on the pinned
+    thread would compile on that one core. Only the timed calls are pinned (``steady_host``); torch's thread
+    count is one for both (``one_torch_thread``)."""
     device, gpu = clock.device, result.facts.get("gpu_uuid", "")
     timings, images = [], {}
     running = Path(cfg.cache_dir).expanduser() / "running"
