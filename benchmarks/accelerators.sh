@@ -12,7 +12,6 @@ budget=570  # seconds this script may take, inside the device tool's 600
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader \
   | tee "$OUT/environment_$res.txt"
 job=(model=sdxl_base model.weights=random steps=30 "res=$res" cache_dir=/tmp/bench-cache)
-quiet() { grep --line-buffered -v -E "timed [0-9]+/|FutureWarning|deprecate\(|UserWarning"; }
 timeout $((budget - SECONDS - 20)) python3 -m runner -m "${job[@]}" "accelerator=$accelerators" 2>&1 | quiet \
   | tee "$OUT/sweep_$res.log"
 if [ -n "$warm" ] && ((SECONDS < budget - 150)); then

@@ -14,3 +14,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 python3 -m compileall -q -j 0 runner hydra_plugins >/dev/null 2>&1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# A sweep's log without the per-call progress bars and the libraries' warnings (each warning is two lines:
+# the message, then the source line that raised it).
+quiet() { grep --line-buffered -v -E "timed [0-9]+/|FutureWarning|UserWarning|deprecate\(|^ +warnings\.warn\("; }

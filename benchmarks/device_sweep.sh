@@ -6,5 +6,5 @@ set -uo pipefail
 . benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/environment.txt"
 python3 -m pytest -q -m gpu tests 2>&1 | tail -4 | tee "$OUT/pytest_gpu.txt"
-python3 -m runner "$@" 2>&1 | grep -v -E "timed [0-9]+/|FutureWarning|deprecate\(" | tee "$OUT/sweep.log"
+python3 -m runner "$@" 2>&1 | quiet | tee "$OUT/sweep.log"
 cp mlruns/mlflow.db "$OUT/"

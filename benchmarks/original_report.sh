@@ -23,7 +23,7 @@ fi
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
   --format=csv -l 10 >>"$OUT/gpu_$call.csv" 2>&1 &
 timeout $((budget - SECONDS - 20)) python3 -m runner +experiment=original_report model.weights=random \
-  cache_dir=/tmp/bench-cache 2>&1 | grep --line-buffered -v -E "timed [0-9]+/|FutureWarning|deprecate\(|UserWarning" \
+  cache_dir=/tmp/bench-cache 2>&1 | quiet \
   | tee "$OUT/sweep_$call.log"
 cp mlruns/mlflow.db "$OUT/mlflow.db"
 echo "call $call took ${SECONDS}s"

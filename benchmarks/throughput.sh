@@ -17,6 +17,6 @@ budget=560
 python3 benchmarks/energy_counter.py "$OUT/energy_counter.json" 3 2>&1 | tail -1
 timeout $((budget - SECONDS - 15)) python3 -m runner -m model=sdxl_base model.weights=random steps=30 res=1024 \
   batch=1,4,8 "accelerator=none,$accelerators" "runs=$runs" cost.gpu_hour_usd=2.5 cache_dir=/tmp/bench-cache 2>&1 \
-  | grep --line-buffered -v -E "timed [0-9]+/|FutureWarning|deprecate\(|UserWarning" | tee -a "$OUT/sweep.log"
+  | quiet | tee -a "$OUT/sweep.log"
 cp mlruns/mlflow.db "$OUT/mlflow.db"
 echo "script took ${SECONDS}s"
