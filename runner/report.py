@@ -23,7 +23,7 @@ from runner.config import MlflowConfig
 from runner.errors import RunnerError, one_line
 from runner.html import to_html
 from runner.plots import plot_speedups, plot_throughput
-from runner.record import JobRecord, Outcome, Pace, Quality
+from runner.record import JobRecord, Outcome, Pace, Quality, Steadiness
 from runner.tracking import Tracker
 
 NO_IMAGES = "(no images in this artifact store: log_images=false, or the artifacts stayed where the runs ran)"
@@ -48,7 +48,7 @@ def write_report(tracker: Tracker, out: Path, records: list[JobRecord]) -> None:
     (out / "images").mkdir(parents=True, exist_ok=True)
     finished = [r for r in shown if r.ok]
     plots = plot_speedups(finished, out / "plots") + plot_throughput(finished, out / "plots")
-    text = Report(tracker, shown, len(records), out, plots).markdown()
+    text = Report(tracker, shown, records, out, plots).markdown()
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(to_html(text, f"Report: {tracker.experiment_name}", out))
 
@@ -65,8 +65,13 @@ def newest(records: list[JobRecord]) -> list[JobRecord]:
 
 
 class Report:
-    def __init__(self, tracker: Tracker, records: list[JobRecord], total: int, out: Path, plots: list[Path]) -> None:
-        self.tracker, self.records, self.total, self.out, self.plots = tracker, records, total, out, plots
+    def __init__(
+        self, tracker: Tracker, records: list[JobRecord], every: list[JobRecord], out: Path, plots: list[Path]
+    ) -> None:
+        """``records`` are the runs shown (the newest of each job); ``every`` also holds older runs, baselines
+        that a shown run may have been compared with among them."""
+        self.tracker, self.records, self.out, self.plots = tracker, records, out, plots
+        self.total, self.by_id = len(every), {record.run_id: record for record in every}
         self.jobs: dict[tuple[str, str, str, str], list[JobRecord]] = defaultdict(list)
         for record in records:
             if record.ok:
@@ -150,7 +155,7 @@ class Report:
                 lines.append(
                     f"| {_job_title(key)} | {record.accelerator} | {record.latency_s:.3f} | "
                     f"{describe('speedup_vs_baseline').show(c.speedup if c else None)} | "
-                    f"{c.pace if c else 'not compared'} | {record.quality.verdict} | {record.measurement.steadiness} |"
+                    f"{self._pace(record)} | {record.quality.verdict} | {record.measurement.steadiness} |"
                 )
         return lines
 
@@ -171,11 +176,29 @@ class Report:
             memory = run.memory_gib
             lines.append(
                 f"| {name} | {' | '.join(cells)} | {'-' if memory is None else f'{memory:.2f}'} | "
-                f"{run.comparison.pace if run.comparison else '-'} | {run.quality.verdict} | "
+                f"{self._pace(run) if run.comparison else '-'} | {run.quality.verdict} | "
                 f"{run.measurement.steadiness} |"
             )
         lines += ["", *self._images(runs), "", "**Conclusion.** " + " ".join(_sentence(r) for r in runs), ""]
         return lines
+
+    def _pace(self, run: JobRecord) -> str:
+        """The verdict, and for one withheld, in a few words whose timings forbade it: a reader of the table
+        sees why a steady run is inconclusive (its baseline was not) without reading the conclusion."""
+        c = run.comparison
+        if c is None:
+            return "not compared"
+        if c.pace is not Pace.INCONCLUSIVE:
+            return str(c.pace)
+        baseline = self.by_id.get(c.baseline_run)
+        doubts = [
+            f"{who} {r.measurement.steadiness}"
+            for who, r in (("this run", run), ("baseline", baseline))
+            if r is not None and r.measurement.steadiness is not Steadiness.STEADY
+        ]
+        if baseline is None:
+            doubts.append("see MLflow's baseline_why")
+        return f"inconclusive ({', '.join(doubts) or 'baselines disagree'})"
 
     def _images(self, runs: list[JobRecord]) -> list[str]:
         cells = []

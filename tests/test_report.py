@@ -2,15 +2,19 @@
 skipped jobs at the end."""
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from runner.compare import compare_job
 from runner.config import CONF, MlflowConfig, compose_job
-from runner.report import Answer, newest
+from runner.record import Measurement, Steadiness
+from runner.report import Answer, Report, newest
 from runner.report import main as report_main
 from runner.tracking import Tracker
+from tests.test_compare import job
 
 
 def test_report_of_a_sweep_with_a_skip_and_a_failure(cli, test_accelerators: str, tmp_path: Path) -> None:
@@ -45,7 +49,8 @@ def test_report_of_a_sweep_with_a_skip_and_a_failure(cli, test_accelerators: str
     same = client.get_run(runs["tiny/t2i/64/same"].info.run_id)
     speedup = runs["tiny/t2i/64/none"].data.metrics["latency_s"] / same.data.metrics["latency_s"]
     assert same.data.metrics["speedup_vs_baseline"] == pytest.approx(speedup)
-    assert f"| same | {same.data.metrics['latency_s']:.3f} | {speedup:.2f}× | {same.data.tags['pace']} |" in answer
+    pace = same.data.tags["pace"]  # inconclusive, on a busy host, with its reason after it
+    assert f"| same | {same.data.metrics['latency_s']:.3f} | {speedup:.2f}× | {pace}" in answer
 
     sections = re.findall(r"^## (.+)$", text, flags=re.M)
     assert sections[-1] == "Failed and skipped jobs"  # at the end, after every measured job
@@ -114,3 +119,30 @@ def test_an_answer_says_on_how_many_jobs_it_rests() -> None:
     assert answer(judged=2, both=2).cell == "**Yes** (2 of 8 judged)"
     assert answer(judged=2, both=1).cell == "**Partly** (2 of 8 judged)"
     assert answer(judged=0, both=0).cell == "not answered"
+
+
+def test_a_withheld_verdict_says_whose_timings_forbade_it(tmp_path: Path) -> None:
+    """The H100 grid's case: a steady compiled run, 2.38x against an eager baseline whose calls spread 16%,
+    is inconclusive, and the tables say it was the baseline, not the run."""
+
+    class NoImages:
+        experiment_name = "diffusion-bench"
+
+        def download(self, run_id: str, artifact: str) -> None:
+            return None
+
+    def tables(*runs) -> str:
+        judged = compare_job(list(runs))
+        records = [replace(run, comparison=judged[run.run_id]) for run in runs]
+        return Report(NoImages(), records, records, tmp_path, []).markdown()
+
+    noisy = Measurement(Steadiness.NOISY, "the calls' spread is 16.0% of their mean (over 15%)")
+    base = job("none", 2.312, 0.370, measurement=noisy)
+    text = tables(base, job("compile_graph", 0.973, 0.008), job("deepcache", 0.121, 0.026, measurement=noisy))
+    assert "| compile_graph | 0.973 | 2.38× | inconclusive (baseline noisy) | true | steady |" in text
+    assert "| deepcache | 0.121 | 19.11× | inconclusive (this run noisy, baseline noisy) |" in text
+    section = text.split("## Text-to-image")[1]
+    assert "| inconclusive (baseline noisy) | true | steady |" in section  # the job's own table too
+    quiet, busy = job("none", 2.043, 0.05, sweep="s1"), job("none", 2.830, 0.05, sweep="s2")
+    text = tables(quiet, busy, job("compile_graph", 1.122, 0.004, sweep="s3"))
+    assert "| 2.52× | inconclusive (baselines disagree) |" in text
