@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The measurements behind BENCHMARKS.md's "Comparisons you can trust", one call of the device tool each:
-#   bash benchmarks/trust.sh parallel   # on a 2-GPU host: the same 4 jobs as a one-GPU and a two-GPU sweep
+#   RUNS=15 bash benchmarks/trust.sh parallel  # on a 2-GPU host: the same 4 jobs one at a time, all at once,
+#                                              # and one at a time again (RUNS timed calls each, default 10)
 #   bash benchmarks/trust.sh bare       # runner against bare diffusers, image-to-image, none and cuda_graph
 # SDXL base's architecture with random weights, 30 steps. Results (logs, MLflow database, JSON) land in $OUT.
 set -uo pipefail
@@ -13,21 +14,26 @@ budget=${BUDGET:-560}  # seconds this script may take, inside the device tool's 
   lscpu | grep -E "^(Thread|Core|Socket|NUMA)"
   for cpu in 28 29 30 31; do echo "cpu$cpu siblings $(cat /sys/devices/system/cpu/cpu$cpu/topology/thread_siblings_list)"; done
 } 2>&1 | tee "$OUT/environment_$1.txt"
-quiet() { grep --line-buffered -v -E "timed [0-9]+/|FutureWarning|deprecate\(|UserWarning"; }
 left() { echo $((budget - SECONDS - ${1:-10})); }
 job=(model.weights=random cache_dir=/tmp/bench-cache)
 sdxl=(model=sdxl_base steps=30)
 case $1 in
 parallel)
-  grid=("${job[@]}" "${sdxl[@]}" res=512,1024 accelerator=none,cuda_graph)
-  start=$SECONDS
-  # One job at a time; each job on the GPU its slot gives it in the parallel sweep too (runner/sweep.py)
-  timeout "$(left 200)" python3 -m runner -m "${grid[@]}" 2>&1 | quiet | tee "$OUT/one_gpu.log"
-  echo "one-GPU sweep: $((SECONDS - start)) s wall" | tee -a "$OUT/walls.txt"
-  start=$SECONDS
-  timeout "$(left 15)" python3 -m runner -m hydra/launcher=local_gpus hydra.launcher.gpus_per_node=2 "${grid[@]}" \
-    force=true 2>&1 | quiet | tee "$OUT/two_gpu.log"
-  echo "two-GPU sweep: $((SECONDS - start)) s wall" | tee -a "$OUT/walls.txt"
+  # One job at a time, then all four at once, then one at a time again: the two one-at-a-time sweeps
+  # bracket the parallel one (a host that drifts shows up between them) and tell how far a job's mean
+  # moves between two sweeps under identical conditions, the floor under any "within N%" claim.
+  grid=("${job[@]}" "${sdxl[@]}" res=512,1024 accelerator=none,cuda_graph runs=${RUNS:-10})
+  two_gpus=(hydra/launcher=local_gpus hydra.launcher.gpus_per_node=2)
+  for sweep in one_gpu two_gpu one_gpu_again; do
+    start=$SECONDS
+    case $sweep in
+    one_gpu) args=("${grid[@]}") ;;  # each job on the GPU its slot gives it in the parallel sweep too
+    two_gpu) args=("${two_gpus[@]}" "${grid[@]}" force=true) ;;
+    one_gpu_again) args=("${grid[@]}" force=true) ;;
+    esac
+    timeout "$(left 10)" python3 -m runner -m "${args[@]}" 2>&1 | quiet | tee "$OUT/$sweep.log"
+    echo "$sweep sweep: $((SECONDS - start)) s wall" | tee -a "$OUT/walls.txt"
+  done
   cat mlruns/hydra/*/.submitit/*/*_0_log.out 2>/dev/null | quiet > "$OUT/two_gpu_jobs.log"
   ;;
 bare)
