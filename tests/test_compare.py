@@ -1,14 +1,18 @@
 """Comparisons you can trust: like with like, noise and contention caught, baselines that disagree, the best
 tag; on records built in code (the rules) and through a real MLflow store (what a script reads back)."""
 
+import json
+from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 
 from runner.compare import compare, compare_job, pace
 from runner.config import MlflowConfig
+from runner.measure import steadiness
 from runner.record import (
     Comparison,
     Conditions,
@@ -23,6 +27,7 @@ from runner.record import (
 )
 from runner.tracking import Tracker
 
+RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
 HERE = Conditions(host="gpu-host", boot_id="boot-1", device_name="H100", gpu_uuid="GPU-a", concurrent_jobs=1)
 STEADY = Measurement(Steadiness.STEADY, "CV 1%")
 COUNTER = iter(range(1_000_000))
@@ -168,3 +173,34 @@ def test_verdicts_written_and_read_back_through_mlflow(tmp_path: Path) -> None:
     best = mlflow.search_runs(experiment_names=["x"], filter_string="tags.best = 'true'")
     assert list(best["run_id"]) == [faster]
     assert best["tags.pace"][0] == "faster" and best["metrics.speedup_vs_baseline"][0] == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize(
+    ("results", "faster", "inconclusive"),
+    [("2026-11-26-h100-original-full", 7, 13), ("2026-11-26-h200x2", 1, 5)],
+)
+def test_the_published_verdicts_follow_from_the_rules(results: str, faster: int, inconclusive: int) -> None:
+    """BENCHMARKS.md's grid on the H100 and parallel check on two H200s, re-judged from their raw export:
+    each run's measurement from its own calls, each comparison from the runs of its job. If a rule changes,
+    this says which published verdicts it changes (recheck BENCHMARKS.md, then update these counts)."""
+    exported = json.loads((RESULTS / results / "runs.json").read_text())
+    jobs: dict[str, list[JobRecord]] = defaultdict(list)
+    for run in exported:
+        info = SimpleNamespace(
+            run_id=run["run_id"], run_name=run["name"], status=run["status"], start_time=run["start_time_ms"]
+        )
+        record = JobRecord.from_run(
+            SimpleNamespace(
+                info=info, data=SimpleNamespace(**{part: run[part] for part in ("params", "tags", "metrics")})
+            )
+        )
+        if record.ok:
+            assert steadiness(run["series"]["call_latency_s"]).steadiness is record.measurement.steadiness, run["name"]
+            jobs[record.image_key].append(record)
+    paces = Counter()
+    for members in jobs.values():
+        for run_id, comparison in compare_job(members).items():
+            published = next(m for m in members if m.run_id == run_id).comparison
+            assert (comparison.pace, comparison.best) == (published.pace, published.best), run_id
+            paces[comparison.pace] += 1
+    assert (paces[Pace.FASTER], paces[Pace.INCONCLUSIVE], paces[Pace.SLOWER]) == (faster, inconclusive, 0)
