@@ -6,7 +6,11 @@ built once, its calls alternating between
   adds only the runner's step hooks, to read bare diffusers' time from the call's start to the first
   denoising step (``bare_to_first_step_s``);
 - **runner**: the call as the runner times it (runner/measure.py: PhaseClock's hooks, the steady host with
-  the launching thread pinned to one core and torch's CPU work on that thread).
+  the launching thread pinned to one core, and torch's CPU work on that thread alone: ``one_torch_thread``).
+
+The warmup runs as the runner's does, unpinned. Alternating thread counts between the series suits eager
+and graphed pipelines; torch.compile guards on the thread count, so a compiled accelerator would recompile
+at each switch: ``compiled_during_series`` in OUT.json counts such compilations (it should read 0).
 
     python benchmarks/overhead.py OUT.json model=sdxl_base model.weights=random steps=30 task=i2i res=1024 \\
         accelerator=cuda_graph runs=20
@@ -28,7 +32,7 @@ from runner.accelerators import Target, build_accelerator
 from runner.config import compose_job, to_config
 from runner.host import allowed_cores
 from runner.inputs import load_image
-from runner.measure import Marker, PhaseClock, steady_host, synchronize
+from runner.measure import Marker, PhaseClock, graphs_compiled, one_torch_thread, steady_host, synchronize
 from runner.pipelines import build_pipeline
 from runner.worker import DTYPES, HARMLESS, TRUNCATION, drop_log_lines, pipeline_args, resolve_device
 
@@ -48,9 +52,8 @@ def main(out: Path, overrides: list[str]) -> None:
         image, _ = load_image(cfg.task.image, cfg.names.model, cfg.width, cfg.height, lambda *_: None)
     denoiser = getattr(pipe, cfg.model.denoiser)
     core = max(allowed_cores()) if cfg.pin_cpu else None
-    with steady_host(device, core):
-        for index in range(cfg.warmup):
-            pipe(**pipeline_args(cfg, [cfg.prompt], image, device, index))
+    for index in range(cfg.warmup):  # unpinned, as the runner warms up: compile workers get every core
+        pipe(**pipeline_args(cfg, [cfg.prompt], image, device, index))
     start, end = Marker(device), Marker(device)
 
     def bare(kwargs: dict) -> dict:
@@ -67,16 +70,18 @@ def main(out: Path, overrides: list[str]) -> None:
         return vars(timing)
 
     def runner(kwargs: dict) -> dict:
-        with steady_host(device, core):
+        with one_torch_thread(device, core), steady_host(device, core):
             return phases(kwargs)
 
     series: dict[str, list[dict]] = {"bare": [], "bare_hooked": [], "runner": []}
     timers = {"bare": bare, "bare_hooked": phases, "runner": runner}
+    compiled = graphs_compiled()
     for index in range(cfg.runs):  # rotate which goes first, so drift favours none
         names = list(timers)
         for name in names[index % 3 :] + names[: index % 3]:
             gc.collect()
             series[name].append(timers[name](pipeline_args(cfg, [cfg.prompt], image, device, index)))
+    compiled = graphs_compiled() - compiled
     clock = PhaseClock(denoiser, device)
     clock.steps = 1  # past the first step, whose inputs are recorded once per job
     repeats = 10_000
@@ -98,6 +103,7 @@ def main(out: Path, overrides: list[str]) -> None:
         "overrides": overrides,
         "device": str(device),
         "pinned_core": core,
+        "compiled_during_series": compiled,
         "series": series,
         "hook_us_per_step": hook_us,
         "bare_mean_s": mean("bare"),

@@ -3,6 +3,8 @@
 import gc
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -259,3 +261,34 @@ def test_a_heartbeat_says_what_is_still_running(capsys: pytest.CaptureFixture) -
     assert seen
     time.sleep(0.05)
     assert capsys.readouterr().out == ""  # it stops with the block
+
+
+@pytest.mark.parametrize("task", ["t2i", "i2i"])
+def test_the_runner_against_bare_benchmark_runs_as_benchmarks_md_runs_it(task: str, tmp_path: Path) -> None:
+    """benchmarks/overhead.py end to end on a tiny CPU pipeline, for both tasks: every series timed, the phases
+    read, nothing compiled while they alternate. (Pinning and the thread count act on CUDA only; the GPU runs
+    behind BENCHMARKS.md are where they show.)"""
+    out = tmp_path / "overhead.json"
+    command = [
+        sys.executable,
+        "benchmarks/overhead.py",
+        str(out),
+        "model=tiny_sdxl",
+        f"task={task}",
+        "res=64",
+        "runs=2",
+    ]
+    done = subprocess.run(
+        [*command, f"cache_dir={tmp_path}/cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert [len(result["series"][name]) for name in ("bare", "bare_hooked", "runner")] == [2, 2, 2]
+    assert result["compiled_during_series"] == 0 and result["bare_mean_s"] > 0
+    assert 0 < result["runner_text_encode_s"] < result["runner_mean_s"]
+    assert "runner vs bare" in done.stdout
