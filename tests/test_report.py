@@ -5,13 +5,16 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
 from runner.compare import compare_job
 from runner.config import CONF, MlflowConfig, compose_job
+from runner.html import to_html
 from runner.record import Measurement, Steadiness
-from runner.report import Answer, Report, newest
+from runner.report import REPORT_IMAGE_PX, Answer, Report, newest
 from runner.report import main as report_main
 from runner.tracking import Tracker
 from tests.test_compare import job
@@ -146,3 +149,14 @@ def test_a_withheld_verdict_says_whose_timings_forbade_it(tmp_path: Path) -> Non
     quiet, busy = job("none", 2.043, 0.05, sweep="s1"), job("none", 2.830, 0.05, sweep="s2")
     text = tables(quiet, busy, job("compile_graph", 1.122, 0.004, sweep="s3"))
     assert "| 2.52× | inconclusive (baselines disagree) |" in text
+
+
+def test_a_grid_of_noise_pictures_makes_a_report_small_enough_to_commit(tmp_path: Path) -> None:
+    """Random weights' pictures are noise, which JPEG barely compresses: the H100 grid's 36 of them made a
+    2.4 MB report. Its copies are 384 px (REPORT_IMAGE_PX); the HTML embeds them as small thumbnails."""
+    (tmp_path / "images").mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (REPORT_IMAGE_PX, REPORT_IMAGE_PX, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "images" / "none.png")
+    html = to_html("![none](images/none.png)", "report", tmp_path)
+    [data] = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", html)
+    assert 36 * len(data) < 1.5e6  # the grid's pictures, with room for its plots under 2 MB
