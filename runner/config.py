@@ -432,8 +432,28 @@ def known_keys(cls: type = Config, prefix: str = "") -> dict[str, Any]:
     return keys
 
 
+NUMBERS = {int: "a whole number", float: "a number", bool: "true or false"}
+
+
+def value_error(key: str, value: object) -> str | None:
+    """For a command-line value that a number or flag setting cannot take, the one line that names it and what
+    to give instead (e.g. ``res=abc``); None when it fits or the key takes anything."""
+    kind = known_keys().get(key)
+    allowed = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+    wanted = next((t for t in NUMBERS if t in allowed), None)
+    text = str(value)
+    if wanted is None or value is None or text.startswith("${") or (type(None) in allowed and text == "null"):
+        return None
+    try:
+        {int: int, float: float, bool: lambda v: {"true": 1, "false": 0}[v.lower()]}[wanted](text)
+    except (ValueError, KeyError):
+        return f"{key}={text}: {key} takes {NUMBERS[wanted]} (python -m runner --help describes every key)"
+    return None
+
+
 def check_override_keys(overrides: list[str], groups: set[str]) -> None:
-    """Refuse, before anything runs, a command-line key the schema does not have, naming the closest one.
+    """Refuse, before anything runs, a command-line key the schema does not have, naming the closest one, and
+    a single value a number or flag setting cannot take (a swept value fails only its own job, in the sweep).
     ``groups`` are the config groups (model, task, ...), whose options Hydra itself checks."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -445,6 +465,9 @@ def check_override_keys(overrides: list[str], groups: set[str]) -> None:
     keys = known_keys()
     for override in parsed:
         key = override.key_or_group
+        problem = None if override.is_sweep_override() else value_error(key, override.value())
+        if problem:
+            raise ConfigError(problem)
         if key.split(".")[0].split("/")[0] == "hydra" or key in groups or "/" in key or key in keys:
             continue
         if any(key.startswith(f"{open_key}.") for open_key, kind in keys.items() if kind is OPEN):

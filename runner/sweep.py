@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.catalogue import SWEEP_TABLE, describe
 from runner.compare import compare
-from runner.config import MlflowConfig, option_label, run_name
+from runner.config import MlflowConfig, option_label, run_name, value_error
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
 from runner.job import Stopped, Terminated, alive, sigterm_raises
@@ -166,14 +166,17 @@ def close_abandoned_sweeps(tracker: Tracker) -> None:
             )
 
 
-def describe_compose_error(error: Exception) -> str:
-    """One line for a job Hydra could not compose: the key, the value and what is allowed."""
+def describe_compose_error(error: Exception, chosen: dict[str, str]) -> str:
+    """One line for a job Hydra could not compose (``chosen``: its overrides): the key, the value and what is
+    allowed."""
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and "/" in error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")
         options = ", ".join(error.options or [])
         return f"{group}={option}: no such {group}; choose one of {options} (or add conf/{group}/{option}.yaml)"
     cause = error.__cause__ or error
     key = getattr(cause, "full_key", None)
+    if key and key in chosen:
+        return value_error(key, chosen[key]) or f"{key}={chosen[key]}: {one_line(cause)}"
     return f"{key}: {one_line(cause)}" if key else one_line(error)
 
 
@@ -187,7 +190,7 @@ def record_uncomposable(master: DictConfig, overrides: list[str], error: Excepti
     height, width = chosen.get("height", res), chosen.get("width", res)
     model, accelerator = option_label("model", params["model"]), option_label("accelerator", params["accelerator"])
     name = run_name(model, params["task"], height, width, accelerator, chosen.get("batch", 1))
-    message = describe_compose_error(error)
+    message = describe_compose_error(error, chosen)
     tracker = open_tracker(master)
     tags = {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()}
     run_id = tracker.record_never_ran(name, params, chosen.get("sweep_id", ""), tags, Outcome.FAILED, message)

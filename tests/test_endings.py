@@ -47,6 +47,20 @@ def test_an_unknown_key_is_refused_before_anything_runs(cli, args: tuple[str, ..
     assert sweep.runs() == {}  # no job ran, none was recorded
 
 
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("res=abc",), "res=abc: res takes a whole number"),
+        (("-m", "runs=2.5"), "runs=2.5: runs takes a whole number"),
+        (("pin_cpu=maybe",), "pin_cpu=maybe: pin_cpu takes true or false"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_refused_with_what_to_give(cli, args: tuple[str, ...], error: str) -> None:
+    sweep = cli(*args)
+    assert sweep.code == 2 and sweep.output.startswith(f"error: {error} (python -m runner --help")
+    assert sweep.runs() == {}
+
+
 def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
     sweep = cli("quality.min_ssm=0.9")
     assert sweep.code == 2 and "quality.min_ssm: no such key; did you mean quality.min_ssim?" in sweep.output
