@@ -108,13 +108,19 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
         "  - {_target_: runner.accelerators.deepcache.DeepCacheAccelerator, interval: 3}\n"
         "  - {_target_: runner.accelerators.torch_compile.TorchCompileAccelerator, backend: eager}\n"
     ),
+    "fp8_traced": (  # fp8_compile's first two parts, traced by torch.compile without generating code
+        "_target_: runner.accelerators.chain.Chain\nparts:\n"
+        "  - {_target_: runner.accelerators.float8.Float8Accelerator}\n"
+        "  - _target_: runner.accelerators.torch_compile.TorchCompileAccelerator\n"
+        "    backend: aot_eager\n    compile_vae: false\n    cache: false\n"
+    ),
 }
 
 
 @pytest.fixture
 def test_accelerators(tmp_path: Path) -> str:
     """Puts the tests' own accelerators (same, perturb, blackout, crash, oom, wrong_order,
-    dc_eager) on Hydra's search
+    dc_eager, fp8_traced) on Hydra's search
     path, as a user would add theirs without touching conf/; returns that override."""
     folder = tmp_path / "test_conf" / "accelerator"
     folder.mkdir(parents=True)

@@ -17,6 +17,7 @@ from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain, check_order
 from runner.accelerators.cuda_graph import GraphedModule
 from runner.accelerators.deepcache import DeepCacheAccelerator, DeepCacheUNet
+from runner.accelerators.float8 import FLOAT8, Float8Accelerator, Float8Linear, quantise_rows, to_float8
 from runner.accelerators.onediff import OneDiffAccelerator
 from runner.accelerators.torch_compile import TorchCompileAccelerator
 from runner.config import ConfigError
@@ -90,7 +91,9 @@ def test_torch_compile_options_are_checked() -> None:
         TorchCompileAccelerator(mode="fastest").check(CPU)
     with pytest.raises(ConfigError, match=r"mode=reduce-overhead replays CUDA graphs: it needs device=cuda"):
         TorchCompileAccelerator(mode="reduce-overhead").check(CPU)
-    TorchCompileAccelerator(mode="max-autotune-no-cudagraphs").check(CPU)
+    with pytest.raises(ConfigError, match=r"^accelerator.mode=max-autotune-no-cudagraphs: not offered, since its"):
+        TorchCompileAccelerator(mode="max-autotune-no-cudagraphs").check(CPU)
+    TorchCompileAccelerator(mode="default").check(CPU)
 
 
 def test_second_process_compiles_from_the_cache_and_both_match_eager(cli, tmp_path: Path) -> None:
@@ -276,6 +279,113 @@ def test_graphed_deepcache_gives_deepcache_images(cli) -> None:
     assert graphed.data.tags["cuda_graphs_captured"] == "2"  # the whole UNet and the shallow path
     for ours, theirs in zip(pixels(sweep, graphed), pixels(sweep, eager), strict=True):
         assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 2
+
+
+# float8
+
+
+def test_float8_rows_keep_their_largest_value_and_three_mantissa_bits() -> None:
+    torch.manual_seed(0)
+    matrix = torch.randn(40, 64) * torch.logspace(-3, 3, 40)[:, None]  # rows six decades apart
+    quantised, scale = quantise_rows(matrix)
+    assert quantised.dtype == FLOAT8 and scale.shape == (40, 1)
+    restored = quantised.float() * scale
+    torch.testing.assert_close(restored.abs().amax(dim=1), matrix.abs().amax(dim=1), rtol=1e-6, atol=0)
+    big = matrix.abs() > matrix.abs().amax(dim=1, keepdim=True) / 64  # e4m3's normal range below each row's max
+    assert ((restored - matrix).abs() / matrix.abs())[big].max() <= 2**-4  # half a unit in the 3-bit mantissa
+
+
+@pytest.mark.parametrize("tokens", [64, 77])  # 2 x 77 rows: padded to a multiple of 16 for torch._scaled_mm
+def test_float8_linear_is_the_linear_within_float8_rounding(tokens: int) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(2, tokens, 64)
+    with torch.no_grad():
+        expected, got = linear(x), Float8Linear(linear)(x)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    error = (got - expected).norm() / expected.norm()
+    assert 0 < error < 0.05  # changed, by about float8's rounding of both operands
+
+
+def test_float8_converts_the_linear_layers_of_the_repeated_blocks_only() -> None:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 24))
+
+    class Model(torch.nn.Module):
+        _repeated_blocks = ("Block",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.blocks = torch.nn.Linear(32, 32), torch.nn.ModuleList([Block(), Block()])
+
+    model = Model()
+    assert to_float8(model) == (2, 2)  # one per block; 24 outputs is not a multiple of 16
+    assert type(model.embed) is torch.nn.Linear
+    for block in model.blocks:
+        assert isinstance(block.inner[0], Float8Linear) and type(block.inner[2]) is torch.nn.Linear
+    pipe = tiny_pipe()
+    with pytest.raises(ConfigError, match=r"^accelerator.include=\['attn3'\]: no linear layer in the denoiser's"):
+        Float8Accelerator(include=["attn3"]).apply(pipe, target(Path(".")))
+    accelerator = Float8Accelerator(include=["ff."])
+    accelerator.apply(pipe, target(Path(".")))
+    assert accelerator.metrics() == {"float8_linears": 8.0}  # 4 transformer blocks, 2 feed-forward layers each
+    pipe.unet = torch.nn.Linear(32, 32)
+    with pytest.raises(ConfigError, match=r"^accelerator=fp8: Linear names no repeated blocks whose linear layers"):
+        Float8Accelerator().apply(pipe, target(Path(".")))
+
+
+def test_float8_refuses_a_gpu_without_float8_tensor_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError) as raised:
+        Float8Accelerator().check(torch.device("cuda"))
+    assert str(raised.value) == (
+        "accelerator=fp8 needs float8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
+        "NVIDIA A100-SXM4-80GB has 8.0: use accelerator=compile_graph on this GPU"
+    )
+    Float8Accelerator().check(CPU)  # torch._scaled_mm runs on the CPU too: the tests below use it
+
+
+def test_float8_stands_first_in_a_chain() -> None:
+    fp8 = {"_target_": "runner.accelerators.float8.Float8Accelerator"}
+    compile_ = {"_target_": "runner.accelerators.torch_compile.TorchCompileAccelerator", "backend": "eager"}
+    deepcache = {"_target_": "runner.accelerators.deepcache.DeepCacheAccelerator"}
+    graphs = {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"}
+    with pytest.raises(ConfigError, match=r"Float8Accelerator \(quantize\) cannot follow TorchCompileAccelerator"):
+        check_order([build_accelerator(part) for part in (compile_, fp8)])
+    with pytest.raises(ConfigError, match=r"Float8Accelerator \(quantize\) cannot follow DeepCacheAccelerator"):
+        check_order([build_accelerator(part) for part in (deepcache, fp8)])
+    check_order([build_accelerator(part) for part in (fp8, deepcache, compile_, graphs)])  # accepted
+
+
+def test_float8_is_lossy_traces_under_torch_compile_and_says_how_many_layers(cli, test_accelerators: str) -> None:
+    sweep = cli("-m", "accelerator=none,fp8,fp8_traced", "res=64", "runs=2", test_accelerators)
+    assert sweep.code == 0, sweep.output
+    runs = sweep.runs()
+    eager, traced = runs["tiny/t2i/64/fp8"], runs["tiny/t2i/64/fp8_traced"]
+    for run in (eager, traced):
+        assert run.data.metrics["float8_linears"] == 40 and run.data.tags["float8_linears_left"] == "0"
+        assert 0.5 < run.data.metrics["ssim_vs_baseline"] < 1 and run.data.metrics["identical_to_baseline"] == 0
+    for ours, theirs in zip(pixels(sweep, traced), pixels(sweep, eager), strict=True):
+        assert np.array_equal(ours, theirs)  # the traced graph runs the same operations
+
+
+@pytest.mark.gpu
+def test_float8_compiled_and_graphed_equals_eager_float8_on_the_gpu(tmp_path: Path) -> None:
+    """torch._scaled_mm on float8 tensor cores, compiled by inductor and captured: the same numbers as the
+    eager float8 layer up to rounding, and within float8's error of the fp16 layer."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(640, 1280, device="cuda", dtype=torch.float16)
+    x = torch.randn(2, 77, 640, device="cuda", dtype=torch.float16)
+    layer = Float8Linear(linear)
+    with torch.no_grad():
+        expected, eager = linear(x), layer(x)
+        graphed = GraphedModule(torch.compile(layer), warmup_calls=2)
+        got = graphed(x)
+    torch.testing.assert_close(got, eager, rtol=1e-2, atol=1e-2)
+    assert (eager - expected).float().norm() / expected.float().norm() < 0.05
 
 
 # OneDiff

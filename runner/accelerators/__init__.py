@@ -44,9 +44,10 @@ class Wraps(Enum):
 class Stage(IntEnum):
     """Where in a chain an accelerator that wraps the denoiser must stand: stages strictly in this order."""
 
-    RESTRUCTURE = 1  # changes how the denoiser runs (DeepCache splits the UNet into two paths)
-    COMPILE = 2  # compiles the denoiser's code (torch.compile): needs Python modules to trace
-    CAPTURE = 3  # records the denoiser's kernels for replay (CUDA graphs): nothing can change them after
+    QUANTIZE = 1  # replaces the denoiser's layers by lower-precision ones (float8): before anything holds them
+    RESTRUCTURE = 2  # changes how the denoiser runs (DeepCache splits the UNet into two paths)
+    COMPILE = 3  # compiles the denoiser's code (torch.compile): needs Python modules to trace
+    CAPTURE = 4  # records the denoiser's kernels for replay (CUDA graphs): nothing can change them after
 
 
 class Accelerator:

@@ -2,7 +2,7 @@
 
 Each part is an accelerator's options, as in its own YAML. Parts are applied in order. The order is checked
 from what each part's class declares, before any model is loaded: parts that wrap the denoiser must stand
-in the order of their stages (restructure, compile, capture; each once), and a part that owns the whole
+in the order of their stages (quantize, restructure, compile, capture; each once), and a part that owns the whole
 pipeline (OneDiff) cannot be chained at all.
 """
 
@@ -61,6 +61,6 @@ def check_order(parts: list[Accelerator]) -> None:
         if after.stage <= before.stage:
             raise ConfigError(
                 f"accelerator.parts: {type(after).__name__} ({after.stage.name.lower()}) cannot follow "
-                f"{type(before).__name__} ({before.stage.name.lower()}): parts that wrap the denoiser go in the "
-                "order restructure (deepcache), compile (torch_compile), capture (cuda_graph), each once"
+                f"{type(before).__name__} ({before.stage.name.lower()}): staged parts go in the order quantize "
+                "(fp8), restructure (deepcache), compile (torch_compile), capture (cuda_graph), each once"
             )

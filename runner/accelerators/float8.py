@@ -1,0 +1,153 @@
+"""Float8 matrix products in the denoiser's transformer blocks (tensor cores of Hopper and Ada GPUs).
+
+Every linear layer inside the denoiser's repeated blocks (diffusers' ``_repeated_blocks``: SDXL's transformer
+blocks, which hold most of its UNet's matrix products) becomes a ``Float8Linear``: its weight is quantised
+once to float8 e4m3 with one scale per output row, its input at every call with one scale per row (token),
+and the product runs in ``torch._scaled_mm`` (fp8 operands, fp32 accumulation, bf16 out, cast back to the
+pipeline's dtype). Convolutions, attention's own products, norms and everything outside the blocks stay in
+the pipeline's dtype. Lossy: the quality metrics against ``none`` say by how much.
+
+Quantising an input costs a reduction and a cast per layer, kernels that only a compiler fuses into their
+neighbours, so eager float8 is slower than eager fp16; chain it before torch_compile
+(conf/accelerator/fp8_compile.yaml). It changes modules in place and must come first in a chain (stage
+``quantize``): a compiler or a graph built before it would hold the old layers.
+"""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+
+from runner.accelerators import Accelerator, Stage, Target, Wraps
+from runner.catalogue import Metric
+from runner.config import ConfigError
+
+FLOAT8 = getattr(torch, "float8_e4m3fn", None)
+FLOAT8_MAX = torch.finfo(FLOAT8).max if FLOAT8 is not None else 448.0
+ALIGN = 16  # torch._scaled_mm wants every dimension of both operands divisible by 16
+SM89 = (8, 9)  # the first GPUs with float8 tensor cores (Ada; Hopper is 9.0)
+
+
+SCALINGS = ("rowwise", "tensorwise")
+
+
+def quantise_rows(matrix: torch.Tensor, rowwise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``matrix`` (rows x columns) in float8 e4m3 with a float32 scale per row (or one for the whole matrix):
+    ``matrix ~= q * scale``.
+
+    Each row's (the matrix's) largest magnitude maps to e4m3's largest value (448), so nothing overflows and,
+    per row, small rows keep their precision."""
+    peak = matrix.abs().amax(dim=1, keepdim=True) if rowwise else matrix.abs().amax()
+    scale = peak.float().clamp(min=1e-12) / FLOAT8_MAX
+    return (matrix.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8), scale
+
+
+class Float8Linear(torch.nn.Module):
+    """A linear layer whose matrix product runs in float8 with per-row scales (see the module's docstring)."""
+
+    def __init__(self, linear: torch.nn.Linear, rowwise: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rowwise = linear.in_features, linear.out_features, rowwise
+        weight, scale = quantise_rows(linear.weight.detach(), rowwise)
+        self.register_buffer("weight_fp8", weight)  # (out, in) row-major: its transpose is the column-major B
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out), or a scalar
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        pad = -rows.shape[0] % ALIGN  # e.g. cross-attention's 2 x 77 text tokens
+        if pad:
+            rows = F.pad(rows, (0, 0, 0, pad))
+        quantised, scale = quantise_rows(rows, self.rowwise)
+        out = torch._scaled_mm(  # per-row scales: bf16 out only; one scale each: the input's dtype directly
+            quantised,
+            self.weight_fp8.t(),
+            scale_a=scale,
+            scale_b=self.weight_scale,
+            out_dtype=torch.bfloat16 if self.rowwise else x.dtype,
+        )
+        out = out[: out.shape[0] - pad].to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        scales = "per-row" if self.rowwise else "per-tensor"
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, {scales} scales"
+
+
+def convertible(linear: torch.nn.Linear) -> bool:
+    return linear.in_features % ALIGN == 0 and linear.out_features % ALIGN == 0
+
+
+def to_float8(denoiser: torch.nn.Module, rowwise: bool = True, include: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Replace the linear layers of ``denoiser``'s repeated blocks by ``Float8Linear`` (only those whose name in
+    their block contains one of ``include``, if given); return how many were replaced and how many were left
+    (a dimension not divisible by 16)."""
+    block_names = getattr(denoiser, "_repeated_blocks", None) or ()
+    if not block_names:
+        raise ConfigError(
+            f"accelerator=fp8: {type(denoiser).__name__} names no repeated blocks whose linear layers to convert "
+            "(diffusers' _repeated_blocks); use an accelerator without float8 for this model"
+        )
+    replaced = left = 0
+    for block in [module for module in denoiser.modules() if type(module).__name__ in block_names]:
+        for path, parent in list(block.named_modules()):
+            for name, child in list(parent.named_children()):
+                chosen = not include or any(part in f"{path}.{name}" for part in include)
+                if type(child) is not torch.nn.Linear or not chosen:
+                    continue
+                if convertible(child):
+                    setattr(parent, name, Float8Linear(child, rowwise))
+                    replaced += 1
+                else:
+                    left += 1
+    return replaced, left
+
+
+@dataclass
+class Float8Accelerator(Accelerator):
+    scaling: str = "rowwise"  # rowwise: a scale per row of each operand; tensorwise: one per operand
+    include: list[str] = field(default_factory=list)  # only the linear layers whose name contains one of these
+
+    wraps: ClassVar[Wraps] = Wraps.IN_PLACE
+    stage: ClassVar[Stage] = Stage.QUANTIZE
+    catalogue: ClassVar[tuple[Metric, ...]] = (Metric("float8_linears", "linear layers in float8", "", "{:.0f}"),)
+
+    def check(self, device: torch.device) -> None:
+        if self.scaling not in SCALINGS:
+            raise ConfigError(f"accelerator.scaling={self.scaling}: choose one of {', '.join(SCALINGS)}")
+        if FLOAT8 is None or not hasattr(torch, "_scaled_mm"):
+            raise ConfigError(
+                f"accelerator=fp8 needs torch with float8 matrix products (torch >= 2.4); this is torch "
+                f"{torch.__version__}: pip install -U torch"
+            )
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < SM89:
+            name = torch.cuda.get_device_name(device)
+            raise ConfigError(
+                f"accelerator=fp8 needs float8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
+                f"{name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use "
+                "accelerator=compile_graph on this GPU"
+            )
+
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        denoiser = getattr(pipe, target.denoiser)
+        self.converted, self.left = to_float8(denoiser, self.scaling == "rowwise", tuple(self.include))
+        if not self.converted and not self.left:
+            raise ConfigError(
+                f"accelerator.include={list(self.include)}: no linear layer in the denoiser's repeated blocks is "
+                "named like that; give parts of names such as attn1.to_q or ff.net.0.proj, or include=[] for all"
+            )
+        if not self.converted:
+            raise ConfigError(
+                f"accelerator=fp8: none of the {self.left} linear layers in the denoiser's repeated blocks has "
+                f"dimensions divisible by {ALIGN}; use an accelerator without float8 for this model"
+            )
+
+    def metrics(self) -> dict[str, float]:
+        return {"float8_linears": float(getattr(self, "converted", 0))}
+
+    def tags(self) -> dict[str, str]:
+        return {"float8_linears_left": str(getattr(self, "left", 0))}
