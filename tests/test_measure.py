@@ -1,6 +1,7 @@
 """The phase clock, the summary metrics and peak memory, on the CPU (and on CUDA where there is one)."""
 
 import gc
+import gzip
 import json
 import os
 import subprocess
@@ -292,3 +293,77 @@ def test_the_runner_against_bare_benchmark_runs_as_benchmarks_md_runs_it(task: s
     assert result["compiled_during_series"] == 0 and result["bare_mean_s"] > 0
     assert 0 < result["runner_text_encode_s"] < result["runner_mean_s"]
     assert "runner vs bare" in done.stdout
+
+
+def test_kernel_breakdown_puts_each_kernel_in_its_phase_and_kind() -> None:
+    """benchmarks/kernel_profile.py's reading of a profiler trace, on events written here: two denoiser steps."""
+    from benchmarks.kernel_profile import STEP, breakdown
+
+    def kernel(name: str, ts: float, dur: float) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        kernel("ampere_sgemm_128x64_tn", 0, 10),  # text encoder
+        {"ph": "X", "cat": "gpu_user_annotation", "name": STEP, "ts": 20, "dur": 30},
+        kernel("sm90_xmma_fprop_implicit_gemm_f16f16", 20, 12),
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 32, 8),
+        kernel("triton_poi_fused_add_mul_0", 40, 5),
+        kernel("triton_red_fused_native_group_norm_1", 45, 5),  # fused: Triton before norm
+        kernel("vectorized_elementwise_kernel", 55, 2),  # the scheduler, between the steps
+        {"ph": "X", "cat": "gpu_user_annotation", "name": STEP, "ts": 60, "dur": 20},
+        kernel("sm90_xmma_gemm_e4m3e4m3_f32_bf16", 60, 15),
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD (Device -> Device)", "ts": 70, "dur": 4},  # overlaps
+        kernel("sm90_xmma_fprop_implicit_gemm_f16f16", 90, 10),  # the VAE decoder
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 100},  # not a kernel
+    ]
+    result = breakdown(events)
+    assert result["steps_seen"] == 2 and result["kernels"] == 9
+    assert result["ms_by_phase_and_kind"] == {
+        "before first step": {"matmul": 0.01},
+        "denoiser steps": {
+            "attention": 0.008,
+            "convolution": 0.012,
+            "copy": 0.004,
+            "float8 matmul": 0.015,
+            "fused (Triton)": 0.01,
+        },
+        "between steps": {"other": 0.002},
+        "after last step": {"convolution": 0.01},
+    }
+    assert result["gpu_span_ms"] == 0.1 and result["gpu_busy_ms"] == pytest.approx(0.067)  # 4 us overlapped
+    assert result["busiest_kernels"][0] == {
+        "name": "sm90_xmma_fprop_implicit_gemm_f16f16",
+        "kind": "convolution",
+        "ms": 0.022,
+        "count": 2,
+    }
+
+
+def test_kernel_profile_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/kernel_profile.py on a tiny CPU pipeline: its calls timed, the profiled call's trace written with a
+    range around every denoiser step (the GPU's kernels and their ranges exist on a GPU only)."""
+    out = tmp_path / "profile"
+    command = [
+        sys.executable,
+        "benchmarks/kernel_profile.py",
+        str(out),
+        "model=tiny_sdxl",
+        "res=64",
+        "runs=2",
+        "steps=3",
+    ]
+    done = subprocess.run(
+        [*command, f"cache_dir={tmp_path}/cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert len(result["calls"]) == 2 and result["calls"][0]["denoise_steps"] == 3 and result["mean_latency_s"] > 0
+    with gzip.open(tmp_path / "profile.trace.json.gz", "rt") as packed:
+        events = json.load(packed)
+    assert sum(event.get("name") == "denoiser_step" for event in events) == 3
+    assert "| phase |" in done.stdout

@@ -1,0 +1,180 @@
+"""Where one pipeline call's GPU time goes, kernel by kernel: the profile issue "Faster still" asks for.
+
+    python benchmarks/kernel_profile.py OUT model=sdxl_base model.weights=random res=1024 \\
+        accelerator=compile_graph
+
+Takes the job's overrides like ``python -m runner``; builds the pipeline, applies the accelerator and warms up
+as the runner does (cfg.warmup calls, unpinned), times ``cfg.runs`` calls with the runner's clock, then
+records one more call with torch's profiler. Each denoiser call is marked as a range, so every kernel is put
+in a phase: before the first step (text encoders, for image-to-image the VAE encoder), inside a denoiser
+step, between steps (the scheduler and the guidance arithmetic), after the last step (the VAE decoder). And
+in a kind: matrix products, float8 ones, convolutions, attention, inductor's fused Triton kernels, norms,
+copies, other. Writes OUT.json (the tables below, the calls' phases, the GPU's busy and idle time) and
+OUT.trace.json.gz (the profiler's Chrome trace: chrome://tracing or ui.perfetto.dev), and prints the tables.
+"""
+
+import gzip
+import json
+import re
+import sys
+from bisect import bisect_right
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.accelerators import Target, build_accelerator
+from runner.config import compose_job, to_config
+from runner.inputs import load_image
+from runner.measure import PhaseClock, synchronize
+from runner.pipelines import build_pipeline
+from runner.worker import DTYPES, HARMLESS, TRUNCATION, drop_log_lines, pipeline_args, resolve_device
+
+STEP = "denoiser_step"  # the range around each denoiser call
+KINDS = (  # the first pattern a kernel's name matches gives its kind
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
+    ("float8 matmul", r"e4m3|f8f8|fp8|float8|scaled_mm|nvjet_sm90_qq"),  # nvjet's fp8 GEMMs: "qq..."
+    ("matmul", r"gemm|gemv|cutlass|nvjet|xmma|cublas|matmul|_mm_"),
+    ("fused (Triton)", r"^triton_"),
+    ("norm", r"norm"),
+    ("copy", r"memcpy|memset|copy|cat_"),
+)
+PHASES = ("before first step", "denoiser steps", "between steps", "after last step")
+
+
+def kind(name: str) -> str:
+    for label, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return label
+    return "other"
+
+
+def breakdown(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
+    """The kernels of a Chrome trace (torch's profiler export) by phase and kind, the busiest kernels, and
+    how long the GPU was busy from the first kernel to the last. Kernels are placed in phases by the GPU-side
+    ranges the profiler draws for each ``STEP`` range (category ``gpu_user_annotation``)."""
+    kernels = sorted(
+        (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X"),
+        key=lambda e: e["ts"],
+    )
+    steps = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "gpu_user_annotation" and e.get("name") == STEP
+    )
+    starts = [start for start, _ in steps]
+
+    def phase(kernel: dict[str, Any]) -> str:
+        if not steps or kernel["ts"] < steps[0][0]:
+            return PHASES[0]
+        if kernel["ts"] >= steps[-1][1]:
+            return PHASES[3]
+        index = bisect_right(starts, kernel["ts"]) - 1
+        return PHASES[1] if kernel["ts"] < steps[index][1] else PHASES[2]
+
+    by_phase: dict[str, dict[str, float]] = {name: defaultdict(float) for name in PHASES}
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    busy_us, reach = 0.0, float("-inf")
+    for kernel in kernels:
+        start, end = kernel["ts"], kernel["ts"] + kernel["dur"]
+        by_phase[phase(kernel)][kind(kernel["name"])] += kernel["dur"] / 1e3
+        by_name[kernel["name"]][0] += kernel["dur"] / 1e3
+        by_name[kernel["name"]][1] += 1
+        busy_us += max(0.0, end - max(start, reach))  # the union of kernel intervals (streams may overlap)
+        reach = max(reach, end)
+    span_us = (kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]) if kernels else 0.0
+    busiest = sorted(by_name.items(), key=lambda item: -item[1][0])[:top]
+    return {
+        "gpu_span_ms": span_us / 1e3,
+        "gpu_busy_ms": busy_us / 1e3,
+        "gpu_idle_ms": (span_us - busy_us) / 1e3,
+        "steps_seen": len(steps),
+        "kernels": len(kernels),
+        "ms_by_phase_and_kind": {name: dict(sorted(kinds.items())) for name, kinds in by_phase.items()},
+        "busiest_kernels": [
+            {"name": name[:120], "kind": kind(name), "ms": ms, "count": count} for name, (ms, count) in busiest
+        ],
+    }
+
+
+def mark_steps(denoiser: torch.nn.Module) -> None:
+    """A profiler range around every denoiser call (hooks on whatever the accelerator made of it)."""
+    open_ranges: list[Any] = []
+
+    def before(module: torch.nn.Module, args: tuple) -> None:
+        open_ranges.append(torch.profiler.record_function(STEP).__enter__())
+
+    def after(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        open_ranges.pop().__exit__(None, None, None)
+
+    denoiser.register_forward_pre_hook(before)
+    denoiser.register_forward_hook(after)
+
+
+def table(result: dict[str, Any]) -> str:
+    kinds = sorted({k for kinds in result["ms_by_phase_and_kind"].values() for k in kinds})
+    lines = ["| phase | " + " | ".join(kinds) + " | all |", "|---" * (len(kinds) + 2) + "|"]
+    for name, row in result["ms_by_phase_and_kind"].items():
+        cells = [f"{row.get(k, 0.0):.1f}" for k in kinds]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(row.values()):.1f} |")
+    lines += ["", "| kernel | kind | ms | calls |", "|---|---|---:|---:|"]
+    lines += [f"| `{k['name'][:70]}` | {k['kind']} | {k['ms']:.2f} | {k['count']} |" for k in result["busiest_kernels"]]
+    return "\n".join(lines)
+
+
+def main(out: Path, overrides: list[str]) -> None:
+    cfg = to_config(compose_job(*overrides))
+    drop_log_lines(HARMLESS + TRUNCATION)
+    device = resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else DTYPES["fp16" if device.type == "cuda" else "fp32"]
+    pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
+    accelerator = build_accelerator(cfg.accelerator)
+    accelerator.check(device)
+    shape_key = f"{cfg.names.model}-{cfg.model.weights}-{cfg.names.task}-{cfg.height}x{cfg.width}-b{cfg.batch}"
+    accelerator.apply(pipe, Target(cfg.model.denoiser, device, dtype, Path(cfg.cache_dir).expanduser(), shape_key))
+    image = None
+    if "image" in cfg.task.inputs:
+        image, _ = load_image(cfg.task.image, cfg.names.model, cfg.width, cfg.height, lambda *_: None)
+    prompts = [cfg.prompt]
+    for index in range(cfg.warmup):
+        pipe(**pipeline_args(cfg, prompts, image, device, index))
+    denoiser = getattr(pipe, cfg.model.denoiser)
+    clock = PhaseClock(denoiser, device)
+    calls = [
+        vars(clock.time_call(lambda i=i: pipe(**pipeline_args(cfg, prompts, image, device, i)))[1])
+        for i in range(cfg.runs)
+    ]
+    clock.detach()
+    mark_steps(denoiser)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        pipe(**pipeline_args(cfg, prompts, image, device, 0))
+        synchronize(device)
+    trace = out.with_suffix(".trace.json")
+    profiler.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    with gzip.open(out.with_suffix(".trace.json.gz"), "wt") as packed:
+        json.dump(events, packed)
+    trace.unlink()
+    result = {
+        "overrides": overrides,
+        "accelerator": cfg.names.accelerator,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "calls": calls,
+        "mean_latency_s": sum(call["latency_s"] for call in calls) / len(calls),
+        **breakdown(events),
+    }
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    print(
+        f"{cfg.names.accelerator} {cfg.height}x{cfg.width}: {result['mean_latency_s']:.3f} s a call "
+        f"({cfg.runs} calls); the profiled call's GPU span {result['gpu_span_ms']:.1f} ms, busy "
+        f"{result['gpu_busy_ms']:.1f}, idle {result['gpu_idle_ms']:.1f}; {result['steps_seen']} steps seen"
+    )
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
