@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
 # The torch_compile options no table had measured, on one GPU in one call of the device tool:
-#   bash benchmarks/options.sh RES [SWEEP ...]     # e.g. ... 1024 compile_graph_tuned compile_graph_autotune
+#   bash benchmarks/options.sh RES [SWEEP ...]     # e.g. ... 1024 none,compile_graph fp8_ff_compile
 # SDXL (random weights, 30 steps) at RES, by default: none and cuda_graph (this machine start's references),
 # then each option in its own sweep, in order of expected compile time, while the script's time lasts (a
 # cold compile each: the cache starts empty on a fresh machine): regional compile + graph, torch_compile's
-# own graphs (mode reduce-overhead, 3 warmup calls: its graphs are recorded on a later call), compile_graph
-# with diffusers' inductor settings, and with max-autotune. An option whose compile outlives the time left
-# is stopped and recorded as killed. Given SWEEPs (accelerator= values, overrides after a space) run
+# own graphs (mode reduce-overhead, 3 warmup calls: its graphs are recorded on a later call). An option
+# whose compile outlives the time left is stopped and recorded as killed. Given SWEEPs (accelerator= values, overrides after a space) run
 # instead. The variants live in benchmarks/conf/accelerator/. Results (MLflow database, logs) land in $OUT.
 set -uo pipefail
 . benchmarks/device_env.sh
 res=$1
 shift
 sweeps=("$@")
-((${#sweeps[@]})) || sweeps=(none,cuda_graph,regional_graph "torch_compile accelerator.mode=reduce-overhead warmup=3"
-  compile_graph_tuned compile_graph_autotune)
+((${#sweeps[@]})) || sweeps=(none,cuda_graph,regional_graph "torch_compile accelerator.mode=reduce-overhead warmup=3")
 budget=${BUDGET:-570}  # seconds this script may take, inside the device tool's 600
 {
   nvidia-smi --query-gpu=name,uuid,driver_version,clocks.max.sm --format=csv,noheader
