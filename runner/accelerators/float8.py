@@ -30,29 +30,24 @@ ALIGN = 16  # torch._scaled_mm wants every dimension of both operands divisible 
 SM89 = (8, 9)  # the first GPUs with float8 tensor cores (Ada; Hopper is 9.0)
 
 
-SCALINGS = ("rowwise", "tensorwise")
+def quantise_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``matrix`` (rows x columns) in float8 e4m3 with one float32 scale per row: ``matrix ~= q * scale``.
 
-
-def quantise_rows(matrix: torch.Tensor, rowwise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``matrix`` (rows x columns) in float8 e4m3 with a float32 scale per row (or one for the whole matrix):
-    ``matrix ~= q * scale``.
-
-    Each row's (the matrix's) largest magnitude maps to e4m3's largest value (448), so nothing overflows and,
-    per row, small rows keep their precision."""
-    peak = matrix.abs().amax(dim=1, keepdim=True) if rowwise else matrix.abs().amax()
-    scale = peak.float().clamp(min=1e-12) / FLOAT8_MAX
+    Each row's largest magnitude maps to e4m3's largest value (448), so no row overflows and small rows keep
+    their precision."""
+    scale = matrix.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FLOAT8_MAX
     return (matrix.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8), scale
 
 
 class Float8Linear(torch.nn.Module):
     """A linear layer whose matrix product runs in float8 with per-row scales (see the module's docstring)."""
 
-    def __init__(self, linear: torch.nn.Linear, rowwise: bool = True) -> None:
+    def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.rowwise = linear.in_features, linear.out_features, rowwise
-        weight, scale = quantise_rows(linear.weight.detach(), rowwise)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight, scale = quantise_rows(linear.weight.detach())
         self.register_buffer("weight_fp8", weight)  # (out, in) row-major: its transpose is the column-major B
-        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out), or a scalar
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,13 +55,9 @@ class Float8Linear(torch.nn.Module):
         pad = -rows.shape[0] % ALIGN  # e.g. cross-attention's 2 x 77 text tokens
         if pad:
             rows = F.pad(rows, (0, 0, 0, pad))
-        quantised, scale = quantise_rows(rows, self.rowwise)
-        out = torch._scaled_mm(  # per-row scales: bf16 out only; one scale each: the input's dtype directly
-            quantised,
-            self.weight_fp8.t(),
-            scale_a=scale,
-            scale_b=self.weight_scale,
-            out_dtype=torch.bfloat16 if self.rowwise else x.dtype,
+        quantised, scale = quantise_rows(rows)
+        out = torch._scaled_mm(  # with per-row scales, bf16 is the only output type
+            quantised, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16
         )
         out = out[: out.shape[0] - pad].to(x.dtype)
         if self.bias is not None:
@@ -74,15 +65,14 @@ class Float8Linear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        scales = "per-row" if self.rowwise else "per-tensor"
-        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, {scales} scales"
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, per-row scales"
 
 
 def convertible(linear: torch.nn.Linear) -> bool:
     return linear.in_features % ALIGN == 0 and linear.out_features % ALIGN == 0
 
 
-def to_float8(denoiser: torch.nn.Module, rowwise: bool = True, include: tuple[str, ...] = ()) -> tuple[int, int]:
+def to_float8(denoiser: torch.nn.Module, include: tuple[str, ...] = ()) -> tuple[int, int]:
     """Replace the linear layers of ``denoiser``'s repeated blocks by ``Float8Linear`` (only those whose name in
     their block contains one of ``include``, if given); return how many were replaced and how many were left
     (a dimension not divisible by 16)."""
@@ -100,7 +90,7 @@ def to_float8(denoiser: torch.nn.Module, rowwise: bool = True, include: tuple[st
                 if type(child) is not torch.nn.Linear or not chosen:
                     continue
                 if convertible(child):
-                    setattr(parent, name, Float8Linear(child, rowwise))
+                    setattr(parent, name, Float8Linear(child))
                     replaced += 1
                 else:
                     left += 1
@@ -109,7 +99,6 @@ def to_float8(denoiser: torch.nn.Module, rowwise: bool = True, include: tuple[st
 
 @dataclass
 class Float8Accelerator(Accelerator):
-    scaling: str = "rowwise"  # rowwise: a scale per row of each operand; tensorwise: one per operand
     include: list[str] = field(default_factory=list)  # only the linear layers whose name contains one of these
 
     wraps: ClassVar[Wraps] = Wraps.IN_PLACE
@@ -117,8 +106,6 @@ class Float8Accelerator(Accelerator):
     catalogue: ClassVar[tuple[Metric, ...]] = (Metric("float8_linears", "linear layers in float8", "", "{:.0f}"),)
 
     def check(self, device: torch.device) -> None:
-        if self.scaling not in SCALINGS:
-            raise ConfigError(f"accelerator.scaling={self.scaling}: choose one of {', '.join(SCALINGS)}")
         if FLOAT8 is None or not hasattr(torch, "_scaled_mm"):
             raise ConfigError(
                 f"accelerator=fp8 needs torch with float8 matrix products (torch >= 2.4); this is torch "
@@ -134,7 +121,7 @@ class Float8Accelerator(Accelerator):
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
-        self.converted, self.left = to_float8(denoiser, self.scaling == "rowwise", tuple(self.include))
+        self.converted, self.left = to_float8(denoiser, tuple(self.include))
         if not self.converted and not self.left:
             raise ConfigError(
                 f"accelerator.include={list(self.include)}: no linear layer in the denoiser's repeated blocks is "
