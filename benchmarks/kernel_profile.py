@@ -23,13 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prepare import prepare
 
-from runner.accelerators import Target, build_accelerator
-from runner.config import compose_job, to_config
-from runner.inputs import load_image
 from runner.measure import PhaseClock, synchronize
-from runner.pipelines import build_pipeline
-from runner.worker import DTYPES, HARMLESS, TRUNCATION, drop_log_lines, pipeline_args, resolve_device
+from runner.worker import pipeline_args
 
 STEP = "denoiser_step"  # the range around each denoiser call
 KINDS = (  # the first pattern a kernel's name matches gives its kind
@@ -123,18 +120,8 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(out: Path, overrides: list[str]) -> None:
-    cfg = to_config(compose_job(*overrides))
-    drop_log_lines(HARMLESS + TRUNCATION)
-    device = resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else DTYPES["fp16" if device.type == "cuda" else "fp32"]
-    pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
-    accelerator = build_accelerator(cfg.accelerator)
-    accelerator.check(device)
-    shape_key = f"{cfg.names.model}-{cfg.model.weights}-{cfg.names.task}-{cfg.height}x{cfg.width}-b{cfg.batch}"
-    accelerator.apply(pipe, Target(cfg.model.denoiser, device, dtype, Path(cfg.cache_dir).expanduser(), shape_key))
-    image = None
-    if "image" in cfg.task.inputs:
-        image, _ = load_image(cfg.task.image, cfg.names.model, cfg.width, cfg.height, lambda *_: None)
+    prepared = prepare(overrides)
+    cfg, device, pipe, image = prepared.cfg, prepared.device, prepared.pipe, prepared.image
     prompts = [cfg.prompt]
     for index in range(cfg.warmup):
         pipe(**pipeline_args(cfg, prompts, image, device, index))

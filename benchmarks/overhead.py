@@ -27,29 +27,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from prepare import prepare
 
-from runner.accelerators import Target, build_accelerator
-from runner.config import compose_job, to_config
 from runner.host import allowed_cores
-from runner.inputs import load_image
 from runner.measure import Marker, PhaseClock, graphs_compiled, one_torch_thread, steady_host, synchronize
-from runner.pipelines import build_pipeline
-from runner.worker import DTYPES, HARMLESS, TRUNCATION, drop_log_lines, pipeline_args, resolve_device
+from runner.worker import pipeline_args
 
 
 def main(out: Path, overrides: list[str]) -> None:
-    cfg = to_config(compose_job(*overrides))
-    drop_log_lines(HARMLESS + TRUNCATION)
-    device = resolve_device(cfg.device)
-    dtype = DTYPES[cfg.dtype] if cfg.dtype != "auto" else DTYPES["fp16" if device.type == "cuda" else "fp32"]
-    pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
-    accelerator = build_accelerator(cfg.accelerator)
-    accelerator.check(device)
-    shape_key = f"overhead-{cfg.names.model}-{cfg.names.task}-{cfg.height}x{cfg.width}"
-    accelerator.apply(pipe, Target(cfg.model.denoiser, device, dtype, Path(cfg.cache_dir).expanduser(), shape_key))
-    image = None
-    if "image" in cfg.task.inputs:
-        image, _ = load_image(cfg.task.image, cfg.names.model, cfg.width, cfg.height, lambda *_: None)
+    prepared = prepare(overrides)
+    cfg, device, pipe, image = prepared.cfg, prepared.device, prepared.pipe, prepared.image
     denoiser = getattr(pipe, cfg.model.denoiser)
     core = max(allowed_cores()) if cfg.pin_cpu else None
     for index in range(cfg.warmup):  # unpinned, as the runner warms up: compile workers get every core

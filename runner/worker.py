@@ -74,7 +74,7 @@ def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult, t
     with timeline.phase("setup"):
         drop_log_lines(HARMLESS + (TRUNCATION if cfg.model.weights == "random" else ()))
         device = resolve_device(cfg.device)
-        dtype_name = cfg.dtype if cfg.dtype != "auto" else "fp16" if device.type == "cuda" else "fp32"
+        dtype_name = resolve_dtype(cfg.dtype, device)
         dtype = DTYPES[dtype_name]
         result.params.update(device=str(device), dtype=dtype_name)
         result.facts.update(environment_tags(device))
@@ -91,10 +91,8 @@ def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult, t
         pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
     eager_denoiser = getattr(pipe, cfg.model.denoiser)
     result.params["denoiser_params"] = parameter_count(eager_denoiser)
-    shape = f"{cfg.height}x{cfg.width}-b{cfg.batch}-{dtype_name}"  # what one compiled graph serves
-    shape_key = f"{cfg.names.model}-{cfg.model.weights}-{cfg.names.task}-{shape}"
     with timeline.phase("accelerate"):
-        accelerator.apply(pipe, Target(cfg.model.denoiser, device, dtype, Path(cfg.cache_dir).expanduser(), shape_key))
+        accelerator.apply(pipe, accelerator_target(cfg, device, dtype_name))
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
 
     progress(cfg, f"loaded in {load.seconds:.1f} s; warming up ({cfg.warmup} call(s))")
@@ -305,6 +303,18 @@ def device_name(result: WorkerResult) -> str:
 
 class OutOfMemory(RunnerError):
     """The job does not fit on its device; the message names the memory."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """The dtype= setting's name, with auto resolved: fp16 on a GPU, fp32 on the CPU."""
+    return name if name != "auto" else "fp16" if device.type == "cuda" else "fp32"
+
+
+def accelerator_target(cfg: Config, device: torch.device, dtype_name: str) -> Target:
+    """What the job's accelerator works on; its shape key names what one compiled graph serves."""
+    shape = f"{cfg.height}x{cfg.width}-b{cfg.batch}-{dtype_name}"
+    shape_key = f"{cfg.names.model}-{cfg.model.weights}-{cfg.names.task}-{shape}"
+    return Target(cfg.model.denoiser, device, DTYPES[dtype_name], Path(cfg.cache_dir).expanduser(), shape_key)
 
 
 def resolve_device(name: str) -> torch.device:

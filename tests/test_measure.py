@@ -264,23 +264,11 @@ def test_a_heartbeat_says_what_is_still_running(capsys: pytest.CaptureFixture) -
     assert capsys.readouterr().out == ""  # it stops with the block
 
 
-@pytest.mark.parametrize("task", ["t2i", "i2i"])
-def test_the_runner_against_bare_benchmark_runs_as_benchmarks_md_runs_it(task: str, tmp_path: Path) -> None:
-    """benchmarks/overhead.py end to end on a tiny CPU pipeline, for both tasks: every series timed, the phases
-    read, nothing compiled while they alternate. (Pinning and the thread count act on CUDA only; the GPU runs
-    behind BENCHMARKS.md are where they show.)"""
-    out = tmp_path / "overhead.json"
-    command = [
-        sys.executable,
-        "benchmarks/overhead.py",
-        str(out),
-        "model=tiny_sdxl",
-        f"task={task}",
-        "res=64",
-        "runs=2",
-    ]
+def run_script(script: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python benchmarks/SCRIPT OUT OVERRIDES`` as BENCHMARKS.md runs it, its caches beside ``out``; it must
+    succeed."""
     done = subprocess.run(
-        [*command, f"cache_dir={tmp_path}/cache"],
+        [sys.executable, f"benchmarks/{script}", str(out), *overrides, f"cache_dir={out.parent}/cache"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -288,6 +276,16 @@ def test_the_runner_against_bare_benchmark_runs_as_benchmarks_md_runs_it(task: s
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.mark.parametrize("task", ["t2i", "i2i"])
+def test_the_runner_against_bare_benchmark_runs_as_benchmarks_md_runs_it(task: str, tmp_path: Path) -> None:
+    """benchmarks/overhead.py end to end on a tiny CPU pipeline, for both tasks: every series timed, the phases
+    read, nothing compiled while they alternate. (Pinning and the thread count act on CUDA only; the GPU runs
+    behind BENCHMARKS.md are where they show.)"""
+    out = tmp_path / "overhead.json"
+    done = run_script("overhead.py", out, "model=tiny_sdxl", f"task={task}", "res=64", "runs=2")
     result = json.loads(out.read_text())
     assert [len(result["series"][name]) for name in ("bare", "bare_hooked", "runner")] == [2, 2, 2]
     assert result["compiled_during_series"] == 0 and result["bare_mean_s"] > 0
@@ -297,7 +295,7 @@ def test_the_runner_against_bare_benchmark_runs_as_benchmarks_md_runs_it(task: s
 
 def test_kernel_breakdown_puts_each_kernel_in_its_phase_and_kind() -> None:
     """benchmarks/kernel_profile.py's reading of a profiler trace, on events written here: two denoiser steps."""
-    from benchmarks.kernel_profile import STEP, breakdown
+    from kernel_profile import STEP, breakdown
 
     def kernel(name: str, ts: float, dur: float) -> dict:
         return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
@@ -342,25 +340,7 @@ def test_kernel_breakdown_puts_each_kernel_in_its_phase_and_kind() -> None:
 def test_kernel_profile_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     """benchmarks/kernel_profile.py on a tiny CPU pipeline: its calls timed, the profiled call's trace written with a
     range around every denoiser step (the GPU's kernels and their ranges exist on a GPU only)."""
-    out = tmp_path / "profile"
-    command = [
-        sys.executable,
-        "benchmarks/kernel_profile.py",
-        str(out),
-        "model=tiny_sdxl",
-        "res=64",
-        "runs=2",
-        "steps=3",
-    ]
-    done = subprocess.run(
-        [*command, f"cache_dir={tmp_path}/cache"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = run_script("kernel_profile.py", tmp_path / "profile", "model=tiny_sdxl", "res=64", "runs=2", "steps=3")
     result = json.loads((tmp_path / "profile.json").read_text())
     assert len(result["calls"]) == 2 and result["calls"][0]["denoise_steps"] == 3 and result["mean_latency_s"] > 0
     with gzip.open(tmp_path / "profile.trace.json.gz", "rt") as packed:
