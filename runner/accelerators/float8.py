@@ -86,7 +86,8 @@ def to_float8(denoiser: torch.nn.Module, include: tuple[str, ...] = ()) -> tuple
     for block in [module for module in denoiser.modules() if type(module).__name__ in block_names]:
         for path, parent in list(block.named_modules()):
             for name, child in list(parent.named_children()):
-                chosen = not include or any(part in f"{path}.{name}" for part in include)
+                qualified = f"{path}.{name}" if path else name  # e.g. attn1.to_q, ff.net.0.proj
+                chosen = not include or any(part in qualified for part in include)
                 if type(child) is not torch.nn.Linear or not chosen:
                     continue
                 if convertible(child):
@@ -122,7 +123,7 @@ class Float8Accelerator(Accelerator):
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
         self.converted, self.left = to_float8(denoiser, tuple(self.include))
-        if not self.converted and not self.left:
+        if self.include and not self.converted and not self.left:
             raise ConfigError(
                 f"accelerator.include={list(self.include)}: no linear layer in the denoiser's repeated blocks is "
                 "named like that; give parts of names such as attn1.to_q or ff.net.0.proj, or include=[] for all"
