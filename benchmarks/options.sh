@@ -5,8 +5,9 @@
 # then each option in its own sweep, in order of expected compile time, while the script's time lasts (a
 # cold compile each: the cache starts empty on a fresh machine): regional compile + graph, torch_compile's
 # own graphs (mode reduce-overhead, 3 warmup calls: its graphs are recorded on a later call). An option
-# whose compile outlives the time left is stopped and recorded as killed. Given SWEEPs (accelerator= values, overrides after a space) run
-# instead. The variants live in benchmarks/conf/accelerator/. Results (MLflow database, logs) land in $OUT.
+# whose compile outlives the time left is stopped and recorded as killed. Given SWEEPs (accelerator= values,
+# overrides after a space) run instead. The variants live in benchmarks/conf/accelerator/. Results (MLflow
+# database, logs) land in $OUT.
 set -uo pipefail
 . benchmarks/device_env.sh
 res=$1

@@ -346,6 +346,10 @@ def test_float8_refuses_a_gpu_without_float8_tensor_cores(monkeypatch: pytest.Mo
         "NVIDIA A100-SXM4-80GB has 8.0: use accelerator=compile_graph on this GPU"
     )
     Float8Accelerator().check(CPU)  # torch._scaled_mm runs on the CPU too: the tests below use it
+    with pytest.raises(
+        ConfigError, match=r"^accelerator.include=attn3: takes a list, e.g. accelerator.include=\[attn3\]$"
+    ):
+        build_accelerator({"_target_": "runner.accelerators.float8.Float8Accelerator", "include": "attn3"})
 
 
 def test_float8_stands_first_in_a_chain() -> None:

@@ -7,6 +7,8 @@ the options; ``build_accelerator`` checks them against the dataclass (an unknown
 refused with the key's name), so adding one touches nothing else.
 """
 
+import dataclasses
+import typing
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
@@ -100,6 +102,12 @@ def build_accelerator(options: dict[str, Any]) -> Accelerator:
             f"accelerator._target_={target}: not an accelerator (subclass runner.accelerators.Accelerator)"
         )
     values = {key: value for key, value in options.items() if key != "_target_"}
+    for option in dataclasses.fields(cls):
+        value = values.get(option.name)
+        if typing.get_origin(option.type) is list and value is not None and not isinstance(value, list | tuple):
+            raise ConfigError(
+                f"accelerator.{option.name}={value}: takes a list, e.g. accelerator.{option.name}=[{value}]"
+            )
     try:
         typed = OmegaConf.merge(OmegaConf.structured(cls), values)
     except OmegaConfBaseException as error:

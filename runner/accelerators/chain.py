@@ -1,9 +1,9 @@
 """Accelerators applied one after another, e.g. DeepCache then torch.compile (conf/accelerator/deepcache_compile.yaml).
 
 Each part is an accelerator's options, as in its own YAML. Parts are applied in order. The order is checked
-from what each part's class declares, before any model is loaded: parts that wrap the denoiser must stand
-in the order of their stages (quantize, restructure, compile, capture; each once), and a part that owns the whole
-pipeline (OneDiff) cannot be chained at all.
+from what each part's class declares, before any model is loaded: parts with a stage must stand in the order
+of their stages (quantize, restructure, compile, capture; each once), and a part that owns the whole pipeline
+(OneDiff) cannot be chained at all.
 """
 
 import itertools
