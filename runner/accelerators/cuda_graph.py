@@ -10,6 +10,10 @@ eager ones up to the choice of library algorithms (tests compare them).
 A denoiser that picks its path per step in Python (DeepCache) names its ``step_modules``: each is captured
 on its own and the routing between them stays in Python. All graphs of a job share one memory pool: they
 replay one at a time on one stream and keep their outputs alive, so their scratch memory can be shared.
+
+With ``text_encoders``, the pipeline's text encoders (its components that are transformers models) are
+captured too: eager, they launch about 30 ms of kernels that run for 2.5 ms on an H100 (BENCHMARKS.md,
+"Where a compile_graph call's time goes"), paid once per call before the first step.
 """
 
 from dataclasses import dataclass
@@ -88,6 +92,7 @@ class GraphedModule(DenoiserWrapper):
 @dataclass
 class CudaGraphAccelerator(Accelerator):
     warmup_calls: int = 2  # eager calls on a side stream before each capture
+    text_encoders: bool = False  # capture the text encoders' calls too
 
     wraps: ClassVar[Wraps] = Wraps.DENOISER
     stage: ClassVar[Stage] = Stage.CAPTURE
@@ -103,10 +108,26 @@ class CudaGraphAccelerator(Accelerator):
         pool = MemoryPool()
         self.graphed = []  # state, not an option: no dataclass field
         parts = getattr(denoiser, "step_modules", ())
-        for owner, name in [(denoiser, part) for part in parts] if parts else [(pipe, target.denoiser)]:
+        captured = [(denoiser, part) for part in parts] if parts else [(pipe, target.denoiser)]
+        if self.text_encoders:
+            names = text_encoder_names(pipe)
+            if not names:
+                raise ConfigError(
+                    f"accelerator.text_encoders=true: {type(pipe).__name__} has no text encoder (no transformers "
+                    "model among its components); use accelerator.text_encoders=false"
+                )
+            captured += [(pipe, name) for name in names]
+        for owner, name in captured:
             graphed = GraphedModule(getattr(owner, name), self.warmup_calls, pool)
             setattr(owner, name, graphed)
             self.graphed.append(graphed)
 
     def tags(self) -> dict[str, str]:
         return {"cuda_graphs_captured": str(sum(len(graphed.graphs) for graphed in getattr(self, "graphed", ())))}
+
+
+def text_encoder_names(pipe: DiffusionPipeline) -> list[str]:
+    """The pipeline's components that are transformers models: its text encoders (CLIP's, T5's)."""
+    from transformers import PreTrainedModel
+
+    return [name for name, part in pipe.components.items() if isinstance(part, PreTrainedModel)]
