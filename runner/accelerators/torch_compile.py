@@ -7,7 +7,8 @@ denoiser's repeated blocks (diffusers' ``compile_repeated_blocks``: the transfor
 per shape and reused) and leaves the rest eager, for a fraction of the compile time. Compiled artefacts
 persist in ``cache_dir/torch_compile`` (inductor's FX-graph and AOTAutograd caches, and Triton's kernels), so
 a second process with the same job compiles from cache: the run's tag ``compile_cache`` says whether it was
-hit.
+hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the warmup's compile time went (the part
+outside the backend is Dynamo tracing the Python and building guards, paid by every process, cache or not).
 
 A denoiser that another accelerator wrapped may name ``step_modules``, the attributes to compile in its
 stead (DeepCache's full and shallow UNets), so that routing between them stays in Python.
@@ -21,6 +22,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from runner.accelerators import Accelerator, Stage, Target, Wraps
+from runner.catalogue import Metric
 from runner.config import ConfigError
 
 MODES = ("default", "reduce-overhead")
@@ -29,6 +31,8 @@ CUDA_GRAPH_MODES = ("reduce-overhead",)
 # compile with inductor's coordinate-descent tuning did not end in two GPU calls of 8.5 minutes each (the
 # second resuming from the first's cache), and these modes tune more than that, so nobody could time them.
 UNMEASURED = ("max-autotune", "max-autotune-no-cudagraphs")
+# Dynamo's own timers (torch._dynamo.utils.compilation_time_metrics): a whole compile, and its backend's part.
+COMPILE_TIMERS = {"compile_s": "_compile.compile_inner", "compile_backend_s": "OutputGraph.call_user_compiler"}
 
 
 @dataclass
@@ -44,6 +48,10 @@ class TorchCompileAccelerator(Accelerator):
 
     wraps: ClassVar[Wraps] = Wraps.DENOISER
     stage: ClassVar[Stage] = Stage.COMPILE
+    catalogue: ClassVar[tuple[Metric, ...]] = (
+        Metric("compile_s", "torch.compile time", "s", "{:.1f}"),
+        Metric("compile_backend_s", "of which the backend (inductor, its caches)", "s", "{:.1f}"),
+    )
 
     def check(self, device: torch.device) -> None:
         if self.mode in UNMEASURED:
@@ -63,6 +71,7 @@ class TorchCompileAccelerator(Accelerator):
         denoiser = getattr(pipe, target.denoiser)
         parts = getattr(denoiser, "step_modules", ())
         self.counters_before = _cache_counters()
+        self.timers_before = _compile_timers()
         if self.cache and self.backend == "inductor":
             folder = target.cache_dir / "torch_compile"
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read when inductor first needs its cache
@@ -106,6 +115,17 @@ class TorchCompileAccelerator(Accelerator):
         hits, misses = (now - then for now, then in zip(_cache_counters(), before, strict=True))
         state = "hit" if hits and not misses else "miss" if misses and not hits else "partial" if hits else "none"
         return {"compile_cache": state, "compile_cache_hits": str(hits), "compile_cache_misses": str(misses)}
+
+    def metrics(self) -> dict[str, float]:
+        before = getattr(self, "timers_before", {})
+        return {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
+
+
+def _compile_timers() -> dict[str, float]:
+    """Seconds Dynamo has spent compiling in this process so far, and its backend's part of them."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {key: float(sum(compilation_time_metrics.get(timer, ()))) for key, timer in COMPILE_TIMERS.items()}
 
 
 def _cache_counters() -> tuple[int, int]:
