@@ -15,11 +15,12 @@ from PIL import Image
 
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain, check_order
-from runner.accelerators.cuda_graph import GraphedModule
+from runner.accelerators.cuda_graph import CudaGraphAccelerator, GraphedModule
 from runner.accelerators.deepcache import DeepCacheAccelerator, DeepCacheUNet
 from runner.accelerators.float8 import FLOAT8, Float8Accelerator, Float8Linear, quantise_rows, to_float8
 from runner.accelerators.onediff import OneDiffAccelerator
 from runner.accelerators.torch_compile import TorchCompileAccelerator
+from runner.accelerators.vae_bf16 import VaeBf16Accelerator
 from runner.config import ConfigError
 from runner.pipelines import build_pipeline
 
@@ -45,6 +46,22 @@ def test_graphed_module_looks_like_the_module_to_the_pipeline() -> None:
     graphed = GraphedModule(unet, warmup_calls=1)
     assert graphed.config is unet.config and graphed.dtype == torch.float32
     assert graphed.add_embedding is unet.add_embedding and graphed.graphs == {}
+
+
+def test_cuda_graph_captures_the_text_encoders_in_the_denoisers_pool(tmp_path: Path) -> None:
+    pipe = tiny_pipe()
+    CudaGraphAccelerator(text_encoders=True).apply(pipe, target(tmp_path))  # capture waits for the first call
+    unet, first, second = pipe.unet, pipe.text_encoder, pipe.text_encoder_2
+    assert all(isinstance(part, GraphedModule) for part in (unet, first, second))
+    assert unet.pool is first.pool is second.pool
+    assert second.config.projection_dim == second.module.config.projection_dim  # what SDXL's pipeline reads
+
+
+def test_cuda_graph_refuses_text_encoders_a_pipeline_lacks(tmp_path: Path) -> None:
+    pipe = tiny_pipe()
+    pipe.text_encoder = pipe.text_encoder_2 = None
+    with pytest.raises(ConfigError, match=r"^accelerator.text_encoders=true: StableDiffusionXLPipeline has no text "):
+        CudaGraphAccelerator(text_encoders=True).apply(pipe, target(tmp_path))
 
 
 def unet_inputs(seed: int, batch: int = 2, size: int = 8) -> tuple[tuple, dict]:
@@ -83,6 +100,15 @@ def test_cuda_graph_sweep_matches_the_baseline_images(cli) -> None:
     assert graphed.data.metrics["ssim_vs_baseline"] >= 0.99 and graphed.data.tags["quality_unaffected"] == "true"
 
 
+@pytest.mark.gpu
+def test_graphed_text_encoders_give_the_baselines_images(cli, test_accelerators) -> None:
+    sweep = cli("-m", "accelerator=none,graph_text", "device=cuda", "res=64", "runs=2", test_accelerators)
+    assert sweep.code == 0, sweep.output
+    graphed = sweep.runs()["tiny/t2i/64/graph_text"]
+    assert graphed.data.tags["cuda_graphs_captured"] == "3"  # the UNet and both text encoders
+    assert graphed.data.metrics["ssim_vs_baseline"] >= 0.99 and graphed.data.tags["quality_unaffected"] == "true"
+
+
 # torch.compile
 
 
@@ -111,6 +137,9 @@ def test_second_process_compiles_from_the_cache_and_both_match_eager(cli, tmp_pa
         order_by=["attributes.start_time ASC"],
     )
     assert first.data.tags["compile_cache"] == "miss" and second.data.tags["compile_cache"] == "hit"
+    for run in (first, second):  # where the warmup's compile time went
+        assert 0 < run.data.metrics["compile_backend_s"] < run.data.metrics["compile_s"] < run.data.metrics["warmup_s"]
+    assert second.data.metrics["compile_backend_s"] < first.data.metrics["compile_backend_s"]
     assert second.data.metrics["warmup_s"] < first.data.metrics["warmup_s"] / 2
     assert list((tmp_path / "torch_compile").iterdir())
     for run in (first, second):
@@ -374,6 +403,35 @@ def test_float8_is_lossy_traces_under_torch_compile_and_says_how_many_layers(cli
         assert 0.5 < run.data.metrics["ssim_vs_baseline"] < 1 and run.data.metrics["identical_to_baseline"] == 0
     for ours, theirs in zip(pixels(sweep, traced), pixels(sweep, eager), strict=True):
         assert np.array_equal(ours, theirs)  # the traced graph runs the same operations
+
+
+# The VAE in bfloat16
+
+
+@pytest.mark.parametrize("task", ["t2i", "i2i"])
+def test_vae_bf16_runs_encoder_and_decoder_in_bfloat16_behind_the_pipelines_dtype(task: str, tmp_path: Path) -> None:
+    pipe = tiny_pipe(task)
+    args = {"prompt": "a cat", "num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
+    if task == "i2i":
+        args.update(image=Image.fromarray(np.full((64, 64, 3), 128, np.uint8)), num_inference_steps=4, strength=0.6)
+    before = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    VaeBf16Accelerator().apply(pipe, target(tmp_path))
+    after = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    assert pipe.vae.decoder.conv_in.weight.dtype == pipe.vae.encoder.conv_in.weight.dtype == torch.bfloat16
+    assert pipe.vae.post_quant_conv.weight.dtype == torch.float32 and not pipe.vae.config.force_upcast
+    assert after.dtype == before.dtype and 0 < np.abs(after - before).max() < 0.1  # bfloat16's rounding
+
+
+def test_vae_bf16_refuses_a_pipeline_without_a_vae(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^accelerator=vae_bf16: SimpleNamespace has no VAE with an encoder"):
+        VaeBf16Accelerator().apply(types.SimpleNamespace(), target(tmp_path))
+
+
+def test_vae_bf16_traced_by_torch_compile_scores_against_the_baseline(cli, test_accelerators) -> None:
+    sweep = cli("-m", "accelerator=none,vae_traced", "task=i2i", "res=64", "runs=1", test_accelerators)
+    assert sweep.code == 0, sweep.output
+    traced = sweep.runs()["tiny/i2i/64/vae_traced"]
+    assert 0.5 < traced.data.metrics["ssim_vs_baseline"] < 1 and traced.data.metrics["compile_s"] > 0
 
 
 @pytest.mark.gpu
