@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from runner.accelerators import Target, build_accelerator
+from runner.accelerators.aot_inductor import AotInductorAccelerator, AotModule
 from runner.accelerators.chain import Chain, check_order
 from runner.accelerators.cuda_graph import CudaGraphAccelerator, GraphedModule
 from runner.accelerators.deepcache import DeepCacheAccelerator, DeepCacheUNet
@@ -403,6 +404,59 @@ def test_float8_is_lossy_traces_under_torch_compile_and_says_how_many_layers(cli
         assert 0.5 < run.data.metrics["ssim_vs_baseline"] < 1 and run.data.metrics["identical_to_baseline"] == 0
     for ours, theirs in zip(pixels(sweep, traced), pixels(sweep, eager), strict=True):
         assert np.array_equal(ours, theirs)  # the traced graph runs the same operations
+
+
+# Ahead-of-time compilation
+
+
+def test_aot_package_key_follows_the_inputs_and_the_structure_not_the_weights(tmp_path: Path) -> None:
+    first, second = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)  # other weights, the same structure
+    signature = ("spec", ((2, 8), "torch.float32", "cpu"))
+    key = AotModule(first, tmp_path, "denoiser").package_path(signature)
+    assert key == AotModule(second, tmp_path, "denoiser").package_path(signature)
+    assert key != AotModule(first, tmp_path, "denoiser").package_path(("spec", ((3, 8), "torch.float32", "cpu")))
+    assert key != AotModule(torch.nn.Linear(8, 5), tmp_path, "denoiser").package_path(signature)
+
+
+def test_aot_inductor_refuses_deepcaches_two_paths(tmp_path: Path) -> None:
+    pipe = tiny_pipe()
+    DeepCacheAccelerator().apply(pipe, target(tmp_path))
+    with pytest.raises(ConfigError, match=r"^accelerator=aot_inductor compiles the denoiser whole, not DeepCache"):
+        AotInductorAccelerator().apply(pipe, target(tmp_path))
+
+
+def test_aot_inductor_compiles_once_and_a_second_process_only_loads(cli, tmp_path: Path) -> None:
+    """Cold, then warm in a new process: the second finds the package and compiles nothing; the generated
+    code gives the eager baseline's images up to rounding; the package holds no weights."""
+    cache = f"cache_dir={tmp_path}"
+    baseline = cli("accelerator=none", "res=64", "runs=1")
+    args = ("accelerator=aot_inductor", "accelerator.compile_vae=false", "res=64", "runs=1", cache)
+    cold, warm = cli(*args), cli(*args, "force=true")
+    assert baseline.code == cold.code == warm.code == 0, baseline.output + cold.output + warm.output
+    client = MlflowClient(warm.tracking_uri)
+    experiment = client.get_experiment_by_name("diffusion-bench")
+    first, second = client.search_runs(
+        [experiment.experiment_id],
+        "tags.kind = 'job' and params.accelerator = 'aot_inductor'",
+        order_by=["attributes.start_time ASC"],
+    )
+    assert first.data.tags["aot_cache"] == "miss" and second.data.tags["aot_cache"] == "hit"
+    assert first.data.metrics["aot_compile_s"] > 0 and second.data.metrics["aot_compile_s"] == 0
+    assert second.data.metrics["warmup_s"] < first.data.metrics["warmup_s"] / 2
+    for run in (first, second):
+        assert run.data.metrics["psnr_vs_baseline"] > 40 and run.data.tags["quality_unaffected"] == "true"
+    [package] = (tmp_path / "aot_inductor").glob("denoiser-*.pt2")
+    weights = sum(p.numel() * p.element_size() for p in tiny_pipe().unet.parameters())
+    assert package.stat().st_size < weights  # code only: the weights stay the module's
+
+
+@pytest.mark.gpu
+def test_aot_graph_gives_the_baselines_images(cli, tmp_path: Path) -> None:
+    sweep = cli("-m", "accelerator=none,aot_graph", "device=cuda", "res=64", "runs=2", f"cache_dir={tmp_path}")
+    assert sweep.code == 0, sweep.output
+    graphed = sweep.runs()["tiny/t2i/64/aot+graph"]
+    assert graphed.data.tags["aot_cache"] == "miss" and graphed.data.tags["cuda_graphs_captured"] == "3"
+    assert graphed.data.metrics["ssim_vs_baseline"] >= 0.99 and graphed.data.tags["quality_unaffected"] == "true"
 
 
 # The VAE in bfloat16

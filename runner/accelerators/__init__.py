@@ -93,6 +93,14 @@ class DenoiserWrapper(torch.nn.Module):
             return getattr(super().__getattr__("module"), name)
 
 
+def number_as_tensor(value: Any, module: torch.nn.Module) -> Any:
+    """A Python number as a tensor on ``module``'s device, anything else as it is: a timestep given as a number
+    would otherwise make every step a new input signature for a wrapper that keeps one per signature."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(value, device=next(module.parameters()).device)
+    return value
+
+
 def build_accelerator(options: dict[str, Any]) -> Accelerator:
     """Instantiate the accelerator named by ``options['_target_']`` with the other options, type-checked."""
     target = options["_target_"]

@@ -23,7 +23,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from runner.accelerators import Accelerator, DenoiserWrapper, Stage, Target, Wraps
+from runner.accelerators import Accelerator, DenoiserWrapper, Stage, Target, Wraps, number_as_tensor
 from runner.config import ConfigError
 
 
@@ -57,7 +57,7 @@ class GraphedModule(DenoiserWrapper):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
-        flat = [self._as_tensor(value) for value in flat]
+        flat = [number_as_tensor(value, self.module) for value in flat]
         signature = (spec, *((v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in flat))
         entry = self.graphs.get(signature)
         if entry is None:
@@ -67,12 +67,6 @@ class GraphedModule(DenoiserWrapper):
                 static.copy_(value)
         entry.graph.replay()
         return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, entry.output)
-
-    def _as_tensor(self, value: Any) -> Any:
-        # A timestep given as a Python number would otherwise make every step a new signature.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return torch.tensor(value, device=next(self.module.parameters()).device)
-        return value
 
     def _capture(self, flat: list[Any], spec: Any) -> _Graph:
         inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in flat]
