@@ -418,6 +418,25 @@ def test_aot_package_key_follows_the_inputs_and_the_structure_not_the_weights(tm
     assert key != AotModule(torch.nn.Linear(8, 5), tmp_path, "denoiser").package_path(signature)
 
 
+def test_aot_module_reads_the_modules_own_weights(tmp_path: Path) -> None:
+    """The package holds no copy: a change to the module's weights, in place or by a move to new storage
+    (diffusers upcasts SDXL's VAE and back around each decode), is what the next call computes with."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 16)
+    aot = AotModule(layer, tmp_path, "layer")
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(aot(x), layer(x))
+        layer.weight.mul_(2)
+        torch.testing.assert_close(aot(x), layer(x))
+        before = [weight.data for weight in layer.parameters()]  # kept alive, so the new storage lies elsewhere
+        layer.to(torch.float64).to(torch.float32)
+        layer.weight.mul_(2)
+        assert layer.weight.data_ptr() != before[0].data_ptr()
+        torch.testing.assert_close(aot(x), layer(x))
+    assert aot.cache_events == ["miss"]
+
+
 def test_aot_inductor_refuses_deepcaches_two_paths(tmp_path: Path) -> None:
     pipe = tiny_pipe()
     DeepCacheAccelerator().apply(pipe, target(tmp_path))
@@ -452,7 +471,9 @@ def test_aot_inductor_compiles_once_and_a_second_process_only_loads(cli, tmp_pat
 
 @pytest.mark.gpu
 def test_aot_graph_gives_the_baselines_images(cli, tmp_path: Path) -> None:
-    sweep = cli("-m", "accelerator=none,aot_graph", "device=cuda", "res=64", "runs=2", f"cache_dir={tmp_path}")
+    variants = f"hydra.searchpath=[file://{Path(__file__).parents[1] / 'benchmarks' / 'conf'}]"
+    cache = f"cache_dir={tmp_path}"
+    sweep = cli("-m", "accelerator=none,aot_graph", "device=cuda", "res=64", "runs=2", cache, variants)
     assert sweep.code == 0, sweep.output
     graphed = sweep.runs()["tiny/t2i/64/aot+graph"]
     assert graphed.data.tags["aot_cache"] == "miss" and graphed.data.tags["cuda_graphs_captured"] == "3"

@@ -10,7 +10,9 @@ are handed to the loaded model (user-managed constants), so nothing is copied, a
 checkpoint of an architecture. Its key digests the module's structure (its ``repr``), the input signature,
 and the torch version and device, so a change to any of them compiles anew.
 
-Lossless up to rounding (inductor's kernels, as torch_compile's). ``aot_graph`` replays it from CUDA graphs.
+Lossless up to rounding (inductor's kernels, as torch_compile's). ``benchmarks/conf/accelerator/aot_graph.yaml``
+replays it from CUDA graphs. Not measured yet: on the H100 its first job's worker died (SIGSEGV) in the
+warmup, cause not yet read (BENCHMARKS.md, "Faster still, continued"), so it is a benchmark variant only.
 """
 
 import contextlib
@@ -46,11 +48,16 @@ class AotModule(DenoiserWrapper):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         args = tuple(number_as_tensor(value, self.module) for value in args)
         flat, spec = tree_flatten((args, kwargs))
-        signature = (str(spec), *(_describe(value) for value in flat))
+        dtypes = tuple(sorted({str(weight.dtype) for weight in self.weights().values()}))
+        signature = (str(spec), *(_describe(value) for value in flat), dtypes)
         model = self.loaded.get(signature)
         if model is None:
             model = self.loaded[signature] = self._prepare(args, kwargs, signature)
         return model(*args, **kwargs)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The module's parameters and buffers by name, as the package names its constants."""
+        return {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
 
     def package_path(self, signature: tuple) -> Path:
         device = next(self.module.parameters()).device
@@ -79,15 +86,16 @@ class AotModule(DenoiserWrapper):
             partial.replace(path)  # whole or absent: a process stopped mid-compile leaves no package behind
         with _timed(self.seconds, "load"):
             model = torch._inductor.aoti_load_package(str(path))
-            own = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
-            names = model.get_constant_fqns()
-            missing = [name for name in names if name not in own]
-            if missing:
-                raise RunnerError(
-                    f"accelerator=aot_inductor: the package {path.name} needs {missing[0]}, which "
-                    f"{type(self.module).__name__} does not have; delete {path} to compile it anew"
-                )
-            model.load_constants({name: own[name] for name in names}, check_full_update=True, user_managed=True)
+        weights, names = self.weights(), model.get_constant_fqns()
+        missing = [name for name in names if name not in weights]
+        if missing:
+            raise RunnerError(
+                f"accelerator=aot_inductor: the package {path.name} needs {missing[0]}, which "
+                f"{type(self.module).__name__} does not have; delete {path} to compile it anew"
+            )
+        # Handed as they are, not copied: the model reads the module's own tensors, also after the module
+        # moves them (diffusers upcasts SDXL's VAE for each decode), since those tensors keep their identity.
+        model.load_constants({name: weights[name] for name in names}, check_full_update=True, user_managed=True)
         return model
 
 
