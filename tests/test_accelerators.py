@@ -444,19 +444,19 @@ def test_aot_inductor_refuses_deepcaches_two_paths(tmp_path: Path) -> None:
         AotInductorAccelerator().apply(pipe, target(tmp_path))
 
 
-def test_aot_inductor_compiles_once_and_a_second_process_only_loads(cli, tmp_path: Path) -> None:
+def test_aot_inductor_compiles_once_and_a_second_process_only_loads(cli, tmp_path: Path, test_accelerators) -> None:
     """Cold, then warm in a new process: the second finds the package and compiles nothing; the generated
     code gives the eager baseline's images up to rounding; the package holds no weights."""
     cache = f"cache_dir={tmp_path}"
     baseline = cli("accelerator=none", "res=64", "runs=1")
-    args = ("accelerator=aot_inductor", "accelerator.compile_vae=false", "res=64", "runs=1", cache)
+    args = ("accelerator=aot", "res=64", "runs=1", cache, test_accelerators)
     cold, warm = cli(*args), cli(*args, "force=true")
     assert baseline.code == cold.code == warm.code == 0, baseline.output + cold.output + warm.output
     client = MlflowClient(warm.tracking_uri)
     experiment = client.get_experiment_by_name("diffusion-bench")
     first, second = client.search_runs(
         [experiment.experiment_id],
-        "tags.kind = 'job' and params.accelerator = 'aot_inductor'",
+        "tags.kind = 'job' and params.accelerator = 'aot'",
         order_by=["attributes.start_time ASC"],
     )
     assert first.data.tags["aot_cache"] == "miss" and second.data.tags["aot_cache"] == "hit"
