@@ -123,20 +123,28 @@ def test_torch_compile_options_are_checked() -> None:
     TorchCompileAccelerator(mode="default").check(CPU)
 
 
-def test_second_process_compiles_from_the_cache_and_both_match_eager(cli, tmp_path: Path) -> None:
-    """Cold, then warm in a new process: the warm run's warmup is far shorter and its tag says hit; inductor's
-    generated code gives the eager baseline's images up to rounding."""
-    args = ("accelerator=torch_compile", "accelerator.compile_vae=false", "res=64", "runs=1", f"cache_dir={tmp_path}")
+def cold_then_warm(cli, accelerator: str, *overrides: str) -> tuple:
+    """The baseline, then the accelerated job twice, each in its own process (the second with force=true, or
+    resume would skip it); the two accelerated runs, oldest first, as MLflow holds them."""
+    args = (f"accelerator={accelerator}", "res=64", "runs=1", *overrides)
     baseline = cli("accelerator=none", "res=64", "runs=1")
-    cold, warm = cli(*args), cli(*args, "force=true")  # the same job again: force, or resume would skip it
+    cold, warm = cli(*args), cli(*args, "force=true")
     assert baseline.code == cold.code == warm.code == 0, baseline.output + cold.output + warm.output
     client = MlflowClient(warm.tracking_uri)  # one store holds all three runs
     experiment = client.get_experiment_by_name("diffusion-bench")
-    first, second = client.search_runs(
-        [experiment.experiment_id],
-        "tags.kind = 'job' and params.accelerator = 'torch_compile'",
-        order_by=["attributes.start_time ASC"],
+    return tuple(
+        client.search_runs(
+            [experiment.experiment_id],
+            f"tags.kind = 'job' and params.accelerator = '{accelerator}'",
+            order_by=["attributes.start_time ASC"],
+        )
     )
+
+
+def test_second_process_compiles_from_the_cache_and_both_match_eager(cli, tmp_path: Path) -> None:
+    """Cold, then warm in a new process: the warm run's warmup is far shorter and its tag says hit; inductor's
+    generated code gives the eager baseline's images up to rounding."""
+    first, second = cold_then_warm(cli, "torch_compile", "accelerator.compile_vae=false", f"cache_dir={tmp_path}")
     assert first.data.tags["compile_cache"] == "miss" and second.data.tags["compile_cache"] == "hit"
     for run in (first, second):  # where the warmup's compile time went
         assert 0 < run.data.metrics["compile_backend_s"] < run.data.metrics["compile_s"] < run.data.metrics["warmup_s"]
@@ -447,18 +455,7 @@ def test_aot_inductor_refuses_deepcaches_two_paths(tmp_path: Path) -> None:
 def test_aot_inductor_compiles_once_and_a_second_process_only_loads(cli, tmp_path: Path, test_accelerators) -> None:
     """Cold, then warm in a new process: the second finds the package and compiles nothing; the generated
     code gives the eager baseline's images up to rounding; the package holds no weights."""
-    cache = f"cache_dir={tmp_path}"
-    baseline = cli("accelerator=none", "res=64", "runs=1")
-    args = ("accelerator=aot", "res=64", "runs=1", cache, test_accelerators)
-    cold, warm = cli(*args), cli(*args, "force=true")
-    assert baseline.code == cold.code == warm.code == 0, baseline.output + cold.output + warm.output
-    client = MlflowClient(warm.tracking_uri)
-    experiment = client.get_experiment_by_name("diffusion-bench")
-    first, second = client.search_runs(
-        [experiment.experiment_id],
-        "tags.kind = 'job' and params.accelerator = 'aot'",
-        order_by=["attributes.start_time ASC"],
-    )
+    first, second = cold_then_warm(cli, "aot", f"cache_dir={tmp_path}", test_accelerators)
     assert first.data.tags["aot_cache"] == "miss" and second.data.tags["aot_cache"] == "hit"
     assert first.data.metrics["aot_compile_s"] > 0 and second.data.metrics["aot_compile_s"] == 0
     assert second.data.metrics["warmup_s"] < first.data.metrics["warmup_s"] / 2
@@ -498,7 +495,8 @@ def test_vae_bf16_runs_encoder_and_decoder_in_bfloat16_behind_the_pipelines_dtyp
 
 
 def test_vae_bf16_refuses_a_pipeline_without_a_vae(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^accelerator=vae_bf16: SimpleNamespace has no VAE with an encoder"):
+    refusal = r"^the bfloat16 VAE \(VaeBf16Accelerator\): SimpleNamespace has no VAE with an encoder"
+    with pytest.raises(ConfigError, match=refusal):
         VaeBf16Accelerator().apply(types.SimpleNamespace(), target(tmp_path))
 
 

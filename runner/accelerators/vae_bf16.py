@@ -7,6 +7,7 @@ overflow there, at half float16's precision: the images change by rounding, whic
 measure against ``none``. Only the encoder and decoder (nearly all of the VAE's work) change dtype; their
 inputs are cast on the way in and their outputs back to the pipeline's dtype on the way out, so the
 pipeline sees the VAE it expects. In place: it composes with any chain (torch.compile traces the casts).
+Offered as a part of ``compile_graph_fast``, where it was measured, not on its own.
 """
 
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ class VaeBf16Accelerator(Accelerator):
         vae = getattr(pipe, "vae", None)
         if vae is None or not all(hasattr(vae, part) for part in ("encoder", "decoder")):
             raise ConfigError(
-                f"accelerator=vae_bf16: {type(pipe).__name__} has no VAE with an encoder and a decoder; "
-                "use another accelerator"
+                f"the bfloat16 VAE (VaeBf16Accelerator): {type(pipe).__name__} has no VAE with an encoder and "
+                "a decoder; use an accelerator without it, e.g. accelerator=compile_graph"
             )
         for part in (vae.encoder, vae.decoder):
             part.to(torch.bfloat16)
