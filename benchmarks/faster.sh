@@ -17,6 +17,7 @@ while (($#)) && [ "$1" != "--" ]; do sweeps+=("$1"); shift; done
 profiles=("$@")
 export OUT=/tmp/faster-work-$res
 rm -rf "$OUT" && mkdir -p "$OUT"
+touch "$OUT/.began"
 per_profile=100  # load, a warm compile from the cache, 6 calls, the profiler's export
 if ((${#sweeps[@]})); then
   BUDGET=$((budget - per_profile * ${#profiles[@]} - 20)) bash benchmarks/options.sh "$res" "${sweeps[@]}"
@@ -29,6 +30,11 @@ for accelerator in "${profiles[@]}"; do
     cache_dir=/tmp/bench-cache 2>&1 | quiet \
     | tee "$OUT/profile_${accelerator}_$res.log"
 done
+# A failed job's worker.log (its Python stack, for a crash in native code) stays in the MLflow artifacts on
+# the machine: bring back those of this call.
+find mlruns/artifacts -name worker.log -newer "$OUT/.began" 2>/dev/null \
+  | xargs -r grep -l -E "Traceback|Fatal Python error" | head -5 \
+  | while read -r log; do cp "$log" "$OUT/worker_$(basename "$(dirname "$(dirname "$log")")").log"; done
 find "$OUT" -name '*.trace.json.gz' -size +8M -delete  # what comes back is bounded; the JSON summaries stay
 tar czf "$final/faster_$res.tgz" -C "$OUT" .
 cp "$OUT/mlflow_$res.db" "$final/" 2>/dev/null

@@ -10,6 +10,7 @@ keeps peak memory, compile caches and a broken CUDA context out of the next job.
 
 import contextlib
 import ctypes
+import faulthandler
 import gc
 import logging
 import os
@@ -401,6 +402,9 @@ def main(argv: list[str]) -> int:
     # Ctrl-C reaches the whole process group: the job's process answers it (it closes the run and ends this
     # process), so the worker does not add a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A crash in native code (a segmentation fault in a compiled kernel's loader, say) prints every thread's
+    # Python stack into worker.log before the process dies, so the failed run says where it happened.
+    faulthandler.enable()
     job_file, folder = Path(argv[0]), Path(argv[1])
     cores = [int(core) for core in argv[2].split(",")] if len(argv) > 2 and argv[2] else []
     timeline, result = Timeline(), WorkerResult()

@@ -97,6 +97,7 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
     "perturb": "_target_: tests.fake_accelerators.Perturb\nscale: 0.5\n",
     "blackout": "_target_: tests.fake_accelerators.Blackout\n",
     "crash": "_target_: tests.fake_accelerators.Crash\n",
+    "segfault": "_target_: tests.fake_accelerators.Segfault\n",
     "oom": "_target_: tests.fake_accelerators.OutOfMemory\n",
     "wrong_order": (
         "_target_: runner.accelerators.chain.Chain\nparts:\n"
@@ -126,7 +127,7 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
 
 @pytest.fixture
 def test_accelerators(tmp_path: Path) -> str:
-    """Puts the tests' own accelerators (same, perturb, blackout, crash, oom, wrong_order,
+    """Puts the tests' own accelerators (same, perturb, blackout, crash, segfault, oom, wrong_order,
     dc_eager, fp8_traced, vae_traced, graph_text, aot) on Hydra's search
     path, as a user would add theirs without touching conf/; returns that override."""
     folder = tmp_path / "test_conf" / "accelerator"

@@ -1,4 +1,4 @@
-"""Accelerators that exist only for tests: one with options (and no effect), one that dies mid-job, one that
+"""Accelerators that exist only for tests: one with options (and no effect), two that die mid-job, one that
 changes the images a little, and one that turns the VAE's output into NaN (black images)."""
 
 import os
@@ -28,6 +28,14 @@ class Crash(Accelerator):
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class Segfault(Accelerator):
+    """Dies of a segmentation fault while the pipeline is being prepared, as a crash in native code would."""
+
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        os.kill(os.getpid(), signal.SIGSEGV)
 
 
 @dataclass

@@ -217,6 +217,15 @@ def test_a_worker_that_dies_is_recorded_as_failed(cli, test_accelerators: str) -
     assert crashed.info.status == "FAILED" and "killed by SIGKILL" in crashed.data.tags["error"]
 
 
+def test_a_worker_that_segfaults_leaves_its_python_stack_in_worker_log(cli, test_accelerators: str) -> None:
+    sweep = cli("accelerator=segfault", "res=64", "runs=1", test_accelerators)
+    assert sweep.code != 0
+    [run] = sweep.runs().values()
+    assert "killed by SIGSEGV" in run.data.tags["error"]
+    log = Path(MlflowClient(sweep.tracking_uri).download_artifacts(run.info.run_id, "worker.log")).read_text()
+    assert "Fatal Python error: Segmentation fault" in log and "fake_accelerators.py" in log
+
+
 def test_no_secret_or_environment_reaches_mlflow(cli) -> None:
     canary = "hf_canary_s3cret_value"
     sweep = cli("res=64", "runs=1", env={"HF_TOKEN": canary, "MLFLOW_TRACKING_TOKEN": canary})
