@@ -448,7 +448,8 @@ def test_aot_module_reads_the_modules_own_weights(tmp_path: Path) -> None:
 def test_aot_inductor_refuses_deepcaches_two_paths(tmp_path: Path) -> None:
     pipe = tiny_pipe()
     DeepCacheAccelerator().apply(pipe, target(tmp_path))
-    with pytest.raises(ConfigError, match=r"^accelerator=aot_inductor compiles the denoiser whole, not DeepCache"):
+    refusal = r"^the ahead-of-time compile \(AotInductorAccelerator\) compiles the denoiser whole, not DeepCache"
+    with pytest.raises(ConfigError, match=refusal):
         AotInductorAccelerator().apply(pipe, target(tmp_path))
 
 

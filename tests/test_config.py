@@ -1,6 +1,7 @@
 """Every option of every config group composes; bad values are refused with the key, the value and the fix."""
 
 import collections
+import dataclasses
 import itertools
 import re
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from runner.accelerators import Accelerator, build_accelerator
@@ -40,6 +42,16 @@ def test_every_option_composes(model: str, task: str, accelerator: str) -> None:
     assert isinstance(build_accelerator(cfg.accelerator), Accelerator)
     if skip_reason(cfg) is None:
         assert cfg.model.tasks[task].pipeline.startswith("diffusers.")
+
+
+@pytest.mark.parametrize("accelerator", GROUPS["accelerator"])
+def test_every_accelerator_option_can_be_set_on_the_command_line(accelerator: str) -> None:
+    """Hydra refuses a key its YAML does not list ("not in struct"), so each YAML lists every option of its class."""
+    options = OmegaConf.to_container(OmegaConf.load(CONF / "accelerator" / f"{accelerator}.yaml"))
+    if "parts" in options:  # a chain: its parts' options are set in the YAML
+        return
+    cls = get_class(options["_target_"])
+    assert {option.name for option in dataclasses.fields(cls)} <= set(options), accelerator
 
 
 @pytest.mark.parametrize(

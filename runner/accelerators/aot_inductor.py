@@ -90,8 +90,8 @@ class AotModule(DenoiserWrapper):
         missing = [name for name in names if name not in weights]
         if missing:
             raise RunnerError(
-                f"accelerator=aot_inductor: the package {path.name} needs {missing[0]}, which "
-                f"{type(self.module).__name__} does not have; delete {path} to compile it anew"
+                f"the ahead-of-time compile (AotInductorAccelerator): the package {path.name} needs "
+                f"{missing[0]}, which {type(self.module).__name__} does not have; delete {path} to compile it anew"
             )
         # Handed as they are, not copied: the model reads the module's own tensors, also after the module
         # moves them (diffusers upcasts SDXL's VAE for each decode), since those tensors keep their identity.
@@ -115,8 +115,8 @@ class AotInductorAccelerator(Accelerator):
         denoiser = getattr(pipe, target.denoiser)
         if getattr(denoiser, "step_modules", ()):
             raise ConfigError(
-                "accelerator=aot_inductor compiles the denoiser whole, not DeepCache's two paths; use "
-                "deepcache_compile for DeepCache"
+                "the ahead-of-time compile (AotInductorAccelerator) compiles the denoiser whole, not DeepCache's "
+                "two paths; use accelerator=deepcache_compile for DeepCache"
             )
         folder = target.cache_dir / "aot_inductor"
         self.modules = [AotModule(denoiser, folder, "denoiser")]  # state, not an option: no dataclass field
