@@ -121,14 +121,17 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
         "  - {_target_: runner.accelerators.torch_compile.TorchCompileAccelerator, backend: aot_eager, cache: false}\n"
     ),
     "graph_text": "_target_: runner.accelerators.cuda_graph.CudaGraphAccelerator\ntext_encoders: true\n",
-    "aot": "_target_: runner.accelerators.aot_inductor.AotInductorAccelerator\ncompile_vae: false\n",
+    "pre": (
+        "_target_: runner.accelerators.torch_compile.TorchCompileAccelerator\n"
+        "backend: aot_eager\ncompile_vae: false\ncache: false\nprecompile: true\n"
+    ),
 }
 
 
 @pytest.fixture
 def test_accelerators(tmp_path: Path) -> str:
     """Puts the tests' own accelerators (same, perturb, blackout, crash, segfault, oom, wrong_order,
-    dc_eager, fp8_traced, vae_traced, graph_text, aot) on Hydra's search
+    dc_eager, fp8_traced, vae_traced, graph_text, pre) on Hydra's search
     path, as a user would add theirs without touching conf/; returns that override."""
     folder = tmp_path / "test_conf" / "accelerator"
     folder.mkdir(parents=True)

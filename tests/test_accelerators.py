@@ -14,15 +14,16 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from runner.accelerators import Target, build_accelerator
-from runner.accelerators.aot_inductor import AotInductorAccelerator, AotModule
 from runner.accelerators.chain import Chain, check_order
 from runner.accelerators.cuda_graph import CudaGraphAccelerator, GraphedModule
 from runner.accelerators.deepcache import DeepCacheAccelerator, DeepCacheUNet
 from runner.accelerators.float8 import FLOAT8, Float8Accelerator, Float8Linear, quantise_rows, to_float8
 from runner.accelerators.onediff import OneDiffAccelerator
+from runner.accelerators.precompile import PrecompiledModule
 from runner.accelerators.torch_compile import TorchCompileAccelerator
 from runner.accelerators.vae_bf16 import VaeBf16Accelerator
 from runner.config import ConfigError
+from runner.errors import RunnerError
 from runner.pipelines import build_pipeline
 
 CPU = torch.device("cpu")
@@ -414,68 +415,111 @@ def test_float8_is_lossy_traces_under_torch_compile_and_says_how_many_layers(cli
         assert np.array_equal(ours, theirs)  # the traced graph runs the same operations
 
 
-# Ahead-of-time compilation
+# Precompiled modules (torch_compile's precompile)
 
 
-def test_aot_package_key_follows_the_inputs_and_the_structure_not_the_weights(tmp_path: Path) -> None:
+def test_precompiled_key_follows_the_inputs_and_the_structure_not_the_weights(tmp_path: Path) -> None:
     first, second = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)  # other weights, the same structure
-    signature = ("spec", ((2, 8), "torch.float32", "cpu"))
-    key = AotModule(first, tmp_path, "denoiser").package_path(signature)
-    assert key == AotModule(second, tmp_path, "denoiser").package_path(signature)
-    assert key != AotModule(first, tmp_path, "denoiser").package_path(("spec", ((3, 8), "torch.float32", "cpu")))
-    assert key != AotModule(torch.nn.Linear(8, 5), tmp_path, "denoiser").package_path(signature)
+    signature = ("spec", ((2, 8), "torch.float32", "cpu", (8, 1)))
+    key = PrecompiledModule(first, tmp_path, "denoiser").path(signature)
+    assert key == PrecompiledModule(second, tmp_path, "denoiser").path(signature)
+    assert key != PrecompiledModule(first, tmp_path, "denoiser").path(
+        ("spec", ((3, 8), "torch.float32", "cpu", (8, 1)))
+    )
+    assert key != PrecompiledModule(torch.nn.Linear(8, 5), tmp_path, "denoiser").path(signature)
+    assert key != PrecompiledModule(first, tmp_path, "denoiser", backend="eager").path(signature)
+    transposed = torch.nn.Linear(8, 4)
+    transposed.weight = torch.nn.Parameter(transposed.weight.detach().t().contiguous().t())  # other strides
+    assert key != PrecompiledModule(transposed, tmp_path, "denoiser").path(signature)
 
 
-def test_aot_module_reads_the_modules_own_weights(tmp_path: Path) -> None:
-    """The package holds no copy: a change to the module's weights, in place or by a move to new storage
-    (diffusers upcasts SDXL's VAE and back around each decode), is what the next call computes with."""
+def test_a_precompiled_module_is_loaded_without_tracing_and_reads_the_modules_own_weights(tmp_path: Path) -> None:
+    """The first wrapper traces, compiles and saves; a second one over the same folder (Dynamo's memory of the
+    first wiped, as in a new process) loads the file and traces nothing. Both compute with the module's weights
+    as they are at each call, also after a move to new storage (diffusers casts SDXL's VAE for each decode)."""
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
-    layer = torch.nn.Linear(16, 16)
-    aot = AotModule(layer, tmp_path, "layer")
+    layer = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU(), torch.nn.Linear(16, 16))
     x = torch.randn(4, 16)
     with torch.no_grad():
-        torch.testing.assert_close(aot(x), layer(x))
-        layer.weight.mul_(2)
-        torch.testing.assert_close(aot(x), layer(x))
+        cold = PrecompiledModule(layer, tmp_path, "layer", backend="aot_eager")
+        torch.testing.assert_close(cold(x), layer(x))
+        torch._dynamo.reset()
+        counters.clear()
+        warm = PrecompiledModule(layer, tmp_path, "layer", backend="aot_eager")
+        torch.testing.assert_close(warm(x), layer(x))
+        assert not counters["stats"]["unique_graphs"] and not counters["frames"]  # nothing traced
+        layer[0].weight.mul_(2)
+        torch.testing.assert_close(warm(x), layer(x))
         before = [weight.data for weight in layer.parameters()]  # kept alive, so the new storage lies elsewhere
         layer.to(torch.float64).to(torch.float32)
-        layer.weight.mul_(2)
-        assert layer.weight.data_ptr() != before[0].data_ptr()
-        torch.testing.assert_close(aot(x), layer(x))
-    assert aot.cache_events == ["miss"]
+        layer[0].weight.mul_(2)
+        assert layer[0].weight.data_ptr() != before[0].data_ptr()
+        torch.testing.assert_close(warm(x), layer(x))
+        torch.testing.assert_close(warm(x[:2]), layer(x[:2]))  # a new signature: its own function
+    assert cold.cache_events == ["miss"] and warm.cache_events == ["hit", "miss"]
+    assert len(list(tmp_path.glob("layer-*.bin"))) == 2 and not list(tmp_path.glob("*.partial"))
 
 
-def test_aot_inductor_refuses_deepcaches_two_paths(tmp_path: Path) -> None:
+def test_a_saved_function_that_cannot_be_loaded_is_named_with_the_fix(tmp_path: Path) -> None:
+    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    precompiled = PrecompiledModule(layer, tmp_path, "layer", backend="aot_eager")
+    with torch.no_grad():
+        precompiled(x)
+    [saved] = tmp_path.glob("layer-*.bin")
+    saved.write_bytes(b"written by something else")
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            RunnerError, match=rf"precompile: {saved} could not be loaded \(.+\); delete it to compile anew$"
+        ),
+    ):
+        PrecompiledModule(layer, tmp_path, "layer", backend="aot_eager")(x)
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        ({"regional": True}, r"^accelerator.precompile=true saves one whole graph .*accelerator.regional=true does"),
+        ({"mode": "reduce-overhead"}, r"accelerator.mode=reduce-overhead does not fit it: drop one of the two$"),
+    ],
+)
+def test_precompile_refuses_what_it_cannot_save_in_one_line(options: dict, refusal: str) -> None:
+    with pytest.raises(ConfigError, match=refusal):
+        TorchCompileAccelerator(precompile=True, **options).check(torch.device("cpu"))
+
+
+def test_precompile_refuses_deepcaches_two_paths(tmp_path: Path) -> None:
     pipe = tiny_pipe()
     DeepCacheAccelerator().apply(pipe, target(tmp_path))
-    refusal = r"^the ahead-of-time compile \(AotInductorAccelerator\) compiles the denoiser whole, not DeepCache"
+    refusal = r"^accelerator.precompile=true compiles the denoiser whole, not DeepCache's two paths; use accelerator="
     with pytest.raises(ConfigError, match=refusal):
-        AotInductorAccelerator().apply(pipe, target(tmp_path))
+        TorchCompileAccelerator(precompile=True, backend="aot_eager").apply(pipe, target(tmp_path))
 
 
-def test_aot_inductor_compiles_once_and_a_second_process_only_loads(cli, tmp_path: Path, test_accelerators) -> None:
-    """Cold, then warm in a new process: the second finds the package and compiles nothing; the generated
-    code gives the eager baseline's images up to rounding; the package holds no weights."""
-    first, second = cold_then_warm(cli, "aot", f"cache_dir={tmp_path}", test_accelerators)
-    assert first.data.tags["aot_cache"] == "miss" and second.data.tags["aot_cache"] == "hit"
-    assert first.data.metrics["aot_compile_s"] > 0 and second.data.metrics["aot_compile_s"] == 0
-    assert second.data.metrics["warmup_s"] < first.data.metrics["warmup_s"] / 2
+def test_precompile_compiles_once_and_a_second_process_only_loads(cli, tmp_path: Path, test_accelerators) -> None:
+    """Cold, then warm in a new process: the second finds the saved function and compiles nothing; it gives
+    the eager baseline's images; the file holds no weights."""
+    first, second = cold_then_warm(cli, "pre", f"cache_dir={tmp_path}", test_accelerators)
+    assert first.data.tags["precompile_cache"] == "miss" and second.data.tags["precompile_cache"] == "hit"
+    assert first.data.metrics["precompile_s"] > 0 and second.data.metrics["precompile_s"] == 0
+    assert second.data.metrics["precompile_load_s"] > 0 and second.data.metrics["compile_s"] == 0
     for run in (first, second):
         assert run.data.metrics["psnr_vs_baseline"] > 40 and run.data.tags["quality_unaffected"] == "true"
-    [package] = (tmp_path / "aot_inductor").glob("denoiser-*.pt2")
+    [saved] = (tmp_path / "precompiled").glob("denoiser-*.bin")
     weights = sum(p.numel() * p.element_size() for p in tiny_pipe().unet.parameters())
-    assert package.stat().st_size < weights  # code only: the weights stay the module's
+    assert saved.stat().st_size < weights  # code only: the weights stay the module's
 
 
 @pytest.mark.gpu
-def test_aot_graph_gives_the_baselines_images(cli, tmp_path: Path) -> None:
+def test_precompiled_graphs_give_the_baselines_images_cold_and_warm(cli, tmp_path: Path) -> None:
     variants = f"hydra.searchpath=[file://{Path(__file__).parents[1] / 'benchmarks' / 'conf'}]"
-    cache = f"cache_dir={tmp_path}"
-    sweep = cli("-m", "accelerator=none,aot_graph", "device=cuda", "res=64", "runs=2", cache, variants)
-    assert sweep.code == 0, sweep.output
-    graphed = sweep.runs()["tiny/t2i/64/aot+graph"]
-    assert graphed.data.tags["aot_cache"] == "miss" and graphed.data.tags["cuda_graphs_captured"] == "3"
-    assert graphed.data.metrics["ssim_vs_baseline"] >= 0.99 and graphed.data.tags["quality_unaffected"] == "true"
+    first, second = cold_then_warm(cli, "compile_graph_pre", "device=cuda", f"cache_dir={tmp_path}", variants)
+    assert first.data.tags["precompile_cache"] == "miss" and second.data.tags["precompile_cache"] == "hit"
+    for run in (first, second):
+        assert run.data.tags["cuda_graphs_captured"] == "3" and run.data.tags["quality_unaffected"] == "true"
+        assert run.data.metrics["ssim_vs_baseline"] >= 0.99
 
 
 # The VAE in bfloat16

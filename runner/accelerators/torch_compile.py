@@ -9,6 +9,8 @@ persist in ``cache_dir/torch_compile`` (inductor's FX-graph and AOTAutograd cach
 a second process with the same job compiles from cache: the run's tag ``compile_cache`` says whether it was
 hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the warmup's compile time went (the part
 outside the backend is Dynamo tracing the Python and building guards, paid by every process, cache or not).
+``precompile`` saves that part too: the denoiser and the VAE decoder traced and compiled whole, written to
+``cache_dir/precompiled`` and loaded by later processes without tracing (``runner/accelerators/precompile.py``).
 
 A denoiser that another accelerator wrapped may name ``step_modules``, the attributes to compile in its
 stead (DeepCache's full and shallow UNets), so that routing between them stays in Python.
@@ -22,6 +24,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from runner.accelerators import Accelerator, Stage, Target, Wraps
+from runner.accelerators.precompile import PrecompiledModule
 from runner.catalogue import Metric
 from runner.config import ConfigError
 
@@ -45,12 +48,15 @@ class TorchCompileAccelerator(Accelerator):
     channels_last: bool = False
     regional: bool = False
     cache: bool = True
+    precompile: bool = False
 
     wraps: ClassVar[Wraps] = Wraps.DENOISER
     stage: ClassVar[Stage] = Stage.COMPILE
     catalogue: ClassVar[tuple[Metric, ...]] = (
         Metric("compile_s", "torch.compile time", "s", "{:.1f}"),
         Metric("compile_backend_s", "of which the backend (inductor, its caches)", "s", "{:.1f}"),
+        Metric("precompile_s", "precompile: tracing, compiling and saving", "s", "{:.1f}"),
+        Metric("precompile_load_s", "precompile: loading saved functions", "s", "{:.1f}"),
     )
 
     def check(self, device: torch.device) -> None:
@@ -61,6 +67,12 @@ class TorchCompileAccelerator(Accelerator):
             )
         if self.mode not in MODES:
             raise ConfigError(f"accelerator.mode={self.mode}: choose one of {', '.join(MODES)}")
+        if self.precompile and (self.mode != "default" or self.regional):
+            chosen = f"accelerator.mode={self.mode}" if self.mode != "default" else "accelerator.regional=true"
+            raise ConfigError(
+                f"accelerator.precompile=true saves one whole graph per module, compiled in the default mode; "
+                f"{chosen} does not fit it: drop one of the two"
+            )
         if self.mode in CUDA_GRAPH_MODES and device.type != "cuda":
             raise ConfigError(
                 f"accelerator.mode={self.mode} replays CUDA graphs: it needs device=cuda, not "
@@ -86,6 +98,9 @@ class TorchCompileAccelerator(Accelerator):
         if self.channels_last:
             denoiser.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
+        if self.precompile:
+            self._precompile(pipe, target, denoiser, parts)
+            return
         if self.regional:
             if not getattr(denoiser, "_repeated_blocks", None):
                 raise ConfigError(
@@ -101,6 +116,19 @@ class TorchCompileAccelerator(Accelerator):
         if self.compile_vae:
             pipe.vae.decode = self._compile(pipe.vae.decode)
 
+    def _precompile(self, pipe: DiffusionPipeline, target: Target, denoiser: torch.nn.Module, parts) -> None:
+        if parts:
+            raise ConfigError(
+                "accelerator.precompile=true compiles the denoiser whole, not DeepCache's two paths; use "
+                "accelerator=deepcache_compile for DeepCache"
+            )
+        folder = target.cache_dir / "precompiled"
+        self.precompiled = [PrecompiledModule(denoiser, folder, "denoiser", self.backend)]
+        setattr(pipe, target.denoiser, self.precompiled[0])
+        if self.compile_vae:
+            self.precompiled.append(PrecompiledModule(pipe.vae.decoder, folder, "vae_decoder", self.backend))
+            pipe.vae.decoder = self.precompiled[-1]
+
     def _options(self) -> dict:
         mode = None if self.mode == "default" else self.mode
         return {"mode": mode, "fullgraph": self.fullgraph, "backend": self.backend, "dynamic": False}
@@ -109,6 +137,11 @@ class TorchCompileAccelerator(Accelerator):
         return torch.compile(fn, **self._options())
 
     def tags(self) -> dict[str, str]:
+        events = {event for module in getattr(self, "precompiled", ()) for event in module.cache_events}
+        precompiled = {"precompile_cache": "partial" if len(events) > 1 else events.pop()} if events else {}
+        return precompiled | self._cache_tags()
+
+    def _cache_tags(self) -> dict[str, str]:
         if not (self.cache and self.backend == "inductor"):
             return {"compile_cache": "off"}
         before = getattr(self, "counters_before", (0, 0))
@@ -118,7 +151,12 @@ class TorchCompileAccelerator(Accelerator):
 
     def metrics(self) -> dict[str, float]:
         before = getattr(self, "timers_before", {})
-        return {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
+        timers = {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
+        modules = getattr(self, "precompiled", ())
+        if modules:
+            timers["precompile_s"] = sum(module.seconds["compile"] for module in modules)
+            timers["precompile_load_s"] = sum(module.seconds["load"] for module in modules)
+        return timers
 
 
 def _compile_timers() -> dict[str, float]:
