@@ -101,6 +101,21 @@ def number_as_tensor(value: Any, module: torch.nn.Module) -> Any:
     return value
 
 
+def input_signature(flat: list[Any], spec: Any) -> tuple:
+    """What tells one call's inputs from another's for a wrapper that keeps a captured or compiled version per
+    input (``flat, spec = tree_flatten((args, kwargs))``): their structure, each tensor's shape, dtype, device
+    and strides, any other value as written."""
+    return (
+        str(spec),
+        *(
+            (tuple(value.shape), str(value.dtype), str(value.device), value.stride())
+            if isinstance(value, torch.Tensor)
+            else repr(value)
+            for value in flat
+        ),
+    )
+
+
 def build_accelerator(options: dict[str, Any]) -> Accelerator:
     """Instantiate the accelerator named by ``options['_target_']`` with the other options, type-checked."""
     target = options["_target_"]

@@ -23,7 +23,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from runner.accelerators import Accelerator, DenoiserWrapper, Stage, Target, Wraps, number_as_tensor
+from runner.accelerators import Accelerator, DenoiserWrapper, Stage, Target, Wraps, input_signature, number_as_tensor
 from runner.config import ConfigError
 
 
@@ -58,7 +58,7 @@ class GraphedModule(DenoiserWrapper):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
         flat = [number_as_tensor(value, self.module) for value in flat]
-        signature = (spec, *((v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in flat))
+        signature = input_signature(flat, spec)
         entry = self.graphs.get(signature)
         if entry is None:
             entry = self.graphs[signature] = self._capture(flat, spec)

@@ -32,7 +32,7 @@ import diffusers
 import torch
 from torch.utils._pytree import tree_flatten
 
-from runner.accelerators import DenoiserWrapper, number_as_tensor
+from runner.accelerators import DenoiserWrapper, input_signature, number_as_tensor
 from runner.errors import RunnerError
 
 
@@ -64,7 +64,7 @@ class PrecompiledModule(DenoiserWrapper):
         # The weights' dtypes too: diffusers casts SDXL's VAE to float32 for each decode and back.
         dtypes = tuple(sorted({str(weight.dtype) for weight in self.module.parameters()}))
         modes = (torch.is_grad_enabled(), self.module.training)
-        signature = (str(spec), *(_describe(value) for value in flat), dtypes, modes)
+        signature = (*input_signature(flat, spec), dtypes, modes)
         function = self.loaded.get(signature)
         if function is None:
             function = self.loaded[signature] = self._prepare(args, kwargs, signature)
@@ -117,9 +117,3 @@ class PrecompiledModule(DenoiserWrapper):
             partial.replace(path)  # whole or absent: a process stopped mid-write leaves no file behind
         self.seconds["compile"] += time.perf_counter() - began
         return function
-
-
-def _describe(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return (tuple(value.shape), str(value.dtype), str(value.device), value.stride())
-    return repr(value)
