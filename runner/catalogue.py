@@ -60,6 +60,14 @@ METRICS = (
     Metric("psnr_vs_baseline", "PSNR vs baseline", "dB", "{:.1f}"),
     Metric("images_compared", "images compared", "", "{:.0f}"),
     Metric("identical_to_baseline", "identical to baseline", "", "{:.0%}"),
+    # Switching sizes in one process (switch_res; runner/worker.py, time_switch)
+    Metric("switch_first_call_s", "first call at switch_res", "s", "{:.3f}"),
+    Metric("switch_latency_s", "latency at switch_res", "s", "{:.3f}"),
+    Metric("switch_cost_s", "first call at switch_res less its latency", "s", "{:.3f}"),
+    Metric("switch_back_call_s", "first call back at res", "s", "{:.3f}"),
+    Metric("switch_back_cost_s", "first call back at res less one before", "s", "{:.3f}"),
+    Metric("switch_back_compiles", "graphs compiled for the call back", "", "{:.0f}"),
+    Metric("switch_s", "switching sizes (wall)", "s", "{:.1f}"),
     Metric("job_wall_s", "job wall time", "s", "{:.1f}"),
     Metric("overhead_s", "runner's own time", "s", "{:.1f}"),
     # Where the runner's own time goes (runner/job.py, runner/worker.py: Timeline)

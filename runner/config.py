@@ -10,6 +10,7 @@ baseline), and the digest of the whole job (``identity``: how a sweep resumes). 
 ``image_facts`` and ``config_hash`` derive those from the schema, so none is listed by hand.
 """
 
+import copy
 import difflib
 import hashlib
 import json
@@ -163,6 +164,11 @@ class Config:
     res: int = setting(1024, help="square images of res x res px; a positive multiple of 8", param="res")
     height: int = setting(II("res"), help="image height (follows res)", param="height", images=True)
     width: int = setting(II("res"), help="image width (follows res)", param="width", images=True)
+    switch_res: int | None = setting(
+        None,
+        help="after the timed calls, switch the same process to this res and back, timing the first call at each",
+        param="switch_res",
+    )
     steps: int = setting(II("model.steps"), help="denoising steps; the model's unless set", param="steps", images=True)
     guidance_scale: float = setting(
         II("model.guidance_scale"),
@@ -266,12 +272,38 @@ def to_config(cfg: DictConfig) -> Config:
     return config
 
 
+def switched_config(cfg: DictConfig) -> Config | None:
+    """The job's config at ``switch_res`` (whatever follows res, follows it: the call's size arguments), for
+    the worker's calls after switching; None when the job does not switch."""
+    if cfg.get("switch_res") is None:
+        return None
+    other = copy.deepcopy(cfg)
+    with open_dict(other):
+        other.res, other.switch_res = cfg.switch_res, None
+    return to_config(other)
+
+
+def _check_switch(cfg: Config) -> None:
+    value = cfg.switch_res
+    if value is None or value <= 0 or value % 8:
+        raise ConfigError(f"switch_res={value}: must be a positive multiple of 8, e.g. 512 or 1024")
+    if value == cfg.res:
+        raise ConfigError(f"switch_res={value}: equals res; switch to another size, or drop switch_res")
+    if cfg.height != cfg.res or cfg.width != cfg.res:
+        raise ConfigError(
+            f"switch_res={value} switches between square sizes, but height={cfg.height} and width={cfg.width} "
+            f"are set apart from res={cfg.res}: drop height/width, or switch_res"
+        )
+
+
 def check(cfg: Config) -> None:
     """Raise ConfigError for the first value that is well-typed but unusable."""
     for key in ("res", "height", "width"):
         value = getattr(cfg, key)
         if value <= 0 or value % 8:
             raise ConfigError(f"{key}={value}: must be a positive multiple of 8, e.g. 512 or 1024")
+    if cfg.switch_res is not None:
+        _check_switch(cfg)
     for key, least in (("runs", 1), ("steps", 1), ("warmup", 0), ("batch", 1)):
         value = getattr(cfg, key)
         if value < least:

@@ -34,6 +34,7 @@ from runner.config import (
     option_label,
     run_name,
     skip_reason,
+    switched_config,
     to_config,
 )
 from runner.errors import one_line
@@ -42,7 +43,7 @@ from runner.host import HOST, boot_id, core_lease, cores_near
 from runner.measure import Timeline
 from runner.record import Outcome, WorkerResult
 from runner.tracking import Tracker
-from runner.worker import LAUNCHED_AT, RESULT, run_forked
+from runner.worker import LAUNCHED_AT, RESULT, SWITCHED, run_forked
 
 # Workers are forked from a server that imported runner.worker once (see launch_worker); where a platform has
 # no fork, each is spawned afresh. The server must never initialise CUDA (a fork would inherit a broken
@@ -76,7 +77,7 @@ def run_job(cfg: DictConfig) -> str:
     if slurm.job_id():
         tags["slurm_job_id"] = slurm.job_id()
     try:
-        config = to_config(cfg)
+        config, switched = to_config(cfg), switched_config(cfg)
     except (ConfigError, OmegaConfBaseException) as error:
         name, message = lenient_name(cfg), one_line(error)
         run_id = tracker.record_never_ran(name, fallback_params(cfg), _sweep_id(cfg), tags, Outcome.FAILED, message)
@@ -96,7 +97,7 @@ def run_job(cfg: DictConfig) -> str:
     run_id = tracker.start_job(name, logged_params(config), config.sweep_id, tags)
     try:
         with sigterm_raises():  # from here to the run's end a stop closes the run, wherever it lands
-            outcome, why, result = measure_and_record(tracker, run_id, config, name, timeline)
+            outcome, why, result = measure_and_record(tracker, run_id, config, switched, name, timeline)
     except (KeyboardInterrupt, Terminated) as stop:
         signal_name = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
         why = (isinstance(stop, Terminated) and slurm.job_id() and slurm.why_stopped(slurm.job_id())) or ""
@@ -114,13 +115,16 @@ def run_job(cfg: DictConfig) -> str:
 
 
 def measure_and_record(
-    tracker: Tracker, run_id: str, config: Config, name: str, timeline: Timeline
+    tracker: Tracker, run_id: str, config: Config, switched: Config | None, name: str, timeline: Timeline
 ) -> tuple[Outcome, str, WorkerResult | None]:
-    """Hand the checked config to a worker, and record whatever it handed back (also when it failed)."""
+    """Hand the checked config (and the one it switches to) to a worker, and record whatever it handed back
+    (also when it failed)."""
     folder = Path(HydraConfig.get().runtime.output_dir)
     job_file = folder / "config.yaml"
     job_file.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
     tracker.log_file(run_id, job_file)
+    if switched is not None:
+        (folder / SWITCHED).write_text(OmegaConf.to_yaml(OmegaConf.structured(switched)))
     result = None
     try:
         outcome, why = measure_in_worker(config, name, folder, timeline)
@@ -136,8 +140,8 @@ def measure_and_record(
 
 def job_time(timeline: Timeline, wall_s: float, result: WorkerResult | None) -> dict[str, float]:
     """The job's wall time and where it went: the job process's own phases (its setup is what no other phase
-    took), and the runner's overhead: the wall time less queueing for a GPU, loading, warmup and the timed
-    calls themselves. Empty when the worker handed back no timed calls."""
+    took), and the runner's overhead: the wall time less queueing for a GPU, loading, warmup, the timed calls
+    themselves and the calls that switch sizes (``switch_res``). Empty when the worker handed back no timed calls."""
     calls = result.series.get("call_latency_s") if result else None
     if not calls:
         return {}
@@ -147,7 +151,7 @@ def job_time(timeline: Timeline, wall_s: float, result: WorkerResult | None) -> 
     job_own = sum(phases.get(name, 0.0) for name in ("queued", "worker", "record"))
     spent["time_job_setup_s"] = wall_s - job_own
     waited = phases.get("queued", 0.0)
-    measured = result.metrics.get("load_s", 0.0) + result.metrics.get("warmup_s", 0.0) + sum(calls)
+    measured = sum(result.metrics.get(key, 0.0) for key in ("load_s", "warmup_s", "switch_s")) + sum(calls)
     spent.update(job_wall_s=wall_s, overhead_s=wall_s - waited - measured)
     return spent
 
@@ -156,9 +160,10 @@ def time_summary(metrics: dict[str, float]) -> str:
     """One line: the job's wall time, what was measured (loading, warmup, the timed calls), and the runner's
     own phases, largest first; the parts add up to the wall time, with waiting for a GPU where there was any."""
     waited = metrics.get("time_queued_s", 0.0)
-    load, warmup = metrics.get("load_s", 0.0), metrics.get("warmup_s", 0.0)
-    calls = metrics["job_wall_s"] - metrics["overhead_s"] - waited - load - warmup
+    load, warmup, switch = (metrics.get(key, 0.0) for key in ("load_s", "warmup_s", "switch_s"))
+    calls = metrics["job_wall_s"] - metrics["overhead_s"] - waited - load - warmup - switch
     measured = f"loading {load:.1f}, warmup {warmup:.1f}, timed calls {calls:.1f}"
+    measured += f", switching sizes {switch:.1f}" if switch else ""
     measured += f", waiting for a GPU {waited:.1f}" if waited >= 0.05 else ""
     own = sorted(
         (

@@ -31,6 +31,8 @@ REPORT_IMAGE_PX = 384  # the report's copies of run images; MLflow keeps them at
 
 DETAIL_COLUMNS = (
     "warmup_s",
+    "switch_first_call_s",
+    "switch_back_cost_s",
     "latency_s",
     "its",
     "images_per_s",

@@ -59,6 +59,8 @@ from runner.tracking import Tracker
 HEARTBEAT_S = 15.0
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESULT = "result.json"
+SWITCHED = "switched.yaml"  # beside the job's config: the job's config at switch_res (runner/config.py)
+SWITCH_CALLS = 2  # calls at the other size after its first, for its steady latency
 LAUNCHED_AT = "RUNNER_WORKER_LAUNCHED_AT"  # set by the job's process: time.time() when it started the worker
 
 # Library log lines that say nothing here and alarm users: diffusers' warning about an empty list of fp32
@@ -69,9 +71,12 @@ HARMLESS = ("should be kept in float32: []", "requires torchvision (not installe
 TRUNCATION = ("part of your input was truncated", "Token indices sequence length is longer")
 
 
-def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult, timeline: Timeline) -> None:
+def measure(
+    cfg: Config, switched: Config | None, folder: Path, core: int | None, result: WorkerResult, timeline: Timeline
+) -> None:
     """Measure the job, filling ``result`` as it goes (so a failure keeps what was measured before it), and
-    ``timeline`` with where the time outside loading, warmup and the timed calls went."""
+    ``timeline`` with where the time outside loading, warmup and the timed calls went; then, given the
+    ``switched`` config, the cost of switching sizes."""
     with timeline.phase("setup"):
         drop_log_lines(HARMLESS + (TRUNCATION if cfg.model.weights == "random" else ()))
         device = resolve_device(cfg.device)
@@ -129,6 +134,11 @@ def measure(cfg: Config, folder: Path, core: int | None, result: WorkerResult, t
     result.metrics["achieved_tflops"] = flop_per_step * result.metrics["its"] / 1e12
     result.metrics.update(accelerator.metrics())
     result.facts.update(accelerator.tags())
+    if switched is not None:
+        progress(cfg, f"switching to {switched.res} px and back ({SWITCH_CALLS + 3} calls)")
+        with heartbeat(cfg, f"switching to {switched.res} px (a compile may land here)"), Stopwatch(device) as spent:
+            result.metrics.update(time_switch(cfg, switched, pipe, clock, prompts, image, core))
+        result.metrics["switch_s"] = spent.seconds
     if cfg.log_images:
         with timeline.phase("images"):
             save_images(images, folder / "images")
@@ -191,6 +201,50 @@ def time_calls(
     result.metrics.update(energy_metrics(energy, cfg.runs * cfg.batch))
     result.facts["energy"] = "NVML energy counter" if energy.joules is not None else f"unavailable: {energy.why}"
     return timings, images, jobs_at_once, others_cores
+
+
+def time_switch(
+    cfg: Config,
+    switched: Config,
+    pipe: Any,
+    clock: PhaseClock,
+    prompts: list[str],
+    image: Image.Image | None,
+    core: int | None,
+) -> dict[str, float]:
+    """What serving a second size from the same process costs: a call at the job's size, the first call at
+    ``switched``'s (where a compile, a load from the caches or a graph capture for the new shapes lands),
+    ``SWITCH_CALLS`` more there (the last one is its steady latency), and the first call back, whose cost
+    against the call before the switch, and the graphs torch.compile compiled for it, say whether the job's
+    own compiled code and graphs survived the switch. Unpinned, like the warmup (a compile there
+    starts worker processes); its images are not kept."""
+    device = clock.device
+    other = None if image is None else image.resize((switched.width, switched.height))
+
+    def latency(config: Config, picture: Image.Image | None, index: int) -> float:
+        kwargs = pipeline_args(config, prompts, picture, device, index)
+        return clock.time_call(lambda: pipe(**kwargs))[1].latency_s
+
+    with one_torch_thread(device, core):
+        here = latency(cfg, image, 0)
+        first = latency(switched, other, 0)
+        steady = [latency(switched, other, index) for index in range(1, 1 + SWITCH_CALLS)][-1]
+        compiled = graphs_compiled()
+        back = latency(cfg, image, 1)
+        back_compiles = graphs_compiled() - compiled
+    progress(
+        cfg,
+        f"switched to {switched.res} px: first call {first:.3f} s, then {steady:.3f} s; "
+        f"back at {cfg.res} px: {back:.3f} s (before switching {here:.3f} s)",
+    )
+    return {
+        "switch_first_call_s": first,
+        "switch_latency_s": steady,
+        "switch_cost_s": first - steady,
+        "switch_back_call_s": back,
+        "switch_back_cost_s": back - here,
+        "switch_back_compiles": back_compiles,
+    }
 
 
 def save_images(images: dict[str, Image.Image], folder: Path) -> None:
@@ -415,7 +469,8 @@ def main(argv: list[str]) -> int:
     if len(cores) > 1:
         result.facts["cpu_siblings_held"] = ",".join(map(str, cores[1:]))
     try:
-        measure(load_config(job_file), folder, cores[0] if cores else None, result, timeline)
+        switched = load_config(folder / SWITCHED) if (folder / SWITCHED).exists() else None
+        measure(load_config(job_file), switched, folder, cores[0] if cores else None, result, timeline)
     except Exception as error:
         result.error = one_line(error)
         (folder / "error.txt").write_text(traceback.format_exc())

@@ -512,6 +512,44 @@ def test_precompile_compiles_once_and_a_second_process_only_loads(cli, tmp_path:
     assert saved.stat().st_size < weights  # code only: the weights stay the module's
 
 
+SWITCH_METRICS = (
+    "switch_first_call_s",
+    "switch_latency_s",
+    "switch_cost_s",
+    "switch_back_call_s",
+    "switch_back_cost_s",
+)
+
+
+def test_switching_sizes_compiles_the_new_size_once_in_the_same_process(cli, tmp_path: Path, test_accelerators) -> None:
+    """switch_res: after the timed calls at 64 px the job's process serves 32 px and comes back; the new
+    size gets a saved function of its own beside the first, and the metrics say what each first call cost."""
+    sweep = cli("accelerator=pre", "res=64", "switch_res=32", "runs=1", f"cache_dir={tmp_path}", test_accelerators)
+    assert sweep.code == 0, sweep.output
+    [run] = sweep.runs().values()
+    assert run.data.params["switch_res"] == "32" and all(key in run.data.metrics for key in SWITCH_METRICS)
+    assert len(list((tmp_path / "precompiled").glob("denoiser-*.bin"))) == 2  # 64 px in the warmup, 32 after
+    assert run.data.metrics["switch_back_compiles"] == 0  # 64 px's function was kept, not made again
+    assert "switched to 32 px: first call" in sweep.output and ", switching sizes " in sweep.output
+
+
+def test_image_to_image_switches_sizes_with_its_input_resized(cli) -> None:
+    sweep = cli("model=tiny_pix2pix", "task=i2i", "res=64", "switch_res=32", "runs=1")
+    assert sweep.code == 0, sweep.output
+    [run] = sweep.runs().values()
+    assert all(run.data.metrics[key] > 0 for key in SWITCH_METRICS if key.endswith("call_s"))
+
+
+@pytest.mark.gpu
+def test_compiled_graphs_switch_sizes_and_come_back_without_compiling_again(cli, tmp_path: Path) -> None:
+    sweep = cli(
+        "accelerator=compile_graph", "device=cuda", "res=64", "switch_res=32", "runs=1", f"cache_dir={tmp_path}"
+    )
+    assert sweep.code == 0, sweep.output
+    [run] = sweep.runs().values()
+    assert all(key in run.data.metrics for key in SWITCH_METRICS) and run.data.metrics["switch_back_compiles"] == 0
+
+
 @pytest.mark.gpu
 def test_precompiled_graphs_give_the_baselines_images_cold_and_warm(cli, tmp_path: Path) -> None:
     variants = f"hydra.searchpath=[file://{Path(__file__).parents[1] / 'benchmarks' / 'conf'}]"

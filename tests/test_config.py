@@ -25,6 +25,7 @@ from runner.config import (
     logged_params,
     run_name,
     skip_reason,
+    switched_config,
     to_config,
 )
 
@@ -149,6 +150,8 @@ def test_pix2pix_has_no_text_to_image() -> None:
         ("res=500", "res=500: must be a positive multiple of 8"),
         ("res=0", "res=0: must be a positive multiple of 8"),
         ("height=-8", "height=-8: must be a positive multiple of 8"),
+        ("switch_res=100", "switch_res=100: must be a positive multiple of 8"),
+        ("switch_res=1024", "switch_res=1024: equals res; switch to another size, or drop switch_res"),
         ("runs=0", "runs=0: must be at least 1"),
         ("steps=0", "steps=0: must be at least 1"),
         ("warmup=-1", "warmup=-1: must be at least 0"),
@@ -161,6 +164,16 @@ def test_pix2pix_has_no_text_to_image() -> None:
 def test_bad_values_are_refused_with_key_value_and_fix(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         to_config(compose_job(override))
+
+
+def test_switching_sizes_takes_what_follows_res_along_and_refuses_a_size_set_apart() -> None:
+    cfg = compose_job("res=512", "switch_res=1024")
+    switched = switched_config(cfg)
+    assert to_config(cfg).switch_res == 1024 and switched_config(compose_job("res=512")) is None
+    assert (switched.res, switched.height, switched.width, switched.switch_res) == (1024, 1024, 1024, None)
+    assert switched.task.call_args == {"height": 1024, "width": 1024}
+    with pytest.raises(ConfigError, match=r"^switch_res=512 switches between square sizes, but height=768 "):
+        to_config(compose_job("height=768", "switch_res=512"))
 
 
 def test_pretrained_needs_an_id() -> None:
