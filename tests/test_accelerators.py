@@ -552,8 +552,7 @@ def test_compiled_graphs_switch_sizes_and_come_back_without_compiling_again(cli,
 
 @pytest.mark.gpu
 def test_precompiled_graphs_give_the_baselines_images_cold_and_warm(cli, tmp_path: Path) -> None:
-    variants = f"hydra.searchpath=[file://{Path(__file__).parents[1] / 'benchmarks' / 'conf'}]"
-    first, second = cold_then_warm(cli, "compile_graph_pre", "device=cuda", f"cache_dir={tmp_path}", variants)
+    first, second = cold_then_warm(cli, "compile_graph_fast", "device=cuda", f"cache_dir={tmp_path}")
     assert first.data.tags["precompile_cache"] == "miss" and second.data.tags["precompile_cache"] == "hit"
     for run in (first, second):
         assert run.data.tags["cuda_graphs_captured"] == "3" and run.data.tags["quality_unaffected"] == "true"
