@@ -65,7 +65,7 @@ METRICS = (
     Metric("switch_latency_s", "latency at switch_res", "s", "{:.3f}"),
     Metric("switch_cost_s", "first call at switch_res less its latency", "s", "{:.3f}"),
     Metric("switch_back_call_s", "first call back at res", "s", "{:.3f}"),
-    Metric("switch_back_cost_s", "first call back at res less one before", "s", "{:.3f}"),
+    Metric("switch_back_cost_s", "switching back (first call back less one before)", "s", "{:.3f}"),
     Metric("switch_back_compiles", "graphs compiled for the call back", "", "{:.0f}"),
     Metric("switch_s", "switching sizes (wall)", "s", "{:.1f}"),
     Metric("job_wall_s", "job wall time", "s", "{:.1f}"),

@@ -123,6 +123,7 @@ def measure_and_record(
     job_file = folder / "config.yaml"
     job_file.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
     tracker.log_file(run_id, job_file)
+    (folder / SWITCHED).unlink(missing_ok=True)  # a folder reused by a later sweep (hydra.sweep.dir) keeps none
     if switched is not None:
         (folder / SWITCHED).write_text(OmegaConf.to_yaml(OmegaConf.structured(switched)))
     result = None

@@ -538,6 +538,9 @@ def test_image_to_image_switches_sizes_with_its_input_resized(cli) -> None:
     assert sweep.code == 0, sweep.output
     [run] = sweep.runs().values()
     assert all(run.data.metrics[key] > 0 for key in SWITCH_METRICS if key.endswith("call_s"))
+    # A later sweep into the same Hydra folder, without switch_res, does not switch
+    later = cli("model=tiny_pix2pix", "task=i2i", "res=32", "runs=1")
+    assert later.code == 0 and "switching" not in later.output, later.output
 
 
 @pytest.mark.gpu
