@@ -345,12 +345,22 @@ def skip_reason(cfg: Config) -> str | None:
     return f"model {cfg.names.model} has no {cfg.names.task} pipeline (it offers: {offered})"
 
 
-def run_name(model: str, task: str, height: int | str, width: int | str, accelerator: str, batch: object = 1) -> str:
-    """The run's readable name, e.g. RV4/t2i/1024/none (.../768x1024/... when not square, and .../1024-b4/...
-    for four images a call), from the model's and the accelerator's labels: short enough that the jobs of
-    one experiment differ within the 15 characters MLflow's run list shows of a job under its sweep."""
+def run_name(
+    model: str,
+    task: str,
+    height: int | str,
+    width: int | str,
+    accelerator: str,
+    batch: object = 1,
+    switch_res: object = None,
+) -> str:
+    """The run's readable name, e.g. RV4/t2i/1024/none (.../768x1024/... when not square, .../1024-b4/... for
+    four images a call, .../1024+512/... for a job that switches to 512 px after its timed calls), from the
+    model's and the accelerator's labels: short enough that the jobs of one experiment differ within the 15
+    characters MLflow's run list shows of a job under its sweep."""
     size = f"{height}" if str(height) == str(width) else f"{height}x{width}"
     size += f"-b{batch}" if str(batch) not in ("1", "None") else ""
+    size += f"+{switch_res}" if switch_res not in (None, "None", "null") else ""
     return f"{model}/{task}/{size}/{accelerator}"
 
 
@@ -374,6 +384,7 @@ def job_name(cfg: Config) -> str:
         cfg.width,
         names.accelerator_label or names.accelerator,
         cfg.batch,
+        cfg.switch_res,
     )
 
 

@@ -297,6 +297,7 @@ def lenient_name(cfg: DictConfig) -> str:
         _lenient(cfg, "width"),
         _lenient(cfg, "accelerator.label") or option_label("accelerator", str(accelerator)),
         _lenient(cfg, "batch"),
+        _lenient(cfg, "switch_res"),
     )
 
 

@@ -504,7 +504,9 @@ def test_precompile_compiles_once_and_a_second_process_only_loads(cli, tmp_path:
     first, second = cold_then_warm(cli, "pre", f"cache_dir={tmp_path}", test_accelerators)
     assert first.data.tags["precompile_cache"] == "miss" and second.data.tags["precompile_cache"] == "hit"
     assert first.data.metrics["precompile_s"] > 0 and second.data.metrics["precompile_s"] == 0
-    assert second.data.metrics["precompile_load_s"] > 0 and second.data.metrics["compile_s"] == 0
+    assert second.data.metrics["precompile_load_s"] > 0
+    # Inductor's cache tag and Dynamo's timers do not see aot_compile: a precompiled run reports neither
+    assert "compile_cache" not in second.data.tags and "compile_s" not in first.data.metrics
     for run in (first, second):
         assert run.data.metrics["psnr_vs_baseline"] > 40 and run.data.tags["quality_unaffected"] == "true"
     [saved] = (tmp_path / "precompiled").glob("denoiser-*.bin")

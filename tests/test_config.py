@@ -83,6 +83,7 @@ def test_height_and_width_follow_res_unless_set() -> None:
     cfg = to_config(compose_job("res=512", "width=768"))
     assert (cfg.height, cfg.width) == (512, 768)
     assert run_name("m", "t2i", 512, 768, "none") == "m/t2i/512x768/none"
+    assert run_name("m", "t2i", 1024, 1024, "none", 1, 512) == "m/t2i/1024+512/none"
 
 
 # Characters of a job's name MLflow 3.17's run list shows in its default column width, the job unfolded under its

@@ -10,7 +10,9 @@ a second process with the same job compiles from cache: the run's tag ``compile_
 hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the warmup's compile time went (the part
 outside the backend is Dynamo tracing the Python and building guards, paid by every process, cache or not).
 ``precompile`` saves that part too: the denoiser and the VAE decoder traced and compiled whole, written to
-``cache_dir/precompiled`` and loaded by later processes without tracing (``runner/accelerators/precompile.py``).
+``cache_dir/precompiled`` and loaded by later processes without tracing (``runner/accelerators/precompile.py``);
+such a run reports ``precompile_cache``, ``precompile_s`` and ``precompile_load_s`` instead, since inductor's
+cache counters and Dynamo's timers do not see ``aot_compile``.
 
 A denoiser that another accelerator wrapped may name ``step_modules``, the attributes to compile in its
 stead (DeepCache's full and shallow UNets), so that routing between them stays in Python.
@@ -137,11 +139,9 @@ class TorchCompileAccelerator(Accelerator):
         return torch.compile(fn, **self._options())
 
     def tags(self) -> dict[str, str]:
-        events = {event for module in getattr(self, "precompiled", ()) for event in module.cache_events}
-        precompiled = {"precompile_cache": "partial" if len(events) > 1 else events.pop()} if events else {}
-        return precompiled | self._cache_tags()
-
-    def _cache_tags(self) -> dict[str, str]:
+        if self.precompile:  # its own files, not inductor's cache (which aot_compile neither reads nor fills)
+            events = {event for module in getattr(self, "precompiled", ()) for event in module.cache_events}
+            return {"precompile_cache": "partial" if len(events) > 1 else events.pop()} if events else {}
         if not (self.cache and self.backend == "inductor"):
             return {"compile_cache": "off"}
         before = getattr(self, "counters_before", (0, 0))
@@ -150,13 +150,14 @@ class TorchCompileAccelerator(Accelerator):
         return {"compile_cache": state, "compile_cache_hits": str(hits), "compile_cache_misses": str(misses)}
 
     def metrics(self) -> dict[str, float]:
+        if self.precompile:  # Dynamo's timers do not see aot_compile: they would read 0 for a 100 s compile
+            modules = getattr(self, "precompiled", ())
+            return {
+                "precompile_s": sum(module.seconds["compile"] for module in modules),
+                "precompile_load_s": sum(module.seconds["load"] for module in modules),
+            }
         before = getattr(self, "timers_before", {})
-        timers = {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
-        modules = getattr(self, "precompiled", ())
-        if modules:
-            timers["precompile_s"] = sum(module.seconds["compile"] for module in modules)
-            timers["precompile_load_s"] = sum(module.seconds["load"] for module in modules)
-        return timers
+        return {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
 
 
 def _compile_timers() -> dict[str, float]:
