@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -61,6 +61,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESULT = "result.json"
 SWITCHED = "switched.yaml"  # beside the job's config: the job's config at switch_res (runner/config.py)
 SWITCH_CALLS = 2  # calls at the other size after its first, for its steady latency
+CALIBRATION_CALL = -1  # pipeline_args' index for an accelerator's calibration: a seed no timed call uses
 LAUNCHED_AT = "RUNNER_WORKER_LAUNCHED_AT"  # set by the job's process: time.time() when it started the worker
 
 # Library log lines that say nothing here and alarm users: diffusers' warning about an empty list of fp32
@@ -98,7 +99,8 @@ def measure(
     eager_denoiser = getattr(pipe, cfg.model.denoiser)
     result.params["denoiser_params"] = parameter_count(eager_denoiser)
     with timeline.phase("accelerate"):
-        accelerator.apply(pipe, accelerator_target(cfg, device, dtype_name))
+        calibration = calibration_call(cfg, pipe, prompts, image, device)
+        accelerator.apply(pipe, accelerator_target(cfg, device, dtype_name, calibration))
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
 
     progress(cfg, f"loaded in {load.seconds:.1f} s; warming up ({cfg.warmup} call(s))")
@@ -365,11 +367,23 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return name if name != "auto" else "fp16" if device.type == "cuda" else "fp32"
 
 
-def accelerator_target(cfg: Config, device: torch.device, dtype_name: str) -> Target:
+def accelerator_target(
+    cfg: Config, device: torch.device, dtype_name: str, calibration: Callable[[], Any] | None = None
+) -> Target:
     """What the job's accelerator works on; its shape key names what one compiled graph serves."""
     shape = f"{cfg.height}x{cfg.width}-b{cfg.batch}-{dtype_name}"
     shape_key = f"{cfg.names.model}-{cfg.model.weights}-{cfg.names.task}-{shape}"
-    return Target(cfg.model.denoiser, device, DTYPES[dtype_name], Path(cfg.cache_dir).expanduser(), shape_key)
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    return Target(cfg.model.denoiser, device, DTYPES[dtype_name], cache_dir, shape_key, calibration)
+
+
+def calibration_call(
+    cfg: Config, pipe: Any, prompts: list[str], image: Image.Image | None, device: torch.device
+) -> Callable[[], Any]:
+    """One call of the pipeline with the job's arguments and a seed no warmup or timed call uses, for an
+    accelerator to calibrate on before it compiles anything (float8's calibrated scales)."""
+    kwargs = pipeline_args(cfg, prompts, image, device, CALIBRATION_CALL)
+    return lambda: pipe(**kwargs)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -115,6 +115,9 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
         "  - _target_: runner.accelerators.torch_compile.TorchCompileAccelerator\n"
         "    backend: aot_eager\n    compile_vae: false\n    cache: false\n"
     ),
+    "fp8_calibrated": (  # fp8 with calibrated per-tensor scales, eager
+        "_target_: runner.accelerators.float8.Float8Accelerator\nscaling: calibrated\n"
+    ),
     "vae_traced": (  # the VAE in bfloat16, its decoder traced by torch.compile without generating code
         "_target_: runner.accelerators.chain.Chain\nparts:\n"
         "  - {_target_: runner.accelerators.vae_bf16.VaeBf16Accelerator}\n"
@@ -131,7 +134,7 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
 @pytest.fixture
 def test_accelerators(tmp_path: Path) -> str:
     """Puts the tests' own accelerators (same, perturb, blackout, crash, segfault, oom, wrong_order,
-    dc_eager, fp8_traced, vae_traced, graph_text, pre) on Hydra's search
+    dc_eager, fp8_traced, fp8_calibrated, vae_traced, graph_text, pre) on Hydra's search
     path, as a user would add theirs without touching conf/; returns that override."""
     folder = tmp_path / "test_conf" / "accelerator"
     folder.mkdir(parents=True)

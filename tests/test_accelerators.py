@@ -1,6 +1,7 @@
 """Accelerators: each refuses clearly where it cannot run or compose, each lossless one gives the baseline's
 outputs within rounding (on a GPU where it needs one), and DeepCache's shallow path is exactly the UNet's."""
 
+import dataclasses
 import sys
 import types
 from pathlib import Path
@@ -17,7 +18,16 @@ from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain, check_order
 from runner.accelerators.cuda_graph import CudaGraphAccelerator, GraphedModule
 from runner.accelerators.deepcache import DeepCacheAccelerator, DeepCacheUNet
-from runner.accelerators.float8 import FLOAT8, Float8Accelerator, Float8Linear, quantise_rows, to_float8
+from runner.accelerators.float8 import (
+    FLOAT8,
+    CalibratedFloat8Linear,
+    Float8Accelerator,
+    Float8Linear,
+    input_amax,
+    quantise_rows,
+    to_calibrated_float8,
+    to_float8,
+)
 from runner.accelerators.onediff import OneDiffAccelerator
 from runner.accelerators.precompile import PrecompiledModule
 from runner.accelerators.torch_compile import TorchCompileAccelerator
@@ -27,6 +37,7 @@ from runner.errors import RunnerError
 from runner.pipelines import build_pipeline
 
 CPU = torch.device("cpu")
+TINY_CALL = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}  # a tiny pipeline's call
 
 
 def tiny_pipe(task: str = "t2i"):
@@ -375,6 +386,65 @@ def test_float8_converts_the_linear_layers_of_the_repeated_blocks_only() -> None
         Float8Accelerator().apply(pipe, target(Path(".")))
 
 
+@pytest.mark.parametrize(("tokens", "dtype"), [(64, torch.float32), (77, torch.float16)])
+def test_calibrated_float8_linear_is_the_linear_within_float8_rounding_and_saturates_beyond(tokens, dtype) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(dtype)  # fp16: cuBLAS's bias epilogue; fp32: the bias added after
+    x = torch.randn(2, tokens, 64).to(dtype)
+    layer = CalibratedFloat8Linear(linear, x.abs().amax())
+    with torch.no_grad():
+        expected, got = linear(x), layer(x)
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        error = ((got - expected).float().norm() / expected.float().norm()).item()
+        assert 0 < error < 0.05  # changed, by about float8's rounding of both operands
+        # An input beyond the calibrated range saturates at e4m3's largest value instead of overflowing.
+        louder = layer(x * 4)
+        assert torch.isfinite(louder).all()
+        assert (louder - linear(x * 4)).float().norm() > 2 * (got - expected).float().norm() * 4
+    assert "calibrated scales" in repr(layer) and layer.input_scale.shape == layer.weight_scale.shape == ()
+
+
+def test_calibration_sees_what_the_call_feeds_each_layer_and_leaves_unreached_layers_alone() -> None:
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Linear(32, 64)
+
+    class Model(torch.nn.Module):
+        _repeated_blocks = ("Block",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(4, 32)
+    first, second = model.blocks[0].inner, model.blocks[1].inner
+    amax = input_amax([first, second], lambda: first(x * 3))
+    assert amax[0].item() == pytest.approx(3 * x.abs().max().item()) and amax[1].item() == 0
+    assert not first._forward_pre_hooks  # the observers are gone after the call
+    assert to_calibrated_float8(model, lambda: first(x)) == (1, 1)  # the second block was never reached
+    assert isinstance(model.blocks[0].inner, CalibratedFloat8Linear) and model.blocks[1].inner is second
+    assert model.blocks[0].inner.input_scale.item() == pytest.approx(x.abs().max().item() / 448)
+
+
+def test_float8_calibrated_needs_a_calibration_call_and_refuses_other_scalings(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Float8Accelerator(scaling="tensor").check(CPU)
+    assert str(raised.value) == (
+        "accelerator.scaling=tensor: choose rowwise (per-row scales computed at every call) or calibrated "
+        "(per-tensor scales fixed by a calibration call)"
+    )
+    with pytest.raises(ConfigError, match=r"^accelerator.scaling=calibrated needs a calibration call"):
+        Float8Accelerator(scaling="calibrated").apply(tiny_pipe(), target(tmp_path))
+    pipe, calls = tiny_pipe(), []
+    calibrated = dataclasses.replace(target(tmp_path), calibration=lambda: calls.append(pipe(prompt="a", **TINY_CALL)))
+    accelerator = Float8Accelerator(scaling="calibrated")
+    accelerator.apply(pipe, calibrated)
+    assert len(calls) == 1 and accelerator.metrics() == {"float8_linears": 40.0}
+    assert accelerator.tags() == {"float8_linears_left": "0"}
+
+
 def test_float8_refuses_a_gpu_without_float8_tensor_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
@@ -404,15 +474,20 @@ def test_float8_stands_first_in_a_chain() -> None:
 
 
 def test_float8_is_lossy_traces_under_torch_compile_and_says_how_many_layers(cli, test_accelerators: str) -> None:
-    sweep = cli("-m", "accelerator=none,fp8,fp8_traced", "res=64", "runs=2", test_accelerators)
+    sweep = cli("-m", "accelerator=none,fp8,fp8_traced,fp8_calibrated", "res=64", "runs=2", test_accelerators)
     assert sweep.code == 0, sweep.output
     runs = sweep.runs()
     eager, traced = runs["tiny/t2i/64/fp8"], runs["tiny/t2i/64/fp8_traced"]
-    for run in (eager, traced):
+    calibrated = runs["tiny/t2i/64/fp8_calibrated"]
+    for run in (eager, traced, calibrated):
         assert run.data.metrics["float8_linears"] == 40 and run.data.tags["float8_linears_left"] == "0"
         assert 0.5 < run.data.metrics["ssim_vs_baseline"] < 1 and run.data.metrics["identical_to_baseline"] == 0
     for ours, theirs in zip(pixels(sweep, traced), pixels(sweep, eager), strict=True):
         assert np.array_equal(ours, theirs)  # the traced graph runs the same operations
+    assert not any(
+        np.array_equal(ours, theirs)
+        for ours, theirs in zip(pixels(sweep, calibrated), pixels(sweep, eager), strict=True)
+    )  # other scales, other rounding
 
 
 # Precompiled modules (torch_compile's precompile)
@@ -595,13 +670,15 @@ def test_vae_bf16_traced_by_torch_compile_scores_against_the_baseline(cli, test_
 
 
 @pytest.mark.gpu
-def test_float8_compiled_and_graphed_equals_eager_float8_on_the_gpu(tmp_path: Path) -> None:
-    """torch._scaled_mm on float8 tensor cores, compiled by inductor and captured: the same numbers as the
-    eager float8 layer up to rounding, and within float8's error of the fp16 layer."""
+@pytest.mark.parametrize("scaling", ["rowwise", "calibrated"])
+def test_float8_compiled_and_graphed_equals_eager_float8_on_the_gpu(scaling: str) -> None:
+    """torch._scaled_mm on float8 tensor cores (per-row kernels, or per-tensor ones with the bias in their
+    epilogue), compiled by inductor and captured: the same numbers as the eager float8 layer up to rounding,
+    and within float8's error of the fp16 layer."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(640, 1280, device="cuda", dtype=torch.float16)
     x = torch.randn(2, 77, 640, device="cuda", dtype=torch.float16)
-    layer = Float8Linear(linear)
+    layer = Float8Linear(linear) if scaling == "rowwise" else CalibratedFloat8Linear(linear, x.abs().amax())
     with torch.no_grad():
         expected, eager = linear(x), layer(x)
         graphed = GraphedModule(torch.compile(layer), warmup_calls=2)

@@ -9,6 +9,7 @@ refused with the key's name), so adding one touches nothing else.
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
@@ -33,6 +34,9 @@ class Target:
     dtype: torch.dtype
     cache_dir: Path  # where compiled artefacts may persist between processes (cache_dir=)
     shape_key: str  # names the job's model, task, size and dtype, for caches that hold one shape each
+    # Calls the pipeline once with the job's arguments (a seed no timed call uses), for accelerators that
+    # calibrate on real activations (float8's calibrated scales); None where there is no job (tests).
+    calibration: Callable[[], Any] | None = None
 
 
 class Wraps(Enum):

@@ -1,20 +1,29 @@
 """Float8 matrix products in the denoiser's transformer blocks (tensor cores of Hopper and Ada GPUs).
 
 Every linear layer inside the denoiser's repeated blocks (diffusers' ``_repeated_blocks``: SDXL's transformer
-blocks, which hold most of its UNet's matrix products) becomes a ``Float8Linear``: its weight is quantised
-once to float8 e4m3 with one scale per output row, its input at every call with one scale per row (token),
-and the product runs in ``torch._scaled_mm`` (fp8 operands, fp32 accumulation, bf16 out, cast back to the
-pipeline's dtype). Convolutions, attention's own products, norms and everything outside the blocks stay in
-the pipeline's dtype. Lossy: the quality metrics against ``none`` say by how much.
+blocks, which hold most of its UNet's matrix products) runs its product in ``torch._scaled_mm`` (float8 e4m3
+operands, fp32 accumulation). Convolutions, attention's own products, norms and everything outside the blocks
+stay in the pipeline's dtype. Lossy: the quality metrics against ``none`` say by how much. Two scalings:
 
-Quantising an input costs a reduction and a cast per layer, kernels that only a compiler fuses into their
-neighbours, so eager float8 is slower than eager fp16; chain it before torch_compile
-(conf/accelerator/fp8_compile.yaml). It changes modules in place and must come first in a chain (stage
-``quantize``): a compiler or a graph built before it would hold the old layers.
+- ``rowwise`` (``Float8Linear``): one scale per weight row, and one per input row (token) computed at every
+  call. Quantising an input is then a reduction over its row and a cast, kernels that only a compiler fuses
+  into their neighbours, and cuBLAS's per-row kernels are only 1.23x faster than fp16 ones on an H100
+  (BENCHMARKS.md, "Faster still"): with inductor it was 13-29% slower than compile_graph.
+- ``calibrated`` (``CalibratedFloat8Linear``): one scale per weight, and one per layer input fixed once, before
+  anything is compiled, from the largest magnitude each input reaches in a calibration call of the pipeline
+  (the job's own call arguments, with a seed no timed call uses; a deployment would calibrate on its own
+  prompts). Quantising an input is then a multiply and a cast that inductor fuses into the kernel that makes
+  the input, the product runs in cuBLAS's per-tensor kernels with the bias added in its epilogue, and inputs
+  beyond the calibrated range saturate at e4m3's largest value.
+
+It changes modules in place and must come first in a chain (stage ``quantize``): a compiler or a graph built
+before it would hold the old layers. Eager float8 is slower than eager fp16; chain it before torch_compile
+(conf/accelerator/fp8_compile.yaml).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -68,45 +77,142 @@ class Float8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, per-row scales"
 
 
+class CalibratedFloat8Linear(torch.nn.Module):
+    """A linear layer whose matrix product runs in float8 with one scale for its weight and one, calibrated
+    beforehand, for its input (see the module's docstring)."""
+
+    def __init__(self, linear: torch.nn.Linear, input_amax: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        weight_scale = weight.abs().amax().float().clamp(min=1e-12) / FLOAT8_MAX
+        self.register_buffer("weight_fp8", (weight.float() / weight_scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8))
+        self.register_buffer("weight_scale", weight_scale)
+        input_scale = input_amax.detach().float().clamp(min=1e-12) / FLOAT8_MAX
+        self.register_buffer("input_scale", input_scale)
+        self.register_buffer("input_inverse", 1 / input_scale)  # a multiply, not a division, per element
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        pad = -rows.shape[0] % ALIGN
+        if pad:
+            rows = F.pad(rows, (0, 0, 0, pad))
+        quantised = (rows * self.input_inverse).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8)
+        fused = self.bias is not None and x.dtype != torch.float32  # cuBLAS adds a bias to fp16/bf16 outputs only
+        out = torch._scaled_mm(
+            quantised,
+            self.weight_fp8.t(),
+            scale_a=self.input_scale,
+            scale_b=self.weight_scale,
+            bias=self.bias if fused else None,
+            out_dtype=x.dtype,
+        )
+        out = out[: out.shape[0] - pad]
+        if self.bias is not None and not fused:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, calibrated scales"
+
+
 def convertible(linear: torch.nn.Linear) -> bool:
     return linear.in_features % ALIGN == 0 and linear.out_features % ALIGN == 0
 
 
-def to_float8(denoiser: torch.nn.Module, include: tuple[str, ...] = ()) -> tuple[int, int]:
-    """Replace the linear layers of ``denoiser``'s repeated blocks by ``Float8Linear`` (only those whose name in
-    their block contains one of ``include``, if given); return how many were replaced and how many were left
-    (a dimension not divisible by 16)."""
+def block_linears(denoiser: torch.nn.Module, include: tuple[str, ...] = ()) -> list[tuple[torch.nn.Module, str]]:
+    """The linear layers of ``denoiser``'s repeated blocks (only those whose name in their block contains one of
+    ``include``, if given), each as (its parent module, its attribute name there)."""
     block_names = getattr(denoiser, "_repeated_blocks", None) or ()
     if not block_names:
         raise ConfigError(
             f"accelerator=fp8: {type(denoiser).__name__} names no repeated blocks whose linear layers to convert "
             "(diffusers' _repeated_blocks); use an accelerator without float8 for this model"
         )
-    replaced = left = 0
+    found = []
     for block in [module for module in denoiser.modules() if type(module).__name__ in block_names]:
-        for path, parent in list(block.named_modules()):
-            for name, child in list(parent.named_children()):
+        for path, parent in block.named_modules():
+            for name, child in parent.named_children():
                 qualified = f"{path}.{name}" if path else name  # e.g. attn1.to_q, ff.net.0.proj
-                chosen = not include or any(part in qualified for part in include)
-                if type(child) is not torch.nn.Linear or not chosen:
-                    continue
-                if convertible(child):
-                    setattr(parent, name, Float8Linear(child))
-                    replaced += 1
-                else:
-                    left += 1
+                if type(child) is torch.nn.Linear and (not include or any(part in qualified for part in include)):
+                    found.append((parent, name))
+    return found
+
+
+def to_float8(denoiser: torch.nn.Module, include: tuple[str, ...] = ()) -> tuple[int, int]:
+    """Replace the linear layers of ``denoiser``'s repeated blocks by ``Float8Linear`` (only those whose name in
+    their block contains one of ``include``, if given); return how many were replaced and how many were left
+    (a dimension not divisible by 16)."""
+    replaced = left = 0
+    for parent, name in block_linears(denoiser, include):
+        child = getattr(parent, name)
+        if convertible(child):
+            setattr(parent, name, Float8Linear(child))
+            replaced += 1
+        else:
+            left += 1
     return replaced, left
+
+
+def input_amax(layers: list[torch.nn.Module], call: Callable[[], Any]) -> list[torch.Tensor]:
+    """The largest magnitude each of ``layers`` sees in its input during ``call()``, one 0-d float32 tensor
+    each (zero for a layer the call never reached); kept on the device, so the call runs without syncing."""
+    seen = [torch.zeros((), dtype=torch.float32, device=layer.weight.device) for layer in layers]
+
+    def observe(amax: torch.Tensor) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            torch.maximum(amax, args[0].detach().abs().amax().float(), out=amax)
+
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(observe(amax)) for layer, amax in zip(layers, seen, strict=True)]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def to_calibrated_float8(
+    denoiser: torch.nn.Module, call: Callable[[], Any], include: tuple[str, ...] = ()
+) -> tuple[int, int]:
+    """Calibrate the inputs of ``denoiser``'s block linear layers on ``call()`` (which runs the pipeline), then
+    replace them by ``CalibratedFloat8Linear``; return how many were replaced and how many were left (a
+    dimension not divisible by 16, or an input the calibration call never reached)."""
+    chosen = block_linears(denoiser, include)
+    layers = [getattr(parent, name) for parent, name in chosen]
+    candidates = [index for index, layer in enumerate(layers) if convertible(layer)]
+    amaxes = input_amax([layers[index] for index in candidates], call)
+    replaced = 0
+    for index, amax in zip(candidates, amaxes, strict=True):
+        if amax.item() > 0:
+            parent, name = chosen[index]
+            setattr(parent, name, CalibratedFloat8Linear(layers[index], amax))
+            replaced += 1
+    return replaced, len(layers) - replaced
+
+
+SCALINGS = ("rowwise", "calibrated")
 
 
 @dataclass
 class Float8Accelerator(Accelerator):
     include: list[str] = field(default_factory=list)  # only the linear layers whose name contains one of these
+    scaling: str = "rowwise"  # rowwise | calibrated (the module's docstring says what each does)
 
     wraps: ClassVar[Wraps] = Wraps.IN_PLACE
     stage: ClassVar[Stage] = Stage.QUANTIZE
     catalogue: ClassVar[tuple[Metric, ...]] = (Metric("float8_linears", "linear layers in float8", "", "{:.0f}"),)
 
     def check(self, device: torch.device) -> None:
+        if self.scaling not in SCALINGS:
+            raise ConfigError(
+                f"accelerator.scaling={self.scaling}: choose rowwise (per-row scales computed at every call) or "
+                "calibrated (per-tensor scales fixed by a calibration call)"
+            )
         if FLOAT8 is None or not hasattr(torch, "_scaled_mm"):
             raise ConfigError(
                 f"accelerator=fp8 needs torch with float8 matrix products (torch >= 2.4); this is torch "
@@ -122,7 +228,12 @@ class Float8Accelerator(Accelerator):
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
-        self.converted, self.left = to_float8(denoiser, tuple(self.include))
+        if self.scaling == "calibrated":
+            if target.calibration is None:
+                raise ConfigError("accelerator.scaling=calibrated needs a calibration call of the pipeline")
+            self.converted, self.left = to_calibrated_float8(denoiser, target.calibration, tuple(self.include))
+        else:
+            self.converted, self.left = to_float8(denoiser, tuple(self.include))
         if self.include and not self.converted and not self.left:
             raise ConfigError(
                 f"accelerator.include={list(self.include)}: no linear layer in the denoiser's repeated blocks is "
