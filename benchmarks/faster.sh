@@ -27,7 +27,7 @@ for accelerator in "${profiles[@]}"; do
   ((SECONDS < budget - 40)) || break
   timeout $((budget - SECONDS - 25)) python3 benchmarks/kernel_profile.py "$OUT/profile_${accelerator}_$res" \
     model=sdxl_base model.weights=random steps=30 "res=$res" accelerator="$accelerator" warmup=1 runs=5 \
-    cache_dir=/tmp/bench-cache 2>&1 | quiet \
+    cache_dir=/tmp/bench-cache "hydra.searchpath=[file://$PWD/benchmarks/conf]" 2>&1 | quiet \
     | tee "$OUT/profile_${accelerator}_$res.log"
 done
 # A failed job's worker.log (its Python stack, for a crash in native code) stays in the MLflow artifacts on

@@ -32,8 +32,10 @@ STEP = "denoiser_step"  # the range around each denoiser call
 KINDS = (  # the first pattern a kernel's name matches gives its kind
     ("attention", r"flash|fmha|attention|sdpa"),
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
-    ("float8 matmul", r"e4m3|f8f8|fp8|float8|scaled_mm|nvjet_sm90_qq"),  # nvjet's fp8 GEMMs: "qq..."
-    ("matmul", r"gemm|gemv|cutlass|nvjet|xmma|cublas|matmul|_mm_"),
+    # Products, not inductor's kernels named after what they fused: triton_poi_fused__scaled_mm__to_copy_clamp_gelu
+    # is a float8 product's input quantised with the GELU before it.
+    ("float8 matmul", r"^(?!triton_).*(e4m3|f8f8|fp8|float8|scaled_mm|nvjet_sm90_qq)"),  # nvjet's fp8 GEMMs: "qq"
+    ("matmul", r"^(?!triton_).*(gemm|gemv|cutlass|nvjet|xmma|cublas|matmul|_mm_)"),
     ("fused (Triton)", r"^triton_"),
     ("norm", r"norm"),
     ("copy", r"memcpy|memset|copy|cat_"),
