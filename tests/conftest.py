@@ -109,7 +109,7 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
         "  - {_target_: runner.accelerators.deepcache.DeepCacheAccelerator, interval: 3}\n"
         "  - {_target_: runner.accelerators.torch_compile.TorchCompileAccelerator, backend: eager}\n"
     ),
-    "fp8_traced": (  # fp8_compile's first two parts, traced by torch.compile without generating code
+    "fp8_traced": (  # fp8 (per-row scales) then torch.compile, traced without generating code
         "_target_: runner.accelerators.chain.Chain\nparts:\n"
         "  - {_target_: runner.accelerators.float8.Float8Accelerator}\n"
         "  - _target_: runner.accelerators.torch_compile.TorchCompileAccelerator\n"
