@@ -445,6 +445,22 @@ def test_float8_calibrated_needs_a_calibration_call_and_refuses_other_scalings(t
     assert accelerator.tags() == {"float8_linears_left": "0"}
 
 
+def test_fused_projections_compose_with_float8_in_the_feed_forward_layers_only(tmp_path: Path) -> None:
+    for include, fused in ((["ff."], True), ([], False)):
+        pipe = tiny_pipe()
+        calibrated = dataclasses.replace(target(tmp_path), calibration=lambda pipe=pipe: pipe(prompt="a", **TINY_CALL))
+        Float8Accelerator(scaling="calibrated", include=include).apply(pipe, calibrated)
+        compile_ = TorchCompileAccelerator(fuse_qkv=True, backend="eager", cache=False, compile_vae=False)
+        if fused:
+            compile_.apply(pipe, calibrated)
+            assert sum(hasattr(module, "to_qkv") for module in pipe.unet.modules()) == 4  # self-attention's
+            continue
+        with pytest.raises(ConfigError) as raised:
+            compile_.apply(pipe, calibrated)
+        assert str(raised.value).startswith("accelerator.fuse_qkv=true: down_blocks.1.attentions.0.")
+        assert "is a CalibratedFloat8Linear, which diffusers cannot fuse; keep float8 out" in str(raised.value)
+
+
 def test_float8_refuses_a_gpu_without_float8_tensor_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")

@@ -96,6 +96,7 @@ class TorchCompileAccelerator(Accelerator):
             torch._inductor.config.fx_graph_cache = True
             torch._functorch.config.enable_autograd_cache = True
         if self.fuse_qkv:
+            refuse_unfusable(denoiser)
             pipe.fuse_qkv_projections()
         if self.channels_last:
             denoiser.to(memory_format=torch.channels_last)
@@ -172,3 +173,14 @@ def _cache_counters() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def refuse_unfusable(denoiser: torch.nn.Module) -> None:
+    """Raise ConfigError if a part before this one replaced an attention projection by a layer diffusers cannot
+    fuse (it concatenates the projections' weights): float8 layers have none."""
+    for name, module in denoiser.named_modules():
+        if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") and not isinstance(module, torch.nn.Linear):
+            raise ConfigError(
+                f"accelerator.fuse_qkv=true: {name} is a {type(module).__name__}, which diffusers cannot fuse; "
+                "keep float8 out of the attention projections (fp8's include=[ff.]) or set fuse_qkv: false"
+            )
