@@ -1,5 +1,6 @@
-# Sourced by the device scripts: packages the device image lacks come as wheels in .whl/ (README,
-# "A GPU machine without internet"), installed once per machine start; results go to $OUT.
+# Sourced by the device scripts: packages the device image lacks come as wheels in .whl/ (built here by
+# benchmarks/device_wheels.sh; README, "A GPU machine without internet"), installed once per machine start;
+# results go to $OUT.
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then

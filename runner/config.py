@@ -513,8 +513,51 @@ def check_override_keys(overrides: list[str], groups: set[str]) -> None:
             raise ConfigError(problem)
         if key.split(".")[0].split("/")[0] == "hydra" or key in groups or "/" in key or key in keys:
             continue
+        problem = None if override.is_add() else accelerator_option_problem(key, parsed)
+        if problem:
+            raise ConfigError(problem)
         if any(key.startswith(f"{open_key}.") for open_key, kind in keys.items() if kind is OPEN):
             continue
         close = difflib.get_close_matches(key, [*keys, *groups], n=1)
         hint = f"did you mean {close[0]}?" if close else "python -m runner --help lists every key"
         raise ConfigError(f"{key}: no such key; {hint}")
+
+
+def accelerator_option_problem(key: str, parsed: list) -> str | None:
+    """For an ``accelerator.<option>=`` override, the one line naming a chosen accelerator whose YAML has no such
+    option (Hydra's own refusal is a struct error of several lines); None where every chosen one has it, or where
+    they cannot be known before composing (an experiment, a YAML outside conf/accelerator)."""
+    if not key.startswith("accelerator."):
+        return None
+    option = key.split(".")[1]
+    overrides = {override.key_or_group: override for override in parsed}
+    if "experiment" in overrides:
+        return None
+    chosen = overrides.get("accelerator")
+    if chosen is None:
+        defaults = yaml.safe_load((CONF / "config.yaml").read_text())["defaults"]
+        names = [entry["accelerator"] for entry in defaults if isinstance(entry, dict) and "accelerator" in entry]
+    else:
+        names = list(chosen.sweep_string_iterator()) if chosen.is_sweep_override() else [str(chosen.value())]
+    files = [CONF / "accelerator" / f"{name}.yaml" for name in names]
+    if not all(file.is_file() for file in files):
+        return None
+    options = {
+        name: [k for k in yaml.safe_load(file.read_text()) or {} if k != "_target_"]
+        for name, file in zip(names, files, strict=True)
+    }
+    lacking = [name for name in names if option not in options[name]]
+    if not lacking:
+        return None
+    having = [name for name in names if name not in lacking]
+    name = lacking[0]
+    if having:
+        return (
+            f"{key}: accelerator {name} has no such option ({', '.join(having)} has); sweep the accelerators that "
+            "have it on their own, or add a YAML to conf/accelerator/ that sets it"
+        )
+    if not options[name]:
+        return f"{key}: accelerator {name} takes no options (conf/accelerator/{name}.yaml)"
+    close = difflib.get_close_matches(option, options[name], n=1)
+    hint = f"did you mean accelerator.{close[0]}?" if close else f"conf/accelerator/{name}.yaml says what each does"
+    return f"{key}: accelerator {name} has no such option (its options: {', '.join(options[name])}); {hint}"

@@ -66,6 +66,28 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
     assert sweep.code == 2 and "quality.min_ssm: no such key; did you mean quality.min_ssim?" in sweep.output
 
 
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (
+            ("accelerator=fp8", "accelerator.scalling=calibrated"),
+            "accelerator.scalling: accelerator fp8 has no such option (its options: include, scaling); "
+            "did you mean accelerator.scaling?",
+        ),
+        (
+            ("-m", "accelerator=none,fp8", "accelerator.scaling=calibrated"),
+            "accelerator.scaling: accelerator none has no such option (fp8 has); sweep the accelerators that have "
+            "it on their own, or add a YAML to conf/accelerator/ that sets it",
+        ),
+        (("accelerator.interval=2",), "accelerator.interval: accelerator none takes no options"),
+    ],
+)
+def test_an_option_the_chosen_accelerator_lacks_is_refused_before_anything_runs(cli, args, error: str) -> None:
+    sweep = cli(*args, "res=64", "runs=1")
+    assert sweep.code == 2 and sweep.output.strip().startswith(f"error: {error}")
+    assert "not in struct" not in sweep.output and sweep.runs() == {}
+
+
 def start_sweep(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
     """A sweep whose first job takes a while, in a process group of its own (as a terminal's job); returns once
     the job's timed calls have begun."""
