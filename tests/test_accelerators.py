@@ -32,9 +32,10 @@ from runner.accelerators.onediff import OneDiffAccelerator
 from runner.accelerators.precompile import PrecompiledModule
 from runner.accelerators.torch_compile import TorchCompileAccelerator
 from runner.accelerators.vae_bf16 import VaeBf16Accelerator
-from runner.config import ConfigError
+from runner.config import ConfigError, compose_job, to_config
 from runner.errors import RunnerError
 from runner.pipelines import build_pipeline
+from runner.worker import calibration_call, pipeline_args
 
 CPU = torch.device("cpu")
 TINY_CALL = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}  # a tiny pipeline's call
@@ -426,6 +427,19 @@ def test_calibration_sees_what_the_call_feeds_each_layer_and_leaves_unreached_la
     assert to_calibrated_float8(model, lambda: first(x)) == (1, 1)  # the second block was never reached
     assert isinstance(model.blocks[0].inner, CalibratedFloat8Linear) and model.blocks[1].inner is second
     assert model.blocks[0].inner.input_scale.item() == pytest.approx(x.abs().max().item() / 448)
+
+
+def test_the_calibration_call_is_the_jobs_call_with_a_seed_no_warmup_or_timed_call_uses() -> None:
+    cfg = to_config(compose_job("runs=3", "warmup=2", "seed=7"))
+    seen = []
+    calibration_call(cfg, lambda **kwargs: seen.append(kwargs), ["a cat"], None, CPU)()
+    [calibration] = seen
+    timed = [pipeline_args(cfg, ["a cat"], None, CPU, index) for index in range(max(cfg.runs, cfg.warmup))]
+    seeds = {kwargs["generator"].initial_seed() for kwargs in timed}
+    assert calibration["generator"].initial_seed() == 6 and 6 not in seeds
+    assert {key: value for key, value in calibration.items() if key != "generator"} == {
+        key: value for key, value in timed[0].items() if key != "generator"
+    }
 
 
 def test_float8_calibrated_needs_a_calibration_call_and_refuses_other_scalings(tmp_path: Path) -> None:
