@@ -17,7 +17,6 @@ from PIL import Image
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain, check_order
 from runner.accelerators.cuda_graph import CudaGraphAccelerator, GraphedModule
-from runner.accelerators.cudnn_tuning import CudnnTuningAccelerator
 from runner.accelerators.deepcache import DeepCacheAccelerator, DeepCacheUNet
 from runner.accelerators.float8 import (
     FLOAT8,
@@ -54,6 +53,16 @@ def test_cuda_graph_refuses_the_cpu_in_one_line() -> None:
     accelerator = build_accelerator({"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"})
     with pytest.raises(ConfigError, match=r"^accelerator=cuda_graph needs a CUDA device, not device=cpu; use "):
         accelerator.check(torch.device("cpu"))
+
+
+def test_a_chains_refusal_says_which_of_its_parts_refused() -> None:
+    parts = [
+        {"_target_": "runner.accelerators.vae_bf16.VaeBf16Accelerator"},
+        {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"},
+    ]
+    refusal = r"^a part of this chain, CudaGraphAccelerator: accelerator=cuda_graph needs a CUDA device, not device=cpu"
+    with pytest.raises(ConfigError, match=refusal):
+        Chain(parts=parts).check(torch.device("cpu"))
 
 
 def test_graphed_module_looks_like_the_module_to_the_pipeline() -> None:
@@ -698,54 +707,6 @@ def test_vae_bf16_traced_by_torch_compile_scores_against_the_baseline(cli, test_
     assert sweep.code == 0, sweep.output
     traced = sweep.runs()["tiny/i2i/64/vae_traced"]
     assert 0.5 < traced.data.metrics["ssim_vs_baseline"] < 1 and traced.data.metrics["compile_s"] > 0
-
-
-def test_cudnn_tuning_sets_cudnn_to_time_its_algorithms_and_tags_the_run(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test: the flag is global
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark_limit", 10)
-    accelerator = build_accelerator({"_target_": "runner.accelerators.cudnn_tuning.CudnnTuningAccelerator", "limit": 0})
-    accelerator.apply(tiny_pipe("t2i"), target(tmp_path))
-    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.benchmark_limit == 0
-    assert accelerator.tags() == {"cudnn_benchmark": "every algorithm"}
-    assert CudnnTuningAccelerator().tags() == {"cudnn_benchmark": "limit 10"}
-
-
-@pytest.mark.parametrize(
-    ("limit", "device", "refusal"),
-    [
-        (
-            10,
-            "cpu",
-            r"^cuDNN's timed algorithms \(CudnnTuningAccelerator\) need a CUDA device, not cpu: use device=cuda",
-        ),
-        (-1, "cuda", r"^accelerator.limit=-1: the number of algorithms cuDNN times per shape is 0 \(all\) or more$"),
-    ],
-)
-def test_cudnn_tuning_refuses_in_one_line(limit: int, device: str, refusal: str) -> None:
-    with pytest.raises(ConfigError, match=refusal):
-        CudnnTuningAccelerator(limit=limit).check(torch.device(device))
-
-
-@pytest.mark.gpu
-def test_cudnn_tuning_graphed_convolutions_equal_heuristic_ones_on_the_gpu(monkeypatch, tmp_path: Path) -> None:
-    """Timed algorithms are chosen in the capture's warmup calls and replayed: the same numbers as cuDNN's
-    heuristic choice, up to the order of summation."""
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark_limit", 10)
-    torch.manual_seed(0)
-    convs = torch.nn.Sequential(
-        torch.nn.Conv2d(320, 320, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(320, 640, 3, padding=1)
-    )
-    convs = convs.to("cuda", torch.float16, memory_format=torch.channels_last)
-    x = torch.randn(2, 320, 64, 64, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        heuristic = convs(x)
-        CudnnTuningAccelerator().apply(
-            types.SimpleNamespace(), Target("unet", torch.device("cuda"), torch.float16, tmp_path, "convs")
-        )
-        got = GraphedModule(convs, warmup_calls=2)(x)
-    assert torch.backends.cudnn.benchmark
-    assert (got - heuristic).float().norm() / heuristic.float().norm() < 1e-3
 
 
 @pytest.mark.gpu

@@ -31,7 +31,10 @@ class Chain(Accelerator):
             raise ConfigError(f"accelerator.parts has {len(self.parts)} part(s): a chain needs at least two")
         check_order(self._accelerators())
         for accelerator in self._accelerators():
-            accelerator.check(device)
+            try:
+                accelerator.check(device)
+            except ConfigError as error:  # a part's refusal names the part: say it stands in this chain
+                raise ConfigError(f"a part of this chain, {type(accelerator).__name__}: {error}") from error
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         for accelerator in self._accelerators():
