@@ -36,19 +36,20 @@ ALTERNATIVES = (
 FindT2iImage = Callable[[str, int, int], tuple[Path, str] | None]
 
 
-def load_prompts(prompts: str | None, prompt: str) -> list[str]:
-    """The job's prompts, in the order the timed calls cycle through them."""
+def load_prompts(prompts: str | None, prompt: str, key: str = "prompts") -> list[str]:
+    """The job's prompts, in the order the timed calls cycle through them (``key``: the setting that named
+    ``prompts``, for the error)."""
     if not prompts:
         return [prompt]
     shipped = PROMPT_SETS / f"{prompts}.txt"
     path = shipped if shipped.is_file() else Path(prompts).expanduser()
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in PROMPT_SETS.glob("*.txt")))
-        raise InputError(f"prompts={prompts}: neither a shipped prompt set ({names}) nor a file")
+        raise InputError(f"{key}={prompts}: neither a shipped prompt set ({names}) nor a file")
     lines = [line.strip() for line in path.read_text().splitlines()]
     found = [line for line in lines if line and not line.startswith("#")]
     if not found:
-        raise InputError(f"prompts={prompts}: {path} holds no prompts (one a line; # starts a comment)")
+        raise InputError(f"{key}={prompts}: {path} holds no prompts (one a line; # starts a comment)")
     return found
 
 

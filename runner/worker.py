@@ -61,7 +61,8 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESULT = "result.json"
 SWITCHED = "switched.yaml"  # beside the job's config: the job's config at switch_res (runner/config.py)
 SWITCH_CALLS = 2  # calls at the other size after its first, for its steady latency
-CALIBRATION_CALL = -1  # pipeline_args' index for an accelerator's calibration: a seed no timed call uses
+CALIBRATION_CALL = -1  # pipeline_args' index of an accelerator's first calibration call (the next: -2, ...): seeds no
+# timed call uses
 LAUNCHED_AT = "RUNNER_WORKER_LAUNCHED_AT"  # set by the job's process: time.time() when it started the worker
 
 # Library log lines that say nothing here and alarm users: diffusers' warning about an empty list of fp32
@@ -368,7 +369,7 @@ def resolve_dtype(name: str, device: torch.device) -> str:
 
 
 def accelerator_target(
-    cfg: Config, device: torch.device, dtype_name: str, calibration: Callable[[], Any] | None = None
+    cfg: Config, device: torch.device, dtype_name: str, calibration: Callable[[list[str]], None] | None = None
 ) -> Target:
     """What the job's accelerator works on; its shape key names what one compiled graph serves."""
     shape = f"{cfg.height}x{cfg.width}-b{cfg.batch}-{dtype_name}"
@@ -379,11 +380,17 @@ def accelerator_target(
 
 def calibration_call(
     cfg: Config, pipe: Any, prompts: list[str], image: Image.Image | None, device: torch.device
-) -> Callable[[], Any]:
-    """One call of the pipeline with the job's arguments and a seed no warmup or timed call uses, for an
-    accelerator to calibrate on before it compiles anything (float8's calibrated scales)."""
-    kwargs = pipeline_args(cfg, prompts, image, device, CALIBRATION_CALL)
-    return lambda: pipe(**kwargs)
+) -> Callable[[list[str]], None]:
+    """For an accelerator to calibrate on before it compiles anything (float8's calibrated scales): a function
+    that calls the pipeline once per prompt it is given, or once with one of the job's own prompts if none,
+    with the job's other arguments and seeds no warmup or timed call uses (below ``seed``)."""
+
+    def calibrate(chosen: list[str]) -> None:
+        for number, prompt in enumerate(chosen or [None]):
+            kwargs = pipeline_args(cfg, prompts, image, device, CALIBRATION_CALL - number)
+            pipe(**kwargs | ({"prompt": prompt} if prompt is not None else {}))
+
+    return calibrate
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_model
-from diffusers import UNet2DConditionModel
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -34,6 +34,7 @@ from runner.accelerators.torch_compile import TorchCompileAccelerator
 from runner.accelerators.vae_bf16 import VaeBf16Accelerator
 from runner.config import ConfigError, compose_job, to_config
 from runner.errors import RunnerError
+from runner.inputs import load_prompts
 from runner.pipelines import build_pipeline
 from runner.worker import calibration_call, pipeline_args
 
@@ -442,7 +443,8 @@ def test_calibration_sees_what_the_call_feeds_each_layer_and_leaves_unreached_la
 def test_the_calibration_call_is_the_jobs_call_with_a_seed_no_warmup_or_timed_call_uses() -> None:
     cfg = to_config(compose_job("runs=3", "warmup=2", "seed=7"))
     seen = []
-    calibration_call(cfg, lambda **kwargs: seen.append(kwargs), ["a cat"], None, CPU)()
+    calibrate = calibration_call(cfg, lambda **kwargs: seen.append(kwargs), ["a cat"], None, CPU)
+    calibrate([])
     [calibration] = seen
     timed = [pipeline_args(cfg, ["a cat"], None, CPU, index) for index in range(max(cfg.runs, cfg.warmup))]
     seeds = {kwargs["generator"].initial_seed() for kwargs in timed}
@@ -450,6 +452,10 @@ def test_the_calibration_call_is_the_jobs_call_with_a_seed_no_warmup_or_timed_ca
     assert {key: value for key, value in calibration.items() if key != "generator"} == {
         key: value for key, value in timed[0].items() if key != "generator"
     }
+    seen.clear()
+    calibrate(["a dog", "a fox"])  # a prompt set of its own: one call each, every seed below the timed ones'
+    assert [(kwargs["prompt"], kwargs["generator"].initial_seed()) for kwargs in seen] == [("a dog", 6), ("a fox", 5)]
+    assert seen[1]["num_inference_steps"] == timed[0]["num_inference_steps"]
 
 
 def test_float8_calibrated_needs_a_calibration_call_and_refuses_other_scalings(tmp_path: Path) -> None:
@@ -461,18 +467,54 @@ def test_float8_calibrated_needs_a_calibration_call_and_refuses_other_scalings(t
     )
     with pytest.raises(ConfigError, match=r"^accelerator.scaling=calibrated needs a calibration call"):
         Float8Accelerator(scaling="calibrated").apply(tiny_pipe(), target(tmp_path))
-    pipe, calls = tiny_pipe(), []
-    calibrated = dataclasses.replace(target(tmp_path), calibration=lambda: calls.append(pipe(prompt="a", **TINY_CALL)))
-    accelerator = Float8Accelerator(scaling="calibrated")
-    accelerator.apply(pipe, calibrated)
-    assert len(calls) == 1 and accelerator.metrics() == {"float8_linears": 40.0}
-    assert accelerator.tags() == {"float8_linears_left": "0"}
+    calls = []
+
+    def calibrated(pipe: DiffusionPipeline) -> Target:
+        def calibrate(prompts: list[str]) -> None:
+            calls.append(prompts)
+            pipe(prompt="a", **TINY_CALL)
+
+        return dataclasses.replace(target(tmp_path), calibration=calibrate)
+
+    accelerator, pipe = Float8Accelerator(scaling="calibrated"), tiny_pipe()
+    accelerator.apply(pipe, calibrated(pipe))
+    assert calls == [[]] and accelerator.metrics() == {"float8_linears": 40.0}
+    assert accelerator.tags() == {"float8_linears_left": "0", "float8_calibration": "the job's prompt"}
+    on_photos, pipe = Float8Accelerator(scaling="calibrated", calibration_prompts="photo"), tiny_pipe()
+    on_photos.check(CPU)
+    on_photos.apply(pipe, calibrated(pipe))
+    assert calls[1] == load_prompts("photo", "") and len(calls[1]) == 8
+    assert on_photos.tags()["float8_calibration"] == "photo"
+
+
+@pytest.mark.parametrize(
+    ("scaling", "prompts", "refusal"),
+    [
+        (
+            "rowwise",
+            "photo",
+            "accelerator.calibration_prompts=photo sets what calibrated scales are fixed on, and "
+            "this is scaling=rowwise: add accelerator.scaling=calibrated, or drop it",
+        ),
+        (
+            "calibrated",
+            "nowhere.txt",
+            "accelerator.calibration_prompts=nowhere.txt: neither a shipped prompt set (edits, photo) nor a file",
+        ),
+    ],
+)
+def test_float8_refuses_calibration_prompts_it_cannot_use_in_one_line(scaling: str, prompts: str, refusal: str) -> None:
+    with pytest.raises(RunnerError) as raised:
+        Float8Accelerator(scaling=scaling, calibration_prompts=prompts).check(CPU)
+    assert str(raised.value) == refusal
 
 
 def test_fused_projections_compose_with_float8_in_the_feed_forward_layers_only(tmp_path: Path) -> None:
     for include, fused in ((["ff."], True), ([], False)):
         pipe = tiny_pipe()
-        calibrated = dataclasses.replace(target(tmp_path), calibration=lambda pipe=pipe: pipe(prompt="a", **TINY_CALL))
+        calibrated = dataclasses.replace(
+            target(tmp_path), calibration=lambda _, pipe=pipe: pipe(prompt="a", **TINY_CALL)
+        )
         Float8Accelerator(scaling="calibrated", include=include).apply(pipe, calibrated)
         compile_ = TorchCompileAccelerator(fuse_qkv=True, backend="eager", cache=False, compile_vae=False)
         if fused:

@@ -34,9 +34,10 @@ class Target:
     dtype: torch.dtype
     cache_dir: Path  # where compiled artefacts may persist between processes (cache_dir=)
     shape_key: str  # names the job's model, task, size and dtype, for caches that hold one shape each
-    # Calls the pipeline once with the job's arguments (a seed no timed call uses), for accelerators that
-    # calibrate on real activations (float8's calibrated scales); None where there is no job (tests).
-    calibration: Callable[[], Any] | None = None
+    # Calls the pipeline once per prompt given (once with the job's own prompt if none), with the job's other
+    # arguments and seeds no timed call uses, for accelerators that calibrate on real activations (float8's
+    # calibrated scales); None where there is no job (tests).
+    calibration: Callable[[list[str]], None] | None = None
 
 
 class Wraps(Enum):

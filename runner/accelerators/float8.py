@@ -11,9 +11,10 @@ stay in the pipeline's dtype. Lossy: the quality metrics against ``none`` say by
   (BENCHMARKS.md, "Faster still"): with inductor it was 13-29% slower than compile_graph.
 - ``calibrated`` (``CalibratedFloat8Linear``): one scale per weight, and one per layer input fixed once, before
   anything is compiled, from the largest magnitude each input reaches in a calibration call of the pipeline
-  (the job's own call arguments, with a seed no timed call uses; a deployment would calibrate on its own
-  prompts). Quantising an input is then a multiply and a cast that inductor fuses into the kernel that makes
-  the input, the product runs in cuBLAS's per-tensor kernels with the bias added in its epilogue, and inputs
+  (the job's own call arguments, with a seed no timed call uses), or one call per prompt of
+  ``calibration_prompts`` (a prompt set other than the scored prompts, as a deployment would calibrate on).
+  Quantising an input is then a multiply and a cast that inductor fuses into the kernel that makes the input,
+  the product runs in cuBLAS's per-tensor kernels with the bias added in its epilogue, and inputs
   beyond the calibrated range saturate at e4m3's largest value.
 
 It changes modules in place and must come first in a chain (stage ``quantize``): a compiler or a graph built
@@ -32,6 +33,7 @@ from diffusers import DiffusionPipeline
 from runner.accelerators import Accelerator, Stage, Target, Wraps
 from runner.catalogue import Metric
 from runner.config import ConfigError
+from runner.inputs import load_prompts
 
 FLOAT8 = getattr(torch, "float8_e4m3fn", None)
 FLOAT8_MAX = torch.finfo(FLOAT8).max if FLOAT8 is not None else 448.0
@@ -203,6 +205,7 @@ SCALINGS = ("rowwise", "calibrated")
 class Float8Accelerator(Accelerator):
     include: list[str] = field(default_factory=list)  # only the linear layers whose name contains one of these
     scaling: str = "rowwise"  # rowwise | calibrated (the module's docstring says what each does)
+    calibration_prompts: str = ""  # calibrated: a shipped prompt set or a file, one call each; "": the job's prompt
 
     wraps: ClassVar[Wraps] = Wraps.IN_PLACE
     stage: ClassVar[Stage] = Stage.QUANTIZE
@@ -214,6 +217,13 @@ class Float8Accelerator(Accelerator):
                 f"accelerator.scaling={self.scaling}: choose rowwise (per-row scales computed at every call) or "
                 "calibrated (per-tensor scales fixed by a calibration call)"
             )
+        if self.calibration_prompts and self.scaling != "calibrated":
+            raise ConfigError(
+                f"accelerator.calibration_prompts={self.calibration_prompts} sets what calibrated scales are fixed "
+                f"on, and this is scaling={self.scaling}: add accelerator.scaling=calibrated, or drop it"
+            )
+        if self.calibration_prompts:
+            load_prompts(self.calibration_prompts, "", key="accelerator.calibration_prompts")
         if FLOAT8 is None or not hasattr(torch, "_scaled_mm"):
             raise ConfigError(
                 f"accelerator=fp8 needs torch with float8 matrix products (torch >= 2.4); this is torch "
@@ -232,7 +242,9 @@ class Float8Accelerator(Accelerator):
         if self.scaling == "calibrated":
             if target.calibration is None:
                 raise ConfigError("accelerator.scaling=calibrated needs a calibration call of the pipeline")
-            self.converted, self.left = to_calibrated_float8(denoiser, target.calibration, tuple(self.include))
+            prompts = load_prompts(self.calibration_prompts, "") if self.calibration_prompts else []
+            calibrate = target.calibration
+            self.converted, self.left = to_calibrated_float8(denoiser, lambda: calibrate(prompts), tuple(self.include))
         else:
             self.converted, self.left = to_float8(denoiser, tuple(self.include))
         if self.include and not self.converted and not self.left:
@@ -250,4 +262,7 @@ class Float8Accelerator(Accelerator):
         return {"float8_linears": float(getattr(self, "converted", 0))}
 
     def tags(self) -> dict[str, str]:
-        return {"float8_linears_left": str(getattr(self, "left", 0))}
+        calibrated = {"float8_calibration": self.calibration_prompts or "the job's prompt"}
+        return {"float8_linears_left": str(getattr(self, "left", 0))} | (
+            calibrated if self.scaling == "calibrated" else {}
+        )
