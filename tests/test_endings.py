@@ -71,8 +71,8 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
     [
         (
             ("accelerator=fp8", "accelerator.scalling=calibrated"),
-            "accelerator.scalling: accelerator fp8 has no such option (its options: include, scaling); "
-            "did you mean accelerator.scaling?",
+            "accelerator.scalling: accelerator fp8 has no such option (its options: include, scaling, "
+            "calibration_prompts); did you mean accelerator.scaling?",
         ),
         (
             ("-m", "accelerator=none,fp8", "accelerator.scaling=calibrated"),
