@@ -61,8 +61,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESULT = "result.json"
 SWITCHED = "switched.yaml"  # beside the job's config: the job's config at switch_res (runner/config.py)
 SWITCH_CALLS = 2  # calls at the other size after its first, for its steady latency
-CALIBRATION_CALL = -1  # pipeline_args' index of an accelerator's first calibration call (the next: -2, ...): seeds no
-# timed call uses
+CALIBRATION_CALL = -1  # pipeline_args' index of the first calibration call (then -2, ...): seeds no timed call uses
 LAUNCHED_AT = "RUNNER_WORKER_LAUNCHED_AT"  # set by the job's process: time.time() when it started the worker
 
 # Library log lines that say nothing here and alarm users: diffusers' warning about an empty list of fp32

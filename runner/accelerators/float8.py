@@ -262,7 +262,7 @@ class Float8Accelerator(Accelerator):
         return {"float8_linears": float(getattr(self, "converted", 0))}
 
     def tags(self) -> dict[str, str]:
-        calibrated = {"float8_calibration": self.calibration_prompts or "the job's prompt"}
-        return {"float8_linears_left": str(getattr(self, "left", 0))} | (
-            calibrated if self.scaling == "calibrated" else {}
-        )
+        tags = {"float8_linears_left": str(getattr(self, "left", 0))}
+        if self.scaling == "calibrated":
+            tags["float8_calibration"] = self.calibration_prompts or "the job's prompt"
+        return tags
