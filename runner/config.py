@@ -529,7 +529,8 @@ def accelerator_option_problem(key: str, parsed: list) -> str | None:
     they cannot be known before composing (an experiment, a YAML outside conf/accelerator)."""
     if not key.startswith("accelerator."):
         return None
-    option = key.split(".")[1]
+    segments = key.split(".")
+    option = segments[1]
     overrides = {override.key_or_group: override for override in parsed}
     if "experiment" in overrides:
         return None
@@ -542,13 +543,14 @@ def accelerator_option_problem(key: str, parsed: list) -> str | None:
     files = [CONF / "accelerator" / f"{name}.yaml" for name in names]
     if not all(file.is_file() for file in files):
         return None
-    options = {
-        name: [k for k in yaml.safe_load(file.read_text()) or {} if k != "_target_"]
-        for name, file in zip(names, files, strict=True)
-    }
+    configs = {name: yaml.safe_load(file.read_text()) or {} for name, file in zip(names, files, strict=True)}
+    options = {name: [k for k in configs[name] if k != "_target_"] for name in names}
     lacking = [name for name in names if option not in options[name]]
     if not lacking:
-        return None
+        if option != "parts" or len(segments) < 4:
+            return None
+        problems = (chain_part_problem(key, name, configs[name]["parts"]) for name in names)
+        return next((problem for problem in problems if problem), None)
     having = [name for name in names if name not in lacking]
     name = lacking[0]
     if having:
@@ -561,3 +563,29 @@ def accelerator_option_problem(key: str, parsed: list) -> str | None:
     close = difflib.get_close_matches(option, options[name], n=1)
     hint = f"did you mean accelerator.{close[0]}?" if close else f"conf/accelerator/{name}.yaml says what each does"
     return f"{key}: accelerator {name} has no such option (its options: {', '.join(options[name])}); {hint}"
+
+
+def chain_part_problem(key: str, name: str, parts: list[dict[str, Any]]) -> str | None:
+    """For ``accelerator.parts.<N>.<option>=`` on chain ``name``: the one line saying that the chain has no part N,
+    or that its part N has no such option, or that it has one the YAML leaves out (which only ``+`` adds);
+    None where the YAML sets it."""
+    from hydra.utils import get_class
+
+    index, option = key.split(".")[2:4]
+    classes = [part["_target_"].rsplit(".", 1)[-1] for part in parts]
+    if not index.isdigit() or int(index) >= len(parts):
+        listed = ", ".join(f"{i} {cls}" for i, cls in enumerate(classes))
+        return f"{key}: accelerator {name} has no part {index} (its parts: {listed})"
+    part = parts[int(index)]
+    if option in part:
+        return None
+    where, chain_file = f"part {index} of accelerator {name}, {classes[int(index)]},", f"conf/accelerator/{name}.yaml"
+    declared = [f.name for f in fields(get_class(part["_target_"]))]
+    if option in declared:
+        return f"{key}: {where} takes {option}, but {chain_file} does not set it: add it with +{key}=..."
+    known = [k for k in part if k != "_target_"] + [k for k in declared if k not in part]
+    if not known:
+        return f"{key}: {where} takes no options ({chain_file})"
+    close = difflib.get_close_matches(option, known, n=1)
+    hint = f"did you mean accelerator.parts.{index}.{close[0]}?" if close else f"{chain_file} lists the parts"
+    return f"{key}: {where} has no such option (its options: {', '.join(known)}); {hint}"

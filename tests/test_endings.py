@@ -80,6 +80,22 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
             "it on their own, or add a YAML to conf/accelerator/ that sets it",
         ),
         (("accelerator.interval=2",), "accelerator.interval: accelerator none takes no options"),
+        (
+            ("accelerator=fp8_compile", "accelerator.parts.1.calibraton_prompts=photo"),
+            "accelerator.parts.1.calibraton_prompts: part 1 of accelerator fp8_compile, Float8Accelerator, has no "
+            "such option (its options: scaling, include, calibration_prompts); did you mean "
+            "accelerator.parts.1.calibration_prompts?",
+        ),
+        (
+            ("accelerator=fp8_compile", "accelerator.parts.2.mode=reduce-overhead"),
+            "accelerator.parts.2.mode: part 2 of accelerator fp8_compile, TorchCompileAccelerator, takes mode, but "
+            "conf/accelerator/fp8_compile.yaml does not set it: add it with +accelerator.parts.2.mode=...",
+        ),
+        (
+            ("accelerator=deepcache_graph", "accelerator.parts.2.interval=2"),
+            "accelerator.parts.2.interval: accelerator deepcache_graph has no part 2 (its parts: 0 "
+            "DeepCacheAccelerator, 1 CudaGraphAccelerator)",
+        ),
     ],
 )
 def test_an_option_the_chosen_accelerator_lacks_is_refused_before_anything_runs(cli, args, error: str) -> None:
