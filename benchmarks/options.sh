@@ -28,7 +28,7 @@ for accelerator in "${sweeps[@]}"; do
   start=$SECONDS
   # shellcheck disable=SC2086  # an entry's words are separate overrides
   timeout $((budget - SECONDS - 15)) python3 -m runner -m "${job[@]}" accelerator=$accelerator 2>&1 | quiet \
-    | tee "$OUT/sweep_$name.log"
+    | tee "$OUT/sweep_${res}_$name.log"
   echo "$accelerator: $((SECONDS - start)) s wall" | tee -a "$OUT/walls.txt"
   cp mlruns/mlflow.db "$OUT/mlflow_$res.db"  # after each sweep: a call cut short still returns what ended
 done

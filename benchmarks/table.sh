@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# BENCHMARKS.md's accelerator table, both sizes, on one machine start, over as many device calls as it takes:
+#   bash benchmarks/table.sh STEP [STEP ...]    each STEP is RES:ACCELERATOR[,ACCELERATOR...] or RES:all
+#   e.g. bash benchmarks/table.sh 1024:none,cuda_graph,compile_graph 512:none,cuda_graph
+# Each STEP is one sweep (SDXL base, random fp16 weights, 30 steps; benchmarks/options.sh) while the call's
+# time lasts. RES:all sweeps every accelerator this stack runs: those already measured on this machine start
+# are not run again (the runner resumes), so its table is the whole size's, each run against its own
+# sweep's none. The MLflow database stays on the machine between calls of one start (mlruns/ is ignored).
+# Everything comes back packed in $OUT/table.tgz, the MLflow database beside it.
+set -uo pipefail
+ALL=none,cuda_graph,deepcache,deepcache_graph,fp8,compile_graph,compile_graph_fast,fp8_compile,deepcache_compile,torch_compile
+final=${OUT:-/tmp/bench-out}
+budget=${BUDGET:-570}
+export OUT=/tmp/table-work
+mkdir -p "$OUT"
+for step in "$@"; do
+  res=${step%%:*} accelerators=${step#*:}
+  [ "$accelerators" = all ] && accelerators=$ALL
+  left=$((budget - SECONDS - 25))
+  ((left > 60)) || { echo "no time left for $step" | tee -a "$OUT/walls.txt"; continue; }
+  BUDGET=$left bash benchmarks/options.sh "$res" "$accelerators"
+done
+tar czf "$final/table.tgz" -C "$OUT" .
+cp mlruns/mlflow.db "$final/mlflow.db" 2>/dev/null
+echo "table.sh took ${SECONDS}s"
