@@ -85,13 +85,20 @@ def open_tracker(master: DictConfig) -> Tracker:
 
 
 def stopped(tracker: Tracker, sweep_id: str, stop: BaseException) -> None:
-    """Close the sweep's run as KILLED and say in one line what was stopped, what is recorded, how to resume."""
+    """Compare the jobs that ended (their verdicts would otherwise wait for the next sweep or ``python -m
+    runner.compare``), close the sweep's run as KILLED and say in one line what was stopped, what is recorded,
+    how to resume. A second stop while comparing leaves the verdicts to the next comparison, not the run open."""
     how = stop.signal_name if isinstance(stop, Stopped) else "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
     finished = [r for r in tracker.records(f"tags.sweep_id = '{sweep_id}'") if r.outcome is not Outcome.KILLED]
+    compared = " and compared"
+    try:
+        compare(tracker, finished)
+    except (Exception, KeyboardInterrupt, Terminated) as error:
+        compared = f" (not compared: {one_line(error) or type(error).__name__})"
     job = f"job {stop.name} (run {stop.run_id}) closed as KILLED; " if isinstance(stop, Stopped) else ""
     tracker.end_sweep(sweep_id, "KILLED", {"stopped": f"by {how}"})
     print(
-        f"\nStopped by {how}: {job}{len(finished)} ended job(s) are recorded in sweep {sweep_id}; "
+        f"\nStopped by {how}: {job}{len(finished)} ended job(s) are recorded{compared} in sweep {sweep_id}; "
         "run the same command again to resume where it stopped.",
         file=sys.stderr,
         flush=True,

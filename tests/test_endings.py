@@ -104,13 +104,13 @@ def test_an_option_the_chosen_accelerator_lacks_is_refused_before_anything_runs(
     assert "not in struct" not in sweep.output and sweep.runs() == {}
 
 
-def start_sweep(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """A sweep whose first job takes a while, in a process group of its own (as a terminal's job); returns once
-    the job's timed calls have begun."""
+def start_sweep(tmp_path: Path, *args: str, sizes: str = "512,520") -> tuple[subprocess.Popen, str]:
+    """A sweep whose job at 512 px takes a while, in a process group of its own (as a terminal's job); returns
+    once that job's timed calls have begun."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     places = [f"mlflow.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path}/hydra", f"cache_dir={tmp_path}/cache"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "runner", "-m", "res=512,520", "runs=40", *args, *places],
+        [sys.executable, "-m", "runner", "-m", f"res={sizes}", "runs=40", *args, *places],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -120,7 +120,7 @@ def start_sweep(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, str]:
     )
     deadline = time.monotonic() + 120
     for line in process.stdout:
-        if "timed 1/40" in line or time.monotonic() > deadline:
+        if "/512/" in line and "timed 1/40" in line or time.monotonic() > deadline:
             break
     return process, uri
 
@@ -141,6 +141,19 @@ def test_a_stopped_sweep_says_so_in_one_line_and_closes_every_run(tmp_path: Path
     assert job.info.status == "KILLED" and job.data.tags["error"] == f"stopped by {name}"
     [parent] = sweeps(uri)
     assert parent.info.status == "KILLED" and parent.data.tags["stopped"] == f"by {name}"
+
+
+def test_a_stopped_sweep_compares_the_jobs_it_finished(tmp_path: Path) -> None:
+    process, uri = start_sweep(tmp_path, sizes="64,512")
+    process.send_signal(signal.SIGTERM)
+    rest = process.communicate(timeout=120)[0]
+    assert process.returncode == 143
+    assert "1 ended job(s) are recorded and compared in sweep" in rest
+    client = MlflowClient(uri)
+    jobs = client.search_runs([client.get_experiment_by_name("diffusion-bench").experiment_id], "tags.kind = 'job'")
+    finished, stopped = sorted(jobs, key=lambda run: run.info.status)
+    assert (finished.info.status, stopped.info.status) == ("FINISHED", "KILLED")
+    assert finished.data.tags["pace"] == "baseline"  # its verdict, written though the sweep never reached its end
 
 
 def test_an_abandoned_sweep_run_is_closed_by_the_next_sweep(cli, tmp_path: Path) -> None:
