@@ -120,7 +120,7 @@ def start_sweep(tmp_path: Path, *args: str, sizes: str = "512,520") -> tuple[sub
     )
     deadline = time.monotonic() + 120
     for line in process.stdout:
-        if "/512/" in line and "timed 1/40" in line or time.monotonic() > deadline:
+        if ("/512/" in line and "timed 1/40" in line) or time.monotonic() > deadline:
             break
     return process, uri
 
