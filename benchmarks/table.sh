@@ -8,7 +8,12 @@
 # sweep's none. The MLflow database stays on the machine between calls of one start (mlruns/ is ignored).
 # Everything comes back packed in $OUT/table.tgz, the MLflow database beside it.
 set -uo pipefail
+# Every accelerator but onediff (no build for this stack), the quick ones and the slowest compile last.
 ALL=none,cuda_graph,deepcache,deepcache_graph,fp8,compile_graph,compile_graph_fast,fp8_compile,deepcache_compile,torch_compile
+for file in conf/accelerator/*.yaml; do
+  name=$(basename "$file" .yaml)
+  [[ ",$ALL,onediff," == *",$name,"* ]] || echo "table.sh: accelerator $name is not in ALL: add it" >&2
+done
 final=${OUT:-/tmp/bench-out}
 budget=${BUDGET:-570}
 export OUT=/tmp/table-work
