@@ -580,7 +580,10 @@ def chain_part_problem(key: str, name: str, parts: list[dict[str, Any]]) -> str 
     if option in part:
         return None
     where, chain_file = f"part {index} of accelerator {name}, {classes[int(index)]},", f"conf/accelerator/{name}.yaml"
-    declared = [f.name for f in fields(get_class(part["_target_"]))]
+    try:
+        declared = [f.name for f in fields(get_class(part["_target_"]))]
+    except Exception:  # a class that cannot be imported here: its YAML's keys are all that is known
+        declared = []
     if option in declared:
         return f"{key}: {where} takes {option}, but {chain_file} does not set it: add it with +{key}=..."
     known = [k for k in part if k != "_target_"] + [k for k in declared if k not in part]
