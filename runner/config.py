@@ -582,7 +582,7 @@ def chain_part_problem(key: str, name: str, parts: list[dict[str, Any]]) -> str 
     where, chain_file = f"part {index} of accelerator {name}, {classes[int(index)]},", f"conf/accelerator/{name}.yaml"
     try:
         declared = [f.name for f in fields(get_class(part["_target_"]))]
-    except Exception:  # a class that cannot be imported here: its YAML's keys are all that is known
+    except (ImportError, ValueError, TypeError):  # not importable here, or no dataclass: only its YAML's keys known
         declared = []
     if option in declared:
         return f"{key}: {where} takes {option}, but {chain_file} does not set it: add it with +{key}=..."

@@ -90,9 +90,10 @@ def stopped(tracker: Tracker, sweep_id: str, stop: BaseException) -> None:
     how to resume. A second stop while comparing leaves the verdicts to the next comparison, not the run open."""
     how = stop.signal_name if isinstance(stop, Stopped) else "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
     finished = [r for r in tracker.records(f"tags.sweep_id = '{sweep_id}'") if r.outcome is not Outcome.KILLED]
-    compared = " and compared"
+    compared = " and compared" if any(record.ok for record in finished) else ""
     try:
-        compare(tracker, finished)
+        if compared:
+            compare(tracker, finished)
     except (Exception, KeyboardInterrupt, Terminated) as error:
         compared = f" (not compared: {one_line(error) or type(error).__name__})"
     job = f"job {stop.name} (run {stop.run_id}) closed as KILLED; " if isinstance(stop, Stopped) else ""
