@@ -6,7 +6,8 @@
 # time lasts. RES:all sweeps every accelerator this stack runs: those already measured on this machine start
 # are not run again (the runner resumes), so its table is the whole size's, each run against its own
 # sweep's none. The MLflow database stays on the machine between calls of one start (mlruns/ is ignored).
-# Everything comes back packed in $OUT/table.tgz, the MLflow database beside it.
+# Everything comes back packed in $OUT/table.tgz, the MLflow database beside it; the folder packed is kept
+# between calls too, so each call's archive holds the start's logs so far.
 set -uo pipefail
 # Every accelerator but onediff (no build for this stack), the quick ones and the slowest compile last.
 ALL=none,cuda_graph,deepcache,deepcache_graph,fp8,compile_graph,compile_graph_fast,fp8_compile,deepcache_compile,torch_compile
@@ -17,7 +18,7 @@ done
 final=${OUT:-/tmp/bench-out}
 budget=${BUDGET:-570}
 export OUT=/tmp/table-work
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$final"
 for step in "$@"; do
   res=${step%%:*} accelerators=${step#*:}
   [ "$accelerators" = all ] && accelerators=$ALL
