@@ -191,13 +191,53 @@ def test_regional_compile_compiles_the_repeated_blocks_alone(tmp_path: Path) -> 
         got = pipe.unet(*args, return_dict=False, **extra)[0]
     blocks = [m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
     assert blocks and all(block._compiled_call_impl is not None for block in blocks)
+    assert accelerator.metrics()["compiled_blocks"] == len(blocks)
     assert pipe.unet._compiled_call_impl is None and pipe.unet.conv_in._compiled_call_impl is None
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     pipe.unet = torch.nn.Conv2d(4, 4, 1)
     with pytest.raises(
-        ConfigError, match=r"regional=true: Conv2d names no repeated blocks to compile; use accelerator.regional=false"
+        ConfigError,
+        match=r"regional=true: Conv2d names no repeated blocks to compile; name its block classes with "
+        r"accelerator.blocks=\[...\] or use accelerator.regional=false",
     ):
         TorchCompileAccelerator(regional=True, backend="eager").apply(pipe, target(tmp_path))
+
+
+def test_regional_compile_of_named_blocks_compiles_each_shape_once(tmp_path: Path) -> None:
+    """``blocks`` widens regional compilation to the resnet blocks (SDXL's have 13 shapes at one size, past
+    Dynamo's default of 8 versions a function, after which it would run the rest eager without a word); the
+    outermost named module is compiled, one compiled version serves every module of a class and shape."""
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_pipe()
+    torch.manual_seed(0)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor(500.0), torch.randn(2, 77, 64))
+    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}}
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        expected = pipe.unet(*args, return_dict=False, **extra)[0]
+        accelerator = TorchCompileAccelerator(
+            regional=True, blocks=["Transformer2DModel", "BasicTransformerBlock", "ResnetBlock2D"], backend="eager"
+        )
+        accelerator.check(torch.device("cpu"))
+        accelerator.apply(pipe, target(tmp_path))
+        got = pipe.unet(*args, return_dict=False, **extra)[0]
+    compiled = [m for m in pipe.unet.modules() if m._compiled_call_impl is not None]
+    names = sorted({type(m).__name__ for m in compiled})
+    assert names == ["ResnetBlock2D", "Transformer2DModel"]  # the blocks inside a Transformer2DModel: inlined
+    assert accelerator.metrics()["compiled_blocks"] == len(compiled)
+    assert len(compiled) == 12 and counters["stats"]["unique_graphs"] == 8  # modules alike share their version
+    assert torch._dynamo.config.recompile_limit >= 64
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(
+        ConfigError,
+        match=r"^accelerator.blocks: UNet2DConditionModel has no module of class ResBlock; its "
+        r"classes: Attention, .*ResnetBlock2D",
+    ):
+        TorchCompileAccelerator(regional=True, blocks=["ResBlock"]).apply(tiny_pipe(), target(tmp_path))
+    with pytest.raises(ConfigError, match=r"^accelerator.blocks=\['ResnetBlock2D'\] names what regional compil"):
+        TorchCompileAccelerator(blocks=["ResnetBlock2D"]).check(torch.device("cpu"))
 
 
 # DeepCache

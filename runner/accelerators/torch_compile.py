@@ -3,8 +3,10 @@
 Options: the compile mode; fullgraph; the backend (inductor; aot_eager or eager to check tracing without
 code generation, as the CPU tests do); QKV projections fused into one matmul (diffusers'
 ``fuse_qkv_projections``); channels_last memory format; and ``regional``, which compiles only the
-denoiser's repeated blocks (diffusers' ``compile_repeated_blocks``: the transformer blocks, compiled once
-per shape and reused) and leaves the rest eager, for a fraction of the compile time. Compiled artefacts
+denoiser's blocks and leaves the glue between them eager, for a fraction of the compile time: the classes
+``blocks`` names (by default diffusers' ``_repeated_blocks``, SDXL's transformer blocks), each class compiled
+once per input shape and reused by all of its modules alike (Dynamo guards on a module's structure and shapes,
+not on which module it is). Compiled artefacts
 persist in ``cache_dir/torch_compile`` (inductor's FX-graph and AOTAutograd caches, and Triton's kernels), so
 a second process with the same job compiles from cache: the run's tag ``compile_cache`` says whether it was
 hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the warmup's compile time went (the part
@@ -19,7 +21,7 @@ stead (DeepCache's full and shallow UNets), so that routing between them stays i
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -49,6 +51,7 @@ class TorchCompileAccelerator(Accelerator):
     fuse_qkv: bool = False
     channels_last: bool = False
     regional: bool = False
+    blocks: list[str] = field(default_factory=list)  # with regional: the classes compiled (default _repeated_blocks)
     cache: bool = True
     precompile: bool = False
 
@@ -59,6 +62,7 @@ class TorchCompileAccelerator(Accelerator):
         Metric("compile_backend_s", "of which the backend (inductor, its caches)", "s", "{:.1f}"),
         Metric("precompile_s", "precompile: tracing, compiling and saving", "s", "{:.1f}"),
         Metric("precompile_load_s", "precompile: loading saved functions", "s", "{:.1f}"),
+        Metric("compiled_blocks", "regional: modules compiled", "", "{:.0f}"),
     )
 
     def check(self, device: torch.device) -> None:
@@ -74,6 +78,11 @@ class TorchCompileAccelerator(Accelerator):
             raise ConfigError(
                 f"accelerator.precompile=true saves one whole graph per module, compiled in the default mode; "
                 f"{chosen} does not fit it: drop one of the two"
+            )
+        if self.blocks and not self.regional:
+            raise ConfigError(
+                f"accelerator.blocks={self.blocks} names what regional compilation compiles; set "
+                "accelerator.regional=true (regional: true in a chain's part) or leave blocks empty"
             )
         if self.mode in CUDA_GRAPH_MODES and device.type != "cuda":
             raise ConfigError(
@@ -105,12 +114,7 @@ class TorchCompileAccelerator(Accelerator):
             self._precompile(pipe, target, denoiser, parts)
             return
         if self.regional:
-            if not getattr(denoiser, "_repeated_blocks", None):
-                raise ConfigError(
-                    f"accelerator.regional=true: {type(denoiser).__name__} names no repeated blocks to "
-                    "compile; use accelerator.regional=false (regional: false in a chain's part)"
-                )
-            denoiser.compile_repeated_blocks(**self._options())
+            self.compiled_blocks = compile_blocks(denoiser, self.blocks, self._options())
         elif parts:
             for name in parts:
                 setattr(denoiser, name, self._compile(getattr(denoiser, name)))
@@ -158,7 +162,46 @@ class TorchCompileAccelerator(Accelerator):
                 "precompile_load_s": sum(module.seconds["load"] for module in modules),
             }
         before = getattr(self, "timers_before", {})
-        return {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
+        spent = {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
+        return spent | ({"compiled_blocks": float(self.compiled_blocks)} if self.regional else {})
+
+
+def compile_blocks(denoiser: torch.nn.Module, classes: list[str], options: dict) -> int:
+    """Compile each outermost module of ``denoiser`` whose class ``classes`` names (empty: the denoiser's
+    ``_repeated_blocks``), and return how many. Dynamo keeps one compiled version per class and input shape
+    for all such modules, and gives up on a function after ``recompile_limit`` versions (8), silently running
+    the rest eager: SDXL's resnet blocks alone come in 11 shapes at one size, so the limit is raised, and a
+    sweep's job that times two sizes in one process doubles that."""
+    import torch._dynamo.config
+
+    named = type(denoiser).__name__
+    classes = list(classes) or list(getattr(denoiser, "_repeated_blocks", None) or ())
+    if not classes:
+        raise ConfigError(
+            f"accelerator.regional=true: {named} names no repeated blocks to compile; name its block classes "
+            "with accelerator.blocks=[...] or use accelerator.regional=false (regional: false in a chain's part)"
+        )
+    present = {type(module).__name__ for module in denoiser.modules()}
+    if missing := [name for name in classes if name not in present]:
+        raise ConfigError(
+            f"accelerator.blocks: {named} has no module of class {', '.join(missing)}; its classes: "
+            + ", ".join(sorted(present))
+        )
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    compiled: set[int] = set()
+
+    def visit(module: torch.nn.Module) -> None:
+        if id(module) in compiled:
+            return
+        if type(module).__name__ in classes:
+            module.compile(**options)
+            compiled.add(id(module))
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(denoiser)
+    return len(compiled)
 
 
 def _compile_timers() -> dict[str, float]:
