@@ -24,7 +24,7 @@ job=(model=sdxl_base model.weights=random steps=30 "res=$res" cache_dir=/tmp/ben
   "hydra.searchpath=[file://$PWD/benchmarks/conf]")
 for accelerator in "${sweeps[@]}"; do
   ((SECONDS < budget - 60)) || break
-  name=$(echo "$accelerator" | tr " ,=" "___")
+  name=$(echo "$accelerator" | tr " ,=/" "____")
   start=$SECONDS
   # shellcheck disable=SC2086  # an entry's words are separate overrides
   timeout $((budget - SECONDS - 15)) python3 -m runner -m "${job[@]}" accelerator=$accelerator 2>&1 | quiet \

@@ -6,7 +6,9 @@ code generation, as the CPU tests do); QKV projections fused into one matmul (di
 denoiser's blocks and leaves the glue between them eager, for a fraction of the compile time: the classes
 ``blocks`` names (by default diffusers' ``_repeated_blocks``, SDXL's transformer blocks), each class compiled
 once per input shape and reused by all of its modules alike (Dynamo guards on a module's structure and shapes,
-not on which module it is). Compiled artefacts
+not on which module it is). ``nested`` keeps the whole-module compile but traces
+each named block class once, as a nested compile region (torch's ``nested_compile_region``, experimental),
+stamping the compiled block out for every module of the class. Compiled artefacts
 persist in ``cache_dir/torch_compile`` (inductor's FX-graph and AOTAutograd caches, and Triton's kernels), so
 a second process with the same job compiles from cache: the run's tag ``compile_cache`` says whether it was
 hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the warmup's compile time went (the part
@@ -21,6 +23,7 @@ stead (DeepCache's full and shallow UNets), so that routing between them stays i
 """
 
 import os
+import types
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -52,6 +55,7 @@ class TorchCompileAccelerator(Accelerator):
     channels_last: bool = False
     regional: bool = False
     blocks: list[str] = field(default_factory=list)  # with regional: the classes compiled (default _repeated_blocks)
+    nested: list[str] = field(default_factory=list)  # whole compile, these block classes traced once each
     cache: bool = True
     precompile: bool = False
 
@@ -84,6 +88,11 @@ class TorchCompileAccelerator(Accelerator):
                 f"accelerator.blocks={self.blocks} names what regional compilation compiles; set "
                 "accelerator.regional=true (regional: true in a chain's part) or leave blocks empty"
             )
+        if self.nested and self.regional:
+            raise ConfigError(
+                f"accelerator.nested={self.nested} marks blocks inside a whole-module compile, and "
+                "accelerator.regional=true compiles the blocks alone: drop one of the two"
+            )
         if self.mode in CUDA_GRAPH_MODES and device.type != "cuda":
             raise ConfigError(
                 f"accelerator.mode={self.mode} replays CUDA graphs: it needs device=cuda, not "
@@ -110,6 +119,8 @@ class TorchCompileAccelerator(Accelerator):
         if self.channels_last:
             denoiser.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
+        if self.nested:
+            nest_blocks(denoiser, self.nested)
         if self.precompile:
             self._precompile(pipe, target, denoiser, parts)
             return
@@ -202,6 +213,24 @@ def compile_blocks(denoiser: torch.nn.Module, classes: list[str], options: dict)
 
     visit(denoiser)
     return len(compiled)
+
+
+def nest_blocks(denoiser: torch.nn.Module, classes: list[str]) -> None:
+    """Make each named class's forward, for every module of ``denoiser`` of that class, one nested compile
+    region: a whole-module compile traces and compiles it once per input shape and reuses it for the others.
+    Torch decides reuse from the region's inputs (its module's parameters among them), not from the module's
+    other attributes, so only classes whose modules differ by their parameters' shapes alone are safe: on
+    torch 2.13, SDXL's resnet blocks so marked gave wrong outputs, its transformer blocks exact ones."""
+    present = {type(module).__name__: type(module) for module in denoiser.modules()}
+    if missing := [name for name in classes if name not in present]:
+        raise ConfigError(
+            f"accelerator.nested: {type(denoiser).__name__} has no module of class {', '.join(missing)}; its "
+            "classes: " + ", ".join(sorted(present))
+        )
+    regions = {name: torch.compiler.nested_compile_region(present[name].forward) for name in classes}
+    for module in denoiser.modules():
+        if (region := regions.get(type(module).__name__)) is not None:
+            module.forward = types.MethodType(region, module)
 
 
 def _compile_timers() -> dict[str, float]:
