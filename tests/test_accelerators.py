@@ -1,6 +1,7 @@
 """Accelerators: each refuses clearly where it cannot run or compose, each lossless one gives the baseline's
 outputs within rounding (on a GPU where it needs one), and DeepCache's shallow path is exactly the UNet's."""
 
+import copy
 import dataclasses
 import sys
 import types
@@ -197,13 +198,13 @@ def test_regional_compile_compiles_the_repeated_blocks_alone(tmp_path: Path) -> 
     pipe.unet = torch.nn.Conv2d(4, 4, 1)
     with pytest.raises(
         ConfigError,
-        match=r"regional=true: Conv2d names no repeated blocks to compile; name its block classes with "
+        match=r"regional=true: Conv2d names no repeated blocks; name its block classes with "
         r"accelerator.blocks=\[...\] or use accelerator.regional=false",
     ):
         TorchCompileAccelerator(regional=True, backend="eager").apply(pipe, target(tmp_path))
 
 
-def test_regional_compile_of_named_blocks_compiles_each_shape_once(tmp_path: Path) -> None:
+def test_regional_or_nested_compile_of_named_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``blocks`` widens regional compilation to the resnet blocks (SDXL's have 13 shapes at one size, past
     Dynamo's default of 8 versions a function, after which it would run the rest eager without a word); the
     outermost named module is compiled, one compiled version serves every module of a class and shape."""
@@ -236,8 +237,40 @@ def test_regional_compile_of_named_blocks_compiles_each_shape_once(tmp_path: Pat
         r"classes: Attention, .*ResnetBlock2D",
     ):
         TorchCompileAccelerator(regional=True, blocks=["ResBlock"]).apply(tiny_pipe(), target(tmp_path))
-    with pytest.raises(ConfigError, match=r"^accelerator.blocks=\['ResnetBlock2D'\] names what regional compil"):
+    with pytest.raises(ConfigError, match=r"^accelerator.blocks=\['ResnetBlock2D'\] names the blocks that regional"):
         TorchCompileAccelerator(blocks=["ResnetBlock2D"]).check(torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"^accelerator.nested=true marks blocks .* drop one of the two"):
+        TorchCompileAccelerator(regional=True, nested=True).check(torch.device("cpu"))
+    monkeypatch.delattr(torch.compiler, "nested_compile_region")  # as on torch < 2.8
+    with pytest.raises(ConfigError, match=r"^accelerator.nested=true needs torch's nested_compile_region \(torch 2.8"):
+        TorchCompileAccelerator(nested=True).check(torch.device("cpu"))
+
+
+def test_nested_compile_traces_each_transformer_block_once_and_keeps_the_output(tmp_path: Path) -> None:
+    """``nested`` (compile_graph's): the whole UNet compiled with its transformer blocks as nested compile
+    regions; Dynamo traces one block per shape and stamps out the rest, and the output does not change."""
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_pipe()
+    torch.manual_seed(0)
+    args = (torch.randn(2, 4, 8, 8), torch.tensor(500.0), torch.randn(2, 77, 64))
+    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}}
+    blocks = [m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    traced = {}
+    for nested in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        unet = copy.deepcopy(pipe.unet)
+        accelerator = TorchCompileAccelerator(nested=nested, backend="aot_eager", compile_vae=False, cache=False)
+        holder = types.SimpleNamespace(unet=unet, vae=pipe.vae)
+        accelerator.apply(holder, target(tmp_path))
+        with torch.no_grad():
+            expected = unet(*args, return_dict=False, **extra)[0]  # eager: nested regions are no-ops there
+            got = holder.unet(*args, return_dict=False, **extra)[0]
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        traced[nested] = counters["stats"]["calls_captured"]
+        assert accelerator.metrics().get("compiled_blocks") == (len(blocks) if nested else None)
+    assert traced[True] < traced[False]  # the stamped-out blocks are not traced again
 
 
 # DeepCache

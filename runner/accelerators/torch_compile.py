@@ -2,13 +2,15 @@
 
 Options: the compile mode; fullgraph; the backend (inductor; aot_eager or eager to check tracing without
 code generation, as the CPU tests do); QKV projections fused into one matmul (diffusers'
-``fuse_qkv_projections``); channels_last memory format; and ``regional``, which compiles only the
-denoiser's blocks and leaves the glue between them eager, for a fraction of the compile time: the classes
-``blocks`` names (by default diffusers' ``_repeated_blocks``, SDXL's transformer blocks), each class compiled
-once per input shape and reused by all of its modules alike (Dynamo guards on a module's structure and shapes,
-not on which module it is). ``nested`` keeps the whole-module compile but traces
-each named block class once, as a nested compile region (torch's ``nested_compile_region``, experimental),
-stamping the compiled block out for every module of the class. Compiled artefacts
+``fuse_qkv_projections``); channels_last memory format; two ways to compile a denoiser's repeated blocks once
+(the classes ``blocks`` names, by default diffusers' ``_repeated_blocks``: SDXL's transformer blocks):
+``regional`` compiles those blocks alone and leaves the glue between them eager (each class compiled once per
+input shape and reused by all of its modules: Dynamo guards on a module's structure and shapes, not on which
+module it is), ``nested`` compiles the whole module with each block class traced once as a nested compile
+region (torch's hierarchical compilation, ``nested_compile_region``) and stamped out for the other modules.
+On SDXL at 1024 px on an H100 (BENCHMARKS.md, "Faster still, eighth part") nested transformer blocks cut
+``compile_graph``'s cold compile by a quarter for calls 0.6% slower; regional transformer and resnet blocks
+halve it for calls 3-7% slower. Compiled artefacts
 persist in ``cache_dir/torch_compile`` (inductor's FX-graph and AOTAutograd caches, and Triton's kernels), so
 a second process with the same job compiles from cache: the run's tag ``compile_cache`` says whether it was
 hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the warmup's compile time went (the part
@@ -54,8 +56,8 @@ class TorchCompileAccelerator(Accelerator):
     fuse_qkv: bool = False
     channels_last: bool = False
     regional: bool = False
-    blocks: list[str] = field(default_factory=list)  # with regional: the classes compiled (default _repeated_blocks)
-    nested: list[str] = field(default_factory=list)  # whole compile, these block classes traced once each
+    nested: bool = False
+    blocks: list[str] = field(default_factory=list)  # regional's or nested's block classes (default _repeated_blocks)
     cache: bool = True
     precompile: bool = False
 
@@ -66,7 +68,7 @@ class TorchCompileAccelerator(Accelerator):
         Metric("compile_backend_s", "of which the backend (inductor, its caches)", "s", "{:.1f}"),
         Metric("precompile_s", "precompile: tracing, compiling and saving", "s", "{:.1f}"),
         Metric("precompile_load_s", "precompile: loading saved functions", "s", "{:.1f}"),
-        Metric("compiled_blocks", "regional: modules compiled", "", "{:.0f}"),
+        Metric("compiled_blocks", "regional or nested: the block modules compiled alone or as regions", "", "{:.0f}"),
     )
 
     def check(self, device: torch.device) -> None:
@@ -83,15 +85,22 @@ class TorchCompileAccelerator(Accelerator):
                 f"accelerator.precompile=true saves one whole graph per module, compiled in the default mode; "
                 f"{chosen} does not fit it: drop one of the two"
             )
-        if self.blocks and not self.regional:
+        if self.blocks and not (self.regional or self.nested):
             raise ConfigError(
-                f"accelerator.blocks={self.blocks} names what regional compilation compiles; set "
-                "accelerator.regional=true (regional: true in a chain's part) or leave blocks empty"
+                f"accelerator.blocks={self.blocks} names the blocks that regional or nested compilation takes; set "
+                "accelerator.regional=true or accelerator.nested=true (in a chain's part, its key) or leave blocks "
+                "empty"
+            )
+        if self.nested and not hasattr(torch.compiler, "nested_compile_region"):
+            raise ConfigError(
+                f"accelerator.nested=true needs torch's nested_compile_region (torch 2.8 or newer, not "
+                f"{torch.__version__}): set nested: false in the accelerator's YAML (compile_graph's first part) "
+                "or upgrade torch"
             )
         if self.nested and self.regional:
             raise ConfigError(
-                f"accelerator.nested={self.nested} marks blocks inside a whole-module compile, and "
-                "accelerator.regional=true compiles the blocks alone: drop one of the two"
+                "accelerator.nested=true marks blocks inside a whole-module compile, and accelerator.regional=true "
+                "compiles the blocks alone: drop one of the two"
             )
         if self.mode in CUDA_GRAPH_MODES and device.type != "cuda":
             raise ConfigError(
@@ -120,12 +129,13 @@ class TorchCompileAccelerator(Accelerator):
             denoiser.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         if self.nested:
-            nest_blocks(denoiser, self.nested)
+            self.compiled_blocks = nest_blocks(denoiser, block_classes(denoiser, self.blocks, "nested"))
         if self.precompile:
             self._precompile(pipe, target, denoiser, parts)
             return
         if self.regional:
-            self.compiled_blocks = compile_blocks(denoiser, self.blocks, self._options())
+            classes = block_classes(denoiser, self.blocks, "regional")
+            self.compiled_blocks = compile_blocks(denoiser, classes, self._options())
         elif parts:
             for name in parts:
                 setattr(denoiser, name, self._compile(getattr(denoiser, name)))
@@ -166,38 +176,43 @@ class TorchCompileAccelerator(Accelerator):
         return {"compile_cache": state, "compile_cache_hits": str(hits), "compile_cache_misses": str(misses)}
 
     def metrics(self) -> dict[str, float]:
+        blocks = {"compiled_blocks": float(self.compiled_blocks)} if hasattr(self, "compiled_blocks") else {}
         if self.precompile:  # Dynamo's timers do not see aot_compile: they would read 0 for a 100 s compile
             modules = getattr(self, "precompiled", ())
-            return {
+            return blocks | {
                 "precompile_s": sum(module.seconds["compile"] for module in modules),
                 "precompile_load_s": sum(module.seconds["load"] for module in modules),
             }
         before = getattr(self, "timers_before", {})
-        spent = {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
-        return spent | ({"compiled_blocks": float(self.compiled_blocks)} if self.regional else {})
+        return blocks | {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
 
 
-def compile_blocks(denoiser: torch.nn.Module, classes: list[str], options: dict) -> int:
-    """Compile each outermost module of ``denoiser`` whose class ``classes`` names (empty: the denoiser's
-    ``_repeated_blocks``), and return how many. Dynamo keeps one compiled version per class and input shape
-    for all such modules, and gives up on a function after ``recompile_limit`` versions (8), silently running
-    the rest eager: SDXL's resnet blocks alone come in 11 shapes at one size, so the limit is raised, and a
-    sweep's job that times two sizes in one process doubles that."""
-    import torch._dynamo.config
-
+def block_classes(denoiser: torch.nn.Module, blocks: list[str], option: str) -> dict[str, type]:
+    """The block classes ``blocks`` names (empty: the denoiser's ``_repeated_blocks``), each present in
+    ``denoiser``; ``option`` (regional or nested) is what the refusals name."""
     named = type(denoiser).__name__
-    classes = list(classes) or list(getattr(denoiser, "_repeated_blocks", None) or ())
-    if not classes:
+    blocks = list(blocks) or list(getattr(denoiser, "_repeated_blocks", None) or ())
+    if not blocks:
         raise ConfigError(
-            f"accelerator.regional=true: {named} names no repeated blocks to compile; name its block classes "
-            "with accelerator.blocks=[...] or use accelerator.regional=false (regional: false in a chain's part)"
+            f"accelerator.{option}=true: {named} names no repeated blocks; name its block classes with "
+            f"accelerator.blocks=[...] or use accelerator.{option}=false ({option}: false in a chain's part)"
         )
-    present = {type(module).__name__ for module in denoiser.modules()}
-    if missing := [name for name in classes if name not in present]:
+    present = {type(module).__name__: type(module) for module in denoiser.modules()}
+    if missing := [name for name in blocks if name not in present]:
         raise ConfigError(
             f"accelerator.blocks: {named} has no module of class {', '.join(missing)}; its classes: "
             + ", ".join(sorted(present))
         )
+    return {name: present[name] for name in blocks}
+
+
+def compile_blocks(denoiser: torch.nn.Module, classes: dict[str, type], options: dict) -> int:
+    """Compile each outermost module of ``denoiser`` of one of ``classes`` and return how many. Dynamo keeps
+    one compiled version per class and input shape for all such modules, and gives up on a function after
+    ``recompile_limit`` versions (8), silently running the rest eager: SDXL's resnet blocks alone come in 13
+    shapes at one size, so the limit is raised (a job that times two sizes in one process doubles that)."""
+    import torch._dynamo.config
+
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compiled: set[int] = set()
 
@@ -215,22 +230,20 @@ def compile_blocks(denoiser: torch.nn.Module, classes: list[str], options: dict)
     return len(compiled)
 
 
-def nest_blocks(denoiser: torch.nn.Module, classes: list[str]) -> None:
-    """Make each named class's forward, for every module of ``denoiser`` of that class, one nested compile
-    region: a whole-module compile traces and compiles it once per input shape and reuses it for the others.
-    Torch decides reuse from the region's inputs (its module's parameters among them), not from the module's
-    other attributes, so only classes whose modules differ by their parameters' shapes alone are safe: on
-    torch 2.13, SDXL's resnet blocks so marked gave wrong outputs, its transformer blocks exact ones."""
-    present = {type(module).__name__: type(module) for module in denoiser.modules()}
-    if missing := [name for name in classes if name not in present]:
-        raise ConfigError(
-            f"accelerator.nested: {type(denoiser).__name__} has no module of class {', '.join(missing)}; its "
-            "classes: " + ", ".join(sorted(present))
-        )
-    regions = {name: torch.compiler.nested_compile_region(present[name].forward) for name in classes}
+def nest_blocks(denoiser: torch.nn.Module, classes: dict[str, type]) -> int:
+    """Make the forward of every module of ``denoiser`` of one of ``classes`` its class's nested compile region
+    (torch's hierarchical compilation): a whole-module compile traces and compiles it once per input shape and
+    stamps it out for the others; return how many modules. Torch decides reuse from the region's inputs (the
+    module's parameters among them), not from the module's other attributes, so only classes whose modules
+    differ by their parameters' shapes alone are safe: on torch 2.13, SDXL's resnet blocks so marked gave
+    wrong outputs (aot_eager, on this project's CPU machine), its transformer blocks exact ones."""
+    regions = {name: torch.compiler.nested_compile_region(cls.forward) for name, cls in classes.items()}
+    marked = 0
     for module in denoiser.modules():
         if (region := regions.get(type(module).__name__)) is not None:
             module.forward = types.MethodType(region, module)
+            marked += 1
+    return marked
 
 
 def _compile_timers() -> dict[str, float]:
