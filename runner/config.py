@@ -573,17 +573,27 @@ def chain_part_problem(key: str, name: str, parts: list[dict[str, Any]]) -> str 
 
     index, option = key.split(".")[2:4]
     classes = [part["_target_"].rsplit(".", 1)[-1] for part in parts]
+
+    def fields_of(part: dict[str, Any]) -> list[str]:
+        try:
+            return [f.name for f in fields(get_class(part["_target_"]))]
+        except (ImportError, ValueError, TypeError):  # not importable here, or no dataclass: its YAML's keys alone
+            return []
+
     if not index.isdigit() or int(index) >= len(parts):
         listed = ", ".join(f"{i} {cls}" for i, cls in enumerate(classes))
-        return f"{key}: accelerator {name} has no part {index} (its parts: {listed})"
+        owners = [i for i, part in enumerate(parts) if option in part or option in fields_of(part)]
+        fix = (
+            f"did you mean accelerator.parts.{owners[0]}.{option}?"
+            if owners
+            else f"number a part from 0 to {len(parts) - 1}"
+        )
+        return f"{key}: accelerator {name} has no part {index} (its parts: {listed}); {fix}"
     part = parts[int(index)]
     if option in part:
         return None
     where, chain_file = f"part {index} of accelerator {name}, {classes[int(index)]},", f"conf/accelerator/{name}.yaml"
-    try:
-        declared = [f.name for f in fields(get_class(part["_target_"]))]
-    except (ImportError, ValueError, TypeError):  # not importable here, or no dataclass: only its YAML's keys known
-        declared = []
+    declared = fields_of(part)
     if option in declared:
         return f"{key}: {where} takes {option}, but {chain_file} does not set it: add it with +{key}=..."
     known = [k for k in part if k != "_target_"] + [k for k in declared if k not in part]

@@ -94,7 +94,7 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
         (
             ("accelerator=deepcache_graph", "accelerator.parts.2.interval=2"),
             "accelerator.parts.2.interval: accelerator deepcache_graph has no part 2 (its parts: 0 "
-            "DeepCacheAccelerator, 1 CudaGraphAccelerator)",
+            "DeepCacheAccelerator, 1 CudaGraphAccelerator); did you mean accelerator.parts.0.interval?",
         ),
     ],
 )
