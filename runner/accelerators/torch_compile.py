@@ -1,27 +1,26 @@
 """torch.compile of the denoiser and the VAE decoder.
 
-Options: the compile mode; fullgraph; the backend (inductor; aot_eager or eager to check tracing without
-code generation, as the CPU tests do); QKV projections fused into one matmul (diffusers'
-``fuse_qkv_projections``); channels_last memory format; two ways to compile a denoiser's repeated blocks once
-(the classes ``blocks`` names, by default diffusers' ``_repeated_blocks``: SDXL's transformer blocks):
-``regional`` compiles those blocks alone and leaves the glue between them eager (each class compiled once per
-input shape and reused by all of its modules: Dynamo guards on a module's structure and shapes, not on which
-module it is), ``nested`` compiles the whole module with each block class traced once as a nested compile
-region (torch's hierarchical compilation, ``nested_compile_region``) and stamped out for the other modules.
-On SDXL at 1024 px on an H100 (BENCHMARKS.md, "Faster still, eighth part") nested transformer blocks cut
-``compile_graph``'s cold compile by a quarter for calls 0.6% slower; regional transformer and resnet blocks
-halve it for calls 3-7% slower. Compiled artefacts
-persist in ``cache_dir/torch_compile`` (inductor's FX-graph and AOTAutograd caches, and Triton's kernels), so
-a second process with the same job compiles from cache: the run's tag ``compile_cache`` says whether it was
-hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the warmup's compile time went (the part
-outside the backend is Dynamo tracing the Python and building guards, paid by every process, cache or not).
-``precompile`` saves that part too: the denoiser and the VAE decoder traced and compiled whole, written to
-``cache_dir/precompiled`` and loaded by later processes without tracing (``runner/accelerators/precompile.py``);
-such a run reports ``precompile_cache``, ``precompile_s`` and ``precompile_load_s`` instead, since inductor's
-cache counters and Dynamo's timers do not see ``aot_compile``.
+Options: the compile mode; fullgraph; the backend (inductor; aot_eager or eager to check tracing without code
+generation, as the CPU tests do); QKV projections fused into one matmul (diffusers' ``fuse_qkv_projections``);
+channels_last memory format; two ways to compile a denoiser's repeated blocks once (the classes ``blocks``
+names, by default diffusers' ``_repeated_blocks``: SDXL's transformer blocks): ``regional`` compiles those
+blocks alone and leaves the glue between them eager (each class compiled once per input shape and reused by
+all of its modules: Dynamo guards on a module's structure and shapes, not on which module it is), ``nested``
+compiles the whole module with each block class traced once as a nested compile region (torch's hierarchical
+compilation, ``nested_compile_region``) and stamped out for the other modules. On SDXL at 1024 px on an H100
+(BENCHMARKS.md, "Faster still, eighth part") nested transformer blocks cut ``compile_graph``'s cold compile by
+a quarter for calls 0.6% slower; regional transformer and resnet blocks halve it for calls 3-7% slower.
+Compiled artefacts persist in ``cache_dir/torch_compile`` (inductor's FX-graph and AOTAutograd caches, and
+Triton's kernels), so a second process with the same job compiles from cache: the run's tag ``compile_cache``
+says whether it was hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the warmup's compile
+time went (the part outside the backend is Dynamo tracing the Python and building guards, paid by every
+process, cache or not). ``precompile`` saves that part too: the denoiser and the VAE decoder traced and
+compiled whole, written to ``cache_dir/precompiled`` and loaded by later processes without tracing
+(``runner/accelerators/precompile.py``); such a run reports ``precompile_cache``, ``precompile_s`` and
+``precompile_load_s`` instead, since inductor's cache counters and Dynamo's timers do not see ``aot_compile``.
 
-A denoiser that another accelerator wrapped may name ``step_modules``, the attributes to compile in its
-stead (DeepCache's full and shallow UNets), so that routing between them stays in Python.
+A denoiser that another accelerator wrapped may name ``step_modules``, the attributes to compile in its stead
+(DeepCache's full and shallow UNets), so that routing between them stays in Python.
 """
 
 import os
