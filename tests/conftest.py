@@ -128,13 +128,17 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
         "_target_: runner.accelerators.torch_compile.TorchCompileAccelerator\n"
         "backend: aot_eager\ncompile_vae: false\ncache: false\nprecompile: true\n"
     ),
+    "pre_nested": (  # compile_graph's compile: transformer blocks as nested regions, precompiled
+        "_target_: runner.accelerators.torch_compile.TorchCompileAccelerator\n"
+        "backend: aot_eager\ncompile_vae: false\ncache: false\nprecompile: true\nnested: true\n"
+    ),
 }
 
 
 @pytest.fixture
 def test_accelerators(tmp_path: Path) -> str:
     """Puts the tests' own accelerators (same, perturb, blackout, crash, segfault, oom, wrong_order,
-    dc_eager, fp8_traced, fp8_calibrated, vae_traced, graph_text, pre) on Hydra's search
+    dc_eager, fp8_traced, fp8_calibrated, vae_traced, graph_text, pre, pre_nested) on Hydra's search
     path, as a user would add theirs without touching conf/; returns that override."""
     folder = tmp_path / "test_conf" / "accelerator"
     folder.mkdir(parents=True)

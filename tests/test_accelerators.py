@@ -755,10 +755,14 @@ SWITCH_METRICS = (
 
 def test_switching_sizes_compiles_the_new_size_once_in_the_same_process(cli, tmp_path: Path, test_accelerators) -> None:
     """switch_res: after the timed calls at 64 px the job's process serves 32 px and comes back; the new
-    size gets a saved function of its own beside the first, and the metrics say what each first call cost."""
-    sweep = cli("accelerator=pre", "res=64", "switch_res=32", "runs=1", f"cache_dir={tmp_path}", test_accelerators)
+    size gets a saved function of its own beside the first, and the metrics say what each first call cost.
+    Compiled as compile_graph compiles: its transformer blocks nested regions."""
+    sweep = cli(
+        "accelerator=pre_nested", "res=64", "switch_res=32", "runs=1", f"cache_dir={tmp_path}", test_accelerators
+    )
     assert sweep.code == 0, sweep.output
     [run] = sweep.runs().values()
+    assert run.data.metrics["compiled_blocks"] == 4  # tiny SDXL's transformer blocks
     assert run.data.params["switch_res"] == "32" and all(key in run.data.metrics for key in SWITCH_METRICS)
     assert len(list((tmp_path / "precompiled").glob("denoiser-*.bin"))) == 2  # 64 px in the warmup, 32 after
     assert run.data.metrics["switch_back_compiles"] == 0  # 64 px's function was kept, not made again
