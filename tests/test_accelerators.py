@@ -233,10 +233,10 @@ def test_regional_or_nested_compile_of_named_blocks(tmp_path: Path, monkeypatch:
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     with pytest.raises(
         ConfigError,
-        match=r"^accelerator.blocks: UNet2DConditionModel has no module of class ResBlock; its "
-        r"classes: Attention, .*ResnetBlock2D",
+        match=r"^accelerator.blocks: UNet2DConditionModel has no module of class ResnetBlock; did you mean "
+        r"ResnetBlock2D\? its classes: Attention, .*ResnetBlock2D",
     ):
-        TorchCompileAccelerator(regional=True, blocks=["ResBlock"]).apply(tiny_pipe(), target(tmp_path))
+        TorchCompileAccelerator(regional=True, blocks=["ResnetBlock"]).apply(tiny_pipe(), target(tmp_path))
     with pytest.raises(ConfigError, match=r"^accelerator.blocks=\['ResnetBlock2D'\] names the blocks that regional"):
         TorchCompileAccelerator(blocks=["ResnetBlock2D"]).check(torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"^accelerator.nested=true marks blocks .* drop one of the two"):

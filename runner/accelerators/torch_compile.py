@@ -23,6 +23,7 @@ A denoiser that another accelerator wrapped may name ``step_modules``, the attri
 (DeepCache's full and shallow UNets), so that routing between them stays in Python.
 """
 
+import difflib
 import os
 import types
 from dataclasses import dataclass, field
@@ -198,8 +199,10 @@ def block_classes(denoiser: torch.nn.Module, blocks: list[str], option: str) -> 
         )
     present = {type(module).__name__: type(module) for module in denoiser.modules()}
     if missing := [name for name in blocks if name not in present]:
+        close = difflib.get_close_matches(missing[0], present, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(
-            f"accelerator.blocks: {named} has no module of class {', '.join(missing)}; its classes: "
+            f"accelerator.blocks: {named} has no module of class {', '.join(missing)}; {hint}its classes: "
             + ", ".join(sorted(present))
         )
     return {name: present[name] for name in blocks}
