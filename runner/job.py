@@ -9,7 +9,6 @@ run is not run again unless ``force=true``. A run left RUNNING by a job process 
 """
 
 import contextlib
-import multiprocessing
 import os
 import signal
 import sys
@@ -40,20 +39,10 @@ from runner.config import (
 from runner.errors import one_line
 from runner.gpus import gpu_lease, visible_gpus
 from runner.host import HOST, boot_id, core_lease, cores_near
-from runner.measure import Timeline
+from runner.launch import RESULT, SWITCHED, launch_worker, start_server
 from runner.record import Outcome, WorkerResult
+from runner.timeline import Timeline
 from runner.tracking import Tracker
-from runner.worker import LAUNCHED_AT, RESULT, SWITCHED, run_forked
-
-# Workers are forked from a server that imported runner.worker once (see launch_worker); where a platform has
-# no fork, each is spawned afresh. The server must never initialise CUDA (a fork would inherit a broken
-# context): torch's CUDA checks read NVML instead.
-os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-if "forkserver" in multiprocessing.get_all_start_methods():
-    WORKERS = multiprocessing.get_context("forkserver")
-    WORKERS.set_forkserver_preload(["runner.worker", "torch._inductor.compile_fx"])  # the latter: 3 s a compile
-else:
-    WORKERS = multiprocessing.get_context("spawn")  # type: ignore[assignment]
 
 
 class Terminated(BaseException):
@@ -71,6 +60,7 @@ class Stopped(BaseException):
 def run_job(cfg: DictConfig) -> str:
     """Run one composed job; return ok, failed, skipped, or done:<run id> when it had already ended so."""
     began, timeline = time.perf_counter(), Timeline()
+    start_server()  # its imports overlap what follows (in a sweep's own process it is running already)
     tracker = Tracker(MlflowConfig(**OmegaConf.to_container(cfg.mlflow, resolve=True)))
     close_abandoned(tracker)
     tags = {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()}
@@ -200,49 +190,6 @@ def measure_in_worker(config: Config, name: str, folder: Path, timeline: Timelin
         if written.exists():  # the worker writes its result last: from there to its end is its exit
             timeline.seconds["worker_exit"] = max(0.0, time.time() - written.stat().st_mtime)
         return outcome
-
-
-def launch_worker(folder: Path, gpu: str | None, cores: list[int]) -> tuple[Outcome, str]:
-    """Measure in a fresh process that sees only ``gpu`` (if given) and may pin to the first of ``cores`` (the
-    others are its siblings, held idle), echoing its output and keeping it in ``worker.log``; return how it
-    ended and why.
-
-    The process is a fork of a server that has already imported the worker's modules (torch, diffusers,
-    transformers, MLflow), started once per job process: importing them took 14-18 s per job on our H100
-    host. Each job still gets a process of its own, forked from a server that never touched CUDA, never
-    loaded a pipeline and never compiled anything (multiprocessing's forkserver)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", LAUNCHED_AT: repr(time.time())}
-    env.update({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})
-    argv = [str(folder / "config.yaml"), str(folder), ",".join(map(str, cores)), gpu or ""]
-    (folder / RESULT).unlink(missing_ok=True)
-    reader, writer = WORKERS.Pipe(duplex=False)
-    worker = WORKERS.Process(target=run_forked, args=(argv, env, writer), name=f"worker {folder.name}")
-    worker.start()
-    writer.close()  # the worker holds the only writing end: its exit ends the output
-    with open(folder / "worker.log", "w") as log, open(os.dup(reader.fileno()), errors="replace") as output:
-        reader.close()
-        try:
-            for line in output:
-                sys.stdout.write(line)
-                log.write(line)
-            worker.join()
-        except BaseException:
-            worker.terminate()
-            worker.join(timeout=30)
-            raise
-    code = worker.exitcode
-    assert code is not None
-    result = WorkerResult.load(folder / RESULT)
-    if code == 0:
-        return Outcome.OK, ""
-    if result is not None and result.error:
-        return Outcome.FAILED, result.error
-    if code < 0:
-        return (
-            Outcome.FAILED,
-            f"the worker process was killed by {signal.Signals(-code).name} (out of memory?); see worker.log",
-        )
-    return Outcome.FAILED, f"the worker process exited with code {code}; see worker.log"
 
 
 def close_abandoned(tracker: Tracker) -> None:

@@ -27,17 +27,21 @@ from runner.config import MlflowConfig, option_label, run_name, value_error
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
 from runner.job import Stopped, Terminated, alive, sigterm_raises
+from runner.launch import start_server
 from runner.record import JobRecord, Outcome
 from runner.report import answers, write_report
 from runner.tracking import Tracker
 
 # Overrides that say where a sweep is recorded, not what it measures: left out of its run's name.
 WHERE = ("mlflow.", "hydra.", "hydra/", "cache_dir=")
+IN_THIS_PROCESS = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # Hydra's launcher: jobs run here
 EXIT_STOPPED = {"Ctrl-C": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
 
 def run_sweep(master: DictConfig, arguments: list[str], launch: Callable[[list[str]], Sequence[Any]]) -> None:
     """Open the sweep's run, launch its jobs with ``launch`` (Hydra's sweep), and end it, always."""
+    if OmegaConf.select(master, "hydra.launcher._target_") == IN_THIS_PROCESS:
+        start_server()  # the workers' server imports torch and the rest while this opens MLflow and composes
     tracker = open_tracker(master)
     close_abandoned_sweeps(tracker)
     command = " ".join(arguments) or "(defaults)"

@@ -9,7 +9,6 @@ keeps peak memory, compile caches and a broken CUDA context out of the next job.
 """
 
 import contextlib
-import ctypes
 import faulthandler
 import gc
 import logging
@@ -21,14 +20,12 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from tqdm import tqdm
 
 from runner.accelerators import Accelerator, Target, build_accelerator
 from runner.config import Config, ConfigError, job_name
@@ -36,12 +33,12 @@ from runner.environment import environment_tags
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, CpuLoad, JobRegistry, boot_id, busy_threshold_cores, gpu_neighbours
 from runner.inputs import load_image, load_prompts
+from runner.launch import LAUNCHED_AT, RESULT, SWITCHED
 from runner.measure import (
     CallTiming,
     EnergyMeter,
     PhaseClock,
     Stopwatch,
-    Timeline,
     denoiser_flop_per_step,
     energy_metrics,
     graphs_compiled,
@@ -54,15 +51,13 @@ from runner.measure import (
 from runner.pipelines import build_pipeline, parameter_count
 from runner.quality import TINY, broken_images, clip_score, image_key, judge, load_clip
 from runner.record import Conditions, Measurement, Quality, QualityResult, Steadiness, WorkerResult
+from runner.timeline import Timeline
 from runner.tracking import Tracker
 
 HEARTBEAT_S = 15.0
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-RESULT = "result.json"
-SWITCHED = "switched.yaml"  # beside the job's config: the job's config at switch_res (runner/config.py)
 SWITCH_CALLS = 2  # calls at the other size after its first, for its steady latency
 CALIBRATION_CALL = -1  # pipeline_args' index of the first calibration call (then -2, ...): seeds no timed call uses
-LAUNCHED_AT = "RUNNER_WORKER_LAUNCHED_AT"  # set by the job's process: time.time() when it started the worker
 
 # Library log lines that say nothing here and alarm users: diffusers' warning about an empty list of fp32
 # modules, and transformers falling back from torchvision (deliberately not a dependency).
@@ -501,35 +496,6 @@ def main(argv: list[str]) -> int:
         result.metrics.update(timeline.metrics())
         result.save(folder / RESULT)
     return 0
-
-
-def run_forked(argv: list[str], env: dict[str, str], output: Connection) -> None:
-    """The worker, as a process forked by the job's process (runner/job.py, launch_worker): the job's
-    environment (its GPU, CUDA_VISIBLE_DEVICES, set before anything touches CUDA), its output into
-    ``output``, then ``main``."""
-    _die_with_parent()
-    os.environ.clear()
-    os.environ.update(env)
-    for stream in (1, 2):
-        os.dup2(output.fileno(), stream)
-    output.close()
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    # tqdm's default lock is a multiprocessing semaphore, which the server's resource tracker reports as
-    # leaked once a worker ends at once (os._exit): the pipelines' progress bars are off, a thread lock does.
-    tqdm.set_lock(threading.RLock())
-    code = main(argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # as below
-
-
-def _die_with_parent() -> None:
-    """Be killed if the process that started this one dies, so no orphan holds the GPU (Linux only); the
-    server that forks workers ends when the job's process does."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # it died before that took hold
-        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The command a user types, end to end on the CPU: real sweeps of tiny pipelines, read back from MLflow."""
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +258,13 @@ def test_a_job_s_time_line_adds_up_to_its_wall_time() -> None:
     line = time_summary(metrics)
     assert line.startswith("wall 40.0 s: loading 1.0, warmup 6.0, timed calls 20.0, waiting for a GPU 5.0; ")
     assert line.endswith("the runner's own 8.0 s (setup 1.5, quality 0.4, start 0.1)")
+
+
+def test_the_sweep_s_and_the_job_s_processes_leave_torch_to_the_workers() -> None:
+    """The workers' server imports torch, diffusers and the rest while the sweep's process starts up (about
+    18 s on our H100 hosts); the sweep's process importing them itself would put that before the first job
+    again, and a SLURM or local_gpus job's process would pay it twice."""
+    entry_points = "import hydra_plugins.runner_sweeper, runner.__main__, runner.job, runner.sweep, runner.launch"
+    check = f"{entry_points}; import sys; print(sorted(set(sys.modules) & {{'torch', 'diffusers', 'transformers'}}))"
+    imported = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"

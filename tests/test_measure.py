@@ -24,7 +24,6 @@ from runner.measure import (
     CallTiming,
     PhaseClock,
     Stopwatch,
-    Timeline,
     denoiser_flop_per_step,
     one_torch_thread,
     peak_memory,
@@ -34,6 +33,7 @@ from runner.measure import (
 )
 from runner.pipelines import build_pipeline
 from runner.record import Measurement, Steadiness, WorkerResult
+from runner.timeline import Timeline
 from runner.worker import heartbeat
 
 
