@@ -18,8 +18,9 @@ packages=(
   pytest pytest-xdist execnet pluggy iniconfig Pygments
 )
 pins=()
+frozen=$(python3 -m pip freeze)  # once: grep -m1 on a live pipe broke pip's output (BrokenPipeError) under pipefail
 for name in "${packages[@]}"; do
-  pins+=("$(python3 -m pip freeze | grep -i -m1 "^${name//_/[-_]}==")") || { echo "not installed here: $name" >&2; exit 1; }
+  pins+=("$(grep -i -m1 "^${name//_/[-_]}==" <<<"$frozen")") || { echo "not installed here: $name" >&2; exit 1; }
 done
 rm -rf .whl && mkdir .whl
 platforms=()
