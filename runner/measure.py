@@ -257,7 +257,10 @@ def _flop_key(denoiser: torch.nn.Module, step_inputs: tuple[tuple, dict]) -> str
     def shape(value: Any) -> Any:
         return (tuple(value.shape), str(value.dtype)) if isinstance(value, torch.Tensor) else repr(value)
 
-    config = json.dumps(dict(getattr(denoiser, "config", {})), sort_keys=True, default=repr)
+    # Without diffusers' bookkeeping (``_use_default_values`` lists keys from a set, in an order that differs
+    # from process to process, so no later job's worker found a count in the file; ``_name_or_path``).
+    settings = {key: value for key, value in dict(getattr(denoiser, "config", {})).items() if not key.startswith("_")}
+    config = json.dumps(settings, sort_keys=True, default=repr)
     dtype = str(next(denoiser.parameters()).dtype)
     described = repr((type(denoiser).__qualname__, config, dtype, tree_map(shape, step_inputs)))
     return hashlib.sha256(described.encode()).hexdigest()[:32]

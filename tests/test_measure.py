@@ -100,6 +100,28 @@ def test_flop_counts_are_kept_per_architecture_and_shape(tmp_path: Path, monkeyp
     assert len(counted) == 2 and len(json.loads(cache.read_text())) == 3
 
 
+def test_a_flop_count_is_found_again_by_the_next_process() -> None:
+    """Each job's worker is a process of its own, and Python orders a set's strings differently in each (diffusers
+    lists the config keys it defaulted from a set): the cache's key must not depend on that."""
+    count_key = (
+        "import torch; from diffusers import UNet2DConditionModel as Unet; from runner.measure import _flop_key; "
+        "unet = Unet.from_config(Unet.load_config('runner/architectures/tiny_sdxl/unet')); "
+        "print(_flop_key(unet, ((torch.empty(2, 4, 8, 8, device='meta'), torch.empty((), device='meta')), {})))"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", count_key],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parents[1],
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(keys) == 1
+
+
 def test_peak_rss_is_recorded_on_cpu() -> None:
     metrics: dict[str, float] = {}
     with peak_memory(torch.device("cpu"), into=metrics):
