@@ -27,7 +27,7 @@ from runner.config import MlflowConfig, option_label, run_name, value_error
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
 from runner.job import Stopped, Terminated, alive, sigterm_raises
-from runner.launch import start_server
+from runner.launch import missing_bytecode_hint, start_server
 from runner.record import JobRecord, Outcome
 from runner.report import answers, write_report
 from runner.tracking import Tracker
@@ -42,6 +42,9 @@ def run_sweep(master: DictConfig, arguments: list[str], launch: Callable[[list[s
     """Open the sweep's run, launch its jobs with ``launch`` (Hydra's sweep), and end it, always."""
     if OmegaConf.select(master, "hydra.launcher._target_") == IN_THIS_PROCESS:
         start_server()  # the workers' server imports torch and the rest while this opens MLflow and composes
+        hint = missing_bytecode_hint()
+        if hint:
+            print(hint, flush=True)
     tracker = open_tracker(master)
     close_abandoned_sweeps(tracker)
     command = " ".join(arguments) or "(defaults)"

@@ -1,7 +1,9 @@
 """What else runs on the host while a job is timed: other processes on its GPU (a stand-in NVML), other
 processes' CPU time, and the verdict they make of a run."""
 
+import importlib.util
 import os
+import py_compile
 import subprocess
 import sys
 import types
@@ -11,6 +13,7 @@ import pytest
 
 from runner import host, worker
 from runner.host import CpuLoad, gpu_neighbours, parse_cpulist
+from runner.launch import missing_bytecode_hint
 from runner.record import Steadiness, WorkerResult
 
 STEADY_CALLS = [1.00, 1.01, 0.99, 1.00, 1.01, 1.00, 0.99, 1.00, 1.01, 1.00]
@@ -73,3 +76,19 @@ def test_cpulists_and_cores_near_a_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert host.cores_near("GPU-a") == [7, 6, 5, 4, 3, 2, 1, 0]  # the GPU's node first, allowed cores only
     monkeypatch.setattr(host, "_numa_cores", lambda uuid: [0, 1])
     assert host.cores_near("GPU-a") == [1, 0, 7, 6, 5, 4, 3, 2]
+
+
+def test_a_host_that_keeps_no_bytecode_is_told_how_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = tmp_path / "heavy_library"
+    package.mkdir()
+    (package / "__init__.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hint = missing_bytecode_hint("heavy_library", writes_bytecode=False)
+    assert "no bytecode for heavy_library" in hint and "PYTHONPYCACHEPREFIX=" in hint
+    assert "unset PYTHONDONTWRITEBYTECODE" in hint
+    assert missing_bytecode_hint("heavy_library", writes_bytecode=True) == ""  # it will be written at first import
+    py_compile.compile(
+        str(package / "__init__.py"), cfile=importlib.util.cache_from_source(str(package / "__init__.py"))
+    )
+    assert missing_bytecode_hint("heavy_library", writes_bytecode=False) == ""  # shipped, or kept by a prefix
+    assert missing_bytecode_hint("no_such_library_here", writes_bytecode=False) == ""
