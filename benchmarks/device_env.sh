@@ -13,8 +13,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   fi
   export PYTHONPATH=/tmp/site
 fi
-python3 -m compileall -q -j 0 runner hydra_plugins >/dev/null 2>&1
+# The image sets PYTHONDONTWRITEBYTECODE and ships torch without bytecode, so every sweep's worker server
+# compiled torch's modules from source (BENCHMARKS.md, "A sweep's own start"). Kept under a prefix instead, as a
+# normal install keeps them beside the sources, and written once per machine start by importing what the
+# workers' server imports (runner/launch.py).
+export PYTHONPYCACHEPREFIX=/tmp/pycache
+unset PYTHONDONTWRITEBYTECODE
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ! [ -e /tmp/pycache/.written ]; then
+  python3 -c "import runner.worker, torch._inductor.compile_fx" && touch /tmp/pycache/.written
+fi
 # A sweep's log without the per-call progress bars and the libraries' warnings (each warning is two lines:
 # the message, then the source line that raised it).
 quiet() { grep --line-buffered -v -E "timed [0-9]+/|FutureWarning|UserWarning|deprecate\(|^ +warnings\.warn\("; }
