@@ -21,7 +21,8 @@ mkdir -p "$out"
   env | grep -E "^PYTHON" | sort
   python3 -c "import sys, torch; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'pycache_prefix', sys.pycache_prefix, 'torch at', torch.__file__)"
   torch_dir=$(python3 -c "import os, torch; print(os.path.dirname(torch.__file__))")
-  echo "torch .pyc files: $(find "$torch_dir" -name '*.pyc' | wc -l) of $(find "$torch_dir" -name '*.py' | wc -l) .py"
+  echo "torch .pyc files beside its sources: $(find "$torch_dir" -name '*.pyc' | wc -l) of $(find "$torch_dir" -name '*.py' | wc -l) .py"
+  python3 -c "from runner.launch import missing_bytecode_hint as hint; print('the sweep says:', repr(hint()))"
   for attempt in 1 2; do
     start=$(now)
     python3 -c "import runner.worker"
