@@ -2,11 +2,11 @@
 # A sweep's own start, this checkout against another (an earlier commit's tree), on one machine start:
 #   bash benchmarks/sweep_start.sh OTHER_TREE [ROUNDS [OVERRIDE ...]]   OTHER_TREE e.g. from
 #   mkdir -p .device/old && git archive 1d8bf5b runner conf hydra_plugins | tar -x -C .device/old
-# Runs the same one-job sweep (by default SDXL, random weights, 512 px, `none`, 2 timed calls) from OTHER_TREE and from
-# here in turns, ROUNDS times (default 2), after one import that fills the page cache for both; each sweep has
-# its own MLflow database, all one compile cache. For each: the command's wall time, and the job's own lines
-# (its `start`: the worker's start and imports). Also what this host's Python does with bytecode, which sets
-# how long an import takes. Results in $OUT/sweep_start/.
+# Runs the same one-job sweep (by default SDXL, random weights, 512 px, `none`, 2 timed calls) from OTHER_TREE
+# and from here in turns, ROUNDS times (default 2), after one import that fills the page cache for both; each
+# sweep has its own MLflow database, all one compile cache. For each: the command's wall time, and the job's
+# own line (its `start`: the worker's start and imports). Also what this host's Python does with bytecode,
+# which sets how long an import takes. Results in $OUT/sweep_start/.
 set -uo pipefail
 . benchmarks/device_env.sh
 other=$(cd "$1" && pwd)

@@ -70,7 +70,7 @@ METRICS = (
     Metric("switch_s", "switching sizes (wall)", "s", "{:.1f}"),
     Metric("job_wall_s", "job wall time", "s", "{:.1f}"),
     Metric("overhead_s", "runner's own time", "s", "{:.1f}"),
-    # Where the runner's own time goes (runner/job.py, runner/worker.py: runner/timeline.py)
+    # Where the runner's own time goes (runner/job.py, runner/worker.py: their Timeline)
     Metric("time_queued_s", "waiting for a GPU", "s", "{:.1f}"),
     Metric("time_job_setup_s", "job setup", "s", "{:.1f}"),
     Metric("time_start_s", "worker start and imports", "s", "{:.1f}"),

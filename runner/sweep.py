@@ -34,13 +34,15 @@ from runner.tracking import Tracker
 
 # Overrides that say where a sweep is recorded, not what it measures: left out of its run's name.
 WHERE = ("mlflow.", "hydra.", "hydra/", "cache_dir=")
-IN_THIS_PROCESS = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # Hydra's launcher: jobs run here
 EXIT_STOPPED = {"Ctrl-C": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 
 
-def run_sweep(master: DictConfig, arguments: list[str], launch: Callable[[list[str]], Sequence[Any]]) -> None:
-    """Open the sweep's run, launch its jobs with ``launch`` (Hydra's sweep), and end it, always."""
-    if OmegaConf.select(master, "hydra.launcher._target_") == IN_THIS_PROCESS:
+def run_sweep(
+    master: DictConfig, arguments: list[str], launch: Callable[[list[str]], Sequence[Any]], jobs_here: bool = False
+) -> None:
+    """Open the sweep's run, launch its jobs with ``launch`` (Hydra's sweep), and end it, always. ``jobs_here``:
+    the jobs run in this process (not a SLURM or local_gpus launcher's), so their workers' server starts now."""
+    if jobs_here:
         start_server()  # the workers' server imports torch and the rest while this opens MLflow and composes
         hint = missing_bytecode_hint()
         if hint:

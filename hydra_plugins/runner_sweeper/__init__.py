@@ -9,6 +9,7 @@ report logged to that run, exiting non-zero if any job failed. The logic lives i
 
 from collections.abc import Sequence
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -18,7 +19,8 @@ from runner.sweep import record_uncomposable, run_sweep, with_gpu_slots
 
 class ResilientSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> None:
-        run_sweep(self.config, arguments, super().sweep)
+        # Hydra's own launcher runs the jobs in this process: their workers' server can start at once.
+        run_sweep(self.config, arguments, super().sweep, jobs_here=isinstance(self.launcher, BasicLauncher))
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
         composable = []
