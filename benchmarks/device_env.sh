@@ -21,7 +21,7 @@ export PYTHONPYCACHEPREFIX=/tmp/pycache
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if ! [ -e /tmp/pycache/.written ]; then
-  python3 -c "import runner.worker, torch._inductor.compile_fx" && touch /tmp/pycache/.written
+  python3 -c "from runner.launch import PRELOADED; [__import__(module) for module in PRELOADED]" && touch /tmp/pycache/.written
 fi
 # A sweep's log without the per-call progress bars and the libraries' warnings (each warning is two lines:
 # the message, then the source line that raised it).

@@ -1,17 +1,25 @@
-"""Entry point: ``python -m runner [-m] key=value ...`` (see README)."""
+"""Entry point: ``python -m runner [-m] key=value ...`` (see README).
+
+When the jobs will run in this process, the workers' server (runner/launch.py) starts before Hydra and MLflow
+are imported: its own imports of torch and the rest (7-16 s on our GPU hosts) are what a sweep's first job
+waits for, and this way they overlap everything the sweep does before that job.
+"""
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
-
 from runner.config import CONF, ConfigError, check_override_keys
-from runner.job import run_job
+from runner.launch import start_server
+
+# Hydra's flags that print something and run no job.
+ASKS_ONLY = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> str:
-    return run_job(cfg)
+def jobs_run_here(arguments: list[str]) -> bool:
+    """Whether this process will run jobs, as far as the command line tells: not when it only asks for help or
+    a config, nor when it names a launcher other than Hydra's own (SLURM's and local_gpus' jobs start their
+    own servers). A launcher chosen in a config file is not seen here: the sweep stops the server then."""
+    launcher = [a.split("=", 1)[1] for a in arguments if a.startswith(("hydra/launcher=", "override hydra/launcher="))]
+    return not ASKS_ONLY.intersection(arguments) and launcher in ([], ["basic"])
 
 
 class WithoutHydraHint:
@@ -27,12 +35,29 @@ class WithoutHydraHint:
         return getattr(self.stream, name)
 
 
-if __name__ == "__main__":
-    overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
+def main() -> None:
+    arguments = sys.argv[1:]
+    overrides = [arg for arg in arguments if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
     try:
         check_override_keys(overrides, {folder.name for folder in CONF.iterdir() if folder.is_dir()})
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if jobs_run_here(arguments):
+        start_server()
+
+    import hydra
+    from omegaconf import DictConfig
+
+    from runner.job import run_job
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+    def run(cfg: DictConfig) -> str:
+        return run_job(cfg)
+
     sys.stderr = WithoutHydraHint(sys.stderr)
+    run()
+
+
+if __name__ == "__main__":
     main()

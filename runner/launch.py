@@ -27,7 +27,9 @@ from runner.record import Outcome, WorkerResult
 RESULT = "result.json"  # the worker's WorkerResult, written last
 SWITCHED = "switched.yaml"  # beside the job's config: the job's config at switch_res (runner/config.py)
 LAUNCHED_AT = "RUNNER_WORKER_LAUNCHED_AT"  # time.time() when the job's process started the worker
-PRELOADED = ["runner.worker", "torch._inductor.compile_fx"]  # the latter: 3-4 s at a job's first compile
+# torch._inductor.compile_fx: 3-4 s at a job's first compile; MLflow's database store: 0.6-1.1 s of each worker's
+# setup, imported when the worker opens the tracking database.
+PRELOADED = ["runner.worker", "torch._inductor.compile_fx", "mlflow.store.tracking.sqlalchemy_store"]
 
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # before the server starts: it inherits this
 if "forkserver" in multiprocessing.get_all_start_methods():
@@ -44,6 +46,18 @@ def start_server() -> None:
         from multiprocessing import forkserver
 
         forkserver.ensure_running()
+
+
+def stop_server() -> None:
+    """Stop the server if it runs: the entry point started it, but the sweep's launcher runs the jobs
+    elsewhere (each job process of SLURM or local_gpus starts its own), so it would only hold memory."""
+    if WORKERS.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver  # multiprocessing's own, which offers no public way to stop it
+        if server._forkserver_pid is not None:
+            os.kill(server._forkserver_pid, signal.SIGKILL)  # it reads the request to stop only after its imports
+            server._stop()  # reaps it and removes its socket
 
 
 def missing_bytecode_hint(module: str = "torch", writes_bytecode: bool = not sys.flags.dont_write_bytecode) -> str:

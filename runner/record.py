@@ -11,9 +11,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.entities import Run
+if TYPE_CHECKING:  # MLflow takes a second to import: the entry point starts the workers' server before it
+    from mlflow.entities import Run
 
 
 class Choice(str, Enum):
@@ -245,7 +246,7 @@ class JobRecord:
         return None if peak is None else peak + self.metrics.get("oneflow_mem_gib", 0.0)
 
     @classmethod
-    def from_run(cls, run: Run) -> "JobRecord":
+    def from_run(cls, run: "Run") -> "JobRecord":
         params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
         outcome = _outcome(tags.get("outcome"), run.info.status)
         height, width = params.get("height", "?"), params.get("width", "?")

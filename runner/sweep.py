@@ -27,7 +27,7 @@ from runner.config import MlflowConfig, option_label, run_name, value_error
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
 from runner.job import Stopped, Terminated, alive, sigterm_raises
-from runner.launch import missing_bytecode_hint, start_server
+from runner.launch import missing_bytecode_hint, start_server, stop_server
 from runner.record import JobRecord, Outcome
 from runner.report import answers, write_report
 from runner.tracking import Tracker
@@ -43,10 +43,12 @@ def run_sweep(
     """Open the sweep's run, launch its jobs with ``launch`` (Hydra's sweep), and end it, always. ``jobs_here``:
     the jobs run in this process (not a SLURM or local_gpus launcher's), so their workers' server starts now."""
     if jobs_here:
-        start_server()  # the workers' server imports torch and the rest while this opens MLflow and composes
+        start_server()  # started by the entry point already, unless this process was started otherwise
         hint = missing_bytecode_hint()
         if hint:
             print(hint, flush=True)
+    else:
+        stop_server()  # the entry point could not tell that the jobs run elsewhere (a launcher set in a file)
     tracker = open_tracker(master)
     close_abandoned_sweeps(tracker)
     command = " ".join(arguments) or "(defaults)"

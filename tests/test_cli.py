@@ -1,6 +1,8 @@
 """The command a user types, end to end on the CPU: real sweeps of tiny pipelines, read back from MLflow."""
 
+import ast
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +270,84 @@ def test_the_sweep_s_and_the_job_s_processes_leave_torch_to_the_workers() -> Non
     check = f"{entry_points}; import sys; print(sorted(set(sys.modules) & {{'torch', 'diffusers', 'transformers'}}))"
     imported = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "[]"
+
+
+def test_the_entry_point_starts_the_workers_server_before_it_imports_mlflow_or_torch() -> None:
+    """The server's imports are what a sweep's first job waits for; each second the entry point spends before
+    starting it (Hydra's composition, MLflow's import: 2 s on this machine) is a second more of that wait."""
+    check = (
+        "import sys, runner.__main__ as entry\n"
+        "def started():\n"
+        "    print(sorted(set(sys.modules) & {'mlflow', 'torch', 'runner.job'}))\n"
+        "    raise SystemExit(0)\n"
+        "entry.start_server = started\n"
+        "sys.argv = ['runner', '-m', 'res=64,128']\n"
+        "entry.main()\n"
+    )
+    started = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert started.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "here"),
+    [
+        (["-m", "model=tiny_sdxl", "res=64,128"], True),
+        (["hydra/launcher=basic"], True),
+        (["-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"], False),
+        (["-m", "hydra/launcher=local_gpus"], False),
+        (["--help"], False),
+        (["--cfg", "job"], False),
+    ],
+)
+def test_the_entry_point_tells_from_the_command_whether_the_jobs_run_in_its_process(arguments, here) -> None:
+    from runner.__main__ import jobs_run_here
+
+    assert jobs_run_here(arguments) is here
+
+
+def test_a_server_started_for_nothing_is_stopped_at_once_though_its_imports_are_under_way(tmp_path) -> None:
+    """A launcher chosen in a config file shows only once the sweep is composed; the server the entry point
+    started then is stopped before its imports end (they take 13-21 s on our GPU hosts), not left holding
+    torch in memory on a SLURM login node for the whole sweep. Here its import never ends: asking it to stop
+    and waiting, as multiprocessing does, would wait for ever."""
+    (tmp_path / "never_imported.py").write_text("import time\ntime.sleep(3600)\n")
+    check = (
+        "import os, sys\n"
+        "from multiprocessing import forkserver\n"
+        "from runner.launch import WORKERS, start_server, stop_server\n"
+        "WORKERS.set_forkserver_preload(['never_imported'])\n"
+        "start_server()\n"
+        "pid = forkserver._forkserver._forkserver_pid\n"
+        "stop_server()\n"
+        "try:\n"
+        "    os.kill(pid, 0)\n"
+        "    print('running')\n"
+        "except ProcessLookupError:\n"
+        "    print('gone')\n"
+        "stop_server()\n"  # none left: nothing to do
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    stopped = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, timeout=120)
+    assert (stopped.returncode, stopped.stdout.strip()) == (0, "gone"), stopped.stderr
+
+
+def test_a_worker_opens_the_tracking_database_without_importing_its_store(tmp_path) -> None:
+    """MLflow imports its database store (SQLAlchemy, its models) only when a store is opened: 0.6-1.1 s of
+    every worker's setup on our GPU hosts, unless the workers' server imported it once for all of them."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    opening = (
+        "from runner.config import MlflowConfig\nfrom runner.tracking import Tracker\n"
+        f"Tracker(MlflowConfig(tracking_uri='{uri}'))\n"
+    )
+    subprocess.run([sys.executable, "-c", opening], capture_output=True, check=True)  # the database, as a sweep made it
+    check = (
+        "import sys\n"
+        "from runner.launch import PRELOADED\n"
+        "for module in PRELOADED: __import__(module)\n"
+        "before = set(sys.modules)\n"
+        f"{opening}"
+        "print(sorted(set(sys.modules) - before))\n"
+    )
+    opened = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    imported = set(ast.literal_eval(opened.stdout.strip().splitlines()[-1]))
+    assert not imported & {"mlflow.store.tracking.sqlalchemy_store", "sqlalchemy.orm"}
