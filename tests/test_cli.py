@@ -310,7 +310,10 @@ def test_a_server_started_for_nothing_is_stopped_at_once_though_its_imports_are_
     started then is stopped before its imports end (they take 13-21 s on our GPU hosts), not left holding
     torch in memory on a SLURM login node for the whole sweep. Here its import never ends: asking it to stop
     and waiting, as multiprocessing does, would wait for ever."""
-    (tmp_path / "never_imported.py").write_text("import time\ntime.sleep(3600)\n")
+    # An import that ends only when the process that started the server does (so a failing run leaves no orphan).
+    (tmp_path / "never_imported.py").write_text(
+        "import os, time\nparent = os.getppid()\nwhile os.getppid() == parent:\n    time.sleep(0.1)\n"
+    )
     check = (
         "import os, sys\n"
         "from multiprocessing import forkserver\n"
