@@ -18,7 +18,7 @@ def jobs_run_here(arguments: list[str]) -> bool:
     """Whether this process will run jobs, as far as the command line tells: not when it only asks for help or
     a config, nor when it names a launcher other than Hydra's own (SLURM's and local_gpus' jobs start their
     own servers). A launcher chosen in a config file is not seen here: the sweep stops the server then."""
-    launcher = [a.split("=", 1)[1] for a in arguments if a.startswith(("hydra/launcher=", "override hydra/launcher="))]
+    launcher = [argument.split("=", 1)[1] for argument in arguments if argument.startswith("hydra/launcher=")]
     return not ASKS_ONLY.intersection(arguments) and launcher in ([], ["basic"])
 
 
