@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -118,11 +119,20 @@ def start_sweep(tmp_path: Path, *args: str, sizes: str = "512,520") -> tuple[sub
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         start_new_session=True,
     )
-    deadline = time.monotonic() + 120
-    for line in process.stdout:
-        if ("/512/" in line and "timed 1/40" in line) or time.monotonic() > deadline:
-            break
-    return process, uri
+    # No deadline: a stop sent at any other moment tests something else (on a loaded 2-core CI machine the
+    # 512 px job's first timed call came after 120 s, and a stop sent then landed in the 64 px job).
+    seen = []
+    stuck = threading.Timer(900, os.killpg, (process.pid, signal.SIGKILL))  # a hung sweep fails, not hangs
+    stuck.start()
+    try:
+        for line in process.stdout:
+            seen.append(line)
+            if "/512/" in line and "timed 1/40" in line:
+                return process, uri
+    finally:
+        stuck.cancel()
+    process.wait()
+    pytest.fail(f"the sweep ended before its 512 px job's timed calls began:\n{''.join(seen)[-2000:]}")
 
 
 @pytest.mark.parametrize(("stop", "code", "name"), [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
