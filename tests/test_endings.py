@@ -110,8 +110,14 @@ def start_sweep(tmp_path: Path, *args: str, sizes: str = "512,520") -> tuple[sub
     once that job's timed calls have begun."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     places = [f"mlflow.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path}/hydra", f"cache_dir={tmp_path}/cache"]
+    command = [sys.executable, "-m", "runner", "-m", f"res={sizes}", "runs=40", *args, *places]
+    # Ctrl-C as a terminal's job gets it: a suite started in the background of a script inherits SIGINT ignored
+    # (bash does that to background commands), and the sweep would inherit that too.
+    as_a_terminal_job = (
+        f"import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, {command!r})"
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "runner", "-m", f"res={sizes}", "runs=40", *args, *places],
+        [sys.executable, "-c", as_a_terminal_job],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
