@@ -19,7 +19,8 @@ def jobs_run_here(arguments: list[str]) -> bool:
     a config, nor when it names a launcher other than Hydra's own (SLURM's and local_gpus' jobs start their
     own servers). A launcher chosen in a config file is not seen here: the sweep stops the server then."""
     launcher = [argument.split("=", 1)[1] for argument in arguments if argument.startswith("hydra/launcher=")]
-    return not ASKS_ONLY.intersection(arguments) and launcher in ([], ["basic"])
+    flags = {argument.split("=", 1)[0] for argument in arguments if argument.startswith("-")}  # --cfg=job too
+    return not ASKS_ONLY & flags and launcher in ([], ["basic"])
 
 
 class WithoutHydraHint:

@@ -297,6 +297,7 @@ def test_the_entry_point_starts_the_workers_server_before_it_imports_mlflow_or_t
         (["-m", "hydra/launcher=local_gpus"], False),
         (["--help"], False),
         (["--cfg", "job"], False),
+        (["--cfg=job"], False),
     ],
 )
 def test_the_entry_point_tells_from_the_command_whether_the_jobs_run_in_its_process(arguments, here) -> None:
