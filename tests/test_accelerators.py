@@ -174,6 +174,10 @@ def test_second_process_compiles_from_the_cache_and_both_match_eager(cli, tmp_pa
     for run in (first, second):  # where the warmup's compile time went
         assert 0 < run.data.metrics["compile_backend_s"] < run.data.metrics["compile_s"] < run.data.metrics["warmup_s"]
     assert second.data.metrics["compile_backend_s"] < first.data.metrics["compile_backend_s"]
+    phases = [f"compile_{phase}_s" for phase in ("trace", "aot", "inductor", "kernels")]
+    cold = [first.data.metrics[phase] for phase in phases]  # each stage ran, and they add up to no more than the whole
+    assert min(cold) > 0 and sum(cold) < first.data.metrics["compile_s"]
+    assert "compile_kernels_here_s" not in first.data.metrics  # Triton's: CPU kernels are C++
     assert second.data.metrics["warmup_s"] < first.data.metrics["warmup_s"] / 2
     assert list((tmp_path / "torch_compile").iterdir())
     for run in (first, second):
@@ -735,8 +739,12 @@ def test_precompile_compiles_once_and_a_second_process_only_loads(cli, tmp_path:
     assert first.data.tags["precompile_cache"] == "miss" and second.data.tags["precompile_cache"] == "hit"
     assert first.data.metrics["precompile_s"] > 0 and second.data.metrics["precompile_s"] == 0
     assert second.data.metrics["precompile_load_s"] > 0
-    # Inductor's cache tag and Dynamo's timers do not see aot_compile: a precompiled run reports neither
+    # Inductor's cache tag and Dynamo's outer timers do not see aot_compile: a precompiled run reports neither,
+    # but the stages' timers run inside it, so the cold run says where its compile went
     assert "compile_cache" not in second.data.tags and "compile_s" not in first.data.metrics
+    cold = [first.data.metrics[f"compile_{phase}_s"] for phase in ("trace", "aot")]  # aot_eager: no inductor
+    assert min(cold) > 0 and sum(cold) < first.data.metrics["precompile_s"]
+    assert "compile_inductor_s" not in first.data.metrics and "compile_trace_s" not in second.data.metrics
     for run in (first, second):
         assert run.data.metrics["psnr_vs_baseline"] > 40 and run.data.tags["quality_unaffected"] == "true"
     [saved] = (tmp_path / "precompiled").glob("denoiser-*.bin")

@@ -17,7 +17,10 @@ time went (the part outside the backend is Dynamo tracing the Python and buildin
 process, cache or not). ``precompile`` saves that part too: the denoiser and the VAE decoder traced and
 compiled whole, written to ``cache_dir/precompiled`` and loaded by later processes without tracing
 (``runner/accelerators/precompile.py``); such a run reports ``precompile_cache``, ``precompile_s`` and
-``precompile_load_s`` instead, since inductor's cache counters and Dynamo's timers do not see ``aot_compile``.
+``precompile_load_s`` instead, since inductor's cache counters and Dynamo's outer timers do not see
+``aot_compile``. Either way the ``compile_<phase>_s`` metrics split the compile by stage (COMPILE_PHASES):
+Dynamo's tracing, AOTAutograd, inductor's lowering and code generation, the kernels' building and loading, and
+the kernels built one by one in the job's process because inductor's pool of compile workers was not ready.
 
 A denoiser that another accelerator wrapped may name ``step_modules``, the attributes to compile in its stead
 (DeepCache's full and shallow UNets), so that routing between them stays in Python.
@@ -45,6 +48,19 @@ CUDA_GRAPH_MODES = ("reduce-overhead",)
 UNMEASURED = ("max-autotune", "max-autotune-no-cudagraphs")
 # Dynamo's own timers (torch._dynamo.utils.compilation_time_metrics): a whole compile, and its backend's part.
 COMPILE_TIMERS = {"compile_s": "_compile.compile_inner", "compile_backend_s": "OutputGraph.call_user_compiler"}
+# Where a compile's time goes, from the timers torch keeps at each stage: each phase is a timer less the part of
+# it another phase reports, so that none counts twice. Only timers that do not nest in themselves are read (a
+# nested region is lowered inside its parent's lowering: GraphLowering's own timers count it twice).
+# aot_compile (precompile) runs the same stages under its own outer timer, so these are given for both.
+COMPILE_PHASES = {
+    "compile_trace_s": ("bytecode_tracing", None),  # Dynamo reading the Python into a graph
+    "compile_aot_s": ("create_aot_dispatcher_function", "compile_fx_inner"),  # AOTAutograd: functional graph
+    "compile_inductor_s": ("compile_fx_inner", "PyCodeCache.load_by_key_path"),  # lowering, fusion, code
+    "compile_kernels_s": ("PyCodeCache.load_by_key_path", None),  # loading the code: kernels built, waited for
+    # ...of which Triton kernels built in this process one at a time, while inductor's pool of compile workers
+    # was not yet ready (with it ready, they build side by side and this reads 0)
+    "compile_kernels_here_s": ("async_compile.precompile", None),
+}
 
 
 @dataclass
@@ -69,6 +85,11 @@ class TorchCompileAccelerator(Accelerator):
         Metric("precompile_s", "precompile: tracing, compiling and saving", "s", "{:.1f}"),
         Metric("precompile_load_s", "precompile: loading saved functions", "s", "{:.1f}"),
         Metric("compiled_blocks", "regional or nested: the block modules compiled alone or as regions", "", "{:.0f}"),
+        Metric("compile_trace_s", "compile: Dynamo tracing the Python", "s", "{:.1f}"),
+        Metric("compile_aot_s", "compile: AOTAutograd", "s", "{:.1f}"),
+        Metric("compile_inductor_s", "compile: inductor lowering, fusing, writing code", "s", "{:.1f}"),
+        Metric("compile_kernels_s", "compile: building and loading kernels", "s", "{:.1f}"),
+        Metric("compile_kernels_here_s", "of which built one by one, the compile pool not ready", "s", "{:.1f}"),
     )
 
     def check(self, device: torch.device) -> None:
@@ -113,6 +134,7 @@ class TorchCompileAccelerator(Accelerator):
         parts = getattr(denoiser, "step_modules", ())
         self.counters_before = _cache_counters()
         self.timers_before = _compile_timers()
+        self.phases_before = _compile_phases()
         if self.cache and self.backend == "inductor":
             folder = target.cache_dir / "torch_compile"
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read when inductor first needs its cache
@@ -176,15 +198,16 @@ class TorchCompileAccelerator(Accelerator):
         return {"compile_cache": state, "compile_cache_hits": str(hits), "compile_cache_misses": str(misses)}
 
     def metrics(self) -> dict[str, float]:
-        blocks = {"compiled_blocks": float(self.compiled_blocks)} if hasattr(self, "compiled_blocks") else {}
-        if self.precompile:  # Dynamo's timers do not see aot_compile: they would read 0 for a 100 s compile
+        measured = {"compiled_blocks": float(self.compiled_blocks)} if hasattr(self, "compiled_blocks") else {}
+        before = getattr(self, "phases_before", {})
+        measured |= {key: seconds - before.get(key, 0.0) for key, seconds in _compile_phases().items()}
+        if self.precompile:  # Dynamo's outer timers do not see aot_compile: they would read 0 for a 100 s compile
             modules = getattr(self, "precompiled", ())
-            return blocks | {
-                "precompile_s": sum(module.seconds["compile"] for module in modules),
-                "precompile_load_s": sum(module.seconds["load"] for module in modules),
-            }
+            measured["precompile_s"] = sum(module.seconds["compile"] for module in modules)
+            measured["precompile_load_s"] = sum(module.seconds["load"] for module in modules)
+            return measured
         before = getattr(self, "timers_before", {})
-        return blocks | {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
+        return measured | {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
 
 
 def block_classes(denoiser: torch.nn.Module, blocks: list[str], option: str) -> dict[str, type]:
@@ -253,6 +276,21 @@ def _compile_timers() -> dict[str, float]:
     from torch._dynamo.utils import compilation_time_metrics
 
     return {key: float(sum(compilation_time_metrics.get(timer, ()))) for key, timer in COMPILE_TIMERS.items()}
+
+
+def _compile_phases() -> dict[str, float]:
+    """Seconds spent so far in this process in each of COMPILE_PHASES whose stage ran (a backend without
+    inductor runs no inductor stage; a timer a later torch renames drops its phase rather than reading 0)."""
+    from torch._dynamo.utils import compilation_time_metrics as timers
+
+    def spent(name: str) -> float:
+        return float(sum(timers[name]))
+
+    return {
+        key: spent(timer) - (spent(inner) if inner in timers else 0.0)
+        for key, (timer, inner) in COMPILE_PHASES.items()
+        if timer in timers
+    }
 
 
 def _cache_counters() -> tuple[int, int]:
