@@ -56,7 +56,9 @@ COMPILE_PHASES = {
     "compile_trace_s": ("bytecode_tracing", None),  # Dynamo reading the Python into a graph
     "compile_aot_s": ("create_aot_dispatcher_function", "compile_fx_inner"),  # AOTAutograd: functional graph
     "compile_inductor_s": ("compile_fx_inner", "PyCodeCache.load_by_key_path"),  # lowering, fusion, code
-    "compile_kernels_s": ("PyCodeCache.load_by_key_path", None),  # loading the code: kernels built, waited for
+    # Loading the code: kernels built and waited for (and the loading of saved code, where a precompiled job
+    # found some: that is subtracted from inductor's part too, by at most its precompile_load_s)
+    "compile_kernels_s": ("PyCodeCache.load_by_key_path", None),
     # ...of which Triton kernels built in this process one at a time, while inductor's pool of compile workers
     # was not yet ready (with it ready, they build side by side and this reads 0)
     "compile_kernels_here_s": ("async_compile.precompile", None),
