@@ -26,6 +26,7 @@ from runner.plots import plot_speedups, plot_throughput
 from runner.record import JobRecord, Outcome, Pace, Quality, Steadiness
 from runner.tracking import Tracker
 
+NOT_RUN = "Failed, stopped and skipped jobs"  # the report's last section
 NO_IMAGES = "(no images in this artifact store: log_images=false, or the artifacts stayed where the runs ran)"
 REPORT_IMAGE_PX = 384  # the report's copies of run images; MLflow keeps them at full size
 
@@ -107,9 +108,9 @@ class Report:
         devices = sorted({r.conditions.device_name for r in self.records} - {""})
         repeated = self.total - len(self.records)
         return (
-            f"{len(self.records)} job(s): {outcomes.count(Outcome.OK)} finished, "
-            f"{outcomes.count(Outcome.FAILED) + outcomes.count(Outcome.KILLED)} failed, "
-            f"{outcomes.count(Outcome.SKIPPED)} skipped; on {', '.join(devices) or 'no device'}"
+            f"{len(self.records)} job(s): {outcomes.count(Outcome.OK)} finished, {outcomes.count(Outcome.FAILED)} "
+            f"failed, {outcomes.count(Outcome.KILLED)} stopped, {outcomes.count(Outcome.SKIPPED)} skipped; on "
+            f"{', '.join(devices) or 'no device'}"
             + (f" ({repeated} older run(s) of the same jobs not shown)" if repeated > 0 else "")
         )
 
@@ -119,19 +120,20 @@ class Report:
             return ["No accelerated run yet: sweep `accelerator=none,<other>` (the baseline first) to answer."]
         lines = [
             "| accelerator | answer | jobs | faster | quality unaffected | faster and unaffected | speedup "
-            "| inconclusive | not compared | failed |",
-            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+            "| inconclusive | not compared | failed | stopped |",
+            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
         ]
         for a in found:
             lines.append(
                 f"| {a.accelerator} | {a.cell} | {a.jobs} | {a.faster} | {a.unaffected} | {a.both} | {a.span} "
-                f"| {a.inconclusive} | {a.uncompared} | {a.failed} |"
+                f"| {a.inconclusive} | {a.uncompared} | {a.failed} | {a.stopped} |"
             )
         lines += [
             "",
             f"*Yes*: faster (by {FASTER:.2f}× or more, beyond the calls' noise) with quality unaffected in every job "
             "that could be judged; *inconclusive*: its timings or its baseline's were noisy or contended, rerun; *not "
-            "compared*: no baseline measured under the same conditions.",
+            "compared*: no baseline measured under the same conditions; *stopped*: ended by Ctrl-C, a SIGTERM (a "
+            "scheduler, a time limit) or its process's death, not by the accelerator: run the sweep again to resume.",
         ]
         if any(r.weights == "random" for r in self.records):
             lines += [
@@ -230,8 +232,8 @@ class Report:
     def _not_run(self) -> list[str]:
         missing = [r for r in self.records if not r.ok]
         if not missing:
-            return ["## Failed and skipped jobs", "", "None: every job finished.", ""]
-        lines = ["## Failed and skipped jobs", "", "| job | outcome | why |", "|---|---|---|"]
+            return [f"## {NOT_RUN}", "", "None: every job finished.", ""]
+        lines = [f"## {NOT_RUN}", "", "| job | outcome | why |", "|---|---|---|"]
         for record in sorted(missing, key=lambda r: (r.outcome is Outcome.SKIPPED, r.name)):
             lines.append(f"| {record.name} | {record.outcome} | {record.why.replace('|', '/') or '?'} |")
         return [*lines, ""]
@@ -251,6 +253,7 @@ class Answer:
     uncompared: int
     failed: int
     speedups: tuple[float, ...]  # of the judged jobs
+    stopped: int = 0  # ended by Ctrl-C, SIGTERM or its process's death: no fault of the accelerator
 
     @property
     def verdict(self) -> str:
@@ -273,7 +276,10 @@ class Answer:
     def line(self) -> str:
         """The answer in one line, as a sweep prints it under its table."""
         if not self.judged:
-            why = f"{self.inconclusive} inconclusive, {self.uncompared} not compared, {self.failed} failed"
+            why = (
+                f"{self.inconclusive} inconclusive, {self.uncompared} not compared, {self.failed} failed, "
+                f"{self.stopped} stopped"
+            )
             return f"{self.accelerator}: not answered ({why})"
         return (
             f"{self.accelerator}: {self.verdict}, faster with quality unaffected in {self.both} of {self.judged} "
@@ -284,16 +290,16 @@ class Answer:
 def answers(records: list[JobRecord]) -> list[Answer]:
     """One answer per accelerator under test (not the baseline) among ``records``, one run per job."""
     compared: dict[str, list[JobRecord]] = defaultdict(list)
-    failed: dict[str, int] = defaultdict(int)
+    ended: dict[Outcome, dict[str, int]] = {Outcome.FAILED: defaultdict(int), Outcome.KILLED: defaultdict(int)}
     for record in newest(records):
         if record.is_baseline:
             continue
-        if record.outcome in (Outcome.FAILED, Outcome.KILLED):
-            failed[record.accelerator] += 1
+        if record.outcome in ended:
+            ended[record.outcome][record.accelerator] += 1
         elif record.ok:
             compared[record.accelerator].append(record)
     found = []
-    for accelerator in sorted({*compared, *failed}):
+    for accelerator in sorted({*compared, *ended[Outcome.FAILED], *ended[Outcome.KILLED]}):
         runs = compared.get(accelerator, [])
         paces = [r.comparison.pace if r.comparison else Pace.UNCOMPARED for r in runs]
         fast = [r for r, p in zip(runs, paces, strict=True) if p is Pace.FASTER]
@@ -309,8 +315,9 @@ def answers(records: list[JobRecord]) -> list[Answer]:
                 len(judged),
                 paces.count(Pace.INCONCLUSIVE),
                 paces.count(Pace.UNCOMPARED),
-                failed.get(accelerator, 0),
+                ended[Outcome.FAILED].get(accelerator, 0),
                 tuple(r.comparison.speedup for r in judged if r.comparison and r.comparison.speedup),
+                ended[Outcome.KILLED].get(accelerator, 0),
             )
         )
     return found

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from runner.config import MlflowConfig
 from runner.host import HOST, boot_id
+from runner.report import main as report_main
 from runner.tracking import PROBE_TIMEOUT_S, Tracker
 
 
@@ -170,6 +171,9 @@ def test_a_stopped_sweep_compares_the_jobs_it_finished(tmp_path: Path) -> None:
     finished, stopped = sorted(jobs, key=lambda run: run.info.status)
     assert (finished.info.status, stopped.info.status) == ("FINISHED", "KILLED")
     assert finished.data.tags["pace"] == "baseline"  # its verdict, written though the sweep never reached its end
+    assert report_main(["--tracking-uri", uri, "--out", str(tmp_path / "report")]) == 0
+    counts = "2 job(s): 1 finished, 0 failed, 1 stopped, 0 skipped"  # a stopped job is no failure
+    assert counts in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_an_abandoned_sweep_run_is_closed_by_the_next_sweep(cli, tmp_path: Path) -> None:

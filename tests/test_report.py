@@ -56,9 +56,9 @@ def test_report_of_a_sweep_with_a_skip_and_a_failure(cli, test_accelerators: str
     assert f"| same | {same.data.metrics['latency_s']:.3f} | {speedup:.2f}× | {pace}" in answer
 
     sections = re.findall(r"^## (.+)$", text, flags=re.M)
-    assert sections[-1] == "Failed and skipped jobs"  # at the end, after every measured job
+    assert sections[-1] == "Failed, stopped and skipped jobs"  # at the end, after every measured job
     assert not any("tiny_pix2pix" in section for section in sections)  # no section of its own
-    not_run = text.split("## Failed and skipped jobs")[1]
+    not_run = text.split("## Failed, stopped and skipped jobs")[1]
     assert "| tp2p/t2i/64/none | skipped | model tiny_pix2pix has no t2i pipeline" in not_run
     assert "| tiny/t2i/64/onediff | failed | accelerator=onediff: onediffx is not installed" in not_run
 
@@ -122,6 +122,8 @@ def test_an_answer_says_on_how_many_jobs_it_rests() -> None:
     assert answer(judged=2, both=2).cell == "**Yes** (2 of 8 judged)"
     assert answer(judged=2, both=1).cell == "**Partly** (2 of 8 judged)"
     assert answer(judged=0, both=0).cell == "not answered"
+    stopped = Answer("torch_compile", 0, 0, 0, 0, 0, 0, 0, failed=0, speedups=(), stopped=1)
+    assert stopped.line() == "torch_compile: not answered (0 inconclusive, 0 not compared, 0 failed, 1 stopped)"
 
 
 def test_a_withheld_verdict_says_whose_timings_forbade_it(tmp_path: Path) -> None:
