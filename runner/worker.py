@@ -179,7 +179,8 @@ def time_calls(
         # milliseconds, not the 0.35-1.1 s per call it took on our H100 host.
         gc.collect()
         gc.freeze()
-        progress(cfg, f"warmup {warmup.seconds:.2f} s; timing {cfg.runs} call(s)")
+        note = accelerator.warmup_note()
+        progress(cfg, f"warmup {warmup.seconds:.2f} s{f': {note}' if note else ''}; timing {cfg.runs} call(s)")
         with steady_host(device, core):
             jobs_at_once, host_load, compiled = registry.count(), CpuLoad(), graphs_compiled()
             with timeline.phase("timed"), peak_memory(device, into=result.metrics), EnergyMeter(gpu) as energy:

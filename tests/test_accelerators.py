@@ -3,6 +3,7 @@ outputs within rounding (on a GPU where it needs one), and DeepCache's shallow p
 
 import copy
 import dataclasses
+import re
 import sys
 import types
 from pathlib import Path
@@ -206,6 +207,22 @@ def test_regional_compile_compiles_the_repeated_blocks_alone(tmp_path: Path) -> 
         r"accelerator.blocks=\[...\] or use accelerator.regional=false",
     ):
         TorchCompileAccelerator(regional=True, backend="eager").apply(pipe, target(tmp_path))
+
+
+def test_a_compile_says_in_the_log_where_its_time_went(tmp_path: Path) -> None:
+    """The warmup's line names the compile's stages (Dynamo and AOTAutograd here: aot_eager lowers nothing),
+    through a chain too; a part that compiled nothing says nothing."""
+    pipe = tiny_pipe()
+    args = (torch.randn(2, 4, 8, 8), torch.tensor(500.0), torch.randn(2, 77, 64))
+    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}}
+    compiling = {"_target_": "runner.accelerators.torch_compile.TorchCompileAccelerator", "backend": "aot_eager"}
+    graphs = {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"}
+    chain = Chain(parts=[compiling | {"compile_vae": False, "cache": False}, graphs])
+    chain._accelerators()[0].apply(pipe, target(tmp_path))  # the graphs need CUDA: that part stays unapplied
+    assert chain.warmup_note() == ""  # nothing compiled yet
+    with torch.no_grad():
+        pipe.unet(*args, return_dict=False, **extra)
+    assert re.fullmatch(r"compile \d+\.\d s \(Dynamo \d+\.\d, AOTAutograd \d+\.\d\)", chain.warmup_note())
 
 
 def test_regional_or_nested_compile_of_named_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -74,6 +74,11 @@ class Accelerator:
     def warmed_up(self, pipe: DiffusionPipeline) -> None:
         """Called after the warmup calls, before timing (e.g. to save what compilation produced)."""
 
+    def warmup_note(self) -> str:
+        """Where the warmup's time went, in a few words for the job's log (e.g. a compile's stages); "" if
+        nothing worth saying."""
+        return ""
+
     def tags(self) -> dict[str, str]:
         """Facts about this run worth filtering on, e.g. whether a compile cache was hit."""
         return {}

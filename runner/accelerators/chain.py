@@ -44,6 +44,9 @@ class Chain(Accelerator):
         for accelerator in self._accelerators():
             accelerator.warmed_up(pipe)
 
+    def warmup_note(self) -> str:
+        return "; ".join(note for accelerator in self._accelerators() if (note := accelerator.warmup_note()))
+
     def tags(self) -> dict[str, str]:
         return {key: value for accelerator in self._accelerators() for key, value in accelerator.tags().items()}
 

@@ -63,6 +63,8 @@ COMPILE_PHASES = {
     # was not yet ready (with it ready, they build side by side and this reads 0)
     "compile_kernels_here_s": ("async_compile.precompile", None),
 }
+STAGE_NAMES = {"compile_trace_s": "Dynamo", "compile_aot_s": "AOTAutograd", "compile_inductor_s": "inductor"}
+STAGE_NAMES |= {"compile_kernels_s": "kernels", "compile_kernels_here_s": "of them built one by one"}
 
 
 @dataclass
@@ -198,6 +200,12 @@ class TorchCompileAccelerator(Accelerator):
         hits, misses = (now - then for now, then in zip(_cache_counters(), before, strict=True))
         state = "hit" if hits and not misses else "miss" if misses and not hits else "partial" if hits else "none"
         return {"compile_cache": state, "compile_cache_hits": str(hits), "compile_cache_misses": str(misses)}
+
+    def warmup_note(self) -> str:
+        measured = self.metrics()
+        total = measured.get("precompile_s", measured.get("compile_s", 0.0))
+        stages = [f"{STAGE_NAMES[key]} {measured[key]:.1f}" for key in COMPILE_PHASES if key in measured]
+        return f"compile {total:.1f} s ({', '.join(stages)})" if stages and total >= 0.05 else ""
 
     def metrics(self) -> dict[str, float]:
         measured = {"compiled_blocks": float(self.compiled_blocks)} if hasattr(self, "compiled_blocks") else {}
