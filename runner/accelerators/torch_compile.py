@@ -63,8 +63,13 @@ COMPILE_PHASES = {
     # was not yet ready (with it ready, they build side by side and this reads 0)
     "compile_kernels_here_s": ("async_compile.precompile", None),
 }
-STAGE_NAMES = {"compile_trace_s": "Dynamo", "compile_aot_s": "AOTAutograd", "compile_inductor_s": "inductor"}
-STAGE_NAMES |= {"compile_kernels_s": "kernels", "compile_kernels_here_s": "of them built one by one"}
+STAGE_NAMES = {  # as the job's log names them (warmup_note)
+    "compile_trace_s": "Dynamo",
+    "compile_aot_s": "AOTAutograd",
+    "compile_inductor_s": "inductor",
+    "compile_kernels_s": "kernels",
+    "compile_kernels_here_s": "of them built one by one",
+}
 
 
 @dataclass
