@@ -2,12 +2,14 @@
 
 The sweeper (hydra_plugins/runner_sweeper) hands the launching of jobs to ``run_sweep``, which opens the
 sweep's run (the parent of its jobs' runs), launches, and always ends: the sweep's table is printed and its
-run closed FINISHED, FAILED (some job failed) or KILLED (Ctrl-C, SIGTERM), whatever the comparison or the
-report ran into (that becomes one line and a tag). The exit code says whether any job failed. A sweep
+run closed FINISHED, FAILED (some job failed) or KILLED (Ctrl-C, SIGTERM, or some job stopped and none
+failed), whatever the comparison or the report ran into (that becomes one line and a tag). The exit code says
+whether any job failed or was stopped. A sweep
 run left RUNNING by a process that died (SIGKILL, a lost machine) is closed by the next sweep on its host.
 MLflow is the record, so the table reads the sweep's runs back from it whichever launcher ran the jobs.
 """
 
+import difflib
 import os
 import signal
 import sys
@@ -119,7 +121,8 @@ def stopped(tracker: Tracker, sweep_id: str, stop: BaseException) -> None:
 
 
 def finish(tracker: Tracker, sweep_id: str, done_before: list[str], problems: list[str]) -> None:
-    """Compare the sweep's runs, log its report, print its table, close its run; exit non-zero if a job failed."""
+    """Compare the sweep's runs, log its report, print its table, close its run; exit non-zero if a job failed or
+    was stopped."""
     records = tracker.records(f"tags.sweep_id = '{sweep_id}'") + [tracker.record(run_id) for run_id in done_before]
     try:
         compare(tracker, records)
@@ -147,15 +150,25 @@ def finish(tracker: Tracker, sweep_id: str, done_before: list[str], problems: li
     if report:
         print(f"Report: {report}")
     print(f"MLflow: {tracker.ui_link(sweep_id)}")
-    failed = [r for r in records if r.outcome in (Outcome.FAILED, Outcome.KILLED)]
-    tags = {"jobs": str(len(records)), "jobs_failed": str(len(failed)), "mlflow.note.content": note(records)}
+    # A stopped job (a scheduler's time limit, a lost process) is no failure of what it measured, as the report
+    # counts it; but the sweep did not do all it was asked, so it still ends non-zero.
+    failed = [r for r in records if r.outcome is Outcome.FAILED]
+    stopped = [r for r in records if r.outcome is Outcome.KILLED]
+    tags = {"jobs": str(len(records)), "jobs_failed": str(len(failed)), "jobs_stopped": str(len(stopped))}
+    tags["mlflow.note.content"] = note(records)
     if problems:
         tags["sweep_problems"] = "; ".join(problems)
     tracker.log_text(sweep_id, table + "\n", "sweep.txt")
-    tracker.end_sweep(sweep_id, "FAILED" if failed or problems else "FINISHED", tags)
+    tracker.end_sweep(sweep_id, "FAILED" if failed or problems else "KILLED" if stopped else "FINISHED", tags)
     if failed:
         print(f"{len(failed)} of {len(records)} job(s) failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
-    if failed or problems:
+    if stopped:
+        names = ", ".join(r.name for r in stopped)
+        print(
+            f"{len(stopped)} of {len(records)} job(s) stopped: {names}; run the same command again to resume them",
+            file=sys.stderr,
+        )
+    if failed or stopped or problems:
         raise SystemExit(1)
 
 
@@ -191,7 +204,9 @@ def describe_compose_error(error: Exception, chosen: dict[str, str]) -> str:
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and "/" in error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")
         options = ", ".join(error.options or [])
-        return f"{group}={option}: no such {group}; choose one of {options} (or add conf/{group}/{option}.yaml)"
+        close = difflib.get_close_matches(option, error.options or [], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"{group}={option}: no such {group}{hint}; choose one of {options} (or add conf/{group}/{option}.yaml)"
     cause = error.__cause__ or error
     key = getattr(cause, "full_key", None)
     if key and key in chosen:

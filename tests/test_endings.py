@@ -31,7 +31,8 @@ def test_good_jobs_beside_an_unknown_model_and_accelerator_end_with_the_table(cl
     assert sweep.code == 1
     table = sweep.output.split("\nSweep ")[1]
     assert "tiny/t2i/64/none  " in table and " ok " in table
-    assert "tiny_sdxll/t2i/64/none" in table and "model=tiny_sdxll: no such model; choose one of" in table
+    assert "tiny_sdxll/t2i/64/none" in table  # a typo: the closest name is offered
+    assert "model=tiny_sdxll: no such model (did you mean tiny_sdxl?); choose one of" in table
     assert "tiny/t2i/64/tensorrt" in table and "accelerator=tensorrt: no such accelerator" in table
     assert "3 of 4 job(s) failed" in sweep.output
     assert "Traceback" not in sweep.output and "HYDRA_FULL_ERROR" not in sweep.output

@@ -125,8 +125,11 @@ def test_a_job_at_its_time_limit_is_closed_with_the_reason(cli, cluster: Cluster
         timeout=400,
     )
     assert sweep.code == 1, sweep.output
+    assert "1 of 1 job(s) stopped: tiny/t2i/64/none; run the same command again" in sweep.output  # not "failed"
     [run] = runs_of(server, "timelimit")
     assert run["info"]["status"] == "KILLED", sweep.output
+    [parent] = runs_of(server, "timelimit", kind="sweep")  # FAILED: the launcher's wait ended in a problem
+    assert (parent["tags"]["jobs_stopped"], parent["tags"]["jobs_failed"]) == ("1", "0")
     limit = r"stopped after 00:0\d:\d\d of its SLURM time limit \(00:02:00\): submitit ends a job when SLURM warns"
     assert re.match(limit, run["tags"]["error"]) and "raise hydra.launcher.timeout_min" in run["tags"]["error"]
 
