@@ -496,8 +496,9 @@ def value_error(key: str, value: object) -> str | None:
 
 def check_override_keys(overrides: list[str], groups: set[str]) -> None:
     """Refuse, before anything runs, a command-line key the schema does not have, naming the closest one, and
-    a single value a number or flag setting cannot take (a swept value fails only its own job, in the sweep).
-    ``groups`` are the config groups (model, task, ...), whose options Hydra itself checks."""
+    a single value a number or flag setting cannot take, or a single model, task, accelerator or experiment
+    ``conf/`` does not have (a swept value fails only its own job, in the sweep; with ``hydra.searchpath`` the
+    options are Hydra's to check). ``groups`` are the config groups (model, task, ...)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -506,11 +507,16 @@ def check_override_keys(overrides: list[str], groups: set[str]) -> None:
     except HydraException:
         return  # Hydra's own parser then says what is wrong with the syntax
     keys = known_keys()
+    elsewhere = any(override.key_or_group == "hydra.searchpath" for override in parsed)  # options beyond conf/
     for override in parsed:
         key = override.key_or_group
         problem = None if override.is_sweep_override() else value_error(key, override.value())
         if problem:
             raise ConfigError(problem)
+        if key in groups and not (override.is_sweep_override() or elsewhere or override.value() is None):
+            options = sorted(path.stem for path in (CONF / key).glob("*.yaml"))
+            if str(override.value()) not in options:
+                raise ConfigError(no_such_option(key, str(override.value()), options))
         if key.split(".")[0].split("/")[0] == "hydra" or key in groups or "/" in key or key in keys:
             continue
         problem = None if override.is_add() else accelerator_option_problem(key, parsed)
@@ -521,6 +527,15 @@ def check_override_keys(overrides: list[str], groups: set[str]) -> None:
         close = difflib.get_close_matches(key, [*keys, *groups], n=1)
         hint = f"did you mean {close[0]}?" if close else "python -m runner --help lists every key"
         raise ConfigError(f"{key}: no such key; {hint}")
+
+
+def no_such_option(group: str, option: str, options: list[str]) -> str:
+    """One line for a model, task, accelerator or experiment that ``conf/<group>/`` does not have: the closest
+    name, every choice, and how to add one."""
+    close = difflib.get_close_matches(option, options, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    choices = ", ".join(options)
+    return f"{group}={option}: no such {group}{hint}; choose one of {choices} (or add conf/{group}/{option}.yaml)"
 
 
 def accelerator_option_problem(key: str, parsed: list) -> str | None:

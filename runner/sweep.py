@@ -9,7 +9,6 @@ run left RUNNING by a process that died (SIGKILL, a lost machine) is closed by t
 MLflow is the record, so the table reads the sweep's runs back from it whichever launcher ran the jobs.
 """
 
-import difflib
 import os
 import signal
 import sys
@@ -25,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.catalogue import SWEEP_TABLE, describe
 from runner.compare import compare
-from runner.config import MlflowConfig, option_label, run_name, value_error
+from runner.config import MlflowConfig, no_such_option, option_label, run_name, value_error
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
 from runner.job import Stopped, Terminated, alive, sigterm_raises
@@ -203,10 +202,7 @@ def describe_compose_error(error: Exception, chosen: dict[str, str]) -> str:
     allowed."""
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and "/" in error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")
-        options = ", ".join(error.options or [])
-        close = difflib.get_close_matches(option, error.options or [], n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        return f"{group}={option}: no such {group}{hint}; choose one of {options} (or add conf/{group}/{option}.yaml)"
+        return no_such_option(group, option, list(error.options or []))
     cause = error.__cause__ or error
     key = getattr(cause, "full_key", None)
     if key and key in chosen:

@@ -50,6 +50,15 @@ def test_an_unknown_key_is_refused_before_anything_runs(cli, args: tuple[str, ..
     assert sweep.runs() == {}  # no job ran, none was recorded
 
 
+@pytest.mark.parametrize("args", [("model=tiny_sdxll",), ("-m", "model=tiny_sdxll"), ("+experiment=demoo",)])
+def test_a_single_misspelt_choice_is_refused_in_one_line_with_the_closest_name(cli, args: tuple[str, ...]) -> None:
+    sweep = cli(*args, "res=64", "runs=1")
+    group, _, wrong = args[-1].lstrip("+").partition("=")
+    assert sweep.code == 2 and sweep.output.startswith(f"error: {group}={wrong}: no such {group} (did you mean ")
+    assert len(sweep.output.strip().splitlines()) == 1 and "Config search path" not in sweep.output
+    assert sweep.runs() == {}
+
+
 @pytest.mark.parametrize(
     ("args", "error"),
     [
