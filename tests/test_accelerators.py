@@ -3,6 +3,7 @@ outputs within rounding (on a GPU where it needs one), and DeepCache's shallow p
 
 import copy
 import dataclasses
+import json
 import re
 import sys
 import types
@@ -147,6 +148,50 @@ def test_torch_compile_options_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"^accelerator.mode=max-autotune-no-cudagraphs: not offered, since its"):
         TorchCompileAccelerator(mode="max-autotune-no-cudagraphs").check(CPU)
     TorchCompileAccelerator(mode="default").check(CPU)
+
+
+@pytest.mark.parametrize(
+    ("options", "refusal"),
+    [
+        (
+            {"inductor": {"triton.enable_pld": True}},
+            r"^accelerator.inductor: torch .+'s inductor has no setting triton.enable_pld; did you mean "
+            r"triton.enable_pdl\?$",
+        ),
+        (
+            {"inductor": {"triton.enable_pdl": True}, "backend": "aot_eager"},
+            r"^accelerator.inductor sets inductor's own settings, and accelerator.backend=aot_eager runs no inductor$",
+        ),
+        (
+            {"inductor": {"triton.enable_pdl": True}, "mode": "reduce-overhead"},
+            r"^accelerator.inductor and accelerator.mode=reduce-overhead both set inductor's settings",
+        ),
+    ],
+)
+def test_inductor_settings_torch_lacks_or_cannot_take_are_refused_in_one_line(options: dict, refusal: str) -> None:
+    with pytest.raises(ConfigError, match=refusal):
+        TorchCompileAccelerator(**options).check(CPU)
+
+
+@pytest.mark.parametrize("precompile", [False, True])
+def test_inductor_settings_reach_the_compile_and_the_runs_tags(tmp_path: Path, precompile: bool) -> None:
+    """A setting whose effect shows on disk (inductor's debug trace, which a cached graph would not write: the
+    cache is one more setting) takes effect, compiled or precompiled; a precompiled function saved with other
+    settings is not reused."""
+    settings = {"trace.enabled": True, "trace.debug_dir": str(tmp_path / "trace"), "fx_graph_cache": False}
+    layer = torch.nn.Linear(8, 4)
+    pipe = types.SimpleNamespace(unet=layer)
+    accelerator = TorchCompileAccelerator(compile_vae=False, cache=False, precompile=precompile, inductor=settings)
+    accelerator.check(CPU)
+    accelerator.apply(pipe, target(tmp_path))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x := torch.randn(2, 8)), layer(x))
+    assert list((tmp_path / "trace" / "torchinductor").glob("*/output_code.py"))
+    assert json.loads(accelerator.tags()["inductor_settings"]) == settings
+    signature = ("spec", ((2, 8), "torch.float32", "cpu", (8, 1)))
+    plain = PrecompiledModule(layer, tmp_path, "denoiser").path(signature)
+    assert plain != PrecompiledModule(layer, tmp_path, "denoiser", settings=settings).path(signature)
 
 
 def cold_then_warm(cli, accelerator: str, *overrides: str) -> tuple:

@@ -51,9 +51,12 @@ class PrecompiledModule(DenoiserWrapper):
     """Wraps a module so that its calls run a precompiled function, loaded or compiled on first use of each
     input signature."""
 
-    def __init__(self, module: torch.nn.Module, folder: Path, name: str, backend: str = "inductor") -> None:
+    def __init__(
+        self, module: torch.nn.Module, folder: Path, name: str, backend: str = "inductor", settings: dict | None = None
+    ) -> None:
         super().__init__(module)
         self.folder, self.name, self.backend = folder, name, backend
+        self.settings = dict(settings or {})  # inductor's settings for the compile (torch_compile's inductor)
         self.loaded: dict[tuple, Any] = {}
         self.cache_events: list[str] = []  # "hit" or "miss", one per signature
         self.seconds = {"compile": 0.0, "load": 0.0}
@@ -83,7 +86,8 @@ class PrecompiledModule(DenoiserWrapper):
             if hasattr(module, "processor")
         )
         versions = (torch.__version__, diffusers.__version__)
-        key = repr((repr(self.module), processors, weights, signature, self.backend, versions, where))
+        compiler = (self.backend, sorted(self.settings.items())) if self.settings else self.backend  # old keys hold
+        key = repr((repr(self.module), processors, weights, signature, compiler, versions, where))
         return self.folder / f"{self.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.bin"
 
     def _prepare(self, args: tuple, kwargs: dict, signature: tuple) -> Any:
@@ -108,7 +112,7 @@ class PrecompiledModule(DenoiserWrapper):
                 fullgraph=True,  # one graph or none: a saved function cannot fall back to Python midway
                 dynamic=False,
                 backend=self.backend,
-                options={"guard_filter_fn": no_guards},
+                options={"guard_filter_fn": no_guards, **self.settings},
             )
             function = compiled.aot_compile(((self.module, *args), kwargs))
             self.folder.mkdir(parents=True, exist_ok=True)

@@ -22,15 +22,21 @@ compiled whole, written to ``cache_dir/precompiled`` and loaded by later process
 Dynamo's tracing, AOTAutograd, inductor's lowering and code generation, the kernels' building and loading, and
 the kernels built one by one in the job's process because inductor's pool of compile workers was not ready.
 
+``inductor`` passes settings of torch's own (``torch._inductor.config`` keys, dotted as torch names them, e.g.
+``{triton.enable_pdl: true}``) to this accelerator's compiles, for trying one without code here; a key torch
+lacks is refused with the closest one, the run's tag ``inductor_settings`` records them, and a precompiled
+function is saved per settings.
+
 A denoiser that another accelerator wrapped may name ``step_modules``, the attributes to compile in its stead
 (DeepCache's full and shallow UNets), so that routing between them stays in Python.
 """
 
 import difflib
+import json
 import os
 import types
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
@@ -85,6 +91,7 @@ class TorchCompileAccelerator(Accelerator):
     blocks: list[str] = field(default_factory=list)  # regional's or nested's block classes (default _repeated_blocks)
     cache: bool = True
     precompile: bool = False
+    inductor: dict[str, Any] = field(default_factory=dict)  # inductor's own settings: inductor_settings_problem
 
     wraps: ClassVar[Wraps] = Wraps.DENOISER
     stage: ClassVar[Stage] = Stage.COMPILE
@@ -132,6 +139,8 @@ class TorchCompileAccelerator(Accelerator):
                 "accelerator.nested=true marks blocks inside a whole-module compile, and accelerator.regional=true "
                 "compiles the blocks alone: drop one of the two"
             )
+        if problem := inductor_settings_problem(self.inductor, self.backend, self.mode):
+            raise ConfigError(problem)
         if self.mode in CUDA_GRAPH_MODES and device.type != "cuda":
             raise ConfigError(
                 f"accelerator.mode={self.mode} replays CUDA graphs: it needs device=cuda, not "
@@ -182,20 +191,26 @@ class TorchCompileAccelerator(Accelerator):
                 "accelerator=deepcache_compile for DeepCache"
             )
         folder = target.cache_dir / "precompiled"
-        self.precompiled = [PrecompiledModule(denoiser, folder, "denoiser", self.backend)]
+        self.precompiled = [PrecompiledModule(denoiser, folder, "denoiser", self.backend, self.inductor)]
         setattr(pipe, target.denoiser, self.precompiled[0])
         if self.compile_vae:
-            self.precompiled.append(PrecompiledModule(pipe.vae.decoder, folder, "vae_decoder", self.backend))
+            decoder = PrecompiledModule(pipe.vae.decoder, folder, "vae_decoder", self.backend, self.inductor)
+            self.precompiled.append(decoder)
             pipe.vae.decoder = self.precompiled[-1]
 
     def _options(self) -> dict:
         mode = None if self.mode == "default" else self.mode
-        return {"mode": mode, "fullgraph": self.fullgraph, "backend": self.backend, "dynamic": False}
+        options = {"mode": mode, "fullgraph": self.fullgraph, "backend": self.backend, "dynamic": False}
+        return options | ({"options": dict(self.inductor)} if self.inductor else {})
 
     def _compile(self, fn):
         return torch.compile(fn, **self._options())
 
     def tags(self) -> dict[str, str]:
+        settings = {"inductor_settings": json.dumps(self.inductor, sort_keys=True)} if self.inductor else {}
+        return settings | self._cache_tags()
+
+    def _cache_tags(self) -> dict[str, str]:
         if self.precompile:  # its own files, not inductor's cache (which aot_compile neither reads nor fills)
             events = {event for module in getattr(self, "precompiled", ()) for event in module.cache_events}
             return {"precompile_cache": "partial" if len(events) > 1 else events.pop()} if events else {}
@@ -223,6 +238,29 @@ class TorchCompileAccelerator(Accelerator):
             return measured
         before = getattr(self, "timers_before", {})
         return measured | {key: seconds - before.get(key, 0.0) for key, seconds in _compile_timers().items()}
+
+
+def inductor_settings_problem(settings: dict[str, Any], backend: str, mode: str) -> str | None:
+    """The one line refusing ``inductor`` settings (``torch._inductor.config`` keys, dotted as torch names them:
+    ``triton.enable_pdl``) that torch does not have or cannot take here; None where they can be used."""
+    if not settings:
+        return None
+    if backend != "inductor":
+        return f"accelerator.inductor sets inductor's own settings, and accelerator.backend={backend} runs no inductor"
+    if mode != "default":
+        return (
+            f"accelerator.inductor and accelerator.mode={mode} both set inductor's settings, which torch.compile "
+            "refuses: give the mode's settings in accelerator.inductor instead"
+        )
+    import torch._inductor.config
+
+    known = torch._inductor.config.get_config_copy()
+    for key in settings:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else "torch._inductor.config lists them"
+            return f"accelerator.inductor: torch {torch.__version__}'s inductor has no setting {key}; {hint}"
+    return None
 
 
 def block_classes(denoiser: torch.nn.Module, blocks: list[str], option: str) -> dict[str, type]:
