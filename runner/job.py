@@ -129,10 +129,15 @@ def measure_and_record(
     return outcome, why, result
 
 
+# What a job measures outside its timed calls, the accelerator's cost among it: the rest is the runner's own.
+MEASURED = ("load_s", "accelerate_s", "warmup_s", "switch_s")
+
+
 def job_time(timeline: Timeline, wall_s: float, result: WorkerResult | None) -> dict[str, float]:
     """The job's wall time and where it went: the job process's own phases (its setup is what no other phase
-    took), and the runner's overhead: the wall time less queueing for a GPU, loading, warmup, the timed calls
-    themselves and the calls that switch sizes (``switch_res``). Empty when the worker handed back no timed calls."""
+    took), and the runner's overhead: the wall time less queueing for a GPU, loading, applying the accelerator,
+    warmup, the timed calls themselves and the calls that switch sizes (``switch_res``). Empty when the worker
+    handed back no timed calls."""
     calls = result.series.get("call_latency_s") if result else None
     if not calls:
         return {}
@@ -142,7 +147,7 @@ def job_time(timeline: Timeline, wall_s: float, result: WorkerResult | None) -> 
     job_own = sum(phases.get(name, 0.0) for name in ("queued", "worker", "record"))
     spent["time_job_setup_s"] = wall_s - job_own
     waited = phases.get("queued", 0.0)
-    measured = sum(result.metrics.get(key, 0.0) for key in ("load_s", "warmup_s", "switch_s")) + sum(calls)
+    measured = sum(result.metrics.get(key, 0.0) for key in MEASURED) + sum(calls)
     spent.update(job_wall_s=wall_s, overhead_s=wall_s - waited - measured)
     return spent
 
@@ -151,9 +156,11 @@ def time_summary(metrics: dict[str, float]) -> str:
     """One line: the job's wall time, what was measured (loading, warmup, the timed calls), and the runner's
     own phases, largest first; the parts add up to the wall time, with waiting for a GPU where there was any."""
     waited = metrics.get("time_queued_s", 0.0)
-    load, warmup, switch = (metrics.get(key, 0.0) for key in ("load_s", "warmup_s", "switch_s"))
-    calls = metrics["job_wall_s"] - metrics["overhead_s"] - waited - load - warmup - switch
-    measured = f"loading {load:.1f}, warmup {warmup:.1f}, timed calls {calls:.1f}"
+    load, accelerate, warmup, switch = (metrics.get(key, 0.0) for key in MEASURED)
+    calls = metrics["job_wall_s"] - metrics["overhead_s"] - waited - load - accelerate - warmup - switch
+    measured = f"loading {load:.1f}"
+    measured += f", applying the accelerator {accelerate:.1f}" if accelerate >= 0.05 else ""
+    measured += f", warmup {warmup:.1f}, timed calls {calls:.1f}"
     measured += f", switching sizes {switch:.1f}" if switch else ""
     measured += f", waiting for a GPU {waited:.1f}" if waited >= 0.05 else ""
     own = sorted(

@@ -71,8 +71,8 @@ def measure(
     cfg: Config, switched: Config | None, folder: Path, core: int | None, result: WorkerResult, timeline: Timeline
 ) -> None:
     """Measure the job, filling ``result`` as it goes (so a failure keeps what was measured before it), and
-    ``timeline`` with where the time outside loading, warmup and the timed calls went; then, given the
-    ``switched`` config, the cost of switching sizes."""
+    ``timeline`` with where the time outside loading, applying the accelerator, warmup and the timed calls
+    went; then, given the ``switched`` config, the cost of switching sizes."""
     with timeline.phase("setup"):
         drop_log_lines(HARMLESS + (TRUNCATION if cfg.model.weights == "random" else ()))
         device = resolve_device(cfg.device)
@@ -93,13 +93,15 @@ def measure(
         pipe = build_pipeline(cfg.model, cfg.names.task, device, dtype)
     eager_denoiser = getattr(pipe, cfg.model.denoiser)
     result.params["denoiser_params"] = parameter_count(eager_denoiser)
-    with timeline.phase("accelerate"):
+    # The accelerator's cost, as its warmup is: float8's conversion and calibration call, fused projections
+    with Stopwatch(device) as prepared:
         calibration = calibration_call(cfg, pipe, prompts, image, device)
         accelerator.apply(pipe, accelerator_target(cfg, device, dtype_name, calibration))
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
 
-    progress(cfg, f"loaded in {load.seconds:.1f} s; warming up ({cfg.warmup} call(s))")
-    result.metrics["load_s"] = load.seconds
+    applied = f", accelerator applied in {prepared.seconds:.1f} s" if prepared.seconds >= 0.05 else ""
+    progress(cfg, f"loaded in {load.seconds:.1f} s{applied}; warming up ({cfg.warmup} call(s))")
+    result.metrics.update(load_s=load.seconds, accelerate_s=prepared.seconds)
     try:
         timings, images, jobs_at_once, others_cores = time_calls(
             cfg, pipe, accelerator, clock, prompts, image, core, result, timeline

@@ -104,7 +104,8 @@ def test_tiny_sweep_of_both_tasks_reads_back_from_mlflow(cli) -> None:
         assert metrics["denoiser_tflop_per_step"] > 0 and metrics["peak_rss_gib"] > 0.1
         # Where the job's wall time went: the measured parts and the runner's own add up to the wall time.
         calls = [m.value for m in client.get_metric_history(run.info.run_id, "call_latency_s")]
-        measured = metrics["load_s"] + metrics["warmup_s"] + sum(calls) + metrics.get("time_queued_s", 0.0)
+        measured = metrics["load_s"] + metrics["accelerate_s"] + metrics["warmup_s"] + sum(calls)
+        measured += metrics.get("time_queued_s", 0.0)
         assert metrics["overhead_s"] == pytest.approx(metrics["job_wall_s"] - measured, abs=1e-6)
         own = [key for key in metrics if key.startswith("time_")]
         assert {"time_start_s", "time_setup_s", "time_flops_s", "time_quality_s", "time_record_s"} <= set(own)
@@ -260,6 +261,8 @@ def test_a_job_s_time_line_adds_up_to_its_wall_time() -> None:
     line = time_summary(metrics)
     assert line.startswith("wall 40.0 s: loading 1.0, warmup 6.0, timed calls 20.0, waiting for a GPU 5.0; ")
     assert line.endswith("the runner's own 8.0 s (setup 1.5, quality 0.4, start 0.1)")
+    metrics.update(accelerate_s=4.0, overhead_s=4.0)  # float8's calibration: the accelerator's, not the runner's
+    assert time_summary(metrics).startswith("wall 40.0 s: loading 1.0, applying the accelerator 4.0, warmup 6.0, ")
 
 
 def test_the_sweep_s_and_the_job_s_processes_leave_torch_to_the_workers() -> None:
