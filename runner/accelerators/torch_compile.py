@@ -230,7 +230,9 @@ class TorchCompileAccelerator(Accelerator):
     def metrics(self) -> dict[str, float]:
         measured = {"compiled_blocks": float(self.compiled_blocks)} if hasattr(self, "compiled_blocks") else {}
         before = getattr(self, "phases_before", {})
-        measured |= {key: seconds - before.get(key, 0.0) for key, seconds in _compile_phases().items()}
+        # Stages this accelerator's compiles ran: a timer an earlier compile in the process left behind is not one
+        spent = {key: seconds - before.get(key, 0.0) for key, seconds in _compile_phases().items()}
+        measured |= {key: seconds for key, seconds in spent.items() if seconds > 0}
         if self.precompile:  # Dynamo's outer timers do not see aot_compile: they would read 0 for a 100 s compile
             modules = getattr(self, "precompiled", ())
             measured["precompile_s"] = sum(module.seconds["compile"] for module in modules)
