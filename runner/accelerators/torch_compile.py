@@ -91,7 +91,7 @@ class TorchCompileAccelerator(Accelerator):
     blocks: list[str] = field(default_factory=list)  # regional's or nested's block classes (default _repeated_blocks)
     cache: bool = True
     precompile: bool = False
-    inductor: dict[str, Any] = field(default_factory=dict)  # inductor's own settings: inductor_settings_problem
+    inductor: dict[str, Any] | None = None  # inductor's own settings (inductor_settings_problem); null: none
 
     wraps: ClassVar[Wraps] = Wraps.DENOISER
     stage: ClassVar[Stage] = Stage.COMPILE
@@ -107,6 +107,9 @@ class TorchCompileAccelerator(Accelerator):
         Metric("compile_kernels_s", "compile: building and loading kernels", "s", "{:.1f}"),
         Metric("compile_kernels_here_s", "of which built one by one, the compile pool not ready", "s", "{:.1f}"),
     )
+
+    def __post_init__(self) -> None:
+        self.inductor = dict(self.inductor or {})
 
     def check(self, device: torch.device) -> None:
         if self.mode in UNMEASURED:
