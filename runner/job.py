@@ -153,8 +153,9 @@ def job_time(timeline: Timeline, wall_s: float, result: WorkerResult | None) -> 
 
 
 def time_summary(metrics: dict[str, float]) -> str:
-    """One line: the job's wall time, what was measured (loading, warmup, the timed calls), and the runner's
-    own phases, largest first; the parts add up to the wall time, with waiting for a GPU where there was any."""
+    """One line: the job's wall time, what was measured (loading, applying the accelerator, warmup, the timed
+    calls), and the runner's own phases, largest first; the parts add up to the wall time, with waiting for a GPU
+    where there was any."""
     waited = metrics.get("time_queued_s", 0.0)
     load, accelerate, warmup, switch = (metrics.get(key, 0.0) for key in MEASURED)
     calls = metrics["job_wall_s"] - metrics["overhead_s"] - waited - load - accelerate - warmup - switch
