@@ -270,6 +270,20 @@ def test_a_compile_says_in_the_log_where_its_time_went(tmp_path: Path) -> None:
     assert re.fullmatch(r"compile \d+\.\d s \(Dynamo \d+\.\d, AOTAutograd \d+\.\d\)", chain.warmup_note())
 
 
+def test_a_warm_start_says_in_the_log_that_it_loaded_what_it_did_not_compile(tmp_path: Path) -> None:
+    notes = []
+    for _ in range(2):  # cold, then warm as a new process would be (Dynamo's memory of the first wiped)
+        torch._dynamo.reset()
+        pipe = types.SimpleNamespace(unet=torch.nn.Linear(8, 4))
+        accelerator = TorchCompileAccelerator(precompile=True, backend="aot_eager", compile_vae=False, cache=False)
+        accelerator.apply(pipe, target(tmp_path))
+        with torch.no_grad():
+            pipe.unet(torch.randn(2, 8))
+        notes.append(accelerator.warmup_note())
+    assert notes[0].startswith("compile ") and "loaded" not in notes[0]
+    assert re.fullmatch(r"saved compiled modules loaded in \d+\.\d s", notes[1]), notes[1]
+
+
 def test_regional_or_nested_compile_of_named_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``blocks`` widens regional compilation to the resnet blocks (SDXL's have 13 shapes at one size, past
     Dynamo's default of 8 versions a function, after which it would run the rest eager without a word); the

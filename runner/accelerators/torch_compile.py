@@ -228,7 +228,10 @@ class TorchCompileAccelerator(Accelerator):
         measured = self.metrics()
         total = measured.get("precompile_s", measured.get("compile_s", 0.0))
         stages = [f"{STAGE_NAMES[key]} {measured[key]:.1f}" for key in COMPILE_PHASES if key in measured]
-        return f"compile {total:.1f} s ({', '.join(stages)})" if stages and total >= 0.05 else ""
+        notes = [f"compile {total:.1f} s ({', '.join(stages)})"] if stages and total >= 0.05 else []
+        if any("hit" in module.cache_events for module in getattr(self, "precompiled", ())):
+            notes.append(f"saved compiled modules loaded in {measured['precompile_load_s']:.1f} s")
+        return "; ".join(notes)
 
     def metrics(self) -> dict[str, float]:
         measured = {"compiled_blocks": float(self.compiled_blocks)} if hasattr(self, "compiled_blocks") else {}
