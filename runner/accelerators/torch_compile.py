@@ -108,9 +108,6 @@ class TorchCompileAccelerator(Accelerator):
         Metric("compile_kernels_here_s", "of which built one by one, the compile pool not ready", "s", "{:.1f}"),
     )
 
-    def __post_init__(self) -> None:
-        self.inductor = dict(self.inductor or {})
-
     def check(self, device: torch.device) -> None:
         if self.mode in UNMEASURED:
             raise ConfigError(
@@ -142,7 +139,7 @@ class TorchCompileAccelerator(Accelerator):
                 "accelerator.nested=true marks blocks inside a whole-module compile, and accelerator.regional=true "
                 "compiles the blocks alone: drop one of the two"
             )
-        if problem := inductor_settings_problem(self.inductor, self.backend, self.mode):
+        if problem := inductor_settings_problem(self._inductor_settings(), self.backend, self.mode):
             raise ConfigError(problem)
         if self.mode in CUDA_GRAPH_MODES and device.type != "cuda":
             raise ConfigError(
@@ -193,25 +190,29 @@ class TorchCompileAccelerator(Accelerator):
                 "accelerator.precompile=true compiles the denoiser whole, not DeepCache's two paths; use "
                 "accelerator=deepcache_compile for DeepCache"
             )
-        folder = target.cache_dir / "precompiled"
-        self.precompiled = [PrecompiledModule(denoiser, folder, "denoiser", self.backend, self.inductor)]
+        folder, settings = target.cache_dir / "precompiled", self._inductor_settings()
+        self.precompiled = [PrecompiledModule(denoiser, folder, "denoiser", self.backend, settings)]
         setattr(pipe, target.denoiser, self.precompiled[0])
         if self.compile_vae:
-            decoder = PrecompiledModule(pipe.vae.decoder, folder, "vae_decoder", self.backend, self.inductor)
+            decoder = PrecompiledModule(pipe.vae.decoder, folder, "vae_decoder", self.backend, settings)
             self.precompiled.append(decoder)
             pipe.vae.decoder = self.precompiled[-1]
+
+    def _inductor_settings(self) -> dict[str, Any]:
+        return dict(self.inductor or {})  # null in the YAML: none
 
     def _options(self) -> dict:
         mode = None if self.mode == "default" else self.mode
         options = {"mode": mode, "fullgraph": self.fullgraph, "backend": self.backend, "dynamic": False}
-        return options | ({"options": dict(self.inductor)} if self.inductor else {})
+        settings = self._inductor_settings()
+        return options | ({"options": settings} if settings else {})
 
     def _compile(self, fn):
         return torch.compile(fn, **self._options())
 
     def tags(self) -> dict[str, str]:
-        settings = {"inductor_settings": json.dumps(self.inductor, sort_keys=True)} if self.inductor else {}
-        return settings | self._cache_tags()
+        settings = self._inductor_settings()
+        return ({"inductor_settings": json.dumps(settings, sort_keys=True)} if settings else {}) | self._cache_tags()
 
     def _cache_tags(self) -> dict[str, str]:
         if self.precompile:  # its own files, not inductor's cache (which aot_compile neither reads nor fills)
