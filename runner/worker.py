@@ -94,7 +94,7 @@ def measure(
     eager_denoiser = getattr(pipe, cfg.model.denoiser)
     result.params["denoiser_params"] = parameter_count(eager_denoiser)
     # The accelerator's cost, as its warmup is: float8's conversion and calibration call, fused projections
-    with Stopwatch(device) as prepared:
+    with heartbeat(cfg, "applying the accelerator (float8 calibrates here)"), Stopwatch(device) as prepared:
         calibration = calibration_call(cfg, pipe, prompts, image, device)
         accelerator.apply(pipe, accelerator_target(cfg, device, dtype_name, calibration))
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
