@@ -1,4 +1,4 @@
-"""Timing, memory and FLOPs of pipeline calls.
+"""Timing and memory of pipeline calls (their FLOPs: runner/flops.py).
 
 Each call is split at the denoiser's first and last step: ``text_encode_s`` runs from the call's start to the
 first denoiser step (prompt encoding; for image-to-image also encoding the input image), ``denoise_s`` from
@@ -8,8 +8,6 @@ is a CUDA event, read after the call synchronises; on the CPU it is ``time.perf_
 """
 
 import gc
-import hashlib
-import json
 import os
 import sys
 import time
@@ -22,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import FlopCounterMode
 
 from runner.host import gpu_energy_mj
 from runner.record import Measurement, Steadiness
@@ -232,63 +229,6 @@ def summarize(timings: list[CallTiming], batch: int = 1) -> dict[str, float]:
         "images_per_s": float(batch * len(latency) / latency.sum()),
         "latency_per_image_s": float(latency.mean() / batch),
     }
-
-
-def denoiser_flop_per_step(
-    denoiser: torch.nn.Module, step_inputs: tuple[tuple, dict], cache: Path | None = None
-) -> float:
-    """FLOPs of one denoiser call with the recorded input shapes, counted on a weightless meta copy.
-
-    The copy is built from the module's config (diffusers models), so counting costs no device time or
-    memory; torch's FlopCounterMode counts matrix products, convolutions and attention (2 per MAC). The count
-    depends only on the architecture, the dtype and the input shapes, so it is kept in the JSON file ``cache``
-    under a hash of those: a sweep counts each shape once (SDXL's UNet takes 1-3 s to count).
-    """
-    key = _flop_key(denoiser, step_inputs)
-    known = _read_json(cache) if cache else {}
-    if key not in known:
-        known[key] = _count_flops(denoiser, step_inputs)
-        if cache:
-            _write_json(cache, {**_read_json(cache), key: known[key]})
-    return float(known[key])
-
-
-def _flop_key(denoiser: torch.nn.Module, step_inputs: tuple[tuple, dict]) -> str:
-    def shape(value: Any) -> Any:
-        return (tuple(value.shape), str(value.dtype)) if isinstance(value, torch.Tensor) else repr(value)
-
-    # Without diffusers' bookkeeping (``_use_default_values`` lists keys from a set, in an order that differs
-    # from process to process, so no later job's worker found a count in the file; ``_name_or_path``).
-    settings = {key: value for key, value in dict(getattr(denoiser, "config", {})).items() if not key.startswith("_")}
-    config = json.dumps(settings, sort_keys=True, default=repr)
-    dtype = str(next(denoiser.parameters()).dtype)
-    described = repr((type(denoiser).__qualname__, config, dtype, tree_map(shape, step_inputs)))
-    return hashlib.sha256(described.encode()).hexdigest()[:32]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write whole or not at all (a rename), so a job reading at the same moment never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(data, indent=0, sort_keys=True))
-    partial.replace(path)
-
-
-def _count_flops(denoiser: torch.nn.Module, step_inputs: tuple[tuple, dict]) -> float:
-    with torch.device("meta"):
-        copy = type(denoiser).from_config(denoiser.config)
-    copy = copy.to(next(denoiser.parameters()).dtype)
-    args, kwargs = step_inputs
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        copy(*args, **kwargs)
-    return float(counter.get_total_flops())
 
 
 @contextmanager

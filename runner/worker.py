@@ -31,6 +31,7 @@ from runner.accelerators import Accelerator, Target, build_accelerator
 from runner.config import Config, ConfigError, job_name
 from runner.environment import environment_tags
 from runner.errors import RunnerError, one_line
+from runner.flops import denoiser_flop_per_step
 from runner.host import HOST, CpuLoad, JobRegistry, boot_id, busy_threshold_cores, gpu_neighbours
 from runner.inputs import load_image, load_prompts
 from runner.launch import LAUNCHED_AT, RESULT, SWITCHED
@@ -39,7 +40,6 @@ from runner.measure import (
     EnergyMeter,
     PhaseClock,
     Stopwatch,
-    denoiser_flop_per_step,
     energy_metrics,
     graphs_compiled,
     one_torch_thread,

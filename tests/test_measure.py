@@ -17,14 +17,14 @@ import torch
 from conftest import ROOT, load_model
 from PIL import Image
 
-from runner import measure, worker
+from runner import flops, worker
 from runner.accelerators import build_accelerator
 from runner.config import compose_job, to_config
+from runner.flops import denoiser_flop_per_step
 from runner.measure import (
     CallTiming,
     PhaseClock,
     Stopwatch,
-    denoiser_flop_per_step,
     one_torch_thread,
     peak_memory,
     steadiness,
@@ -92,7 +92,7 @@ def test_flop_counts_are_kept_per_architecture_and_shape(tmp_path: Path, monkeyp
     first = denoiser_flop_per_step(pipe.unet, clock.step_inputs, cache)
     assert first == denoiser_flop_per_step(pipe.unet, clock.step_inputs)  # the cache changes nothing
     counted = []
-    monkeypatch.setattr(measure, "_count_flops", lambda *args: counted.append(args) or 1.0)
+    monkeypatch.setattr(flops, "_count_flops", lambda *args: counted.append(args) or 1.0)
     assert denoiser_flop_per_step(pipe.unet, clock.step_inputs, cache) == first  # from the cache
     assert not counted
     assert denoiser_flop_per_step(pipe.unet, wider.step_inputs, cache) == 1.0  # another shape: counted
@@ -104,7 +104,7 @@ def test_a_flop_count_is_found_again_by_the_next_process() -> None:
     """Each job's worker is a process of its own, and Python orders a set's strings differently in each (diffusers
     lists the config keys it defaulted from a set): the cache's key must not depend on that."""
     count_key = (
-        "import torch; from diffusers import UNet2DConditionModel as Unet; from runner.measure import _flop_key; "
+        "import torch; from diffusers import UNet2DConditionModel as Unet; from runner.flops import _flop_key; "
         "unet = Unet.from_config(Unet.load_config('runner/architectures/tiny_sdxl/unet')); "
         "print(_flop_key(unet, ((torch.empty(2, 4, 8, 8, device='meta'), torch.empty((), device='meta')), {})))"
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import load_model
 
-from runner.measure import denoiser_flop_per_step
+from runner.flops import denoiser_flop_per_step
 from runner.pipelines import ARCHITECTURES, ModelLoadError, build_pipeline, clip_tokenizer, load_pretrained
 
 # Parameter counts of the published checkpoints' components.
@@ -44,8 +44,13 @@ def test_architectures_match_published_parameter_counts(architecture: str, name:
 def test_sdxl_unet_flops_per_guided_step(res: int, tflop: float) -> None:
     """One classifier-free-guidance step (batch 2) of the SDXL UNet: 3.2 TFLOP at 512 px, 13.5 at 1024."""
     unet = meta_component("sdxl", "unet").to(torch.float16)
+    assert denoiser_flop_per_step(unet, sdxl_step_inputs(res)) / 1e12 == pytest.approx(tflop, abs=0.01)
+
+
+def sdxl_step_inputs(res: int) -> tuple[tuple, dict]:
+    """The SDXL UNet's inputs for one guided step (batch 2) at ``res`` px, on the meta device."""
     latent = res // 8
-    inputs = (
+    return (
         (torch.empty(2, 4, latent, latent, dtype=torch.float16, device="meta"), torch.empty((), device="meta")),
         {
             "encoder_hidden_states": torch.empty(2, 77, 2048, dtype=torch.float16, device="meta"),
@@ -55,7 +60,6 @@ def test_sdxl_unet_flops_per_guided_step(res: int, tflop: float) -> None:
             },
         },
     )
-    assert denoiser_flop_per_step(unet, inputs) / 1e12 == pytest.approx(tflop, abs=0.01)
 
 
 def test_clip_tokenizer_pads_to_77_within_vocabulary() -> None:
