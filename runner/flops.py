@@ -96,6 +96,9 @@ def reuse_repeated_blocks(copy: torch.nn.Module, counter: FlopCounterMode) -> Re
     reused = Reused()
     counted: dict[str, tuple[int, Any]] = {}
 
+    def total() -> int:  # with what blocks nested in this one reused
+        return counter.get_total_flops() + reused.flops
+
     def once(module: torch.nn.Module) -> None:
         forward, structure = module.forward, f"{type(module).__qualname__}\n{module}"
 
@@ -106,9 +109,9 @@ def reuse_repeated_blocks(copy: torch.nn.Module, counter: FlopCounterMode) -> Re
                 reused.flops += flops
                 reused.blocks += 1
                 return tree_map(lambda value: value.empty() if isinstance(value, _Shape) else value, outputs)
-            before = counter.get_total_flops()
+            before = total()
             output = forward(*args, **kwargs)
-            counted[key] = (counter.get_total_flops() - before, tree_map(_shape_of, output))
+            counted[key] = (total() - before, tree_map(_shape_of, output))
             return output
 
         module.forward = counted_once

@@ -51,3 +51,30 @@ def test_sdxl_counted_with_reused_blocks_gives_every_block_s_total() -> None:
     every_block, _ = flops(unet, *args, reuse=False, **kwargs)
     assert flops(meta_component("sdxl", "unet").to(torch.float16), *args, reuse=True, **kwargs) == (every_block, 68)
     assert _count_flops(unet, (args, kwargs)) == every_block
+
+
+class Outer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = Block(8, 8), Block(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+class Nested(torch.nn.Module):
+    _repeated_blocks = ("Outer", "Block")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = Outer(), Outer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_a_reused_block_counts_what_blocks_inside_it_reused() -> None:
+    with torch.device("meta"):
+        x = torch.empty(4, 8)
+        # a.first counted, a.second reuses it, b reuses a: four products, three of them reused
+        assert flops(Nested(), x, reuse=True) == (flops(Nested(), x, reuse=False)[0], 2)
