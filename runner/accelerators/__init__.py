@@ -55,6 +55,7 @@ class Stage(IntEnum):
     RESTRUCTURE = 2  # changes how the denoiser runs (DeepCache splits the UNet into two paths)
     COMPILE = 3  # compiles the denoiser's code (torch.compile): needs Python modules to trace
     CAPTURE = 4  # records the denoiser's kernels for replay (CUDA graphs): nothing can change them after
+    FEED = 5  # works out, once per call and outside the captured steps, what they read (text_kv's keys)
 
 
 class Accelerator:

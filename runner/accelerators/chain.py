@@ -2,7 +2,7 @@
 
 Each part is an accelerator's options, as in its own YAML. Parts are applied in order. The order is checked
 from what each part's class declares, before any model is loaded: parts with a stage must stand in the order
-of their stages (quantize, restructure, compile, capture; each once), and a part that owns the whole pipeline
+of their stages (quantize, restructure, compile, capture, feed; each once), and a part that owns the whole pipeline
 (OneDiff) cannot be chained at all.
 """
 
@@ -68,5 +68,6 @@ def check_order(parts: list[Accelerator]) -> None:
             raise ConfigError(
                 f"accelerator.parts: {type(after).__name__} ({after.stage.name.lower()}) cannot follow "
                 f"{type(before).__name__} ({before.stage.name.lower()}): staged parts go in the order quantize "
-                "(fp8), restructure (deepcache), compile (torch_compile), capture (cuda_graph), each once"
+                "(fp8), restructure (deepcache), compile (torch_compile), capture (cuda_graph), feed (text_kv), each "
+                "once"
             )
