@@ -9,7 +9,8 @@ is probably these). Here each cross-attention's projection (``to_kv`` where the
 projections were fused, else ``to_k`` and ``to_v``) is replaced by a module that returns what ``fill``
 computed, and the denoiser by a wrapper that fills them when it is given text it has not seen: another tensor,
 or the same one changed in place (its version counter). The arithmetic is the same, so are the images, up to
-the library choosing another kernel for the product alone.
+the library choosing another kernel for the product alone. ``achieved_tflops`` still counts the projections
+at every step (the architecture's FLOPs, as for every accelerator): 3.3% more than run at 512 px for SDXL.
 
 It stands after every other part of a chain (its stage, ``feed``): after torch.compile's fused projections
 (which replace the attention processors that call them) and outside the CUDA graph, whose captured steps read
