@@ -2,10 +2,10 @@
 
 A text-to-image UNet's cross-attention projects the prompt's embeddings to keys and values in each of its
 transformer blocks, at every step, though they depend on the text alone: SDXL runs 70 such projections a step
-(105 GFLOP, 3.3% of a 512 px step's, in small matrix products of 154 rows that run far below the GPU's peak:
-in the kernel profile of a 0.36 s ``compile_graph_fast`` call at 512 px on an H200, BENCHMARKS.md "Hopper's
-dependent launches", the one product kernel run 70 times a step across both block widths took 12.6 ms, and
-is probably these). Here each cross-attention's projection (``to_kv`` where the
+(105 GFLOP, 3.3% of a 512 px step's, in small matrix products of 154 rows that run far below the GPU's peak).
+On an H200 a ``compile_graph_fast`` call took 0.359 s with this against 0.369 s without at 512 px and 0.987 s
+against 1.002 s at 1024 px, the same images; the 1024 px profile's product kernel of 1,800 calls (13.2 ms)
+was gone (BENCHMARKS.md, "the text's keys once"). Here each cross-attention's projection (``to_kv`` where the
 projections were fused, else ``to_k`` and ``to_v``) is replaced by a module that returns what ``fill``
 computed, and the denoiser by a wrapper that fills them when it is given text it has not seen: another tensor,
 or the same one changed in place (its version counter). The arithmetic is the same, so are the images, up to
@@ -14,8 +14,11 @@ at every step (the architecture's FLOPs, as for every accelerator): 3.3% more th
 
 It stands after every other part of a chain (its stage, ``feed``): after torch.compile's fused projections
 (which replace the attention processors that call them) and outside the CUDA graph, whose captured steps read
-the filled buffers at fixed addresses, one set per text shape. Not yet timed on a GPU: it is offered as the
-variant ``benchmarks/conf/accelerator/cg_fast_text_kv.yaml``, in no accelerator.
+the filled buffers at fixed addresses, one set per text shape. Part of ``compile_graph_fast`` and
+``fp8_compile``; not of ``deepcache_compile``, where it was slower (the variant ``dc_text_kv`` in
+``benchmarks/conf/accelerator`` says why). The fill runs eagerly: 140 unfused projections from text encoders
+that were not graphed took 22 ms before the first step on that H200 host, 70 fused ones from graphed encoders
+next to nothing.
 """
 
 from dataclasses import dataclass
