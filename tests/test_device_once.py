@@ -1,0 +1,75 @@
+"""device_once: the pipeline's execution device is looked up once, when applied, not at every call; the images
+stay the same, the pipeline keeps its class's name, and an offloaded pipeline is refused in one line."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_model
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from runner.accelerators import Target, build_accelerator
+from runner.config import ConfigError
+from runner.pipelines import build_pipeline
+
+CPU = torch.device("cpu")
+DEVICE_ONCE = {"_target_": "runner.accelerators.device_once.DeviceOnceAccelerator"}
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the walks of diffusers' own ``_execution_device``."""
+    walks: list[int] = []
+    original = DiffusionPipeline._execution_device
+
+    def counted(self: DiffusionPipeline) -> torch.device:
+        walks.append(1)
+        return original.fget(self)
+
+    monkeypatch.setattr(DiffusionPipeline, "_execution_device", property(counted))
+    return walks
+
+
+def target(tmp_path: Path) -> Target:
+    return Target("unet", CPU, torch.float32, tmp_path, "tiny-random-64x64-fp32")
+
+
+@pytest.mark.parametrize(
+    ("model", "task", "call"),
+    [
+        ("tiny_sdxl", "t2i", {"height": 64, "width": 64}),
+        ("tiny_pix2pix", "i2i", {"image": Image.new("RGB", (64, 64), (90, 140, 200))}),
+    ],
+)
+def test_same_images_without_a_lookup_per_call(tmp_path: Path, lookups: list[int], model: str, task: str, call: dict):
+    def images(pipe: DiffusionPipeline) -> np.ndarray:
+        generator = torch.Generator(CPU).manual_seed(3)
+        return pipe("a red bicycle", num_inference_steps=2, output_type="np", generator=generator, **call).images
+
+    expected = images(build_pipeline(load_model(model), task, CPU, torch.float32))
+    assert lookups, "diffusers looks the device up in every call"
+    pipe = build_pipeline(load_model(model), task, CPU, torch.float32)
+    cls = type(pipe)
+    build_accelerator(DEVICE_ONCE).apply(pipe, target(tmp_path))
+    lookups.clear()
+    np.testing.assert_array_equal(images(pipe), expected)
+    np.testing.assert_array_equal(images(pipe), expected)
+    assert lookups == []
+    assert isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__ and pipe._execution_device == CPU
+
+
+def test_one_subclass_per_pipeline_class(tmp_path: Path) -> None:
+    pipes = [build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32) for _ in range(2)]
+    for pipe in pipes:
+        build_accelerator(DEVICE_ONCE).apply(pipe, target(tmp_path))
+    assert type(pipes[0]) is type(pipes[1]) and type(pipes[0]).__bases__ == (StableDiffusionXLPipeline,)
+
+
+def test_an_offloaded_pipeline_is_refused(tmp_path: Path) -> None:
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
+    pipe.text_encoder_2.text_model.encoder._hf_hook = object()  # as accelerate's offloading leaves it
+    with pytest.raises(ConfigError, match=r"^device_once: the pipeline's text_encoder_2 is offloaded .*without"):
+        build_accelerator(DEVICE_ONCE).apply(pipe, target(tmp_path))
+    assert type(pipe) is StableDiffusionXLPipeline
