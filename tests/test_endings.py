@@ -108,6 +108,22 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
             "accelerator.parts.2.interval: accelerator deepcache_graph has no part 2 (its parts: 0 "
             "DeepCacheAccelerator, 1 CudaGraphAccelerator); did you mean accelerator.parts.0.interval?",
         ),
+        (  # a + override too: the part must exist and take the option
+            ("accelerator=compile_graph_fast", "+accelerator.parts.4.interval=2"),
+            "accelerator.parts.4.interval: accelerator compile_graph_fast has no part 4 (its parts: 0 "
+            "VaeBf16Accelerator, 1 TorchCompileAccelerator, 2 CudaGraphAccelerator, 3 TextKeysOnceAccelerator); "
+            "number a part from 0 to 3",
+        ),
+        (
+            ("accelerator=compile_graph_fast", "+accelerator.parts.3.interval=2"),
+            "accelerator.parts.3.interval: part 3 of accelerator compile_graph_fast, TextKeysOnceAccelerator, "
+            "takes no options (conf/accelerator/compile_graph_fast.yaml)",
+        ),
+        (
+            ("accelerator=dc_text_kv",),
+            f"accelerator=dc_text_kv: a variant in benchmarks/conf/accelerator/, not in conf/accelerator/; add "
+            f"hydra.searchpath=[file://{ROOT}/benchmarks/conf] to select it",
+        ),
     ],
 )
 def test_an_option_the_chosen_accelerator_lacks_is_refused_before_anything_runs(cli, args, error: str) -> None:

@@ -70,7 +70,8 @@ class TextOnce(DenoiserWrapper):
         if not isinstance(text, torch.Tensor):
             raise RunnerError(
                 f"text_kv: {type(self.module).__name__} was called without encoder_hidden_states as a keyword, "
-                "so the text its cross-attention reads is unknown; use an accelerator without text_kv"
+                "so the text its cross-attention reads is unknown; use an accelerator without TextKeysOnceAccelerator "
+                "among its parts, e.g. accelerator=compile_graph"
             )
         # An inference tensor keeps no version counter: with one, every call fills (correct, and no faster).
         if text.is_inference() or text is not self.text or text._version != self.text_version:
@@ -100,7 +101,8 @@ class TextKeysOnceAccelerator(Accelerator):
         if not projections:
             raise ConfigError(
                 f"accelerator text_kv: {type(denoiser).__name__} has no cross-attention (diffusers' Attention "
-                "with is_cross_attention) to compute once; use an accelerator without it"
+                "with is_cross_attention) to compute once; use an accelerator without TextKeysOnceAccelerator among "
+                "its parts, e.g. accelerator=compile_graph"
             )
         self.wrapped = TextOnce(denoiser, projections)  # state, not an option: no dataclass field
         setattr(pipe, target.denoiser, self.wrapped)
