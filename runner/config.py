@@ -548,8 +548,8 @@ def accelerator_option_problem(key: str, parsed: list, adding: bool = False) -> 
     """For an ``accelerator.<option>=`` override, the one line naming a chosen accelerator whose YAML has no such
     option (Hydra's own refusal is a struct error of several lines); None where every chosen one has it, or where
     they cannot be known before composing (an experiment, a YAML outside conf/accelerator). ``adding`` (a ``+``
-    override) checks a chain's part alone: that the part exists and takes the option its YAML leaves out."""
-    if not key.startswith("accelerator.") or (adding and not key.startswith("accelerator.parts.")):
+    override) also accepts an option the accelerator's class takes that its YAML leaves out."""
+    if not key.startswith("accelerator."):
         return None
     segments = key.split(".")
     option = segments[1]
@@ -567,6 +567,10 @@ def accelerator_option_problem(key: str, parsed: list, adding: bool = False) -> 
         return None
     configs = {name: yaml.safe_load(file.read_text()) or {} for name, file in zip(names, files, strict=True)}
     options = {name: [k for k in configs[name] if k != "_target_"] for name in names}
+    if adding:
+        options = {
+            name: [*known, *(f for f in fields_of(configs[name]) if f not in known)] for name, known in options.items()
+        }
     lacking = [name for name in names if option not in options[name]]
     if not lacking:
         if option != "parts" or len(segments) < 4:
@@ -587,20 +591,23 @@ def accelerator_option_problem(key: str, parsed: list, adding: bool = False) -> 
     return f"{key}: accelerator {name} has no such option (its options: {', '.join(options[name])}); {hint}"
 
 
+def fields_of(node: dict[str, Any]) -> list[str]:
+    """The options of the dataclass a YAML node's ``_target_`` names; none where it cannot be imported here or is
+    no dataclass (its YAML's keys alone then)."""
+    from hydra.utils import get_class
+
+    try:
+        return [f.name for f in fields(get_class(node["_target_"]))]
+    except (ImportError, ValueError, TypeError, KeyError):
+        return []
+
+
 def chain_part_problem(key: str, name: str, parts: list[dict[str, Any]], adding: bool = False) -> str | None:
     """For ``accelerator.parts.<N>.<option>=`` on chain ``name``: the one line saying that the chain has no part N,
     or that its part N has no such option, or that it has one the YAML leaves out (which only ``+`` adds);
     None where the YAML sets it, or where ``adding`` and the part takes it."""
-    from hydra.utils import get_class
-
     index, option = key.split(".")[2:4]
     classes = [part["_target_"].rsplit(".", 1)[-1] for part in parts]
-
-    def fields_of(part: dict[str, Any]) -> list[str]:
-        try:
-            return [f.name for f in fields(get_class(part["_target_"]))]
-        except (ImportError, ValueError, TypeError):  # not importable here, or no dataclass: its YAML's keys alone
-            return []
 
     if not index.isdigit() or int(index) >= len(parts):
         listed = ", ".join(f"{i} {cls}" for i, cls in enumerate(classes))

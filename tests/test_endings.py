@@ -120,6 +120,12 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
             "takes no options (conf/accelerator/compile_graph_fast.yaml)",
         ),
         (
+            ("accelerator=torch_compile", "+accelerator.regionl=true"),
+            "accelerator.regionl: accelerator torch_compile has no such option (its options: mode, fullgraph, "
+            "backend, compile_vae, fuse_qkv, channels_last, regional, nested, blocks, cache, precompile, inductor); "
+            "did you mean accelerator.regional?",
+        ),
+        (
             ("accelerator=dc_text_kv",),
             f"accelerator=dc_text_kv: a variant in benchmarks/conf/accelerator/, not in conf/accelerator/; add "
             f"hydra.searchpath=[file://{ROOT}/benchmarks/conf] to select it",
