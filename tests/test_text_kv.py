@@ -1,6 +1,7 @@
 """text_kv: the cross-attention's keys and values of the text computed once per call give the same images, for
 each prompt in turn (never the last prompt's), fused, compiled and precompiled; it stands last in a chain."""
 
+import copy
 import types
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from conftest import load_model
 
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain, check_order
-from runner.accelerators.text_kv import TextKeysOnceAccelerator, TextOnce, TextProjection
+from runner.accelerators.text_kv import Batch, TextKeysOnceAccelerator, TextOnce, TextProjection, batched
 from runner.config import ConfigError
 from runner.errors import RunnerError
 from runner.pipelines import build_pipeline
@@ -48,7 +49,8 @@ def test_keys_once_give_each_prompt_its_own_images_and_fill_once_a_call(tmp_path
         np.testing.assert_array_equal(images(pipe, prompt), wanted)  # the second prompt: not the first's keys
     assert pipe.unet.fills == 2 and len(steps) == 2 * STEPS  # once a call, though called at every step
     cross_attentions = sum(getattr(module, "is_cross_attention", False) for module in pipe.unet.modules())
-    assert accelerator.tags() == {"text_kv_projections": str(2 * cross_attentions)}  # to_k and to_v each
+    # to_k and to_v each, all of one width in the tiny UNet: one batched product fills them
+    assert accelerator.tags() == {"text_kv_projections": str(2 * cross_attentions), "text_kv_products": "1"}
 
 
 def test_keys_once_beside_fused_projections_compiled_and_precompiled(tmp_path: Path) -> None:
@@ -73,6 +75,40 @@ def test_keys_once_beside_fused_projections_compiled_and_precompiled(tmp_path: P
         filled = [name for name, module in pipe.unet.named_modules() if type(module) is TextProjection]
         assert filled and all(name.endswith("to_kv") for name in filled)
     assert chain.tags()["precompile_cache"] == "hit"
+
+
+class Doubled(torch.nn.Module):
+    """A projection that is no plain linear layer (as a quantised one is not)."""
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return 2 * text
+
+
+def test_alike_layers_are_filled_by_one_product_in_place_each_holding_its_own() -> None:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(4, 3, bias=False) for _ in range(3)] + [torch.nn.Linear(4, 6) for _ in range(2)]
+    layers += [torch.nn.Linear(4, 5), Doubled()]  # the only one of its shape, and no linear layer
+    expected_layers = [copy.deepcopy(layer) for layer in layers]
+    projections = [TextProjection(layer) for layer in layers]
+    fillers = batched(projections)
+    assert [type(filler) for filler in fillers] == [Batch, Batch, TextProjection, TextProjection]
+    for layer in layers[:5]:  # each layer's weight is its slice of the stack, not a copy
+        assert layer.weight.untyped_storage().data_ptr() in {
+            filler.weight.untyped_storage().data_ptr() for filler in fillers[:2]
+        }
+    addresses = None
+    for scale in (1.0, -3.0):  # a second text of the same shape: written where the first was
+        text = scale * torch.randn(2, 5, 4)
+        for filler in fillers:
+            filler.fill(text)
+        for projection, layer in zip(projections, expected_layers, strict=True):
+            torch.testing.assert_close(projection(text), layer(text))
+        now = [projection(text).data_ptr() for projection in projections]
+        assert addresses in (None, now)
+        addresses = now
+    text = torch.randn(1, 7, 4)  # the layers, now slices of the stacks, still compute what they did
+    for layer, expected in zip(layers[:5], expected_layers, strict=False):
+        torch.testing.assert_close(layer(text), expected(text))
 
 
 def test_the_same_text_changed_in_place_is_filled_again() -> None:

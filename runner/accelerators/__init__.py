@@ -104,6 +104,19 @@ class DenoiserWrapper(torch.nn.Module):
             return getattr(super().__getattr__("module"), name)
 
 
+_NAMED_LIKE: dict[tuple[type, str], type] = {}
+
+
+def named_like(cls: type, why: str, members: dict[str, Any]) -> type:
+    """A subclass of ``cls`` holding ``members``, named like ``cls`` (its module and qualified name), so logs and
+    saved configs name the class they always did; one per class and ``why``, for accelerators that change
+    what an instance does by changing its class (``instance.__class__ = named_like(...)``)."""
+    if (cls, why) not in _NAMED_LIKE:
+        named = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        _NAMED_LIKE[cls, why] = type(cls.__name__, (cls,), members | named)
+    return _NAMED_LIKE[cls, why]
+
+
 def number_as_tensor(value: Any, module: torch.nn.Module) -> Any:
     """A Python number as a tensor on ``module``'s device, anything else as it is: a timestep given as a number
     would otherwise make every step a new input signature for a wrapper that keeps one per signature."""

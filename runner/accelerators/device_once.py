@@ -21,31 +21,13 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-from runner.accelerators import Accelerator, Target
+from runner.accelerators import Accelerator, Target, named_like
 from runner.config import ConfigError
-
-_PINNED: dict[type, type] = {}
 
 
 def offloaded(module: torch.nn.Module) -> bool:
     """Whether accelerate's offloading hooks or diffusers' group offloading hold a part of ``module``."""
     return _is_group_offload_enabled(module) or any(hasattr(part, "_hf_hook") for part in module.modules())
-
-
-def _pinned_class(cls: type) -> type:
-    """``cls`` with ``_execution_device`` read from the instance: one subclass per pipeline class, named like
-    it, so the pipeline's name in logs and saved configs stays its own."""
-    if cls not in _PINNED:
-        _PINNED[cls] = type(
-            cls.__name__,
-            (cls,),
-            {
-                "_execution_device": property(lambda self: self._runner_execution_device),
-                "__module__": cls.__module__,
-                "__qualname__": cls.__qualname__,
-            },
-        )
-    return _PINNED[cls]
 
 
 @dataclass
@@ -58,5 +40,7 @@ class DeviceOnceAccelerator(Accelerator):
                     "execution device can change between calls; use an accelerator without device_once"
                 )
         device = pipe._execution_device
-        pipe.__class__ = _pinned_class(type(pipe))
+        pipe.__class__ = named_like(
+            type(pipe), "device_once", {"_execution_device": property(lambda self: self._runner_execution_device)}
+        )
         pipe._runner_execution_device = device

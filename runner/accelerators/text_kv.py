@@ -18,7 +18,9 @@ the filled buffers at fixed addresses, one set per text shape. Part of ``compile
 ``fp8_compile``; not of ``deepcache_compile``, where it was slower (the variant ``dc_text_kv`` in
 ``benchmarks/conf/accelerator`` says why). The fill runs eagerly: 140 unfused projections from text encoders
 that were not graphed took 22 ms before the first step on that H200 host, 70 fused ones from graphed encoders
-next to nothing.
+next to nothing. It now runs as one batched product per set of alike layers (``Batch``: two for SDXL, one per
+width of its transformer blocks) instead of one product each, so its host time no longer grows with the
+number of blocks (``benchmarks/call_edges.py`` times both ways).
 """
 
 from dataclasses import dataclass
@@ -33,7 +35,8 @@ from runner.errors import RunnerError
 
 
 class TextProjection(torch.nn.Module):
-    """A cross-attention's projection of the text, computed by ``fill`` and read back by every call."""
+    """A cross-attention's projection of the text, computed by ``fill`` (or by its ``Batch``) and read back by
+    every call."""
 
     def __init__(self, projection: torch.nn.Module) -> None:
         super().__init__()
@@ -44,11 +47,68 @@ class TextProjection(torch.nn.Module):
 
     @torch.no_grad()
     def fill(self, text: torch.Tensor) -> None:
-        projected, name = self.projection(text), _buffer_name(text)
+        name = _buffer_name(text)
         if hasattr(self, name):
-            getattr(self, name).copy_(projected)  # in place: a captured graph reads this address
+            getattr(self, name).copy_(self.projection(text))  # in place: a captured graph reads this address
         else:
-            self.register_buffer(name, projected, persistent=False)
+            self.register_buffer(name, self.projection(text), persistent=False)
+
+
+class Batch:
+    """Projections of the text by ``torch.nn.Linear`` layers of one shape, dtype and device, filled by one batched
+    matrix product instead of one product each: their weights are stacked once (each layer's weight becomes its
+    slice of the stack, so nothing is held twice) and each projection's buffer is its slice of the product,
+    which later fills overwrite where it is."""
+
+    def __init__(self, projections: list[TextProjection]) -> None:
+        self.projections = projections
+        layers = [projection.projection for projection in projections]
+        self.weight = _stacked(layers, "weight")  # (layers, out, in)
+        self.bias = _stacked(layers, "bias")
+        self.products: dict[str, torch.Tensor] = {}  # (layers, rows, out) per text shape
+
+    @torch.no_grad()
+    def fill(self, text: torch.Tensor) -> None:
+        rows = text.reshape(1, -1, text.shape[-1]).expand(len(self.projections), -1, -1)
+        name, weight = _buffer_name(text), self.weight.transpose(1, 2)
+        product = self.products.get(name)
+        if product is not None:  # in place: a captured graph reads these addresses
+            if self.bias is None:
+                torch.bmm(rows, weight, out=product)
+            else:
+                torch.baddbmm(self.bias, rows, weight, out=product)
+            return
+        product = torch.bmm(rows, weight) if self.bias is None else torch.baddbmm(self.bias, rows, weight)
+        self.products[name] = product
+        for projection, projected in zip(self.projections, product, strict=True):
+            projection.register_buffer(name, projected.view(*text.shape[:-1], -1), persistent=False)
+
+
+def _stacked(layers: list[torch.nn.Module], name: str) -> torch.Tensor | None:
+    """The layers' parameter ``name`` stacked (biases as (layers, 1, out), to add to each row), each layer's own
+    now a view of its slice; None where they have none."""
+    parameters = [getattr(layer, name) for layer in layers]
+    if parameters[0] is None:
+        return None
+    stack = torch.stack([parameter.detach() for parameter in parameters])
+    for layer, part in zip(layers, stack, strict=True):
+        setattr(layer, name, torch.nn.Parameter(part, requires_grad=False))
+    return stack.unsqueeze(1) if name == "bias" else stack
+
+
+def batched(projections: list[TextProjection]) -> list[TextProjection | Batch]:
+    """What fills ``projections``: a ``Batch`` for each set of plain linear layers alike (two for SDXL, one per
+    width of its transformer blocks), each other projection (a quantised layer, say) on its own."""
+    alike: dict[tuple, list[TextProjection]] = {}
+    alone: list[TextProjection | Batch] = []
+    for projection in projections:
+        layer = projection.projection
+        if type(layer) is torch.nn.Linear and type(layer.weight) is torch.nn.Parameter:
+            key = (tuple(layer.weight.shape), layer.weight.dtype, layer.weight.device, layer.bias is not None)
+            alike.setdefault(key, []).append(projection)
+        else:
+            alone.append(projection)
+    return [Batch(group) if len(group) > 1 else group[0] for group in alike.values()] + alone
 
 
 def _buffer_name(text: torch.Tensor) -> str:
@@ -61,6 +121,7 @@ class TextOnce(DenoiserWrapper):
     def __init__(self, module: torch.nn.Module, projections: list[TextProjection]) -> None:
         super().__init__(module)
         self.projections = projections  # a plain list: they are the denoiser's own submodules already
+        self.fillers = batched(projections)
         self.text: torch.Tensor | None = None  # the text last filled from, held so its identity stays unique
         self.text_version = -1
         self.fills = 0
@@ -75,8 +136,8 @@ class TextOnce(DenoiserWrapper):
             )
         # An inference tensor keeps no version counter: with one, every call fills (correct, and no faster).
         if text.is_inference() or text is not self.text or text._version != self.text_version:
-            for projection in self.projections:
-                projection.fill(text)
+            for filler in self.fillers:
+                filler.fill(text)
             self.text, self.text_version = text, -1 if text.is_inference() else text._version
             self.fills += 1
         return self.module(*args, **kwargs)
@@ -109,4 +170,6 @@ class TextKeysOnceAccelerator(Accelerator):
 
     def tags(self) -> dict[str, str]:
         wrapped = getattr(self, "wrapped", None)
-        return {"text_kv_projections": str(len(wrapped.projections))} if wrapped else {}
+        if wrapped is None:
+            return {}
+        return {"text_kv_projections": str(len(wrapped.projections)), "text_kv_products": str(len(wrapped.fillers))}

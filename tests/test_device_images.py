@@ -1,0 +1,104 @@
+"""device_images: the output images are made 8-bit on the pipeline's device; the pixels stay diffusers' own, bit
+for bit, NumPy's conversion no longer runs for PIL output, other outputs take diffusers' path, and a pipeline
+without diffusers' image processor is refused in one line."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_model
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from runner.accelerators import Target, build_accelerator
+from runner.config import ConfigError
+from runner.pipelines import build_pipeline
+
+CPU = torch.device("cpu")
+DEVICE_IMAGES = {"_target_": "runner.accelerators.device_images.DeviceImagesAccelerator"}
+
+
+@pytest.fixture
+def numpy_conversions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts diffusers' own conversions of NumPy images to PIL."""
+    conversions: list[int] = []
+    original = VaeImageProcessor.numpy_to_pil
+
+    def counted(images: np.ndarray) -> list[Image.Image]:
+        conversions.append(len(images))
+        return original(images)
+
+    monkeypatch.setattr(VaeImageProcessor, "numpy_to_pil", staticmethod(counted))
+    return conversions
+
+
+def accelerated(pipe: DiffusionPipeline, tmp_path: Path) -> DiffusionPipeline:
+    build_accelerator(DEVICE_IMAGES).apply(pipe, Target("unet", CPU, torch.float32, tmp_path, "tiny"))
+    return pipe
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_same_pixels_as_diffusers(tmp_path: Path, dtype: torch.dtype, numpy_conversions: list[int]) -> None:
+    # Beyond [-1, 1] (clamped), and every pixel value's rounding boundary k + 0.5 of 255, near which float32's
+    # product by 255 decides the rounding.
+    generator = torch.Generator().manual_seed(0)
+    decoded = (torch.rand(2, 3, 96, 96, generator=generator) * 2.4 - 1.2).to(dtype)
+    boundaries = ((torch.arange(256 * 9, dtype=torch.float64) / 9 + 0.5) / 255 * 2 - 1).reshape(1, 3, 24, 32)
+    stock = VaeImageProcessor(vae_scale_factor=8)
+    pipe = DiffusionPipeline()
+    pipe.register_modules(image_processor=VaeImageProcessor(vae_scale_factor=8))
+    ours = accelerated(pipe, tmp_path).image_processor
+    for image in (decoded, boundaries.to(dtype)):
+        expected = stock.postprocess(image.clone(), output_type="pil")
+        numpy_conversions.clear()
+        got = ours.postprocess(image.clone(), output_type="pil")
+        assert numpy_conversions == [] and len(got) == len(expected)
+        for mine, theirs in zip(got, expected, strict=True):
+            assert mine.mode == theirs.mode == "RGB"
+            np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+    np.testing.assert_array_equal(ours.postprocess(decoded, output_type="np"), stock.postprocess(decoded, "np"))
+    assert numpy_conversions == []  # "np" took diffusers' path, which makes no PIL image
+    assert ours.postprocess(decoded[:, :1], output_type="pil")[0].mode == "L" and numpy_conversions == [2]
+
+
+@pytest.mark.parametrize(
+    ("model", "task", "call"),
+    [
+        ("tiny_sdxl", "t2i", {"height": 64, "width": 64}),
+        ("tiny_pix2pix", "i2i", {"image": Image.new("RGB", (64, 64), (90, 140, 200))}),
+    ],
+)
+def test_a_pipeline_returns_the_same_images(
+    tmp_path: Path, numpy_conversions: list[int], model: str, task: str, call: dict
+) -> None:
+    def images(pipe: DiffusionPipeline) -> list[np.ndarray]:
+        generator = torch.Generator(CPU).manual_seed(3)
+        output = pipe("a red bicycle", num_inference_steps=2, generator=generator, **call)
+        return [np.asarray(one) for one in output.images]
+
+    expected = images(build_pipeline(load_model(model), task, CPU, torch.float32))
+    assert numpy_conversions, "diffusers converts in NumPy"
+    pipe = accelerated(build_pipeline(load_model(model), task, CPU, torch.float32), tmp_path)
+    numpy_conversions.clear()
+    np.testing.assert_array_equal(images(pipe), expected)
+    assert numpy_conversions == []
+    assert type(pipe.image_processor).__name__ == "VaeImageProcessor"
+
+
+def test_a_pipeline_without_diffusers_image_processor_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^device_images: DiffusionPipeline has no VaeImageProcessor .*e\.g\. "):
+        accelerated(DiffusionPipeline(), tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_same_pixels_from_a_gpu(tmp_path: Path, dtype: torch.dtype) -> None:
+    """The arithmetic on the GPU, against diffusers' in NumPy."""
+    decoded = (torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 2.4 - 1.2).to("cuda", dtype)
+    pipe = DiffusionPipeline()
+    pipe.register_modules(image_processor=VaeImageProcessor(vae_scale_factor=8))
+    got = accelerated(pipe, tmp_path).image_processor.postprocess(decoded, output_type="pil")
+    expected = VaeImageProcessor(vae_scale_factor=8).postprocess(decoded, output_type="pil")
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(expected[0]))
