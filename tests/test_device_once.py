@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from runner.accelerators import Target, build_accelerator
+from runner.accelerators.chain import Chain
 from runner.config import ConfigError
 from runner.pipelines import build_pipeline
 
@@ -73,3 +74,26 @@ def test_an_offloaded_pipeline_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^device_once: the pipeline's text_encoder_2 is offloaded .*without"):
         build_accelerator(DEVICE_ONCE).apply(pipe, target(tmp_path))
     assert type(pipe) is StableDiffusionXLPipeline
+
+
+def test_last_in_a_chain_with_device_images_as_the_fast_accelerators_hold_them(
+    tmp_path: Path, lookups: list[int]
+) -> None:
+    """compile_graph_fast, fp8_compile and deepcache_compile end with device_once and device_images, after a part
+    that wraps the denoiser (text_kv here: the graphs need CUDA): the same PIL images, no lookup per call."""
+
+    def images(pipe: DiffusionPipeline) -> list[np.ndarray]:
+        generator = torch.Generator(CPU).manual_seed(5)
+        output = pipe("a red bicycle", num_inference_steps=2, height=64, width=64, generator=generator)
+        return [np.asarray(image) for image in output.images]
+
+    expected = images(build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32))
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
+    text_kv = {"_target_": "runner.accelerators.text_kv.TextKeysOnceAccelerator"}
+    device_images = {"_target_": "runner.accelerators.device_images.DeviceImagesAccelerator"}
+    chain = Chain(parts=[text_kv, DEVICE_ONCE, device_images])
+    chain.check(CPU)
+    chain.apply(pipe, target(tmp_path))
+    lookups.clear()
+    np.testing.assert_array_equal(images(pipe), expected)
+    assert lookups == [] and pipe.unet.fills == 1

@@ -7,7 +7,10 @@ time after the VAE's last kernel (512 px: 1.6 ms), inside the timed call, the GP
 same arithmetic (float32, times 255, rounding half to even, as NumPy does) runs on the device, the image is
 laid out channels-last there, and the host receives a quarter of the bytes and copies them into PIL: 0.45 ms
 (0.10 ms) on that machine. The pixels are the same, bit for bit. Every other output type, and a grey image,
-take diffusers' own path.
+take diffusers' own path. On an H200 host (``benchmarks/call_edges.py``, a float16 image from an idle GPU to
+its PIL image): 16.0 ms against 1.3 ms at 1024 px, 6.0 ms against 0.55 ms at 512 px; in ``compile_graph_fast``
+calls the decode phase took 43.1 ms against 52.6 ms at 1024 px (BENCHMARKS.md, "the host's work around the
+steps"). Part of ``compile_graph_fast``, ``fp8_compile`` and ``deepcache_compile``.
 """
 
 from dataclasses import dataclass
