@@ -76,6 +76,7 @@ METRICS = (
     Metric("time_job_setup_s", "job setup", "s", "{:.1f}"),
     Metric("time_start_s", "worker start and imports", "s", "{:.1f}"),
     Metric("time_setup_s", "worker setup", "s", "{:.1f}"),
+    Metric("time_collect_s", "garbage collection before timing", "s", "{:.1f}"),
     Metric("time_timed_s", "timed calls (wall)", "s", "{:.1f}"),
     Metric("time_flops_s", "FLOP count", "s", "{:.1f}"),
     Metric("time_images_s", "saving images", "s", "{:.1f}"),

@@ -178,9 +178,11 @@ def time_calls(
         result.metrics["warmup_s"] = warmup.seconds
         # Each timed call is preceded by a garbage collection (PhaseClock.time_call); with the pipeline, its
         # compiled graphs and the libraries' objects frozen out of the collector's reach, that takes
-        # milliseconds, not the 0.35-1.1 s per call it took on our H100 host.
-        gc.collect()
-        gc.freeze()
+        # milliseconds, not the 0.35-1.1 s per call it took on our H100 host. This one collection is the
+        # runner's own cost, seconds after a compile: timed as such.
+        with timeline.phase("collect"):
+            gc.collect()
+            gc.freeze()
         note = accelerator.warmup_note()
         progress(cfg, f"warmup {warmup.seconds:.2f} s{f': {note}' if note else ''}; timing {cfg.runs} call(s)")
         with steady_host(device, core):
