@@ -38,7 +38,8 @@ class DeviceOnceAccelerator(Accelerator):
             if isinstance(component, torch.nn.Module) and offloaded(component):
                 raise ConfigError(
                     f"device_once: the pipeline's {name} is offloaded (accelerate's or diffusers' hooks), so its "
-                    "execution device can change between calls; use an accelerator without device_once"
+                    "execution device can change between calls; use an accelerator without DeviceOnceAccelerator among "
+                    "its parts, e.g. accelerator=compile_graph"
                 )
         device = pipe._execution_device
         pipe.__class__ = named_like(
