@@ -9,8 +9,11 @@ records one more call with torch's profiler. Each denoiser call is marked as a r
 in a phase: before the first step (text encoders, for image-to-image the VAE encoder), inside a denoiser
 step, between steps (the scheduler and the guidance arithmetic), after the last step (the VAE decoder). And
 in a kind: matrix products, float8 ones, convolutions, attention, inductor's fused Triton kernels, norms,
-copies, other. Writes OUT.json (the tables below, the calls' phases, the GPU's busy and idle time) and
-OUT.trace.json.gz (the profiler's Chrome trace: chrome://tracing or ui.perfetto.dev), and prints the tables.
+copies, other. And the host's time before the first step, where the GPU has little to do and waits for it:
+how much of it the host spent inside torch's operations, and how much waiting for the GPU in synchronisations
+(a blocking copy between host and GPU waits for all the work queued before it), by the operation that waited.
+Writes OUT.json (the tables below, the calls' phases, the GPU's busy and idle time) and OUT.trace.json.gz (the
+profiler's Chrome trace: chrome://tracing or ui.perfetto.dev), and prints the tables.
 """
 
 import gzip
@@ -29,6 +32,9 @@ from runner.measure import PhaseClock, synchronize
 from runner.worker import pipeline_args
 
 STEP = "denoiser_step"  # the range around each denoiser call
+CALL = "pipeline_call"  # the range around the profiled call
+# CUDA runtime calls in which the host waits for the GPU's queued work.
+WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 KINDS = (  # the first pattern a kernel's name matches gives its kind
     ("attention", r"flash|fmha|attention|sdpa"),
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd"),
@@ -96,6 +102,37 @@ def breakdown(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
     }
 
 
+def host_before_first_step(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """The host's time from the profiled call's start (its ``CALL`` range) to the first denoiser step's (the
+    first ``STEP`` range on the CPU): how much of it was inside torch's operations (the outermost ones, their
+    union), how much waiting for the GPU in ``WAITS``, and which outermost operations waited, how often."""
+    on_cpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("user_annotation", "cpu_op", "cuda_runtime")]
+    calls = [e for e in on_cpu if e["cat"] == "user_annotation" and e["name"] == CALL]
+    steps = [e["ts"] for e in on_cpu if e["cat"] == "user_annotation" and e["name"] == STEP]
+    if not calls or not steps:
+        return {}
+    begin, end = calls[0]["ts"], min(steps)
+    inside = [e for e in on_cpu if begin <= e["ts"] and e["ts"] + e["dur"] <= end]
+    ops = sorted((e for e in inside if e["cat"] == "cpu_op"), key=lambda e: (e["ts"], -e["dur"]))
+    outermost, reach = [], float("-inf")
+    for op in ops:
+        if op["ts"] >= reach:  # not inside the last outermost operation
+            outermost.append(op)
+            reach = op["ts"] + op["dur"]
+    waits = [e for e in inside if e["cat"] == "cuda_runtime" and e["name"] in WAITS]
+    waited_in: dict[str, int] = defaultdict(int)
+    for wait in waits:
+        around = [op for op in outermost if op["ts"] <= wait["ts"] < op["ts"] + op["dur"]]
+        waited_in[around[0]["name"] if around else "(outside torch's operations)"] += 1
+    return {
+        "ms": (end - begin) / 1e3,
+        "in_torch_ops_ms": sum(op["dur"] for op in outermost) / 1e3,
+        "waiting_ms": sum(wait["dur"] for wait in waits) / 1e3,
+        "waits": len(waits),
+        "waits_by_op": dict(sorted(waited_in.items())),
+    }
+
+
 def mark_steps(denoiser: torch.nn.Module) -> None:
     """A profiler range around every denoiser call (hooks on whatever the accelerator made of it)."""
     open_ranges: list[Any] = []
@@ -139,7 +176,8 @@ def main(out: Path, overrides: list[str]) -> None:
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as profiler:
-        pipe(**pipeline_args(cfg, prompts, image, device, 0))
+        with torch.profiler.record_function(CALL):
+            pipe(**pipeline_args(cfg, prompts, image, device, 0))
         synchronize(device)
     trace = out.with_suffix(".trace.json")
     profiler.export_chrome_trace(str(trace))
@@ -155,6 +193,7 @@ def main(out: Path, overrides: list[str]) -> None:
         "calls": calls,
         "mean_latency_s": sum(call["latency_s"] for call in calls) / len(calls),
         **breakdown(events),
+        "host_before_first_step": host_before_first_step(events),
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     print(
@@ -162,6 +201,13 @@ def main(out: Path, overrides: list[str]) -> None:
         f"({cfg.runs} calls); the profiled call's GPU span {result['gpu_span_ms']:.1f} ms, busy "
         f"{result['gpu_busy_ms']:.1f}, idle {result['gpu_idle_ms']:.1f}; {result['steps_seen']} steps seen"
     )
+    host = result["host_before_first_step"]
+    if host:
+        print(
+            f"before the first step the host took {host['ms']:.1f} ms: {host['in_torch_ops_ms']:.1f} in torch's "
+            f"operations, {host['waiting_ms']:.1f} waiting for the GPU in {host['waits']} synchronisation(s) "
+            f"({', '.join(f'{op} {n}' for op, n in host['waits_by_op'].items()) or 'none'})"
+        )
     print(table(result))
 
 

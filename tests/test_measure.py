@@ -359,6 +359,39 @@ def test_kernel_breakdown_puts_each_kernel_in_its_phase_and_kind() -> None:
     }
 
 
+def test_host_before_first_step_says_where_the_host_waited_for_the_gpu() -> None:
+    """benchmarks/kernel_profile.py's reading of the host's side before the first step, on events written here:
+    outermost operations counted once, each synchronisation put in the operation it happened in."""
+    from kernel_profile import CALL, STEP, host_before_first_step
+
+    def on_cpu(cat: str, name: str, ts: float, dur: float) -> dict:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        on_cpu("user_annotation", CALL, 100, 900),
+        on_cpu("cpu_op", "aten::to", 110, 50),  # the text's ids to the GPU: a blocking copy
+        on_cpu("cpu_op", "aten::_to_copy", 112, 45),  # inside aten::to: not counted again
+        on_cpu("cuda_runtime", "cudaMemcpyAsync", 120, 5),
+        on_cpu("cuda_runtime", "cudaStreamSynchronize", 126, 30),
+        on_cpu("cuda_runtime", "cudaGraphLaunch", 170, 10),  # a replay: no wait
+        on_cpu("cpu_op", "aten::nonzero", 300, 100),
+        on_cpu("cuda_runtime", "cudaStreamSynchronize", 310, 80),
+        on_cpu("cuda_runtime", "cudaDeviceSynchronize", 420, 20),  # outside torch's operations
+        on_cpu("user_annotation", STEP, 500, 100),
+        on_cpu("cpu_op", "aten::to", 520, 40),  # inside the step: not before it
+        on_cpu("cuda_runtime", "cudaStreamSynchronize", 530, 20),
+        {"ph": "X", "cat": "gpu_user_annotation", "name": STEP, "ts": 505, "dur": 100},  # the GPU's side
+    ]
+    assert host_before_first_step(events) == {
+        "ms": 0.4,
+        "in_torch_ops_ms": 0.15,
+        "waiting_ms": 0.13,
+        "waits": 3,
+        "waits_by_op": {"(outside torch's operations)": 1, "aten::nonzero": 1, "aten::to": 1},
+    }
+    assert host_before_first_step([e for e in events if e["name"] != CALL]) == {}  # no call range: nothing said
+
+
 def test_kernel_profile_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     """benchmarks/kernel_profile.py on a tiny CPU pipeline: its calls timed, the profiled call's trace written with a
     range around every denoiser step (the GPU's kernels and their ranges exist on a GPU only)."""
@@ -369,3 +402,5 @@ def test_kernel_profile_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
         events = json.load(packed)
     assert sum(event.get("name") == "denoiser_step" for event in events) == 3
     assert "| phase |" in done.stdout
+    host = result["host_before_first_step"]  # the CPU's own: no GPU to wait for
+    assert host["ms"] > 0 and host["waits"] == 0 and "before the first step the host took" in done.stdout
