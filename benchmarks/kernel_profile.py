@@ -12,8 +12,10 @@ in a kind: matrix products, float8 ones, convolutions, attention, inductor's fus
 copies, other. And the host's time before the first step, where the GPU has little to do and waits for it:
 how much of it the host spent inside torch's operations, and how much waiting for the GPU in synchronisations
 (a blocking copy between host and GPU waits for all the work queued before it), by the operation that waited.
-Writes OUT.json (the tables below, the calls' phases, the GPU's busy and idle time) and OUT.trace.json.gz (the
-profiler's Chrome trace: chrome://tracing or ui.perfetto.dev), and prints the tables.
+A second profiled call records Python's functions too (``with_stack``), which slows the host, to say which
+functions the host's time before the first step went to. Writes OUT.json (the tables below, the calls' phases,
+the GPU's busy and idle time, the Python functions), OUT.trace.json.gz and OUT.python.trace.json.gz (the
+profiler's Chrome traces: chrome://tracing or ui.perfetto.dev), and prints the tables.
 """
 
 import gzip
@@ -133,6 +135,31 @@ def host_before_first_step(events: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def python_before_first_step(events: list[dict[str, Any]], top: int = 30) -> dict[str, Any]:
+    """From a trace recorded with Python's functions (``with_stack=True``): the host's time from the call's start
+    to the first denoiser step, and the ``top`` Python functions by their time inside it, each counted once where
+    it calls itself. Tracing every function slows the host, so the shares tell more than the milliseconds."""
+    on_cpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("user_annotation", "python_function")]
+    calls = [e for e in on_cpu if e["cat"] == "user_annotation" and e["name"] == CALL]
+    steps = [e["ts"] for e in on_cpu if e["cat"] == "user_annotation" and e["name"] == STEP]
+    if not calls or not steps:
+        return {}
+    begin, end = calls[0]["ts"], min(steps)
+    functions = sorted(
+        (e for e in on_cpu if e["cat"] == "python_function" and begin <= e["ts"] and e["ts"] + e["dur"] <= end),
+        key=lambda e: (e["ts"], -e["dur"]),
+    )
+    by_name: dict[str, float] = defaultdict(float)
+    open_until: dict[str, float] = {}  # per name, where its outermost occurrence ends
+    for function in functions:
+        name = function["name"]
+        if function["ts"] >= open_until.get(name, float("-inf")):
+            by_name[name] += function["dur"] / 1e3
+            open_until[name] = function["ts"] + function["dur"]
+    ranked = sorted(by_name.items(), key=lambda item: -item[1])[:top]
+    return {"ms": (end - begin) / 1e3, "functions_ms": {name[:160]: round(ms, 3) for name, ms in ranked}}
+
+
 def mark_steps(denoiser: torch.nn.Module) -> None:
     """A profiler range around every denoiser call (hooks on whatever the accelerator made of it)."""
     open_ranges: list[Any] = []
@@ -179,12 +206,12 @@ def main(out: Path, overrides: list[str]) -> None:
         with torch.profiler.record_function(CALL):
             pipe(**pipeline_args(cfg, prompts, image, device, 0))
         synchronize(device)
-    trace = out.with_suffix(".trace.json")
-    profiler.export_chrome_trace(str(trace))
-    events = json.loads(trace.read_text())["traceEvents"]
-    with gzip.open(out.with_suffix(".trace.json.gz"), "wt") as packed:
-        json.dump(events, packed)
-    trace.unlink()
+    events = exported(profiler, out.with_suffix(".trace.json"))
+    with torch.profiler.profile(activities=activities, with_stack=True) as profiler:  # again, Python's functions too
+        with torch.profiler.record_function(CALL):
+            pipe(**pipeline_args(cfg, prompts, image, device, 0))
+        synchronize(device)
+    python = python_before_first_step(exported(profiler, out.with_suffix(".python.trace.json")), top=40)
     result = {
         "overrides": overrides,
         "accelerator": cfg.names.accelerator,
@@ -194,6 +221,7 @@ def main(out: Path, overrides: list[str]) -> None:
         "mean_latency_s": sum(call["latency_s"] for call in calls) / len(calls),
         **breakdown(events),
         "host_before_first_step": host_before_first_step(events),
+        "python_before_first_step": python,
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     print(
@@ -208,7 +236,20 @@ def main(out: Path, overrides: list[str]) -> None:
             f"operations, {host['waiting_ms']:.1f} waiting for the GPU in {host['waits']} synchronisation(s) "
             f"({', '.join(f'{op} {n}' for op, n in host['waits_by_op'].items()) or 'none'})"
         )
+    if python:
+        print(f"the same, Python's functions traced ({python['ms']:.1f} ms), the longest:")
+        print("\n".join(f"  {ms:8.3f} ms  {name}" for name, ms in list(python["functions_ms"].items())[:25]))
     print(table(result))
+
+
+def exported(profiler: torch.profiler.profile, trace: Path) -> list[dict[str, Any]]:
+    """The profile's events; the Chrome trace kept beside them, compressed (``trace`` + ``.gz``)."""
+    profiler.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    with gzip.open(f"{trace}.gz", "wt") as packed:
+        json.dump(events, packed)
+    trace.unlink()
+    return events
 
 
 if __name__ == "__main__":

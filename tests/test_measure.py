@@ -392,6 +392,37 @@ def test_host_before_first_step_says_where_the_host_waited_for_the_gpu() -> None
     assert host_before_first_step([e for e in events if e["name"] != CALL]) == {}  # no call range: nothing said
 
 
+def test_python_before_first_step_ranks_functions_in_the_window() -> None:
+    """kernel_profile's reading of a trace with Python's functions: only what lies between the call's start and
+    the first step, a function that calls itself counted once."""
+    from kernel_profile import CALL, STEP, python_before_first_step
+
+    def event(cat: str, name: str, ts: float, dur: float) -> dict:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        event("python_function", "runner(1): before the call", 0, 50),  # before the call: not counted
+        event("user_annotation", CALL, 100, 2000),
+        event("python_function", "pipeline.py(10): __call__", 100, 1900),  # runs past the first step: not counted
+        event("python_function", "pipeline.py(20): encode_prompt", 110, 600),
+        event("python_function", "torch_utils.py(5): walk", 120, 300),
+        event("python_function", "torch_utils.py(5): walk", 130, 100),  # inside the walk above: once
+        event("python_function", "torch_utils.py(5): walk", 500, 200),
+        event("python_function", "tokenizer.py(7): __call__", 750, 150),
+        event("user_annotation", STEP, 1000, 100),
+        event("python_function", "torch_utils.py(5): walk", 1200, 50),  # after the first step: not counted
+    ]
+    assert python_before_first_step(events) == {
+        "ms": 0.9,
+        "functions_ms": {
+            "pipeline.py(20): encode_prompt": 0.6,
+            "torch_utils.py(5): walk": 0.5,
+            "tokenizer.py(7): __call__": 0.15,
+        },
+    }
+    assert python_before_first_step([e for e in events if e["name"] != STEP]) == {}
+
+
 def test_kernel_profile_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     """benchmarks/kernel_profile.py on a tiny CPU pipeline: its calls timed, the profiled call's trace written with a
     range around every denoiser step (the GPU's kernels and their ranges exist on a GPU only)."""
@@ -404,3 +435,6 @@ def test_kernel_profile_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     assert "| phase |" in done.stdout
     host = result["host_before_first_step"]  # the CPU's own: no GPU to wait for
     assert host["ms"] > 0 and host["waits"] == 0 and "before the first step the host took" in done.stdout
+    python = result["python_before_first_step"]  # the second profiled call's, with Python's functions
+    assert any("encode_prompt" in name for name in python["functions_ms"]) and "Python's functions" in done.stdout
+    assert (tmp_path / "profile.python.trace.json.gz").exists()
