@@ -72,7 +72,8 @@ def test_the_same_images(tmp_path: Path, task: str, call: dict) -> None:
     np.testing.assert_array_equal(images(pipe), expected)
     np.testing.assert_array_equal(images(pipe), expected)
     assert isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__
-    assert accelerator.tags() == {"prompt_graphs_captured": "0", "prompt_graph_passed_on": "0"}  # eager on the CPU
+    eager = {"prompt_graph": "whole", "prompt_graphs_captured": "0", "prompt_graph_passed_on": "0"}  # on the CPU
+    assert accelerator.tags() == eager
 
 
 @pytest.mark.parametrize(
@@ -135,15 +136,35 @@ def test_beside_device_once_and_device_images(tmp_path: Path) -> None:
     assert isinstance(pipe, StableDiffusionXLPipeline) and type(pipe).__name__ == "StableDiffusionXLPipeline"
 
 
+def test_a_pipeline_with_its_own_prompt_encoding_keeps_it(tmp_path: Path) -> None:
+    """instruct-pix2pix encodes its prompt its own way: its text encoder is graphed on its own (on CUDA; on the CPU
+    nothing is), its class and images unchanged."""
+    image = Image.new("RGB", (64, 64), (90, 140, 200))
+
+    def images(pipe: DiffusionPipeline) -> np.ndarray:
+        generator = torch.Generator(CPU).manual_seed(3)
+        return pipe("a red bicycle", image=image, num_inference_steps=2, output_type="np", generator=generator).images
+
+    expected = images(build_pipeline(load_model("tiny_pix2pix"), "i2i", CPU, torch.float32))
+    pipe = build_pipeline(load_model("tiny_pix2pix"), "i2i", CPU, torch.float32)
+    cls = type(pipe)
+    accelerator = build_accelerator(PROMPT_GRAPH)
+    accelerator.apply(pipe, target(tmp_path))
+    np.testing.assert_array_equal(images(pipe), expected)
+    assert type(pipe) is cls
+    assert accelerator.tags() == {"prompt_graph": "each text encoder", "prompt_graphs_captured": "0"}
+
+
 def test_refused_in_one_line_where_it_cannot_capture(tmp_path: Path) -> None:
-    pix2pix = build_pipeline(load_model("tiny_pix2pix"), "i2i", CPU, torch.float32)
-    not_sdxl = r"^prompt_graph: StableDiffusionInstructPix2PixPipeline is not an SDXL .*compile_graph$"
-    with pytest.raises(ConfigError, match=not_sdxl):
-        build_accelerator(PROMPT_GRAPH).apply(pix2pix, target(tmp_path))
     pipe = sdxl()
     pipe.text_encoder_2 = GraphedModule(pipe.text_encoder_2, warmup_calls=2)
     graphed = r"^prompt_graph: the text encoders are already graphed .*text_encoders to false$"
     with pytest.raises(ConfigError, match=graphed):
+        build_accelerator(PROMPT_GRAPH).apply(pipe, target(tmp_path))
+    pipe = sdxl()
+    pipe.text_encoder, pipe.text_encoder_2 = None, None
+    none = r"^prompt_graph: StableDiffusionXLPipeline has no text encoder .*e\.g\. accelerator=compile_graph$"
+    with pytest.raises(ConfigError, match=none):
         build_accelerator(PROMPT_GRAPH).apply(pipe, target(tmp_path))
     assert type(pipe) is StableDiffusionXLPipeline
 
@@ -163,4 +184,15 @@ def test_one_graph_gives_the_eager_embeddings(tmp_path: Path) -> None:
     for _ in range(2):  # captured, then replayed
         for call, embeddings in zip(calls, expected, strict=True):
             assert_same(pipe.encode_prompt(**call), embeddings)
-    assert accelerator.tags() == {"prompt_graphs_captured": "3", "prompt_graph_passed_on": "0"}
+    assert accelerator.tags() == {"prompt_graph": "whole", "prompt_graphs_captured": "3", "prompt_graph_passed_on": "0"}
+
+
+@pytest.mark.gpu
+def test_each_text_encoder_graphed_where_the_pipeline_has_its_own_way(tmp_path: Path) -> None:
+    cuda = torch.device("cuda")
+    pipe = build_pipeline(load_model("tiny_pix2pix"), "i2i", cuda, torch.float32)
+    accelerator = build_accelerator(PROMPT_GRAPH)
+    accelerator.apply(pipe, target(tmp_path, cuda))
+    assert isinstance(pipe.text_encoder, GraphedModule)
+    pipe("a red bicycle", image=Image.new("RGB", (64, 64)), num_inference_steps=2, output_type="np")
+    assert accelerator.tags() == {"prompt_graph": "each text encoder", "prompt_graphs_captured": "1"}

@@ -98,26 +98,34 @@ class CudaGraphAccelerator(Accelerator):
             )
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        if self.text_encoders and not text_encoder_names(pipe):
+            raise ConfigError(
+                f"accelerator.text_encoders=true: {type(pipe).__name__} has no text encoder (no transformers "
+                "model among its components); use accelerator.text_encoders=false"
+            )
         denoiser = getattr(pipe, target.denoiser)
         pool = MemoryPool()
         self.graphed = []  # state, not an option: no dataclass field
         parts = getattr(denoiser, "step_modules", ())
         captured = [(denoiser, part) for part in parts] if parts else [(pipe, target.denoiser)]
-        if self.text_encoders:
-            names = text_encoder_names(pipe)
-            if not names:
-                raise ConfigError(
-                    f"accelerator.text_encoders=true: {type(pipe).__name__} has no text encoder (no transformers "
-                    "model among its components); use accelerator.text_encoders=false"
-                )
-            captured += [(pipe, name) for name in names]
         for owner, name in captured:
             graphed = GraphedModule(getattr(owner, name), self.warmup_calls, pool)
             setattr(owner, name, graphed)
             self.graphed.append(graphed)
+        if self.text_encoders:
+            self.graphed += graph_text_encoders(pipe, self.warmup_calls, pool)
 
     def tags(self) -> dict[str, str]:
         return {"cuda_graphs_captured": str(sum(len(graphed.graphs) for graphed in getattr(self, "graphed", ())))}
+
+
+def graph_text_encoders(pipe: DiffusionPipeline, warmup_calls: int, pool: MemoryPool) -> list[GraphedModule]:
+    """Each of the pipeline's text encoders replaced by a wrapper that captures and replays its calls."""
+    graphed = []
+    for name in text_encoder_names(pipe):
+        graphed.append(GraphedModule(getattr(pipe, name), warmup_calls, pool))
+        setattr(pipe, name, graphed[-1])
+    return graphed
 
 
 def text_encoder_names(pipe: DiffusionPipeline) -> list[str]:

@@ -16,8 +16,10 @@ guidance; the host tokenizes once per encoder, copies the ids in and replays. Th
 order on the same inputs, so the same embeddings (the tests compare them with diffusers' own, bit for bit). The
 truncation warning is said once per prompt and tokenizer, not at every call. On the CPU the module runs eagerly.
 
-Only SDXL's pipelines (two CLIP text encoders; text-to-image and image-to-image), and only the default way to
-call them: a prompt and nothing that replaces it (no ``prompt_2``, no negative prompt, no embeddings given, no
+The whole encoding only for SDXL's pipelines (two CLIP text encoders; text-to-image and image-to-image); a
+pipeline that encodes its prompt its own way (instruct-pix2pix) has each text encoder graphed on its own, as
+``cuda_graph``'s ``text_encoders`` does (the tag ``prompt_graph`` says which). And only the default way to call
+them: a prompt and nothing that replaces it (no ``prompt_2``, no negative prompt, no embeddings given, no
 LoRA scale or ``clip_skip``), with the unguided embeddings zeros where guidance is on
 (``force_zeros_for_empty_prompt``, SDXL base's and RealVisXL's config). A call any other way runs diffusers'
 own ``encode_prompt``, unchanged, and is counted (the tag ``prompt_graph_passed_on``).
@@ -31,9 +33,10 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.utils import logging
+from transformers import PreTrainedModel
 
 from runner.accelerators import Accelerator, Target, named_like
-from runner.accelerators.cuda_graph import GraphedModule, MemoryPool
+from runner.accelerators.cuda_graph import GraphedModule, MemoryPool, graph_text_encoders, text_encoder_names
 from runner.config import ConfigError
 
 # encode_prompt's arguments that its default way leaves at None: with any of them given, diffusers' own runs.
@@ -144,31 +147,54 @@ def warn_if_truncated(pipe: DiffusionPipeline, prompts: list[str], tokenizer: An
 @dataclass
 class PromptGraphAccelerator(Accelerator):
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
-        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
-        encode = getattr(type(pipe), "encode_prompt", None)
-        sdxl = encode is not None and "prompt_2" in inspect.signature(encode).parameters
-        if not sdxl or any(encoder is None for encoder in encoders):
-            raise ConfigError(
-                f"prompt_graph: {type(pipe).__name__} is not an SDXL pipeline with both text encoders, whose prompt "
-                "encoding it captures; use an accelerator without PromptGraphAccelerator among its parts, e.g. "
-                "accelerator=compile_graph"
-            )
-        if any(isinstance(encoder, GraphedModule) for encoder in encoders):
+        if any(
+            isinstance(part, GraphedModule) and isinstance(part.module, PreTrainedModel)
+            for part in pipe.components.values()
+        ):
             raise ConfigError(
                 "prompt_graph: the text encoders are already graphed one by one (cuda_graph's text_encoders=true), "
                 "and a graph cannot hold another's replay; set that part's text_encoders to false"
             )
-        device = next(pipe.text_encoder.parameters()).device  # cuda:0, as the pipeline's calls name it
-        self.graph = PromptGraph(pipe, device)  # state, not an option: no dataclass field
+        names = text_encoder_names(pipe)
+        if not names:
+            raise ConfigError(
+                f"prompt_graph: {type(pipe).__name__} has no text encoder (no transformers model among its "
+                "components) whose calls it could capture; use an accelerator without PromptGraphAccelerator among its "
+                "parts, e.g. accelerator=compile_graph"
+            )
+        device = next(getattr(pipe, names[0]).parameters()).device  # cuda:0, as the pipeline's calls name it
+        self.graph, self.graphed = None, []  # state, not options: no dataclass fields
+        if not sdxl_prompt_encoding(pipe):  # its own way of encoding: each text encoder graphed on its own
+            if device.type == "cuda":
+                self.graphed = graph_text_encoders(pipe, warmup_calls=2, pool=MemoryPool())
+            return
+        self.graph = PromptGraph(pipe, device)
         pipe.__class__ = named_like(type(pipe), "prompt_graph", {"encode_prompt": encode_prompt})
         pipe._runner_prompt_graph = self.graph
 
     def tags(self) -> dict[str, str]:
-        graph = getattr(self, "graph", None)
-        if graph is None:
+        if not hasattr(self, "graph"):
             return {}
-        captured = sum(len(e.graphs) for e in graph.encoders.values() if isinstance(e, GraphedModule))
-        return {"prompt_graphs_captured": str(captured), "prompt_graph_passed_on": str(graph.passed_on)}
+        if self.graph is None:
+            return {"prompt_graph": "each text encoder", "prompt_graphs_captured": str(captured(self.graphed))}
+        encoders = [e for e in self.graph.encoders.values() if isinstance(e, GraphedModule)]
+        return {
+            "prompt_graph": "whole",
+            "prompt_graphs_captured": str(captured(encoders)),
+            "prompt_graph_passed_on": str(self.graph.passed_on),
+        }
+
+
+def sdxl_prompt_encoding(pipe: DiffusionPipeline) -> bool:
+    """Whether the pipeline encodes prompts as SDXL's do: both CLIP text encoders, and a second prompt for the
+    second."""
+    encode = getattr(type(pipe), "encode_prompt", None)
+    both = all(getattr(pipe, name, None) is not None for name in ("text_encoder", "text_encoder_2"))
+    return both and encode is not None and "prompt_2" in inspect.signature(encode).parameters
+
+
+def captured(graphed: list[GraphedModule]) -> int:
+    return sum(len(module.graphs) for module in graphed)
 
 
 def encode_prompt(self: DiffusionPipeline, *args: Any, **kwargs: Any) -> Embeddings:
