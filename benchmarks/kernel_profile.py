@@ -193,23 +193,25 @@ def main(out: Path, overrides: list[str]) -> None:
         pipe(**pipeline_args(cfg, prompts, image, device, index))
     denoiser = getattr(pipe, cfg.model.denoiser)
     clock = PhaseClock(denoiser, device)
-    calls = [
-        vars(clock.time_call(lambda i=i: pipe(**pipeline_args(cfg, prompts, image, device, i)))[1])
-        for i in range(cfg.runs)
-    ]
+    calls = []
+    for index in range(cfg.runs):
+        kwargs = pipeline_args(cfg, prompts, image, device, index)  # outside the timed call, as the runner does
+        calls.append(vars(clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))[1]))
     clock.detach()
     mark_steps(denoiser)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    kwargs = pipeline_args(cfg, prompts, image, device, 0)  # outside the call's range
     with torch.profiler.profile(activities=activities) as profiler:
         with torch.profiler.record_function(CALL):
-            pipe(**pipeline_args(cfg, prompts, image, device, 0))
+            pipe(**kwargs)
         synchronize(device)
     events = exported(profiler, out.with_suffix(".trace.json"))
+    kwargs = pipeline_args(cfg, prompts, image, device, 0)
     with torch.profiler.profile(activities=activities, with_stack=True) as profiler:  # again, Python's functions too
         with torch.profiler.record_function(CALL):
-            pipe(**pipeline_args(cfg, prompts, image, device, 0))
+            pipe(**kwargs)
         synchronize(device)
     python = python_before_first_step(exported(profiler, out.with_suffix(".python.trace.json")), top=40)
     result = {
