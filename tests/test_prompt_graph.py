@@ -97,6 +97,18 @@ def test_any_other_way_is_diffusers_own(tmp_path: Path, other_way: dict) -> None
     assert seen == [call] and pipe._runner_prompt_graph.passed_on == 1
 
 
+def test_the_encoders_compiled_give_diffusers_embeddings_up_to_rounding(tmp_path: Path) -> None:
+    pipe = sdxl()
+    call = {"prompt": "a red bicycle", "device": CPU, "num_images_per_prompt": 2}
+    expected = pipe.encode_prompt(**call)
+    build_accelerator(PROMPT_GRAPH | {"compile_encoders": True}).apply(pipe, target(tmp_path))
+    got = pipe.encode_prompt(**call)
+    assert isinstance(pipe._runner_prompt_graph.encoders[2, True], torch._dynamo.eval_frame.OptimizedModule)
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
+        torch.testing.assert_close(mine, theirs)
+
+
 def test_a_truncated_prompt_is_said_once(tmp_path: Path) -> None:
     pipe = sdxl()
     prompt = " ".join(["lighthouse"] * 100)  # over CLIP's 77 tokens
@@ -161,6 +173,10 @@ def test_refused_in_one_line_where_it_cannot_capture(tmp_path: Path) -> None:
     graphed = r"^prompt_graph: the text encoders are already graphed .*text_encoders to false$"
     with pytest.raises(ConfigError, match=graphed):
         build_accelerator(PROMPT_GRAPH).apply(pipe, target(tmp_path))
+    pix2pix = build_pipeline(load_model("tiny_pix2pix"), "i2i", CPU, torch.float32)
+    own_way = r"^prompt_graph.compile_encoders=true: StableDiffusionInstructPix2PixPipeline encodes .*set it to false$"
+    with pytest.raises(ConfigError, match=own_way):
+        build_accelerator(PROMPT_GRAPH | {"compile_encoders": True}).apply(pix2pix, target(tmp_path))
     pipe = sdxl()
     pipe.text_encoder, pipe.text_encoder_2 = None, None
     none = r"^prompt_graph: StableDiffusionXLPipeline has no text encoder .*e\.g\. accelerator=compile_graph$"

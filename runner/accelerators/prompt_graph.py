@@ -20,6 +20,11 @@ On an H200 it took ``compile_graph_fast``'s time before the first step from 8.7 
 ``fp8_compile`` and ``deepcache_compile`` gained 0.1-2.0% (BENCHMARKS.md, "the prompt's encoding as one graph").
 Part of those three accelerators, last.
 
+With ``compile_encoders`` the encoders' module is compiled (torch.compile) before it is captured, SDXL's way
+only: with the host's work cut, the host now waits for the encoders' 2.8 ms of GPU work at the scheduler's first
+blocking copy (1.9 ms at 512 px), 1.5 ms of it matrix products of 77 rows whose weights read in about 0.35 ms.
+Not yet timed on a GPU: the variant ``cg_fast_prompt_compiled`` in ``benchmarks/conf/accelerator`` is for that.
+
 The whole encoding only for SDXL's pipelines (two CLIP text encoders; text-to-image and image-to-image); a
 pipeline that encodes its prompt its own way (instruct-pix2pix) has each text encoder graphed on its own, as
 ``cuda_graph``'s ``text_encoders`` does (the tag ``prompt_graph`` says which). And only the default way to call
@@ -91,7 +96,8 @@ class PromptGraph:
     """A pipeline's ``encode_prompt`` in its default way: tokenize, then run (on CUDA, replay) the encoders'
     module for the call's images per prompt and guidance; any other way, diffusers' own."""
 
-    def __init__(self, pipe: DiffusionPipeline, device: torch.device) -> None:
+    def __init__(self, pipe: DiffusionPipeline, device: torch.device, compile_encoders: bool = False) -> None:
+        self.compile_encoders = compile_encoders
         self.original = type(pipe).encode_prompt
         self.signature = inspect.signature(self.original)
         self.device = device
@@ -122,6 +128,8 @@ class PromptGraph:
         key = (images_per_prompt, guidance)
         if key not in self.encoders:
             module = SdxlPromptEncoders(pipe, images_per_prompt, guidance)
+            if self.compile_encoders:  # compiled in the capture's eager calls, then its kernels captured
+                module = torch.compile(module)
             self.encoders[key] = GraphedModule(module, warmup_calls=2, pool=self.pool) if self.pool else module
         return self.encoders[key]
 
@@ -150,6 +158,8 @@ def warn_if_truncated(pipe: DiffusionPipeline, prompts: list[str], tokenizer: An
 
 @dataclass
 class PromptGraphAccelerator(Accelerator):
+    compile_encoders: bool = False  # torch.compile the encoders' module before it is captured (SDXL's way only)
+
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         if any(
             isinstance(part, GraphedModule) and isinstance(part.module, PreTrainedModel)
@@ -169,10 +179,15 @@ class PromptGraphAccelerator(Accelerator):
         device = next(getattr(pipe, names[0]).parameters()).device  # cuda:0, as the pipeline's calls name it
         self.graph, self.graphed = None, []  # state, not options: no dataclass fields
         if not sdxl_prompt_encoding(pipe):  # its own way of encoding: each text encoder graphed on its own
+            if self.compile_encoders:
+                raise ConfigError(
+                    f"prompt_graph.compile_encoders=true: {type(pipe).__name__} encodes its prompt its own way, "
+                    "whose text encoders prompt_graph graphs one by one and does not compile; set it to false"
+                )
             if device.type == "cuda":
                 self.graphed = graph_text_encoders(pipe, warmup_calls=2, pool=MemoryPool())
             return
-        self.graph = PromptGraph(pipe, device)
+        self.graph = PromptGraph(pipe, device, self.compile_encoders)
         pipe.__class__ = named_like(type(pipe), "prompt_graph", {"encode_prompt": encode_prompt})
         pipe._runner_prompt_graph = self.graph
 
