@@ -109,6 +109,27 @@ def test_the_encoders_compiled_give_diffusers_embeddings_up_to_rounding(tmp_path
         torch.testing.assert_close(mine, theirs)
 
 
+def test_a_textual_inversion_of_several_vectors_is_expanded_as_diffusers_does(tmp_path: Path) -> None:
+    """The prompt is re-tokenized for textual inversion only where a token of several vectors was loaded."""
+    pipe = sdxl()
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        tokenizer.add_tokens(["<cat>", "<cat>_1", "<dog>"])
+        encoder.resize_token_embeddings(len(tokenizer))
+    call = {"prompt": "a <cat> beside a <dog>", "device": CPU}
+    assert pipe.maybe_convert_prompt(call["prompt"], pipe.tokenizer) == "a <cat> <cat>_1 beside a <dog>"
+    expected = pipe.encode_prompt(**call)
+    build_accelerator(PROMPT_GRAPH).apply(pipe, target(tmp_path))
+    converted: list[str] = []
+    original = pipe.maybe_convert_prompt
+    pipe.maybe_convert_prompt = lambda prompts, tokenizer: converted.extend(prompts) or original(prompts, tokenizer)
+    assert_same(pipe.encode_prompt(**call), expected)
+    assert converted == [call["prompt"]] * 2  # both tokenizers
+    plain = sdxl()
+    build_accelerator(PROMPT_GRAPH).apply(plain, target(tmp_path))
+    plain.maybe_convert_prompt = lambda prompts, tokenizer: pytest.fail("re-tokenized without multi-vector tokens")
+    plain.encode_prompt(**call)
+
+
 def test_a_truncated_prompt_is_said_once(tmp_path: Path) -> None:
     pipe = sdxl()
     prompt = " ".join(["lighthouse"] * 100)  # over CLIP's 77 tokens
