@@ -1,0 +1,106 @@
+"""The host runs ahead of the GPU through the pipeline's setup: the schedule and SDXL's time ids are made on the
+host and sent to the GPU without waiting for it.
+
+Between encoding the prompt and the first denoising step a diffusers pipeline sets the scheduler's timesteps
+and, for SDXL, makes the "time ids" (original size, crop, target size) on the host, and sends them to the GPU
+with plain ``.to(device)``: a copy from pageable memory, which waits until the GPU has finished everything queued
+before it. Diffusers' schedulers even send the sigmas to the GPU and back (``sigmas.to("cpu")``, "to avoid too
+much CPU/GPU communication"). With the prompt's encoding queued just before, the host stops there until the
+text encoders have run: in an H200 profile of a ``compile_graph_fast`` call at 512 px it waited 1.9 ms for
+their 2.8 ms of GPU work, with the rest of the setup (latents, time ids, the step's arguments) still to do
+after it (BENCHMARKS.md, "the prompt's encoding as one graph").
+
+Here the scheduler's ``set_timesteps`` runs on the host (``device="cpu"``) and the tensors that diffusers' own
+would have left on the GPU are sent there from pinned memory without waiting (``non_blocking``): which ones is
+learnt from the first call, which runs diffusers' own unchanged (the runner's warmup), so any scheduler keeps
+its own split between host and GPU. SDXL's time ids go the same way as they are made. The same values (made on
+the host either way, or the same arithmetic on the host instead of the GPU; the GPU test compares them), so the
+same images; the host's next wait is at the scheduler's first step, where it reads the step's index back.
+
+Only ``set_timesteps`` called with ``device=`` (as diffusers' pipelines call it) and ``_get_add_time_ids``
+(SDXL's pipelines); anything else runs as diffusers wrote it. Not built: image-to-image's input image is still
+sent with a waiting copy.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from runner.accelerators import Accelerator, Target, named_like
+from runner.config import ConfigError
+
+
+def sent_ahead(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; from the host to a GPU through pinned memory, without the host waiting (torch's
+    pinned-memory cache keeps the buffer until the copy has run)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def tensors_on(obj: Any, device: torch.device) -> set[str]:
+    return {name for name, value in vars(obj).items() if isinstance(value, torch.Tensor) and value.device == device}
+
+
+def scheduler_ahead(cls: type[SchedulerMixin]) -> dict[str, Any]:
+    """``cls``'s ``set_timesteps`` run on the host, then what it leaves on the device, sent there."""
+
+    def set_timesteps(self: SchedulerMixin, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("device") is None:
+            return cls.set_timesteps(self, *args, **kwargs)
+        device = torch.empty(0, device=kwargs["device"]).device  # "cuda" as tensors name it: cuda:0
+        if device not in self._runner_on_device:  # the first call: diffusers' own, to learn what it puts there
+            cls.set_timesteps(self, *args, **kwargs)
+            self._runner_on_device[device] = tensors_on(self, device)
+            return None
+        cls.set_timesteps(self, *args, **(kwargs | {"device": "cpu"}))
+        for name in self._runner_on_device[device]:
+            setattr(self, name, sent_ahead(getattr(self, name), device))
+        self._runner_sent_ahead += 1
+        return None
+
+    return {"set_timesteps": set_timesteps}
+
+
+def time_ids_ahead(cls: type[DiffusionPipeline]) -> dict[str, Any]:
+    """``cls``'s SDXL time ids as it makes them (one tensor, or a pair for image-to-image), sent to the
+    pipeline's device as they are made."""
+
+    def _get_add_time_ids(self: DiffusionPipeline, *args: Any, **kwargs: Any) -> Any:
+        made = cls._get_add_time_ids(self, *args, **kwargs)
+        device = self._runner_host_ahead_device
+        if isinstance(made, tuple):
+            return tuple(sent_ahead(ids, device) for ids in made)
+        return sent_ahead(made, device)
+
+    return {"_get_add_time_ids": _get_add_time_ids}
+
+
+@dataclass
+class HostAheadAccelerator(Accelerator):
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        scheduler = getattr(pipe, "scheduler", None)
+        if not isinstance(scheduler, SchedulerMixin):
+            raise ConfigError(
+                f"host_ahead: {type(pipe).__name__} has no diffusers scheduler whose schedule it could make on the "
+                "host; use an accelerator without HostAheadAccelerator among its parts, e.g. accelerator=compile_graph"
+            )
+        scheduler.__class__ = named_like(type(scheduler), "host_ahead", scheduler_ahead(type(scheduler)))
+        scheduler._runner_on_device, scheduler._runner_sent_ahead = {}, 0
+        self.scheduler, self.time_ids = scheduler, hasattr(pipe, "_get_add_time_ids")
+        if self.time_ids:
+            pipe.__class__ = named_like(type(pipe), "host_ahead", time_ids_ahead(type(pipe)))
+            pipe._runner_host_ahead_device = target.device
+
+    def tags(self) -> dict[str, str]:
+        if not hasattr(self, "scheduler"):
+            return {}
+        name = type(self.scheduler).__name__
+        sent = [f"{name}.{tensor}" for tensor in sorted(set().union(*self.scheduler._runner_on_device.values()))]
+        return {
+            "host_ahead": ", ".join(sent + ["time ids"] * self.time_ids),
+            "host_ahead_calls": str(self.scheduler._runner_sent_ahead),
+        }
