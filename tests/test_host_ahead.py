@@ -145,12 +145,13 @@ def test_on_a_gpu_the_host_does_not_wait_and_the_values_are_diffusers(tmp_path: 
     own = scheduler.from_config(pipe.scheduler.config)
     own.set_timesteps(30, device=cuda)
     build_accelerator(HOST_AHEAD).apply(pipe, target(tmp_path, cuda))
+    projection = pipe.text_encoder_2.config.projection_dim
     pipe.scheduler.set_timesteps(30, device=cuda)  # diffusers' own: learns what goes to the GPU
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # a copy that waits for the GPU raises
     try:
         pipe.scheduler.set_timesteps(30, device=cuda)
-        time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float16, 1280)
+        time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float16, projection)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     mine, theirs = tensors(pipe.scheduler), tensors(own)
