@@ -109,10 +109,11 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
             "DeepCacheAccelerator, 1 CudaGraphAccelerator); did you mean accelerator.parts.0.interval?",
         ),
         (  # a + override too: the part must exist and take the option
-            ("accelerator=compile_graph_fast", "+accelerator.parts.7.interval=2"),
-            "accelerator.parts.7.interval: accelerator compile_graph_fast has no part 7 (its parts: 0 "
+            ("accelerator=compile_graph_fast", "+accelerator.parts.8.interval=2"),
+            "accelerator.parts.8.interval: accelerator compile_graph_fast has no part 8 (its parts: 0 "
             "VaeBf16Accelerator, 1 TorchCompileAccelerator, 2 CudaGraphAccelerator, 3 TextKeysOnceAccelerator, "
-            "4 DeviceOnceAccelerator, 5 DeviceImagesAccelerator, 6 PromptGraphAccelerator); number a part from 0 to 6",
+            "4 DeviceOnceAccelerator, 5 DeviceImagesAccelerator, 6 PromptGraphAccelerator, 7 HostAheadAccelerator); "
+            "number a part from 0 to 7",
         ),
         (
             ("accelerator=compile_graph_fast", "+accelerator.parts.3.interval=2"),

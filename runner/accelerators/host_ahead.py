@@ -15,7 +15,11 @@ would have left on the GPU are sent there from pinned memory without waiting (``
 learnt from the first call, which runs diffusers' own unchanged (the runner's warmup), so any scheduler keeps
 its own split between host and GPU. SDXL's time ids go the same way as they are made. The same values (made on
 the host either way, or the same arithmetic on the host instead of the GPU; the GPU test compares them), so the
-same images; the host's next wait is at the scheduler's first step, where it reads the step's index back.
+same images; the host's next wait is at the scheduler's first step, where it reads the step's index back. On
+an H200 it took ``compile_graph_fast``'s time before the first step from 6.8 to 4.9 ms at 512 px and its calls
+from 0.3309 to 0.3280 s on one start (BENCHMARKS.md, "the host ahead of the GPU"); part of ``compile_graph_fast``,
+last. Not yet timed beside ``fp8_compile`` or ``deepcache_compile`` (the variants ``fp8_host_ahead`` and
+``dc_host_ahead`` in ``benchmarks/conf/accelerator`` are for that).
 
 Only ``set_timesteps`` called with ``device=`` (as diffusers' pipelines call it) and ``_get_add_time_ids``
 (SDXL's pipelines); anything else runs as diffusers wrote it. Not built: image-to-image's input image is still
