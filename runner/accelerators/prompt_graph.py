@@ -23,13 +23,13 @@ On an H200 it took ``compile_graph_fast``'s time before the first step from 8.7 
 Part of those three accelerators, last.
 
 With ``compile_encoders`` the encoders' module is compiled (torch.compile) before it is captured, SDXL's way
-only: with the host's work cut, the host now waits for the encoders' 2.8 ms of GPU work at the scheduler's first
+only: with the host's work cut, the host waited for the encoders' 2.8 ms of GPU work at the scheduler's first
 blocking copy (1.9 ms at 512 px), 1.5 ms of it matrix products of 77 rows whose weights read in about 0.35 ms.
 On one H200 start at 512 px it took ``compile_graph_fast``'s time before the first step from 6.8 to 4.8 ms (and,
 beside ``host_ahead``, from 4.9 to 3.9 ms; calls 0.3280 against 0.3271 s), for the encoders compiled in every
 process: a warmup of 11.9 s against 3.9 s from the saved modules, and images changed by rounding (BENCHMARKS.md,
-"the host ahead of the GPU"). So it is an option, in no accelerator; the variants ``cg_fast_prompt_compiled`` and ``cg_fast_ahead_compiled`` in
-``benchmarks/conf/accelerator`` hold it.
+"the host ahead of the GPU"). So it is an option, in no accelerator; the variants ``cg_fast_prompt_compiled``
+and ``cg_fast_ahead_compiled`` in ``benchmarks/conf/accelerator`` hold it.
 
 The whole encoding only for SDXL's pipelines (two CLIP text encoders; text-to-image and image-to-image); a
 pipeline that encodes its prompt its own way (instruct-pix2pix) has each text encoder graphed on its own, as
