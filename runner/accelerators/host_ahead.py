@@ -12,8 +12,9 @@ after it (BENCHMARKS.md, "the prompt's encoding as one graph").
 
 Here the scheduler's ``set_timesteps`` runs on the host (``device="cpu"``) and the tensors that diffusers' own
 would have left on the GPU are sent there from pinned memory without waiting (``non_blocking``): which ones is
-learnt from the first call, which runs diffusers' own unchanged (the runner's warmup), so any scheduler keeps
-its own split between host and GPU. SDXL's time ids go the same way as they are made. The same values (made on
+learnt from the first call (the runner's warmup), which runs diffusers' own unchanged before the host's way, so
+any scheduler keeps its own split between host and GPU, and the warmup, not a timed call, pays for the first
+pinned buffer. SDXL's time ids go the same way as they are made. The same values (made on
 the host either way, or the same arithmetic on the host instead of the GPU; the GPU test compares them), so the
 same images; the host's next wait is at the scheduler's first step, where it reads the step's index back. On
 an H200 it took ``compile_graph_fast``'s time before the first step from 6.8 to 4.9 ms at 512 px and its calls
@@ -56,10 +57,9 @@ def scheduler_ahead(cls: type[SchedulerMixin]) -> dict[str, Any]:
         if kwargs.get("device") is None:
             return cls.set_timesteps(self, *args, **kwargs)
         device = torch.empty(0, device=kwargs["device"]).device  # "cuda" as tensors name it: cuda:0
-        if device not in self._runner_on_device:  # the first call: diffusers' own, to learn what it puts there
-            cls.set_timesteps(self, *args, **kwargs)
-            self._runner_on_device[device] = tensors_on(self, device)
-            return None
+        if device not in self._runner_on_device:  # the first call: diffusers' own, to learn what it puts there,
+            cls.set_timesteps(self, *args, **kwargs)  # then the host's way too, so that the warmup pays its first
+            self._runner_on_device[device] = tensors_on(self, device)  # pinned buffer, not a timed call
         cls.set_timesteps(self, *args, **(kwargs | {"device": "cpu"}))
         for name in self._runner_on_device[device]:
             setattr(self, name, sent_ahead(getattr(self, name), device))
