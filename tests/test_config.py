@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
@@ -190,10 +191,22 @@ def test_defaults_check_clean() -> None:
     assert cfg.mlflow.tracking_uri == "sqlite:///mlruns/mlflow.db"
 
 
+def test_a_chain_part_s_bad_option_names_the_part_and_what_it_takes() -> None:
+    none = {"_target_": "runner.accelerators.none.NoAccelerator"}
+    part = {"_target_": "runner.accelerators.prompt_graph.PromptGraphAccelerator", "compile_encoders": "ture"}
+    chain = build_accelerator({"_target_": "runner.accelerators.chain.Chain", "parts": [none, part]})
+    expected = (
+        r"^accelerator.parts.1.compile_encoders: Value 'ture' is not a valid bool .*; it takes a value of type bool, "
+        r"by default false$"
+    )
+    with pytest.raises(ConfigError, match=expected):
+        chain.check(torch.device("cpu"))
+
+
 def test_accelerator_options_are_type_checked() -> None:
     target = "tests.fake_accelerators.Options"
     assert build_accelerator({"_target_": target, "interval": 3}).interval == 3
-    with pytest.raises(ConfigError, match=r"accelerator.interval: Value 'often'"):
+    with pytest.raises(ConfigError, match=r"^accelerator.interval: Value 'often'.*; it takes a value of type int, by"):
         build_accelerator({"_target_": target, "interval": "often"})
     with pytest.raises(ConfigError, match=r"accelerator.*speed"):
         build_accelerator({"_target_": target, "speed": 2})

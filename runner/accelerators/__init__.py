@@ -140,25 +140,28 @@ def input_signature(flat: list[Any], spec: Any) -> tuple:
     )
 
 
-def build_accelerator(options: dict[str, Any]) -> Accelerator:
-    """Instantiate the accelerator named by ``options['_target_']`` with the other options, type-checked."""
+def build_accelerator(options: dict[str, Any], where: str = "accelerator") -> Accelerator:
+    """Instantiate the accelerator named by ``options['_target_']`` with the other options, type-checked; errors
+    name the options as ``where`` (a chain's part: ``accelerator.parts.6``)."""
     target = options["_target_"]
     cls = get_class(target)
     if not (isinstance(cls, type) and issubclass(cls, Accelerator)):
-        raise ConfigError(
-            f"accelerator._target_={target}: not an accelerator (subclass runner.accelerators.Accelerator)"
-        )
+        raise ConfigError(f"{where}._target_={target}: not an accelerator (subclass runner.accelerators.Accelerator)")
     values = {key: value for key, value in options.items() if key != "_target_"}
-    for option in dataclasses.fields(cls):
+    fields = {option.name: option for option in dataclasses.fields(cls)}
+    for option in fields.values():
         value = values.get(option.name)
         if typing.get_origin(option.type) is list and value is not None and not isinstance(value, list | tuple):
-            raise ConfigError(
-                f"accelerator.{option.name}={value}: takes a list, e.g. accelerator.{option.name}=[{value}]"
-            )
+            raise ConfigError(f"{where}.{option.name}={value}: takes a list, e.g. {where}.{option.name}=[{value}]")
     try:
         typed = OmegaConf.merge(OmegaConf.structured(cls), values)
     except OmegaConfBaseException as error:
         first = str(error).splitlines()[0]
         key = getattr(error, "full_key", None) or "?"
-        raise ConfigError(f"accelerator.{key}: {first}") from error
+        option = fields.get(key)
+        if option is not None and option.default is not dataclasses.MISSING:  # the fix: what it takes
+            kind = getattr(option.type, "__name__", str(option.type))
+            default = OmegaConf.to_yaml({key: option.default}).split(": ", 1)[1].strip()  # as YAML writes it
+            first += f"; it takes a value of type {kind}, by default {default}"
+        raise ConfigError(f"{where}.{key}: {first}") from error
     return OmegaConf.to_object(typed)

@@ -23,7 +23,7 @@ class Chain(Accelerator):
 
     def _accelerators(self) -> list[Accelerator]:
         if not hasattr(self, "built"):
-            self.built = [build_accelerator(part) for part in self.parts]
+            self.built = [build_accelerator(part, f"accelerator.parts.{i}") for i, part in enumerate(self.parts)]
         return self.built
 
     def check(self, device: torch.device) -> None:
