@@ -10,9 +10,9 @@ brings it back. ``torch_compile``'s option ``precompile`` wraps the denoiser and
 ``cache_dir/precompiled/<name>-<key>.bin`` or, if there is none, compiles and writes it. The saved function
 holds code, not weights: it is called with the module and reads the module's own parameters, so one file
 serves every checkpoint of an architecture. Its key digests what the traced code depends on: the module's
-structure (its ``repr`` and attention processors), its weights' shapes, dtypes and strides, the input
-signature, grad mode, the compile backend, the torch and diffusers versions and the device, so a change to any
-of them compiles anew.
+structure (its ``repr``, attention processors and the forwards accelerators put in), its weights' shapes,
+dtypes and strides, the input signature, grad mode, the compile backend, the torch and diffusers versions and
+the device, so a change to any of them compiles anew.
 
 No guards are saved: torch 2.11 cannot read back some it writes (a guard on a function's default argument
 fails to unpickle: ``DefaultsSource.__init__() takes from 3 to 4 positional arguments``, on our H100), and
@@ -85,9 +85,18 @@ class PrecompiledModule(DenoiserWrapper):
             for name, module in self.module.named_modules()
             if hasattr(module, "processor")
         )
+        # Forwards an accelerator put in (a class made by named_like keeps its name, so its repr too).
+        ours = sorted(
+            {
+                f"{type(module).__name__}:{type(module).forward.__module__}.{type(module).forward.__qualname__}"
+                for module in self.module.modules()
+                if type(module).forward.__module__.startswith("runner.")
+            }
+        )
         versions = (torch.__version__, diffusers.__version__)
         compiler = (self.backend, sorted(self.settings.items())) if self.settings else self.backend  # old keys hold
-        key = repr((repr(self.module), processors, weights, signature, compiler, versions, where))
+        structure = (repr(self.module), ours) if ours else repr(self.module)
+        key = repr((structure, processors, weights, signature, compiler, versions, where))
         return self.folder / f"{self.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.bin"
 
     def _prepare(self, args: tuple, kwargs: dict, signature: tuple) -> Any:

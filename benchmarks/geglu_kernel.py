@@ -1,0 +1,98 @@
+"""fused_geglu's kernel against what compile_graph_fast runs (cuBLAS's product with its bias, then inductor's
+element-wise GELU and gating), at SDXL's feed-forward shapes, each replayed from a CUDA graph as in a step:
+
+    python3 benchmarks/geglu_kernel.py OUT.json
+
+For each shape (rows = 2 x tokens with guidance, the block's width, its inner width): microseconds per call of
+the compiled reference and of the kernel with each of fused_geglu's block sizes and with the autotuner's
+choice, their TFLOP/s, and the largest difference from a float32 computation (next to the reference's own).
+"""
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+
+import torch
+
+from runner.accelerators.fused_geglu import CONFIGS, geglu, geglu_reference, launch
+
+SHAPES = {  # (rows, width, inner) of SDXL's GEGLU products, batch 1 with guidance
+    "512px 32x32 blocks": (2048, 640, 2560),
+    "512px 16x16 blocks": (512, 1280, 5120),
+    "1024px 64x64 blocks": (8192, 640, 2560),
+    "1024px 32x32 blocks": (2048, 1280, 5120),
+}
+REPEATS, REPLAYS = 20, 20
+
+
+def graphed_us(call) -> float:
+    """Microseconds per call of ``call``, captured ``REPEATS`` times in one CUDA graph and replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPEATS):
+            call()
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / (REPEATS * REPLAYS)
+
+
+def time_shape(name: str, rows: int, width: int, inner: int, compiled: Callable) -> dict:
+    """One shape's timings and errors, printed as they come."""
+    x = torch.randn(rows, width, device="cuda", dtype=torch.float16)
+    weight = (torch.randn(2 * inner, width, device="cuda") / width**0.5).half()
+    bias = torch.randn(2 * inner, device="cuda", dtype=torch.float16) * 0.1
+    exact = geglu_reference(x.float(), weight.float(), bias.float())
+    out = torch.empty(rows, inner, device="cuda", dtype=torch.float16)
+    tflop = 2 * rows * width * 2 * inner / 1e12
+    entry: dict = {"rows": rows, "width": width, "inner": inner}
+
+    def record(label: str, call: Callable, result: Callable) -> None:
+        us = graphed_us(call)
+        error = (result().float() - exact).abs().max().item()
+        entry[label] = {"us": round(us, 2), "tflops": round(tflop / us * 1e6, 1), "max_abs_error": error}
+        print(f"{name:22s} {label:40s} {us:8.2f} us {tflop / us * 1e6:6.1f} TFLOP/s  max error {error:.4f}")
+
+    def reference() -> torch.Tensor:
+        return compiled(x, weight, bias)
+
+    def autotuned() -> torch.Tensor:
+        return geglu(x, weight, bias)
+
+    record("compiled reference (cuBLAS + inductor)", reference, reference)
+    for m, n, k, stages, warps in CONFIGS:
+        config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_stages=stages, num_warps=warps)
+        label = f"kernel {m}x{n}x{k} s{stages} w{warps}"
+        try:
+            record(label, functools.partial(launch, x, weight, bias, out, **config), lambda: out)
+        except Exception as error:  # a block size the GPU cannot fit: say so, time the others
+            entry[label] = {"error": repr(error)[:300]}
+            print(f"{name:22s} {label:40s} failed: {error!r:.200}")
+    record("kernel autotuned (the op)", autotuned, autotuned)
+    return entry
+
+
+def main(path: str) -> None:
+    torch.manual_seed(0)
+    compiled = torch.compile(geglu_reference, dynamic=False)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": {}}
+    for name, shape in SHAPES.items():
+        results["shapes"][name] = time_shape(name, *shape, compiled)
+    with open(path, "w") as file:
+        json.dump(results, file, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

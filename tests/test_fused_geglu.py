@@ -1,0 +1,118 @@
+"""fused_geglu: SDXL's GEGLU feed-forward as one custom operator (one Triton kernel on a GPU), diffusers' own
+arithmetic on a CPU; traceable by torch.compile; refused in one line where it cannot stand."""
+
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_model
+from diffusers.models.activations import GEGLU
+
+from runner.accelerators import Target, build_accelerator
+from runner.accelerators.chain import Chain
+from runner.accelerators.fused_geglu import CONFIGS, geglu, geglu_reference, launch
+from runner.accelerators.precompile import PrecompiledModule
+from runner.config import ConfigError
+from runner.pipelines import build_pipeline
+
+CPU = torch.device("cpu")
+FUSED = {"_target_": "runner.accelerators.fused_geglu.FusedGegluAccelerator"}
+
+
+def target(tmp_path: Path, device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> Target:
+    return Target("unet", device, dtype, tmp_path, "tiny-random-64x64")
+
+
+def image(pipe, device: torch.device) -> np.ndarray:
+    generator = torch.Generator(device).manual_seed(0)
+    return np.asarray(pipe("a cat", num_inference_steps=2, generator=generator, output_type="np").images[0])
+
+
+def test_the_fused_feed_forward_makes_diffusers_images(tmp_path: Path) -> None:
+    """On the CPU the operator runs diffusers' arithmetic, so the swap of every GEGLU changes nothing."""
+    expected = image(build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32), CPU)
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
+    accelerator = build_accelerator(FUSED)
+    accelerator.check(CPU)
+    accelerator.apply(pipe, target(tmp_path))
+    layers = [module for module in pipe.unet.modules() if isinstance(module, GEGLU)]
+    assert layers and type(layers[0]).__name__ == "GEGLU"  # named as before, in logs and saved configs
+    assert accelerator.tags() == {"fused_geglu": str(len(layers))}
+    np.testing.assert_array_equal(image(pipe, CPU), expected)
+
+
+def test_the_operator_traces_and_compiles() -> None:
+    """Its fake kernel gives torch.compile the output's shape, so a whole graph holds it."""
+    x, weight, bias = torch.randn(2, 5, 8), torch.randn(12, 8), torch.randn(12)
+    torch.library.opcheck(geglu, (x, weight, bias))
+    torch.library.opcheck(geglu, (x, weight, None))
+    layer = GEGLU(8, 6)
+    expected = layer(x)
+    build_accelerator(FUSED).apply(types.SimpleNamespace(unet=layer), target(Path(".")))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():  # as pipelines run: the operator has no backward
+        torch.testing.assert_close(compiled(x), expected)
+
+
+def test_a_precompiled_unet_with_the_fused_forward_is_saved_under_its_own_key(tmp_path: Path) -> None:
+    """The swapped class keeps GEGLU's name and so its repr: the key must still tell the two apart, or a
+    precompiled unfused UNet would be loaded for the fused one."""
+    signature = ("spec", ((2, 8), "torch.float32", "cpu", (8, 1)))
+    plain = PrecompiledModule(torch.nn.Sequential(GEGLU(8, 6)), tmp_path, "denoiser").path(signature)
+    fused = torch.nn.Sequential(GEGLU(8, 6))
+    build_accelerator(FUSED).apply(types.SimpleNamespace(unet=fused), target(tmp_path))
+    assert repr(fused) == repr(torch.nn.Sequential(GEGLU(8, 6)))
+    assert PrecompiledModule(fused, tmp_path, "denoiser").path(signature) != plain
+
+
+def test_refused_without_a_geglu_or_after_its_projection_was_replaced(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"^fused_geglu: Linear has no GEGLU feed-forward.*accelerator=compile_graph$"
+    ):
+        build_accelerator(FUSED).apply(types.SimpleNamespace(unet=torch.nn.Linear(4, 4)), target(tmp_path))
+    layer = GEGLU(8, 6)
+    layer.proj = torch.nn.Identity()  # as float8's layers replace it
+    with pytest.raises(ConfigError, match=r"projection is a Identity, not a torch.nn.Linear; put FusedGeglu"):
+        build_accelerator(FUSED).apply(types.SimpleNamespace(unet=layer), target(tmp_path))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2048, 640, 2560), (512, 1280, 5120), (200, 100, 80), (130, 64, 192)])
+def test_the_kernel_computes_diffusers_geglu_up_to_rounding(dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
+    """SDXL's shapes and ragged ones, every block size fused_geglu offers and the autotuned operator: no further
+    from a float32 computation than diffusers' own arithmetic in ``dtype``, give or take one rounding."""
+    rows, width, inner = shape
+    torch.manual_seed(0)
+    x = torch.randn(rows, width, device="cuda", dtype=dtype)
+    weight = (torch.randn(2 * inner, width, device="cuda") / width**0.5).to(dtype)
+    bias = (torch.randn(2 * inner, device="cuda") * 0.1).to(dtype)
+    exact = geglu_reference(x.float(), weight.float(), bias.float())
+    allowed = (geglu_reference(x, weight, bias).float() - exact).abs().max().item() * 2 + exact.abs().max().item() / 256
+    for m, n, k, stages, warps in CONFIGS:
+        out = torch.empty(rows, inner, device="cuda", dtype=dtype)
+        launch(x, weight, bias, out, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_stages=stages, num_warps=warps)
+        assert (out.float() - exact).abs().max().item() <= allowed, (m, n, k)
+    assert (geglu(x, weight, bias).float() - exact).abs().max().item() <= allowed
+    assert (geglu(x, weight, None).float() - geglu_reference(x.float(), weight.float(), None)).abs().max() <= allowed
+
+
+@pytest.mark.gpu
+def test_the_fused_unet_compiles_and_captures_on_a_gpu(tmp_path: Path) -> None:
+    """The operator inside a compiled UNet captured as a CUDA graph: its images stay those of diffusers' UNet
+    compiled and captured the same way, up to rounding."""
+    cuda = torch.device("cuda")
+    parts = [
+        {"_target_": "runner.accelerators.torch_compile.TorchCompileAccelerator", "compile_vae": False},
+        {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"},
+    ]
+    results = []
+    for chain in (Chain(parts=parts), Chain(parts=[FUSED, *parts])):
+        pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", cuda, torch.float16)
+        chain.check(cuda)
+        chain.apply(pipe, target(tmp_path, cuda, torch.float16))
+        image(pipe, cuda)  # the warmup: compiles, autotunes, captures
+        results.append(image(pipe, cuda))
+    np.testing.assert_allclose(results[1], results[0], atol=2e-2)
