@@ -120,6 +120,33 @@ def test_beside_prompt_graph_each_keeps_its_own(tmp_path: Path) -> None:
     assert isinstance(pipe, StableDiffusionXLPipeline) and type(pipe).__name__ == "StableDiffusionXLPipeline"
 
 
+def test_after_deepcache_the_schedule_is_still_made_on_the_host(tmp_path: Path) -> None:
+    """DeepCache wraps the scheduler's set_timesteps on the instance (to restart its cache each call); it calls
+    the class's, as host_ahead changed it after, so both keep their work (on an H200 the schedule went
+    diffusers' way in ``dc_host_ahead`` while DeepCache bound the method it found when applied)."""
+
+    def images(pipe: DiffusionPipeline) -> np.ndarray:
+        generator = torch.Generator(CPU).manual_seed(5)
+        call = {"num_inference_steps": 4, "height": 64, "width": 64, "output_type": "np", "generator": generator}
+        return pipe("a red bicycle", **call).images
+
+    deepcache = {"_target_": "runner.accelerators.deepcache.DeepCacheAccelerator", "interval": 2}
+    alone = sdxl()
+    build_accelerator(deepcache).apply(alone, target(tmp_path))
+    expected = images(alone)
+    pipe = sdxl()
+    chain = Chain(parts=[deepcache, HOST_AHEAD])
+    chain.check(CPU)
+    chain.apply(pipe, target(tmp_path))
+    full_calls: list[int] = []
+    pipe.unet.module.register_forward_pre_hook(lambda module, args: full_calls.append(1))
+    for _ in range(2):
+        full_calls.clear()
+        np.testing.assert_array_equal(images(pipe), expected)
+        assert len(full_calls) == 2  # steps 0 and 2 of 4: DeepCache restarted
+    assert chain.tags()["host_ahead_calls"] == "2"
+
+
 def test_a_pipeline_without_time_ids_has_its_schedule_ahead_only(tmp_path: Path) -> None:
     pipe = build_pipeline(load_model("tiny_pix2pix"), "i2i", CPU, torch.float32)
     accelerator = build_accelerator(HOST_AHEAD)

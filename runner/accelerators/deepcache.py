@@ -180,13 +180,14 @@ class DeepCacheAccelerator(Accelerator):
             raise ConfigError("accelerator=deepcache does not support image-hint conditioning")
         self.wrapped = DeepCacheUNet(unet, self.interval)
         setattr(pipe, target.denoiser, self.wrapped)
-        set_timesteps = pipe.scheduler.set_timesteps
+        scheduler = pipe.scheduler
 
         def reset_then_set_timesteps(*args: Any, **kwargs: Any) -> Any:  # called once per pipeline call
             self.wrapped.reset()
-            return set_timesteps(*args, **kwargs)
+            # The class's, looked up at each call: a later part may change it (host_ahead does).
+            return type(scheduler).set_timesteps(scheduler, *args, **kwargs)
 
-        pipe.scheduler.set_timesteps = reset_then_set_timesteps
+        scheduler.set_timesteps = reset_then_set_timesteps
 
     def metrics(self) -> dict[str, float]:
         # achieved_tflops counts a whole UNet's FLOPs for every step; only this share of steps runs one
