@@ -15,6 +15,16 @@ captures it); on a CPU or for dtypes other than float16 and bfloat16 it runs dif
 how the CPU tests check the module swap. The kernel's block sizes are chosen by Triton's autotuner on the first
 call with a shape (the runner's warmup, before any capture). Triton ships with CUDA builds of torch; where it
 is missing on a GPU machine, the part is refused with the fix.
+
+**Measured slower**, so in no accelerator (the variant ``cg_fast_geglu`` in ``benchmarks/conf/accelerator``): on
+an H200 the kernel took 131.6-190.8 µs at 1024 px's product of 8,192 rows from 640 to 2 x 2,560 columns, against
+122.4 µs for cuBLAS's product and inductor's element-wise kernel together; 109.3-151.2 against 96.1 µs at 2,048
+rows from 1,280 to 2 x 5,120; 39.3-51.2 against 29.4-35.6 µs at 512 px (``benchmarks/geglu_kernel.py``). In
+``compile_graph_fast`` at 1024 px: 1.0085 s a call against 0.9835 s (BENCHMARKS.md, "the GEGLU in one kernel").
+The element-wise pass costs less than this kernel's product loses to cuBLAS's (at best 491 TFLOP/s, against 699
+for cuBLAS's product alone on an earlier H200 start): a fused kernel would have to keep its product within about
+10% of cuBLAS's, which plain Triton loads and ``tl.dot`` do not (cuBLAS's Hopper kernels load through TMA in
+warp-specialised pipelines; this one does neither).
 """
 
 import functools

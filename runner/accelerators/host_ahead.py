@@ -18,9 +18,11 @@ pinned buffer. SDXL's time ids go the same way as they are made. The same values
 the host either way, or the same arithmetic on the host instead of the GPU; the GPU test compares them), so the
 same images; the host's next wait is at the scheduler's first step, where it reads the step's index back. On
 an H200 it took ``compile_graph_fast``'s time before the first step from 6.8 to 4.9 ms at 512 px and its calls
-from 0.3309 to 0.3280 s on one start (BENCHMARKS.md, "the host ahead of the GPU"); part of ``compile_graph_fast``,
-last. Not yet timed beside ``fp8_compile`` or ``deepcache_compile`` (the variants ``fp8_host_ahead`` and
-``dc_host_ahead`` in ``benchmarks/conf/accelerator`` are for that).
+from 0.3309 to 0.3280 s on one start (BENCHMARKS.md, "the host ahead of the GPU"); on the next start, in both
+orders, 0.4-2.3 ms at 512 px, 0.5 ms at 1024 px, and 1.2-1.9 ms off ``fp8_compile`` at 1024 px ("the GEGLU in
+one kernel"). Part of ``compile_graph_fast`` and ``fp8_compile``, last. Beside ``deepcache_compile`` it has not
+been timed doing its whole work (the variant ``dc_host_ahead`` in ``benchmarks/conf/accelerator``): there it
+sent only the time ids until DeepCache stopped hiding the scheduler's class from it.
 
 Only ``set_timesteps`` called with ``device=`` (as diffusers' pipelines call it) and ``_get_add_time_ids``
 (SDXL's pipelines); anything else runs as diffusers wrote it. Not built: image-to-image's input image is still
