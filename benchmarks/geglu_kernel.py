@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 
 import torch
+from memsets import REPEATS, graphed  # this folder, first on the path of a script run from it
 
 from runner.accelerators.fused_geglu import CONFIGS, geglu, geglu_reference, launch
 
@@ -23,21 +24,12 @@ SHAPES = {  # (rows, width, inner) of SDXL's GEGLU products, batch 1 with guidan
     "1024px 64x64 blocks": (8192, 640, 2560),
     "1024px 32x32 blocks": (2048, 1280, 5120),
 }
-REPEATS, REPLAYS = 20, 20
+REPLAYS = 20
 
 
-def graphed_us(call) -> float:
+def graphed_us(call: Callable) -> float:
     """Microseconds per call of ``call``, captured ``REPEATS`` times in one CUDA graph and replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPEATS):
-            call()
+    graph = graphed(call)
     for _ in range(3):
         graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
