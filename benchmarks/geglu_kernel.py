@@ -4,7 +4,7 @@ element-wise GELU and gating), at SDXL's feed-forward shapes, each replayed from
     python3 benchmarks/geglu_kernel.py OUT.json
 
 For each shape (rows = 2 x tokens with guidance, the block's width, its inner width): microseconds per call of
-the compiled reference and of the kernel with each of fused_geglu's block sizes and with the autotuner's
+the compiled reference and of each kernel (pointers, tma) with each of its block sizes and with the autotuner's
 choice, their TFLOP/s, and the largest difference from a float32 computation (next to the reference's own).
 """
 
@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from memsets import REPEATS, graphed  # this folder, first on the path of a script run from it
 
-from runner.accelerators.fused_geglu import CONFIGS, geglu, geglu_reference, launch
+from runner.accelerators.fused_geglu import geglu, geglu_reference
+from runner.accelerators.geglu_kernels import CONFIGS, launch
 
 SHAPES = {  # (rows, width, inner) of SDXL's GEGLU products, batch 1 with guidance
     "512px 32x32 blocks": (2048, 640, 2560),
@@ -60,19 +61,22 @@ def time_shape(name: str, rows: int, width: int, inner: int, compiled: Callable)
     def reference() -> torch.Tensor:
         return compiled(x, weight, bias)
 
-    def autotuned() -> torch.Tensor:
-        return geglu(x, weight, bias)
-
     record("compiled reference (cuBLAS + inductor)", reference, reference)
-    for m, n, k, stages, warps in CONFIGS:
-        config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_stages=stages, num_warps=warps)
-        label = f"kernel {m}x{n}x{k} s{stages} w{warps}"
+    for kernel, configs in CONFIGS.items():
+        for m, n, k, stages, warps in configs:
+            config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_stages=stages, num_warps=warps)
+            label = f"{kernel} {m}x{n}x{k} s{stages} w{warps}"
+            try:
+                record(label, functools.partial(launch, x, weight, bias, out, kernel, **config), lambda: out)
+            except Exception as error:  # a block size the GPU cannot fit: say so, time the others
+                entry[label] = {"error": repr(error)[:300]}
+                print(f"{name:22s} {label:40s} failed: {error!r:.200}")
+        autotuned = functools.partial(geglu, x, weight, bias, kernel)
         try:
-            record(label, functools.partial(launch, x, weight, bias, out, **config), lambda: out)
-        except Exception as error:  # a block size the GPU cannot fit: say so, time the others
-            entry[label] = {"error": repr(error)[:300]}
-            print(f"{name:22s} {label:40s} failed: {error!r:.200}")
-    record("kernel autotuned (the op)", autotuned, autotuned)
+            record(f"{kernel} autotuned (the op)", autotuned, autotuned)
+        except Exception as error:
+            entry[f"{kernel} autotuned (the op)"] = {"error": repr(error)[:300]}
+            print(f"{name:22s} {kernel} autotuned failed: {error!r:.200}")
     return entry
 
 

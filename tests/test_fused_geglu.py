@@ -12,7 +12,7 @@ from diffusers.models.activations import GEGLU
 
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain
-from runner.accelerators.fused_geglu import CONFIGS, geglu, geglu_reference, launch
+from runner.accelerators.fused_geglu import KERNELS, geglu, geglu_reference
 from runner.accelerators.precompile import PrecompiledModule
 from runner.config import ConfigError
 from runner.pipelines import build_pipeline
@@ -39,7 +39,7 @@ def test_the_fused_feed_forward_makes_diffusers_images(tmp_path: Path) -> None:
     accelerator.apply(pipe, target(tmp_path))
     layers = [module for module in pipe.unet.modules() if isinstance(module, GEGLU)]
     assert layers and type(layers[0]).__name__ == "GEGLU"  # named as before, in logs and saved configs
-    assert accelerator.tags() == {"fused_geglu": str(len(layers))}
+    assert accelerator.tags() == {"fused_geglu": f"{len(layers)} (pointers)"}
     np.testing.assert_array_equal(image(pipe, CPU), expected)
 
 
@@ -47,7 +47,7 @@ def test_the_operator_traces_and_compiles() -> None:
     """Its fake kernel gives torch.compile the output's shape, so a whole graph holds it."""
     x, weight, bias = torch.randn(2, 5, 8), torch.randn(12, 8), torch.randn(12)
     torch.library.opcheck(geglu, (x, weight, bias))
-    torch.library.opcheck(geglu, (x, weight, None))
+    torch.library.opcheck(geglu, (x, weight, None, "tma"))
     layer = GEGLU(8, 6)
     expected = layer(x)
     build_accelerator(FUSED).apply(types.SimpleNamespace(unet=layer), target(Path(".")))
@@ -57,14 +57,16 @@ def test_the_operator_traces_and_compiles() -> None:
 
 
 def test_a_precompiled_unet_with_the_fused_forward_is_saved_under_its_own_key(tmp_path: Path) -> None:
-    """The swapped class keeps GEGLU's name and so its repr: the key must still tell the two apart, or a
-    precompiled unfused UNet would be loaded for the fused one."""
+    """The swapped class keeps GEGLU's name and so its repr: the key must still tell them apart, or a precompiled
+    unfused UNet (or one with the other kernel) would be loaded for the fused one."""
     signature = ("spec", ((2, 8), "torch.float32", "cpu", (8, 1)))
-    plain = PrecompiledModule(torch.nn.Sequential(GEGLU(8, 6)), tmp_path, "denoiser").path(signature)
-    fused = torch.nn.Sequential(GEGLU(8, 6))
-    build_accelerator(FUSED).apply(types.SimpleNamespace(unet=fused), target(tmp_path))
-    assert repr(fused) == repr(torch.nn.Sequential(GEGLU(8, 6)))
-    assert PrecompiledModule(fused, tmp_path, "denoiser").path(signature) != plain
+    keys = {PrecompiledModule(torch.nn.Sequential(GEGLU(8, 6)), tmp_path, "denoiser").path(signature)}
+    for kernel in KERNELS:
+        fused = torch.nn.Sequential(GEGLU(8, 6))
+        build_accelerator(FUSED | {"kernel": kernel}).apply(types.SimpleNamespace(unet=fused), target(tmp_path))
+        assert repr(fused) == repr(torch.nn.Sequential(GEGLU(8, 6)))
+        keys.add(PrecompiledModule(fused, tmp_path, "denoiser").path(signature))
+    assert len(keys) == 1 + len(KERNELS)
 
 
 def test_refused_without_a_geglu_or_after_its_projection_was_replaced(tmp_path: Path) -> None:
@@ -76,14 +78,21 @@ def test_refused_without_a_geglu_or_after_its_projection_was_replaced(tmp_path: 
     layer.proj = torch.nn.Identity()  # as float8's layers replace it
     with pytest.raises(ConfigError, match=r"projection is a Identity, not a torch.nn.Linear; put FusedGeglu"):
         build_accelerator(FUSED).apply(types.SimpleNamespace(unet=layer), target(tmp_path))
+    with pytest.raises(ConfigError, match=r"^accelerator.kernel=wgmma: fused_geglu's kernels are pointers, tma$"):
+        build_accelerator(FUSED | {"kernel": "wgmma"}).check(CPU)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2048, 640, 2560), (512, 1280, 5120), (200, 100, 80), (130, 64, 192)])
-def test_the_kernel_computes_diffusers_geglu_up_to_rounding(dtype: torch.dtype, shape: tuple[int, int, int]) -> None:
-    """SDXL's shapes and ragged ones, every block size fused_geglu offers and the autotuned operator: no further
-    from a float32 computation than diffusers' own arithmetic in ``dtype``, give or take one rounding."""
+@pytest.mark.parametrize("shape", [(2048, 640, 2560), (512, 1280, 5120), (200, 104, 80), (130, 64, 192)])
+def test_the_kernel_computes_diffusers_geglu_up_to_rounding(
+    kernel: str, dtype: torch.dtype, shape: tuple[int, int, int]
+) -> None:
+    """SDXL's shapes and ragged ones, every block size of each kernel and the autotuned operator: no further from
+    a float32 computation than diffusers' own arithmetic in ``dtype``, give or take one rounding."""
+    from runner.accelerators.geglu_kernels import CONFIGS, launch  # imports Triton
+
     rows, width, inner = shape
     torch.manual_seed(0)
     x = torch.randn(rows, width, device="cuda", dtype=dtype)
@@ -91,12 +100,14 @@ def test_the_kernel_computes_diffusers_geglu_up_to_rounding(dtype: torch.dtype, 
     bias = (torch.randn(2 * inner, device="cuda") * 0.1).to(dtype)
     exact = geglu_reference(x.float(), weight.float(), bias.float())
     allowed = (geglu_reference(x, weight, bias).float() - exact).abs().max().item() * 2 + exact.abs().max().item() / 256
-    for m, n, k, stages, warps in CONFIGS:
+    for m, n, k, stages, warps in CONFIGS[kernel]:
         out = torch.empty(rows, inner, device="cuda", dtype=dtype)
-        launch(x, weight, bias, out, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_stages=stages, num_warps=warps)
+        config = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_stages": stages, "num_warps": warps}
+        launch(x, weight, bias, out, kernel, **config)
         assert (out.float() - exact).abs().max().item() <= allowed, (m, n, k)
-    assert (geglu(x, weight, bias).float() - exact).abs().max().item() <= allowed
-    assert (geglu(x, weight, None).float() - geglu_reference(x.float(), weight.float(), None)).abs().max() <= allowed
+    assert (geglu(x, weight, bias, kernel).float() - exact).abs().max().item() <= allowed
+    unbiased = geglu(x, weight, None, kernel).float() - geglu_reference(x.float(), weight.float(), None)
+    assert unbiased.abs().max().item() <= allowed
 
 
 @pytest.mark.gpu
@@ -109,10 +120,12 @@ def test_the_fused_unet_compiles_and_captures_on_a_gpu(tmp_path: Path) -> None:
         {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"},
     ]
     results = []
-    for chain in (Chain(parts=parts), Chain(parts=[FUSED, *parts])):
+    chains = [Chain(parts=parts)] + [Chain(parts=[FUSED | {"kernel": kernel}, *parts]) for kernel in KERNELS]
+    for chain in chains:
         pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", cuda, torch.float16)
         chain.check(cuda)
         chain.apply(pipe, target(tmp_path, cuda, torch.float16))
         image(pipe, cuda)  # the warmup: compiles, autotunes, captures
         results.append(image(pipe, cuda))
-    np.testing.assert_allclose(results[1], results[0], atol=2e-2)
+    for fused in results[1:]:
+        np.testing.assert_allclose(fused, results[0], atol=2e-2)

@@ -1,0 +1,204 @@
+"""fused_geglu's Triton kernels: ``hidden * gelu(gate)`` of ``x @ weight.T + bias`` in one pass, the weight's two
+halves (``hidden``'s rows, then ``gate``'s) read where ``Linear`` keeps them.
+
+Two ways to feed the tensor cores:
+
+- ``pointers``: each program computes one output tile, loading its operands through pointers and ``tl.dot``
+  (Triton pipelines the loads). Timed on an H200: 8-34% slower than cuBLAS's product and inductor's element-wise
+  kernel together (BENCHMARKS.md, "the GEGLU in one kernel").
+- ``tma``: persistent programs, one per SM, walk the output tiles; every operand tile is loaded by Hopper's
+  tensor memory accelerator (TMA descriptors made on the host) and the result stored the same way, as cuBLAS's
+  Hopper kernels do. Out-of-range rows and columns are zero-filled on load and dropped on store, so any shape
+  whose rows are 16-byte aligned runs. Built after the ``pointers`` kernel lost, checked on the CPU by Triton's
+  interpreter, not yet run on a GPU (``benchmarks/geglu_kernel.py`` times both).
+
+This module imports Triton, which the CPU machine has not: ``fused_geglu`` imports it when a kernel first runs.
+"""
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+# Block sizes each kernel's autotuner times on a shape's first call (BLOCK_M, BLOCK_N, BLOCK_K, num_stages,
+# num_warps): the wide tiles Hopper's tensor cores want for SDXL's products (2,048-8,192 rows at 1024 px), and
+# narrower ones for fewer rows (512 px's 512-2,048).
+CONFIGS = {
+    "pointers": [
+        (128, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 128, 32, 4, 8),
+        (64, 64, 64, 4, 4),
+    ],
+    "tma": [
+        (128, 128, 64, 3, 8),
+        (128, 128, 64, 4, 8),
+        (128, 64, 64, 4, 4),
+        (128, 128, 32, 4, 8),
+        (64, 128, 64, 4, 4),
+        (128, 256, 64, 3, 8),
+    ],
+}
+
+
+def tma_fits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether TMA can address these tensors: rows contiguous, their starts 16-byte aligned."""
+    return (
+        all(
+            tensor.stride(-1) == 1
+            and (tensor.stride(0) * tensor.element_size()) % 16 == 0
+            and tensor.data_ptr() % 16 == 0
+            for tensor in (x, weight, out)
+        )
+        and (weight.shape[0] // 2 * weight.stride(0) * weight.element_size()) % 16 == 0
+    )
+
+
+def launch(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, kernel: str = "pointers",
+    **config: int,
+) -> None:  # fmt: skip
+    """Run ``kernel`` on 2-D ``x`` into ``out``; ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
+    num_stages) fixes its block sizes instead of the autotuner's choice (benchmarks/geglu_kernel.py). The ``tma``
+    kernel falls back to ``pointers`` for tensors TMA cannot address."""
+    rows, depth = x.shape
+    width = out.shape[1]
+    if kernel == "tma" and tma_fits(x, weight, out):
+        return _launch_tma(x, weight, bias, out, **config)
+    tuned, plain = KERNELS["pointers"]
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (-(-rows // meta["BLOCK_M"]) * -(-width // meta["BLOCK_N"]),)
+
+    (plain if config else tuned)[grid](
+        x, weight, weight if bias is None else bias, out, rows, width, depth,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None, **config,
+    )  # fmt: skip
+    return None
+
+
+def _launch_tma(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, **config: int
+) -> None:
+    rows, depth = x.shape
+    width = out.shape[1]
+    # Block shapes are placeholders until a configuration sets them (its pre_hook, or here for a fixed one).
+    named = {"x": x, "hidden_w": weight[:width], "gate_w": weight[width:], "out": out}  # the kernel's names
+    descriptors = {name: TensorDescriptor.from_tensor(tensor, [1, 1]) for name, tensor in named.items()}
+    if config:
+        set_block_shapes(descriptors | config)
+    tuned, plain = KERNELS["tma"]
+    programs = _programs(x.device)
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (min(programs, -(-rows // meta["BLOCK_M"]) * -(-width // meta["BLOCK_N"])),)
+
+    (plain if config else tuned)[grid](
+        *descriptors.values(), weight if bias is None else bias, rows, width, depth,
+        HAS_BIAS=bias is not None, PROGRAMS=programs, **config,
+    )  # fmt: skip
+
+
+def _programs(device: torch.device) -> int:
+    """One persistent program per SM (4 where there is no GPU: Triton's interpreter, on the CPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def set_block_shapes(args: dict[str, Any]) -> None:
+    """Give the TMA kernel's descriptors the block shapes of the configuration about to run."""
+    m, n, k = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+    args["x"].block_shape = [m, k]
+    args["hidden_w"].block_shape = [n, k]
+    args["gate_w"].block_shape = [n, k]
+    args["out"].block_shape = [m, n]
+
+
+@triton.jit
+def gelu_gated(hidden, gate):
+    return hidden * (0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476)))
+
+
+@triton.jit
+def tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    # Tiles in groups of GROUP_M rows, so that tiles running together share the weight's columns in L2.
+    group = tile // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % (GROUP_M * tiles_n)) % group_m, (tile % (GROUP_M * tiles_n)) // group_m
+
+
+@triton.jit
+def pointers_kernel(
+    x, w, b, out, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = tile_of(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Out-of-range rows and columns read in-range ones (wrapped) and are never stored: no masks on loads.
+    rows_in = tl.max_contiguous(tl.multiple_of(rows % M, BLOCK_M), BLOCK_M)
+    cols_in = tl.max_contiguous(tl.multiple_of(cols % N, BLOCK_N), BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    x_at = x + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk
+    hidden_at = w + cols_in[None, :] * stride_wn + ks[:, None] * stride_wk  # the weight's first half,
+    gate_at = hidden_at + N * stride_wn  # and its second
+    hidden = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        left = K - k * BLOCK_K
+        a = tl.load(x_at, mask=ks[None, :] < left, other=0.0)
+        hidden = tl.dot(a, tl.load(hidden_at, mask=ks[:, None] < left, other=0.0), hidden)
+        gate = tl.dot(a, tl.load(gate_at, mask=ks[:, None] < left, other=0.0), gate)
+        x_at += BLOCK_K * stride_xk
+        hidden_at += BLOCK_K * stride_wk
+        gate_at += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        hidden += tl.load(b + cols_in).to(tl.float32)[None, :]
+        gate += tl.load(b + N + cols_in).to(tl.float32)[None, :]
+    at = out + rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(at, gelu_gated(hidden, gate).to(out.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@triton.jit
+def tma_kernel(
+    x, hidden_w, gate_w, out, b, M, N, K, HAS_BIAS: tl.constexpr, PROGRAMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+        pid_m, pid_n = tile_of(tile, tiles_m, tiles_n, GROUP_M)
+        row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
+        hidden = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = x.load([row, k * BLOCK_K])
+            hidden = tl.dot(a, hidden_w.load([col, k * BLOCK_K]).T, hidden)
+            gate = tl.dot(a, gate_w.load([col, k * BLOCK_K]).T, gate)
+        if HAS_BIAS:
+            cols = col + tl.arange(0, BLOCK_N)
+            hidden += tl.load(b + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            gate += tl.load(b + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        out.store([row, col], gelu_gated(hidden, gate).to(out.dtype))
+
+
+def configs(kernel: str, **extra: Any) -> list:
+    """The autotuner's configurations for ``kernel``."""
+    return [
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=stages, num_warps=warps, **extra
+        )
+        for m, n, k, stages, warps in CONFIGS[kernel]
+    ]
+
+
+# Each kernel autotuned, and as it is (for given block sizes).
+KERNELS = {
+    "pointers": (triton.autotune(configs("pointers"), key=["M", "N", "K"])(pointers_kernel), pointers_kernel),
+    "tma": (triton.autotune(configs("tma", pre_hook=set_block_shapes), key=["M", "N", "K"])(tma_kernel), tma_kernel),
+}
