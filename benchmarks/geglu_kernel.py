@@ -63,9 +63,14 @@ def time_shape(name: str, rows: int, width: int, inner: int, compiled: Callable)
 
     record("compiled reference (cuBLAS + inductor)", reference, reference)
     for kernel, configs in CONFIGS.items():
-        for m, n, k, stages, warps in configs:
+        # The tma kernel's best-guess block sizes once more with Triton's warp specialisation.
+        specialised = [(*config, True) for config in configs[:2]] if kernel == "tma" else []
+        for m, n, k, stages, warps, *warp_specialize in [*configs, *specialised]:
             config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_stages=stages, num_warps=warps)
             label = f"{kernel} {m}x{n}x{k} s{stages} w{warps}"
+            if warp_specialize:
+                config |= dict(WARP_SPECIALIZE=True, FLATTEN=False)
+                label += " warp-specialised"
             try:
                 record(label, functools.partial(launch, x, weight, bias, out, kernel, **config), lambda: out)
             except Exception as error:  # a block size the GPU cannot fit: say so, time the others

@@ -169,9 +169,13 @@ def pointers_kernel(
 def tma_kernel(
     x, hidden_w, gate_w, out, b, M, N, K, HAS_BIAS: tl.constexpr, PROGRAMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False, FLATTEN: tl.constexpr = True,
 ):  # fmt: skip
+    # WARP_SPECIALIZE: Triton splits the loop into loading, matrix and epilogue warps (on Hopper without FLATTEN);
+    # only benchmarks/geglu_kernel.py asks for it, a compile failure there being a timing's, not a call's.
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=True):
+    tiles = tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE)
+    for tile in tiles:
         pid_m, pid_n = tile_of(tile, tiles_m, tiles_n, GROUP_M)
         row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
         hidden = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
