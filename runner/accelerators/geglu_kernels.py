@@ -65,10 +65,17 @@ def launch(
     """Run ``kernel`` on 2-D ``x`` into ``out``; ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
     num_stages) fixes its block sizes instead of the autotuner's choice (benchmarks/geglu_kernel.py). The ``tma``
     kernel falls back to ``pointers`` for tensors TMA cannot address."""
+    if kernel == "tma" and tma_fits(x, weight, out):
+        _launch_tma(x, weight, bias, out, **config)
+    else:
+        _launch_pointers(x, weight, bias, out, **config)
+
+
+def _launch_pointers(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, **config: int
+) -> None:
     rows, depth = x.shape
     width = out.shape[1]
-    if kernel == "tma" and tma_fits(x, weight, out):
-        return _launch_tma(x, weight, bias, out, **config)
     tuned, plain = KERNELS["pointers"]
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
@@ -79,7 +86,6 @@ def launch(
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, **config,
     )  # fmt: skip
-    return None
 
 
 def _launch_tma(
