@@ -2,6 +2,7 @@
 waiting, with the same values and images as diffusers' own, any scheduler keeping its split between host and
 device."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from PIL import Image
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain
 from runner.config import ConfigError
+from runner.errors import RunnerError
 from runner.pipelines import build_pipeline
 
 CPU = torch.device("cpu")
@@ -144,7 +146,23 @@ def test_after_deepcache_the_schedule_is_still_made_on_the_host(tmp_path: Path) 
         full_calls.clear()
         np.testing.assert_array_equal(images(pipe), expected)
         assert len(full_calls) == 2  # steps 0 and 2 of 4: DeepCache restarted
+    chain.warmed_up(pipe)  # raises if host_ahead was bypassed
     assert chain.tags()["host_ahead_calls"] == "2"
+
+
+def test_a_scheduler_method_bound_on_the_instance_is_said_not_timed(tmp_path: Path) -> None:
+    """What DeepCache did before it called the class's method: host_ahead never ran, and its runs would have
+    timed diffusers' own schedule under its name. The warmup's end says so, naming the fix."""
+    pipe = sdxl()
+    accelerator = build_accelerator(HOST_AHEAD)
+    accelerator.apply(pipe, target(tmp_path))
+    pipe.scheduler.set_timesteps = functools.partial(type(pipe.scheduler).__mro__[1].set_timesteps, pipe.scheduler)
+    accelerator.warmed_up(pipe)  # warmup=0: no schedule set yet, nothing to tell
+    pipe("a red bicycle", num_inference_steps=2, height=64, width=64, output_type="np")
+    with pytest.raises(
+        RunnerError, match=r"^host_ahead: the warmup called EulerDiscreteScheduler.set_timesteps without"
+    ):
+        accelerator.warmed_up(pipe)
 
 
 def test_a_pipeline_without_time_ids_has_its_schedule_ahead_only(tmp_path: Path) -> None:

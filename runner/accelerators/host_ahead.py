@@ -38,6 +38,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from runner.accelerators import Accelerator, Target, named_like
 from runner.config import ConfigError
+from runner.errors import RunnerError
 
 
 def sent_ahead(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -97,9 +98,21 @@ class HostAheadAccelerator(Accelerator):
         scheduler.__class__ = named_like(type(scheduler), "host_ahead", scheduler_ahead(type(scheduler)))
         scheduler._runner_on_device, scheduler._runner_sent_ahead = {}, 0
         self.scheduler, self.time_ids = scheduler, hasattr(pipe, "_get_add_time_ids")
+        self.timesteps_at_apply = getattr(scheduler, "timesteps", None)
         if self.time_ids:
             pipe.__class__ = named_like(type(pipe), "host_ahead", time_ids_ahead(type(pipe)))
             pipe._runner_host_ahead_device = target.device
+
+    def warmed_up(self, pipe: DiffusionPipeline) -> None:
+        # A schedule was set (the timesteps are new), but not through this part: its runs would time diffusers'
+        # own schedule under its name. (With warmup=0 nothing was set yet, and nothing can be told.)
+        scheduled = getattr(self.scheduler, "timesteps", None) is not self.timesteps_at_apply
+        if scheduled and self.scheduler._runner_sent_ahead == 0:
+            raise RunnerError(
+                f"host_ahead: the warmup called {type(self.scheduler).__name__}.set_timesteps without it; something "
+                "binds that method on the scheduler itself (instead of calling its class's, as DeepCache does) "
+                "and must stand after HostAheadAccelerator in the chain, or leave host_ahead out"
+            )
 
     def tags(self) -> dict[str, str]:
         if not hasattr(self, "scheduler"):
