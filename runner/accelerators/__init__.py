@@ -112,7 +112,8 @@ def named_like(cls: type, why: str, members: dict[str, Any]) -> type:
     saved configs name the class they always did; one per class and ``why``, for accelerators that change
     what an instance does by changing its class (``instance.__class__ = named_like(...)``)."""
     if (cls, why) not in _NAMED_LIKE:
-        named = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        # named_like: why, for what must tell the class from ``cls`` though its name is the same (precompile's key).
+        named = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "named_like": why}
         _NAMED_LIKE[cls, why] = type(cls.__name__, (cls,), members | named)
     return _NAMED_LIKE[cls, why]
 

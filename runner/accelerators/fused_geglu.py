@@ -70,20 +70,10 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: 
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
 
 
-def forward_pointers(self: GEGLU, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def fused_forward(self: GEGLU, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     if type(self.proj) is not torch.nn.Linear:  # replaced after this part (float8's layers): diffusers' own
         return GEGLU.forward(self, hidden_states, *args, **kwargs)
-    return torch.ops.runner.geglu(hidden_states, self.proj.weight, self.proj.bias, "pointers")
-
-
-def forward_tma(self: GEGLU, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if type(self.proj) is not torch.nn.Linear:
-        return GEGLU.forward(self, hidden_states, *args, **kwargs)
-    return torch.ops.runner.geglu(hidden_states, self.proj.weight, self.proj.bias, "tma")
-
-
-# A forward of its own per kernel: the precompiled UNet's key names the forward (runner/accelerators/precompile.py).
-FORWARDS = {"pointers": forward_pointers, "tma": forward_tma}
+    return torch.ops.runner.geglu(hidden_states, self.proj.weight, self.proj.bias, self.geglu_kernel)
 
 
 @dataclass
@@ -117,7 +107,8 @@ class FusedGegluAccelerator(Accelerator):
                     f"fused_geglu: a GEGLU's projection is a {type(layer.proj).__name__}, not a torch.nn.Linear; "
                     "put FusedGegluAccelerator before the part that replaced it (fp8), or leave it out"
                 )
-            layer.__class__ = named_like(type(layer), f"fused_geglu {self.kernel}", {"forward": FORWARDS[self.kernel]})
+            members = {"forward": fused_forward, "geglu_kernel": self.kernel}  # one class per kernel
+            layer.__class__ = named_like(type(layer), f"fused_geglu {self.kernel}", members)
         self.fused = len(layers)
 
     def tags(self) -> dict[str, str]:

@@ -42,6 +42,17 @@ def call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     return module(*args, **kwargs)
 
 
+def put_in(module: torch.nn.Module) -> list[str]:
+    """What accelerators put into ``module``, for the key: their modules' forwards, and the classes they changed
+    with ``named_like``, which keep their names and so their repr."""
+    found = set()
+    for part in module.modules():
+        forward, why = type(part).forward, getattr(part, "named_like", "")
+        if forward.__module__.startswith("runner.") or why:
+            found.add(f"{type(part).__name__}:{forward.__module__}.{forward.__qualname__}:{why}")
+    return sorted(found)
+
+
 def no_guards(entries: list) -> list[bool]:
     """torch.compile's ``guard_filter_fn``: keep none (the module docstring says why, and what checks instead)."""
     return [False] * len(entries)
@@ -85,14 +96,7 @@ class PrecompiledModule(DenoiserWrapper):
             for name, module in self.module.named_modules()
             if hasattr(module, "processor")
         )
-        # Forwards an accelerator put in (a class made by named_like keeps its name, so its repr too).
-        ours = sorted(
-            {
-                f"{type(module).__name__}:{type(module).forward.__module__}.{type(module).forward.__qualname__}"
-                for module in self.module.modules()
-                if type(module).forward.__module__.startswith("runner.")
-            }
-        )
+        ours = put_in(self.module)
         versions = (torch.__version__, diffusers.__version__)
         compiler = (self.backend, sorted(self.settings.items())) if self.settings else self.backend  # old keys hold
         structure = (repr(self.module), ours) if ours else repr(self.module)
