@@ -4,8 +4,9 @@ element-wise GELU and gating), at SDXL's feed-forward shapes, each replayed from
     python3 benchmarks/geglu_kernel.py OUT.json
 
 For each shape (rows = 2 x tokens with guidance, the block's width, its inner width): microseconds per call of
-the compiled reference and of each kernel (pointers, tma) with each of its block sizes and with the autotuner's
-choice, their TFLOP/s, and the largest difference from a float32 computation (next to the reference's own).
+the compiled reference, of cuBLAS's product alone, and of each kernel (pointers, tma) with each of its block
+sizes and with the autotuner's choice; their TFLOP/s, and the largest difference from a float32 computation
+(next to the reference's own).
 """
 
 import functools
@@ -61,7 +62,13 @@ def time_shape(name: str, rows: int, width: int, inner: int, compiled: Callable)
     def reference() -> torch.Tensor:
         return compiled(x, weight, bias)
 
+    def product() -> torch.Tensor:  # cuBLAS's product alone: how much of the reference the element-wise pass is
+        return torch.nn.functional.linear(x, weight, bias)
+
     record("compiled reference (cuBLAS + inductor)", reference, reference)
+    us = graphed_us(product)
+    entry["cuBLAS product alone"] = {"us": round(us, 2), "tflops": round(tflop / us * 1e6, 1)}
+    print(f"{name:22s} {'cuBLAS product alone':40s} {us:8.2f} us {tflop / us * 1e6:6.1f} TFLOP/s")
     for kernel, configs in CONFIGS.items():
         # The tma kernel's best-guess block sizes once more with Triton's warp specialisation.
         specialised = [(*config, True) for config in configs[:2]] if kernel == "tma" else []

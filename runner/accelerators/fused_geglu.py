@@ -23,11 +23,10 @@ where it is missing on a GPU machine, the part is refused with the fix.
 px's product of 8,192 rows from 640 to 2 x 2,560 columns, against 122.4 µs for cuBLAS's product and inductor's
 element-wise kernel together; 109.3-151.2 against 96.1 µs at 2,048 rows from 1,280 to 2 x 5,120; 39.3-51.2
 against 29.4-35.6 µs at 512 px (``benchmarks/geglu_kernel.py``). In ``compile_graph_fast`` at 1024 px: 1.0085 s
-a call against 0.9835 s (BENCHMARKS.md, "the GEGLU in one kernel"). The element-wise pass costs less than this
-kernel's product loses to cuBLAS's (at best 491 TFLOP/s, against 699 for cuBLAS's product alone on an earlier
-H200 start): to gain at 1024 px a fused kernel may take at most 25% and 46% longer than cuBLAS's product
-alone at the two shapes, and ``pointers`` took 42% and 57% longer (cuBLAS's Hopper kernels load through TMA in
-warp-specialised pipelines; ``pointers`` does neither, ``tma`` the first).
+a call against 0.9835 s (BENCHMARKS.md, "the GEGLU in one kernel"). To break even at 1024 px the fused kernel
+must do in one pass what the two passes do in 96.1 and 122.4 µs, running its product at 559 and 439 TFLOP/s;
+``pointers`` reached 491 and 408 (cuBLAS's Hopper kernels load through TMA in warp-specialised pipelines;
+``pointers`` does neither, ``tma`` the first).
 """
 
 from dataclasses import dataclass
