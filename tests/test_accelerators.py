@@ -67,6 +67,10 @@ def test_a_chains_refusal_says_which_of_its_parts_refused() -> None:
     refusal = r"^a part of this chain, CudaGraphAccelerator: accelerator=cuda_graph needs a CUDA device, not device=cpu"
     with pytest.raises(ConfigError, match=refusal):
         Chain(parts=parts).check(torch.device("cpu"))
+    parts[1] = {"_target_": "runner.accelerators.fused_geglu.FusedGegluAccelerator", "kernel": "wgmma"}
+    refusal = r"^a part of this chain, FusedGegluAccelerator: accelerator.parts.1.kernel=wgmma: fused_geglu's kernels"
+    with pytest.raises(ConfigError, match=refusal):  # its option named where it is set
+        Chain(parts=parts).check(torch.device("cpu"))
 
 
 def test_graphed_module_looks_like_the_module_to_the_pipeline() -> None:

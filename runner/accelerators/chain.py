@@ -30,11 +30,14 @@ class Chain(Accelerator):
         if len(self.parts) < 2:
             raise ConfigError(f"accelerator.parts has {len(self.parts)} part(s): a chain needs at least two")
         check_order(self._accelerators())
-        for accelerator in self._accelerators():
+        for i, accelerator in enumerate(self._accelerators()):
             try:
                 accelerator.check(device)
-            except ConfigError as error:  # a part's refusal names the part: say it stands in this chain
-                raise ConfigError(f"a part of this chain, {type(accelerator).__name__}: {error}") from error
+            except ConfigError as error:  # a part's refusal names the part: say it stands in this chain, and
+                said = str(error)  # name its option where it is set (a part writes accelerator.kernel=...)
+                if said.startswith("accelerator."):
+                    said = f"accelerator.parts.{i}.{said.removeprefix('accelerator.')}"
+                raise ConfigError(f"a part of this chain, {type(accelerator).__name__}: {said}") from error
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         for accelerator in self._accelerators():
