@@ -51,21 +51,22 @@ def geglu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 @torch.library.custom_op("runner::geglu", mutates_args=())
-def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "pointers") -> torch.Tensor:
+def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, variant: str = "pointers") -> torch.Tensor:
     """``hidden * gelu(gate)`` of ``x @ weight.T + bias``, halves as diffusers splits them; one Triton kernel
-    (``kernel``: pointers or tma) on a GPU for float16 and bfloat16."""
+    (``variant``: pointers or tma) on a GPU for float16 and bfloat16. Not named ``kernel``: inductor passes an
+    operator's arguments on by name to a function of its own whose first parameter is called that."""
     if x.device.type != "cuda" or x.dtype not in KERNEL_DTYPES:
         return geglu_reference(x, weight, bias)
     from runner.accelerators.geglu_kernels import launch  # imports Triton: on a GPU only
 
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(rows.shape[0], weight.shape[0] // 2, device=x.device, dtype=x.dtype)
-    launch(rows, weight, bias, out, kernel)
+    launch(rows, weight, bias, out, variant)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @geglu.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel: str = "pointers") -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, variant: str = "pointers") -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
 
 
