@@ -18,7 +18,7 @@ import torch
 from memsets import REPEATS, graphed  # this folder, first on the path of a script run from it
 
 from runner.accelerators.fused_geglu import geglu, geglu_reference
-from runner.accelerators.geglu_kernels import CONFIGS, launch
+from runner.accelerators.geglu_kernels import CONFIGS, launch, settings
 
 SHAPES = {  # (rows, width, inner) of SDXL's GEGLU products, batch 1 with guidance
     "512px 32x32 blocks": (2048, 640, 2560),
@@ -70,14 +70,9 @@ def time_shape(name: str, rows: int, width: int, inner: int, compiled: Callable)
     entry["cuBLAS product alone"] = {"us": round(us, 2), "tflops": round(tflop / us * 1e6, 1)}
     print(f"{name:22s} {'cuBLAS product alone':40s} {us:8.2f} us {tflop / us * 1e6:6.1f} TFLOP/s")
     for kernel, configs in CONFIGS.items():
-        # The tma kernel's best-guess block sizes once more with Triton's warp specialisation.
-        specialised = [(*config, True) for config in configs[:2]] if kernel == "tma" else []
-        for m, n, k, stages, warps, *warp_specialize in [*configs, *specialised]:
-            config = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_stages=stages, num_warps=warps)
-            label = f"{kernel} {m}x{n}x{k} s{stages} w{warps}"
-            if warp_specialize:
-                config |= dict(WARP_SPECIALIZE=True, FLATTEN=False)
-                label += " warp-specialised"
+        for m, n, k, stages, warps, specialised in configs:
+            label = f"{kernel} {m}x{n}x{k} s{stages} w{warps}" + (" warp-specialised" if specialised else "")
+            config = settings(m, n, k, stages, warps, specialised)
             try:
                 record(label, functools.partial(launch, x, weight, bias, out, kernel, **config), lambda: out)
             except Exception as error:  # a block size the GPU cannot fit: say so, time the others

@@ -95,29 +95,32 @@ def test_every_configuration_of_both_kernels_compiles_for_hopper(dtype: str) -> 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from runner.accelerators.geglu_kernels import CONFIGS, pointers_kernel, tma_kernel
-
-    def build(kernel, signature: dict[str, str], constants: dict[str, object], stages: int, warps: int) -> int:
-        signature |= dict.fromkeys(constants, "constexpr")
-        constexprs = {(list(signature).index(name),): value for name, value in constants.items()}
-        source = ASTSource(kernel, signature, constexprs)
-        options = {"num_stages": stages, "num_warps": warps}
-        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared
+    from runner.accelerators.geglu_kernels import CONFIGS, pointers_kernel, settings, tma_kernel
 
     ints = dict.fromkeys(["M", "N", "K"], "i32")
-    for m, n, k, stages, warps in CONFIGS["pointers"]:
-        pointers = dict.fromkeys(["x", "w", "b", "out"], f"*{dtype}") | ints
-        pointers |= dict.fromkeys(["stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_on"], "i32")
-        blocks = {"HAS_BIAS": True, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}
-        assert build(pointers_kernel, pointers, blocks, stages, warps) <= HOPPER_SHARED_MEMORY, (m, n, k, stages)
-    for index, (m, n, k, stages, warps) in enumerate(CONFIGS["tma"]):
-        shapes = {"x": [m, k], "hidden_w": [n, k], "gate_w": [n, k], "out": [m, n]}
-        descriptors = {name: f"tensordesc<{dtype}{shape}>".replace(" ", "") for name, shape in shapes.items()}
-        tma = descriptors | {"b": f"*{dtype}"} | ints
-        blocks = {"HAS_BIAS": True, "PROGRAMS": 132, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}
-        for specialised in [False, True] if index < 2 else [False]:  # as benchmarks/geglu_kernel.py times them
-            flags = {"WARP_SPECIALIZE": specialised, "FLATTEN": not specialised}
-            assert build(tma_kernel, dict(tma), blocks | flags, stages, warps) <= HOPPER_SHARED_MEMORY, (m, n, k)
+    pointers = dict.fromkeys(["x", "w", "b", "out"], f"*{dtype}") | ints
+    pointers |= dict.fromkeys(["stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_on"], "i32")
+    kernels = {"pointers": pointers_kernel, "tma": tma_kernel}
+    assert set(kernels) == set(KERNELS)
+    for function, config in [(kernels[kernel], config) for kernel in KERNELS for config in CONFIGS[kernel]]:
+        meta = settings(*config)
+        options = {"num_stages": meta.pop("num_stages"), "num_warps": meta.pop("num_warps")}
+        constants = {"HAS_BIAS": True} | meta
+        if function is pointers_kernel:
+            signature = dict(pointers)
+        else:
+            m, n, k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+            shapes = {"x": [m, k], "hidden_w": [n, k], "gate_w": [n, k], "out": [m, n]}
+            signature = {name: f"tensordesc<{dtype}[{a},{b}]>" for name, (a, b) in shapes.items()}
+            signature |= {"b": f"*{dtype}"} | ints
+            constants |= {"PROGRAMS": 132, "WARP_SPECIALIZE": False, "FLATTEN": True} | meta  # the flags' defaults
+        signature |= dict.fromkeys(constants, "constexpr")
+        signature = {name: signature[name] for name in function.arg_names}  # in the kernel's order
+        constexprs = {(function.arg_names.index(name),): value for name, value in constants.items()}
+        binary = triton.compile(
+            ASTSource(function, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options
+        )
+        assert binary.metadata.shared <= HOPPER_SHARED_MEMORY, (function.__name__, config)
 
 
 @pytest.mark.gpu
@@ -129,7 +132,7 @@ def test_the_kernel_computes_diffusers_geglu_up_to_rounding(
 ) -> None:
     """SDXL's shapes and ragged ones, every block size of each kernel and the autotuned operator: no further from
     a float32 computation than diffusers' own arithmetic in ``dtype``, give or take one rounding."""
-    from runner.accelerators.geglu_kernels import CONFIGS, launch  # imports Triton
+    from runner.accelerators.geglu_kernels import CONFIGS, launch, settings  # imports Triton
 
     rows, width, inner = shape
     torch.manual_seed(0)
@@ -138,11 +141,10 @@ def test_the_kernel_computes_diffusers_geglu_up_to_rounding(
     bias = (torch.randn(2 * inner, device="cuda") * 0.1).to(dtype)
     exact = geglu_reference(x.float(), weight.float(), bias.float())
     allowed = (geglu_reference(x, weight, bias).float() - exact).abs().max().item() * 2 + exact.abs().max().item() / 256
-    for m, n, k, stages, warps in CONFIGS[kernel]:
+    for config in CONFIGS[kernel]:
         out = torch.empty(rows, inner, device="cuda", dtype=dtype)
-        config = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_stages": stages, "num_warps": warps}
-        launch(x, weight, bias, out, kernel, **config)
-        assert (out.float() - exact).abs().max().item() <= allowed, (m, n, k)
+        launch(x, weight, bias, out, kernel, **settings(*config))
+        assert (out.float() - exact).abs().max().item() <= allowed, config
     assert (geglu(x, weight, bias, kernel).float() - exact).abs().max().item() <= allowed
     unbiased = geglu(x, weight, None, kernel).float() - geglu_reference(x.float(), weight.float(), None)
     assert unbiased.abs().max().item() <= allowed

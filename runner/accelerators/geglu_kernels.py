@@ -22,12 +22,22 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-# Block sizes each kernel's autotuner times on a shape's first call (BLOCK_M, BLOCK_N, BLOCK_K, num_stages,
-# num_warps): the wide tiles Hopper's tensor cores want for SDXL's products (2,048-8,192 rows at 1024 px), and
-# narrower ones for fewer rows (512 px's 512-2,048); each kernel one of its own. The first two are the ones
-# benchmarks/geglu_kernel.py also times warp-specialised.
+# The configurations each kernel's autotuner times on a shape's first call (BLOCK_M, BLOCK_N, BLOCK_K, num_stages,
+# num_warps, warp-specialised): the wide tiles Hopper's tensor cores want for SDXL's products (2,048-8,192 rows at
+# 1024 px), and narrower ones for fewer rows (512 px's 512-2,048). Warp specialisation (Triton splits the tma
+# kernel's loop into loading, matrix and epilogue warps) made its two widest the fastest of all at every shape on
+# an H200; a tile of 128 x 256, 79-81 TFLOP/s there (its two accumulators do not fit in registers), was dropped.
 BLOCKS = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 8)]
-CONFIGS = {"pointers": [*BLOCKS, (64, 64, 64, 4, 4)], "tma": [*BLOCKS, (128, 256, 64, 2, 8)]}
+CONFIGS = {
+    "pointers": [(*block, False) for block in [*BLOCKS, (64, 64, 64, 4, 4)]],
+    "tma": [(*block, False) for block in BLOCKS] + [(*block, True) for block in BLOCKS[:2]],
+}
+
+
+def settings(m: int, n: int, k: int, stages: int, warps: int, specialised: bool) -> dict[str, Any]:
+    """One of ``CONFIGS`` as the kernel's meta-parameters and Triton's options: what ``launch`` takes to fix it."""
+    flags = {"WARP_SPECIALIZE": True, "FLATTEN": False} if specialised else {}  # Hopper: no flattened loop with it
+    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_stages": stages, "num_warps": warps} | flags
 
 
 def tma_fits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
@@ -47,9 +57,9 @@ def launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, kernel: str = "pointers",
     **config: int,
 ) -> None:  # fmt: skip
-    """Run ``kernel`` on 2-D ``x`` into ``out``; ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
-    num_stages) fixes its block sizes instead of the autotuner's choice (benchmarks/geglu_kernel.py). The ``tma``
-    kernel falls back to ``pointers`` for tensors TMA cannot address."""
+    """Run ``kernel`` on 2-D ``x`` into ``out``; ``config`` (one of ``CONFIGS`` as ``settings`` gives it) fixes the
+    configuration instead of the autotuner's choice (benchmarks/geglu_kernel.py). The ``tma`` kernel falls back to
+    ``pointers`` for tensors TMA cannot address."""
     if kernel == "tma" and tma_fits(x, weight, out):
         _launch_tma(x, weight, bias, out, **config)
     else:
@@ -162,8 +172,7 @@ def tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr = False, FLATTEN: tl.constexpr = True,
 ):  # fmt: skip
-    # WARP_SPECIALIZE: Triton splits the loop into loading, matrix and epilogue warps (on Hopper without FLATTEN);
-    # only benchmarks/geglu_kernel.py asks for it, a compile failure there being a timing's, not a call's.
+    # WARP_SPECIALIZE: Triton splits the loop into loading, matrix and epilogue warps (on Hopper without FLATTEN).
     tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     tiles = tiles_m * tiles_n
     # The range is written in the loop itself: Triton's compiler takes only a call there (its interpreter took a
@@ -186,12 +195,12 @@ def tma_kernel(
 
 def configs(kernel: str, **extra: Any) -> list:
     """The autotuner's configurations for ``kernel``."""
-    return [
-        triton.Config(
-            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=stages, num_warps=warps, **extra
-        )
-        for m, n, k, stages, warps in CONFIGS[kernel]
-    ]
+    tuned = []
+    for config in CONFIGS[kernel]:
+        meta = settings(*config)
+        stages, warps = meta.pop("num_stages"), meta.pop("num_warps")
+        tuned.append(triton.Config(meta, num_stages=stages, num_warps=warps, **extra))
+    return tuned
 
 
 # Each kernel autotuned, and as it is (for given block sizes).
