@@ -13,9 +13,9 @@ rounding: the halves are no longer rounded to 16 bits before the GELU.
 ``runner::geglu`` is a custom operator, so torch.compile keeps it as one call in the graph (and a CUDA graph
 captures it); on a CPU or for dtypes other than float16 and bfloat16 it runs diffusers' arithmetic, which is
 how the CPU tests check the module swap. Two kernels (``runner/accelerators/geglu_kernels.py``, the option
-``kernel``): ``pointers``, timed, and ``tma``, persistent programs fed by Hopper's tensor memory accelerator,
-built after ``pointers`` lost and not yet run on a GPU. Their block sizes are chosen by Triton's autotuner on
-the first call with a shape (the runner's warmup, before any capture). Triton ships with CUDA builds of torch;
+``kernel``): ``pointers``, and ``tma``, persistent programs fed by Hopper's tensor memory accelerator, built
+after ``pointers`` lost. Their configurations are chosen by Triton's autotuner on the first call with a shape
+(the runner's warmup, before any capture). Triton ships with CUDA builds of torch;
 where it is missing on a GPU machine, the part is refused with the fix.
 
 **Measured slower** with ``pointers``, so in no accelerator (the variants ``cg_fast_geglu`` and
@@ -26,7 +26,10 @@ against 29.4-35.6 µs at 512 px (``benchmarks/geglu_kernel.py``). In ``compile_g
 a call against 0.9835 s (BENCHMARKS.md, "the GEGLU in one kernel"). To break even at 1024 px the fused kernel
 must do in one pass what the two passes do in 96.1 and 122.4 µs, running its product at 559 and 439 TFLOP/s;
 ``pointers`` reached 491 and 408 (cuBLAS's Hopper kernels load through TMA in warp-specialised pipelines;
-``pointers`` does neither, ``tma`` the first).
+``pointers`` does neither). ``tma`` with Triton's warp specialisation is the first to beat the two passes: 113.6
+and 92.0 µs against 123.5 and 95.4 at 1024 px's two shapes on another H200 start, 34.8 against 35.5 µs at 512 px's
+larger shape, but 35.6 against 29.2 µs at its smaller (BENCHMARKS.md, "the fused GEGLU's tma kernel on a GPU");
+its autotuner now has those configurations, untimed in a call (without them, 1.0128 s at 1024 px).
 """
 
 from dataclasses import dataclass
