@@ -20,11 +20,12 @@ same images; the host's next wait is at the scheduler's first step, where it rea
 an H200 it took ``compile_graph_fast``'s time before the first step from 6.8 to 4.9 ms at 512 px and its calls
 from 0.3309 to 0.3280 s on one start (BENCHMARKS.md, "the host ahead of the GPU"); on the next start, in both
 orders, 0.4-2.3 ms at 512 px, 0.5 ms at 1024 px, and 1.2-1.9 ms off ``fp8_compile`` at 1024 px ("the GEGLU in
-one kernel"). Part of ``compile_graph_fast`` and ``fp8_compile``, last. Beside ``deepcache_compile`` it has not
-been timed doing its whole work (the variant ``dc_host_ahead`` in ``benchmarks/conf/accelerator``): there it
-sent only the time ids until DeepCache stopped hiding the scheduler's class from it. A part that binds
-``set_timesteps`` on the scheduler before this one still would: the warmup's end says so, and the job fails
-with the fix, instead of timing diffusers' own schedule under this part's name.
+one kernel"). Part of ``compile_graph_fast`` and ``fp8_compile``, last. Beside ``deepcache_compile`` (the variant
+``dc_host_ahead`` in ``benchmarks/conf/accelerator``) it gained nothing beyond the order of a pair: 0.5165 s
+against 0.5200 s at 1024 px, run second ("the fused GEGLU's tma kernel on a GPU"), so it is not part of it. A
+part that binds ``set_timesteps`` on the scheduler itself before this one (as DeepCache did until ``6af8233``)
+hides the scheduler's class from it: the warmup's end says so, and the job fails with the fix, instead of timing
+diffusers' own schedule under this part's name.
 
 Only ``set_timesteps`` called with ``device=`` (as diffusers' pipelines call it) and ``_get_add_time_ids``
 (SDXL's pipelines); anything else runs as diffusers wrote it. Not built: image-to-image's input image is still
