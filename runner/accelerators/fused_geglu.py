@@ -15,8 +15,8 @@ captures it); on a CPU or for dtypes other than float16 and bfloat16 it runs dif
 how the CPU tests check the module swap. Two kernels (``runner/accelerators/geglu_kernels.py``, the option
 ``kernel``): ``pointers``, and ``tma``, persistent programs fed by Hopper's tensor memory accelerator, built
 after ``pointers`` lost. Their configurations are chosen by Triton's autotuner on the first call with a shape
-(the runner's warmup, before any capture). Triton ships with CUDA builds of torch;
-where it is missing on a GPU machine, the part is refused with the fix.
+(the runner's warmup, before any capture). Triton ships with CUDA builds of torch; where it is missing on a GPU
+machine, the part is refused with the fix.
 
 **Measured slower** with ``pointers``, so in no accelerator (the variants ``cg_fast_geglu`` and
 ``cg_fast_geglu_tma`` in ``benchmarks/conf/accelerator``): on an H200 the kernel took 131.6-190.8 µs at 1024
