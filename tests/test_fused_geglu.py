@@ -60,11 +60,11 @@ def test_a_precompiled_unet_with_the_fused_forward_is_saved_under_its_own_key(tm
     """The swapped class keeps GEGLU's name and so its repr: the key must still tell them apart, or a precompiled
     unfused UNet (or one with the other kernel) would be loaded for the fused one."""
     signature = ("spec", ((2, 8), "torch.float32", "cpu", (8, 1)))
-    keys = {PrecompiledModule(torch.nn.Sequential(GEGLU(8, 6)), tmp_path, "denoiser").path(signature)}
+    keys = {PrecompiledModule(torch.nn.Sequential(GEGLU(8, 8)), tmp_path, "denoiser").path(signature)}
     for kernel in KERNELS:
-        fused = torch.nn.Sequential(GEGLU(8, 6))
+        fused = torch.nn.Sequential(GEGLU(8, 8))
         build_accelerator(FUSED | {"kernel": kernel}).apply(types.SimpleNamespace(unet=fused), target(tmp_path))
-        assert repr(fused) == repr(torch.nn.Sequential(GEGLU(8, 6)))
+        assert repr(fused) == repr(torch.nn.Sequential(GEGLU(8, 8)))
         keys.add(PrecompiledModule(fused, tmp_path, "denoiser").path(signature))
     assert len(keys) == 1 + len(KERNELS)
 
@@ -80,6 +80,16 @@ def test_refused_without_a_geglu_or_after_its_projection_was_replaced(tmp_path: 
         build_accelerator(FUSED).apply(types.SimpleNamespace(unet=layer), target(tmp_path))
     with pytest.raises(ConfigError, match=r"^accelerator.kernel=wgmma: fused_geglu's kernels are pointers, tma$"):
         build_accelerator(FUSED | {"kernel": "wgmma"}).check(CPU)
+    # Rows TMA cannot address would run the pointers kernel under tma's name: refused, naming the fix.
+    narrow = types.SimpleNamespace(unet=GEGLU(12, 16))  # 12 float16 inputs: 24 bytes, not a multiple of 16
+    with pytest.raises(
+        ConfigError,
+        match=r"^accelerator.kernel=tma: .* rows of 12 inputs and 16 outputs in torch.float16 .*; use kernel=pointers$",
+    ):
+        build_accelerator(FUSED | {"kernel": "tma"}).apply(narrow, target(tmp_path, dtype=torch.float16))
+    build_accelerator(FUSED).apply(narrow, target(tmp_path, dtype=torch.float16))  # pointers takes any rows
+    fits = types.SimpleNamespace(unet=GEGLU(16, 16))
+    build_accelerator(FUSED | {"kernel": "tma"}).apply(fits, target(tmp_path, dtype=torch.float16))
 
 
 HOPPER_SHARED_MEMORY = 232_448  # bytes a block may use on an H100 or H200 (227 KiB)

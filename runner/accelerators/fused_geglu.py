@@ -73,6 +73,20 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, variant:
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
 
 
+def tma_fits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether Hopper's TMA can address these tensors for the tma kernel: rows contiguous, their starts (and the
+    weight's second half's) 16-byte aligned."""
+    return (
+        all(
+            tensor.stride(-1) == 1
+            and (tensor.stride(0) * tensor.element_size()) % 16 == 0
+            and tensor.data_ptr() % 16 == 0
+            for tensor in (x, weight, out)
+        )
+        and (weight.shape[0] // 2 * weight.stride(0) * weight.element_size()) % 16 == 0
+    )
+
+
 def fused_forward(self: GEGLU, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     if type(self.proj) is not torch.nn.Linear:  # replaced after this part (float8's layers): diffusers' own
         return GEGLU.forward(self, hidden_states, *args, **kwargs)
@@ -110,9 +124,24 @@ class FusedGegluAccelerator(Accelerator):
                     f"fused_geglu: a GEGLU's projection is a {type(layer.proj).__name__}, not a torch.nn.Linear; "
                     "put FusedGegluAccelerator before the part that replaced it (fp8), or leave it out"
                 )
+            if self.kernel == "tma" and not self._tma_fits(layer, target.dtype):  # else it would run pointers
+                raise ConfigError(
+                    f"accelerator.kernel=tma: Hopper's TMA cannot address a GEGLU's rows of {layer.proj.in_features} "
+                    f"inputs and {layer.proj.out_features // 2} outputs in {target.dtype} (each must be a multiple of "
+                    "16 bytes, the weight contiguous); use kernel=pointers"
+                )
             members = {"forward": fused_forward, "geglu_kernel": self.kernel}  # one class per kernel
             layer.__class__ = named_like(type(layer), f"fused_geglu {self.kernel}", members)
         self.fused = len(layers)
+
+    @staticmethod
+    def _tma_fits(layer: GEGLU, dtype: torch.dtype) -> bool:
+        """Whether the tma kernel would run for this layer in ``dtype``, not fall back to pointers (the input and
+        output as the operator makes them: rows of the layer's widths)."""
+        weight = layer.proj.weight.to(dtype)
+        x = torch.empty(1, weight.shape[1], dtype=dtype, device="meta")
+        out = torch.empty(1, weight.shape[0] // 2, dtype=dtype, device="meta")
+        return tma_fits(x, weight, out)
 
     def tags(self) -> dict[str, str]:
         return {"fused_geglu": f"{self.fused} ({self.kernel})"} if hasattr(self, "fused") else {}

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from runner.accelerators.fused_geglu import tma_fits
+
 # The configurations each kernel's autotuner times on a shape's first call (BLOCK_M, BLOCK_N, BLOCK_K, num_stages,
 # num_warps, warp-specialised): the wide tiles Hopper's tensor cores want for SDXL's products (2,048-8,192 rows at
 # 1024 px), and narrower ones for fewer rows (512 px's 512-2,048). Warp specialisation (Triton splits the tma
@@ -41,26 +43,14 @@ def settings(m: int, n: int, k: int, stages: int, warps: int, specialised: bool)
     return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_stages": stages, "num_warps": warps} | flags
 
 
-def tma_fits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether TMA can address these tensors: rows contiguous, their starts 16-byte aligned."""
-    return (
-        all(
-            tensor.stride(-1) == 1
-            and (tensor.stride(0) * tensor.element_size()) % 16 == 0
-            and tensor.data_ptr() % 16 == 0
-            for tensor in (x, weight, out)
-        )
-        and (weight.shape[0] // 2 * weight.stride(0) * weight.element_size()) % 16 == 0
-    )
-
-
 def launch(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, kernel: str = "pointers",
     **config: int,
 ) -> None:  # fmt: skip
     """Run ``kernel`` on 2-D ``x`` into ``out``; ``config`` (one of ``CONFIGS`` as ``settings`` gives it) fixes the
     configuration instead of the autotuner's choice (benchmarks/geglu_kernel.py). The ``tma`` kernel falls back to
-    ``pointers`` for tensors TMA cannot address."""
+    ``pointers`` for tensors TMA cannot address (an input not laid out in rows: ``fused_geglu`` refuses weights
+    it cannot address when applied)."""
     if kernel == "tma" and tma_fits(x, weight, out):
         _launch_tma(x, weight, bias, out, **config)
     else:
