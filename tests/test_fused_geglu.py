@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import load_model
 from diffusers.models.activations import GEGLU
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain
@@ -56,17 +57,43 @@ def test_the_operator_traces_and_compiles() -> None:
         torch.testing.assert_close(compiled(x), expected)
 
 
+def test_products_of_fewer_rows_than_min_rows_run_diffusers_two_passes(tmp_path: Path) -> None:
+    """The operator runs for products of ``min_rows`` rows (tokens x batch) or more, diffusers' forward below:
+    which one ran is told by the operators dispatched, as both compute the same on a CPU."""
+    layer = GEGLU(8, 8)
+    accelerator = build_accelerator(FUSED | {"kernel": "tma", "min_rows": 6})
+    accelerator.apply(types.SimpleNamespace(unet=layer), target(tmp_path))
+    assert accelerator.tags() == {"fused_geglu": "1 (tma, 6 rows or more)"}
+
+    class Dispatched(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ran.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for batch, tokens, fused in [(2, 3, True), (1, 5, False), (3, 2, True)]:
+        x = torch.randn(batch, tokens, 8)
+        ran: list[str] = []
+        with Dispatched():
+            out = layer(x)
+        assert ("runner.geglu.default" in ran) == fused, (batch, tokens, ran)
+        torch.testing.assert_close(out, geglu_reference(x, layer.proj.weight, layer.proj.bias))
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="eager")(x), out)  # traced either way
+    with pytest.raises(ConfigError, match=r"^accelerator.min_rows=-1: must be 0 or more"):
+        build_accelerator(FUSED | {"min_rows": -1}).check(CPU)
+
+
 def test_a_precompiled_unet_with_the_fused_forward_is_saved_under_its_own_key(tmp_path: Path) -> None:
     """The swapped class keeps GEGLU's name and so its repr: the key must still tell them apart, or a precompiled
     unfused UNet (or one with the other kernel) would be loaded for the fused one."""
     signature = ("spec", ((2, 8), "torch.float32", "cpu", (8, 1)))
     keys = {PrecompiledModule(torch.nn.Sequential(GEGLU(8, 8)), tmp_path, "denoiser").path(signature)}
-    for kernel in KERNELS:
+    variants = [{"kernel": kernel} for kernel in KERNELS] + [{"kernel": "tma", "min_rows": 1024}]
+    for variant in variants:
         fused = torch.nn.Sequential(GEGLU(8, 8))
-        build_accelerator(FUSED | {"kernel": kernel}).apply(types.SimpleNamespace(unet=fused), target(tmp_path))
+        build_accelerator(FUSED | variant).apply(types.SimpleNamespace(unet=fused), target(tmp_path))
         assert repr(fused) == repr(torch.nn.Sequential(GEGLU(8, 8)))
         keys.add(PrecompiledModule(fused, tmp_path, "denoiser").path(signature))
-    assert len(keys) == 1 + len(KERNELS)
+    assert len(keys) == 1 + len(variants)
 
 
 def test_refused_without_a_geglu_or_after_its_projection_was_replaced(tmp_path: Path) -> None:

@@ -28,8 +28,12 @@ must do in one pass what the two passes do in 96.1 and 122.4 µs, running its pr
 ``pointers`` reached 491 and 408 (cuBLAS's Hopper kernels load through TMA in warp-specialised pipelines;
 ``pointers`` does neither). ``tma`` with Triton's warp specialisation is the first to beat the two passes: 113.6
 and 92.0 µs against 123.5 and 95.4 at 1024 px's two shapes on another H200 start, 34.8 against 35.5 µs at 512 px's
-larger shape, but 35.6 against 29.2 µs at its smaller (BENCHMARKS.md, "the fused GEGLU's tma kernel on a GPU");
-its autotuner now has those configurations, untimed in a call (without them, 1.0128 s at 1024 px).
+larger shape, but 35.6 against 29.2 µs at its smaller (BENCHMARKS.md, "the fused GEGLU's tma kernel on a GPU").
+In ``compile_graph_fast`` at 1024 px (``cg_fast_geglu_tma``) it took 1.0-1.6% off a call on two H200 starts
+(0.9547-0.9555 s against 0.9645-0.9659 s in both orders on one), the same images, and at 512 px it added 4.8%
+(BENCHMARKS.md, "the tma kernel beside compile_graph_fast"): ``min_rows`` leaves products of fewer rows, where
+the kernel lost, to diffusers' two passes. Still in no accelerator: 512 px with ``min_rows`` is untimed, and the
+``tma`` kernel needs a Hopper GPU.
 """
 
 from dataclasses import dataclass
@@ -90,16 +94,26 @@ def tma_fits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
 def fused_forward(self: GEGLU, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     if type(self.proj) is not torch.nn.Linear:  # replaced after this part (float8's layers): diffusers' own
         return GEGLU.forward(self, hidden_states, *args, **kwargs)
+    if hidden_states.numel() < self.geglu_min_rows * hidden_states.shape[-1]:  # a shape fixed when compiled
+        return GEGLU.forward(self, hidden_states, *args, **kwargs)  # fewer rows than the kernel pays at
     return torch.ops.runner.geglu(hidden_states, self.proj.weight, self.proj.bias, self.geglu_kernel)
 
 
 @dataclass
 class FusedGegluAccelerator(Accelerator):
     kernel: str = "pointers"  # or tma (runner/accelerators/geglu_kernels.py)
+    # Products of fewer rows (tokens x batch) than this run diffusers' two passes: on an H200 the tma kernel lost
+    # to them at 512 px's 512 rows and beat them at 2,048 and more (BENCHMARKS.md, "the tma kernel beside
+    # compile_graph_fast").
+    min_rows: int = 0
 
     def check(self, device: torch.device) -> None:
         if self.kernel not in KERNELS:
             raise ConfigError(f"accelerator.kernel={self.kernel}: fused_geglu's kernels are {', '.join(KERNELS)}")
+        if self.min_rows < 0:
+            raise ConfigError(
+                f"accelerator.min_rows={self.min_rows}: must be 0 or more (0: the kernel for every product)"
+            )
         if device.type != "cuda":
             return  # diffusers' arithmetic: nothing to import
         try:
@@ -130,9 +144,13 @@ class FusedGegluAccelerator(Accelerator):
                     f"inputs and {layer.proj.out_features // 2} outputs in {target.dtype} (each must be a multiple of "
                     "16 bytes, the weight contiguous); use kernel=pointers"
                 )
-            members = {"forward": fused_forward, "geglu_kernel": self.kernel}  # one class per kernel
-            layer.__class__ = named_like(type(layer), f"fused_geglu {self.kernel}", members)
+            # One class per kernel and threshold: they compile differently (precompile's key tells them apart).
+            members = {"forward": fused_forward, "geglu_kernel": self.kernel, "geglu_min_rows": self.min_rows}
+            layer.__class__ = named_like(type(layer), f"fused_geglu {self._how()}", members)
         self.fused = len(layers)
+
+    def _how(self) -> str:
+        return self.kernel + (f", {self.min_rows} rows or more" if self.min_rows else "")
 
     @staticmethod
     def _tma_fits(layer: GEGLU, dtype: torch.dtype) -> bool:
@@ -144,4 +162,4 @@ class FusedGegluAccelerator(Accelerator):
         return tma_fits(x, weight, out)
 
     def tags(self) -> dict[str, str]:
-        return {"fused_geglu": f"{self.fused} ({self.kernel})"} if hasattr(self, "fused") else {}
+        return {"fused_geglu": f"{self.fused} ({self._how()})"} if hasattr(self, "fused") else {}
