@@ -11,7 +11,8 @@ Two ways to feed the tensor cores:
   Hopper kernels do. Out-of-range rows and columns are zero-filled on load and dropped on store, so any shape
   whose rows are 16-byte aligned runs. Warp-specialised, faster than the two passes at 1024 px's shapes (8.0% and
   3.5%) and slower at 512 px's smaller one (BENCHMARKS.md, "the fused GEGLU's tma kernel on a GPU";
-  ``benchmarks/geglu_kernel.py`` times both kernels).
+  ``benchmarks/geglu_kernel.py`` times both kernels); 1.0-1.6% off a 1024 px ``compile_graph_fast`` call
+  (BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
 
 This module imports Triton, which the CPU machine has not: ``fused_geglu`` imports it when a kernel first runs.
 """
@@ -30,6 +31,9 @@ from runner.accelerators.fused_geglu import tma_fits
 # 1024 px), and narrower ones for fewer rows (512 px's 512-2,048). Warp specialisation (Triton splits the tma
 # kernel's loop into loading, matrix and epilogue warps) made its two widest the fastest of all at every shape on
 # an H200; a tile of 128 x 256, 79-81 TFLOP/s there (its two accumulators do not fit in registers), was dropped.
+# The narrower tiles warp-specialised (with 8 warps: Triton's Hopper pass refuses 4) were timed once and left
+# out: fastest only at 512 px's 512 rows (34.3 µs against 35.8, the two passes 29.2), slower at 1024 px, and the
+# cold warmup in a call longer (BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
 BLOCKS = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 8)]
 CONFIGS = {
     "pointers": [(*block, False) for block in [*BLOCKS, (64, 64, 64, 4, 4)]],
