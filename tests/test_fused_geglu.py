@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain
-from runner.accelerators.fused_geglu import KERNELS, geglu, geglu_reference
+from runner.accelerators.fused_geglu import KERNELS, geglu, geglu_reference, tma_addressable, tma_fits
 from runner.accelerators.precompile import PrecompiledModule
 from runner.config import ConfigError
 from runner.pipelines import build_pipeline
@@ -80,6 +80,30 @@ def test_products_of_fewer_rows_than_min_rows_run_diffusers_two_passes(tmp_path:
         torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="eager")(x), out)  # traced either way
     with pytest.raises(ConfigError, match=r"^accelerator.min_rows=-1: must be 0 or more"):
         build_accelerator(FUSED | {"min_rows": -1}).check(CPU)
+
+
+def test_the_tma_kernel_gets_rows_it_can_address_or_a_copy() -> None:
+    """An input TMA cannot address (a view starting mid-row, or strided) is copied into rows of its own, so that a
+    run named tma times the tma kernel, not the other kernel as the launcher did before; others pass as they are."""
+    weight, out = torch.randn(32, 16, dtype=torch.float16), torch.empty(4, 16, dtype=torch.float16)
+    rows = torch.randn(4, 16, dtype=torch.float16)
+    assert tma_addressable(rows, weight, out) is rows
+    for unaddressable in (torch.randn(4 * 16 + 1, dtype=torch.float16)[1:].view(4, 16), torch.randn(16, 4).half().T):
+        assert not tma_fits(unaddressable, weight, out)
+        copied = tma_addressable(unaddressable, weight, out)
+        assert tma_fits(copied, weight, out)
+        torch.testing.assert_close(copied, unaddressable, rtol=0, atol=0)
+
+
+def test_the_tma_launcher_refuses_what_it_cannot_address_instead_of_running_the_other_kernel() -> None:
+    """Where Triton is installed (not in CI; the GPU machine has it): the refusal comes before any kernel runs."""
+    pytest.importorskip("triton")
+    from runner.accelerators.geglu_kernels import launch
+
+    weight, out = torch.randn(32, 16, dtype=torch.float16), torch.empty(4, 16, dtype=torch.float16)
+    mid_row = torch.randn(4 * 16 + 1, dtype=torch.float16)[1:].view(4, 16)
+    with pytest.raises(ValueError, match=r"^the tma kernel cannot address .*use the pointers kernel$"):
+        launch(mid_row, weight, None, out, "tma")
 
 
 def test_a_precompiled_unet_with_the_fused_forward_is_saved_under_its_own_key(tmp_path: Path) -> None:

@@ -68,6 +68,8 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vari
 
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(rows.shape[0], weight.shape[0] // 2, device=x.device, dtype=x.dtype)
+    if variant == "tma":
+        rows = tma_addressable(rows, weight, out)
     launch(rows, weight, bias, out, variant)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -89,6 +91,15 @@ def tma_fits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
         )
         and (weight.shape[0] // 2 * weight.stride(0) * weight.element_size()) % 16 == 0
     )
+
+
+def tma_addressable(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``rows`` as the tma kernel can read them: as they are, or copied into rows of their own where they are
+    not (a view starting mid-row, strided): the run named tma then times the tma kernel and the copy, not the
+    other kernel (the weight and ``out`` fit: checked when applied, made by the operator)."""
+    if tma_fits(rows, weight, out):
+        return rows
+    return rows.clone(memory_format=torch.contiguous_format)
 
 
 def fused_forward(self: GEGLU, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -138,7 +149,7 @@ class FusedGegluAccelerator(Accelerator):
                     f"fused_geglu: a GEGLU's projection is a {type(layer.proj).__name__}, not a torch.nn.Linear; "
                     "put FusedGegluAccelerator before the part that replaced it (fp8), or leave it out"
                 )
-            if self.kernel == "tma" and not self._tma_fits(layer, target.dtype):  # else it would run pointers
+            if self.kernel == "tma" and not self._tma_fits(layer, target.dtype):  # else it fails in the first call
                 raise ConfigError(
                     f"accelerator.kernel=tma: Hopper's TMA cannot address a GEGLU's rows of {layer.proj.in_features} "
                     f"inputs and {layer.proj.out_features // 2} outputs in {target.dtype} (each must be a multiple of "
@@ -154,8 +165,8 @@ class FusedGegluAccelerator(Accelerator):
 
     @staticmethod
     def _tma_fits(layer: GEGLU, dtype: torch.dtype) -> bool:
-        """Whether the tma kernel would run for this layer in ``dtype``, not fall back to pointers (the input and
-        output as the operator makes them: rows of the layer's widths)."""
+        """Whether the tma kernel can run this layer in ``dtype`` (the input and output as the operator makes them:
+        rows of the layer's widths)."""
         weight = layer.proj.weight.to(dtype)
         x = torch.empty(1, weight.shape[1], dtype=dtype, device="meta")
         out = torch.empty(1, weight.shape[0] // 2, dtype=dtype, device="meta")

@@ -52,13 +52,8 @@ def launch(
     **config: int,
 ) -> None:  # fmt: skip
     """Run ``kernel`` on 2-D ``x`` into ``out``; ``config`` (one of ``CONFIGS`` as ``settings`` gives it) fixes the
-    configuration instead of the autotuner's choice (benchmarks/geglu_kernel.py). The ``tma`` kernel falls back to
-    ``pointers`` for tensors TMA cannot address (an input not laid out in rows: ``fused_geglu`` refuses weights
-    it cannot address when applied)."""
-    if kernel == "tma" and tma_fits(x, weight, out):
-        _launch_tma(x, weight, bias, out, **config)
-    else:
-        _launch_pointers(x, weight, bias, out, **config)
+    configuration instead of the autotuner's choice (benchmarks/geglu_kernel.py)."""
+    LAUNCHERS[kernel](x, weight, bias, out, **config)
 
 
 def _launch_pointers(
@@ -81,6 +76,11 @@ def _launch_pointers(
 def _launch_tma(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, **config: int
 ) -> None:
+    if not tma_fits(x, weight, out):  # fused_geglu refuses such weights when applied and copies such inputs
+        raise ValueError(
+            f"the tma kernel cannot address these tensors (strides {x.stride()}, {weight.stride()}, {out.stride()}; "
+            "each row's start must be 16-byte aligned): copy them with .contiguous() or use the pointers kernel"
+        )
     rows, depth = x.shape
     width = out.shape[1]
     # Block shapes are placeholders until a configuration sets them (its pre_hook, or here for a fixed one).
@@ -198,6 +198,7 @@ def configs(kernel: str, **extra: Any) -> list:
     return tuned
 
 
+LAUNCHERS = {"pointers": _launch_pointers, "tma": _launch_tma}
 # Each kernel autotuned, and as it is (for given block sizes).
 KERNELS = {
     "pointers": (triton.autotune(configs("pointers"), key=["M", "N", "K"])(pointers_kernel), pointers_kernel),
