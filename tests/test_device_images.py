@@ -34,9 +34,42 @@ def numpy_conversions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return conversions
 
 
-def accelerated(pipe: DiffusionPipeline, tmp_path: Path) -> DiffusionPipeline:
-    build_accelerator(DEVICE_IMAGES).apply(pipe, Target("unet", CPU, torch.float32, tmp_path, "tiny"))
+@pytest.fixture
+def float_conversions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts diffusers' own conversions of PIL images to float32 in NumPy."""
+    conversions: list[int] = []
+    original = VaeImageProcessor.pil_to_numpy
+
+    def counted(images: list[Image.Image] | Image.Image) -> np.ndarray:
+        conversions.append(len(images) if isinstance(images, list) else 1)
+        return original(images)
+
+    monkeypatch.setattr(VaeImageProcessor, "pil_to_numpy", staticmethod(counted))
+    return conversions
+
+
+def accelerated(pipe: DiffusionPipeline, tmp_path: Path, device: torch.device = CPU) -> DiffusionPipeline:
+    build_accelerator(DEVICE_IMAGES).apply(pipe, Target("unet", device, torch.float32, tmp_path, "tiny"))
     return pipe
+
+
+def processors(tmp_path: Path, device: torch.device = CPU, **config: bool) -> tuple[VaeImageProcessor, ...]:
+    """Diffusers' image processor, and one as device_images leaves it."""
+    pipe = DiffusionPipeline()
+    pipe.register_modules(image_processor=VaeImageProcessor(vae_scale_factor=8, **config))
+    return VaeImageProcessor(vae_scale_factor=8, **config), accelerated(pipe, tmp_path, device).image_processor
+
+
+def every_value(height: int, width: int, seed: int = 0) -> Image.Image:
+    """An RGB image holding every 8-bit value, the rest random."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels.reshape(-1)[:256] = np.arange(256)
+    return Image.fromarray(pixels)
+
+
+def assert_same_tensor(mine: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert mine.dtype == theirs.dtype and mine.shape == theirs.shape and mine.stride() == theirs.stride()
+    assert torch.equal(mine.cpu(), theirs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -68,6 +101,7 @@ def test_the_same_pixels_as_diffusers(tmp_path: Path, dtype: torch.dtype, numpy_
     [
         ("tiny_sdxl", "t2i", {"height": 64, "width": 64}),
         ("tiny_pix2pix", "i2i", {"image": Image.new("RGB", (64, 64), (90, 140, 200))}),
+        ("tiny_sdxl", "i2i", {"image": every_value(64, 64), "strength": 0.6}),
     ],
 )
 def test_a_pipeline_returns_the_same_images(
@@ -87,6 +121,49 @@ def test_a_pipeline_returns_the_same_images(
     assert type(pipe.image_processor).__name__ == "VaeImageProcessor"
 
 
+@pytest.mark.parametrize("config", [{}, {"do_normalize": False}, {"do_convert_rgb": True}])
+def test_the_input_image_is_diffusers_own_tensor_without_numpy_floats(
+    tmp_path: Path, float_conversions: list[int], config: dict
+) -> None:
+    """Value for value and stride for stride, for one image and a list; made from the 8-bit pixels, NumPy's
+    float32 conversion not run (once, for the table of 256 values)."""
+    stock, ours = processors(tmp_path, **config)
+    for image in (every_value(64, 48), [every_value(32, 32, 1), every_value(32, 32, 2)]):
+        expected = stock.preprocess(image)
+        float_conversions.clear()
+        assert_same_tensor(ours.preprocess(image), expected)
+        assert float_conversions in ([], [1])  # the table, on the first call
+    expected = stock.preprocess(every_value(64, 48))
+    float_conversions.clear()
+    assert_same_tensor(ours.preprocess(every_value(64, 48), height=64, width=48), expected)  # its own size asked for
+    assert float_conversions == []
+
+
+@pytest.mark.parametrize(
+    ("image", "options"),
+    [
+        (every_value(60, 60), {}),  # not a multiple of the VAE's 8: resized
+        (every_value(64, 64), {"height": 32, "width": 32}),  # resized to the size asked for
+        (every_value(64, 64), {"crops_coords": (0, 0, 32, 32)}),
+        (every_value(64, 64), {"resize_mode": "fill", "height": 64, "width": 32}),
+        (every_value(64, 64).convert("L"), {}),
+        (every_value(64, 64).convert("RGBA"), {}),
+        ([every_value(32, 32), every_value(64, 64)], {"height": 32, "width": 32}),  # sizes differ
+        (torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)), {}),
+    ],
+)
+def test_any_other_input_takes_diffusers_path(
+    tmp_path: Path, float_conversions: list[int], image: Image.Image | list | torch.Tensor, options: dict
+) -> None:
+    stock, ours = processors(tmp_path)
+    expected = stock.preprocess(image, **options)
+    float_conversions.clear()
+    assert_same_tensor(ours.preprocess(image, **options), expected)
+    assert float_conversions == (
+        [] if isinstance(image, torch.Tensor) else [len(image) if isinstance(image, list) else 1]
+    )
+
+
 def test_a_pipeline_without_diffusers_image_processor_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^device_images: DiffusionPipeline has no VaeImageProcessor .*e\.g\. "):
         accelerated(DiffusionPipeline(), tmp_path)
@@ -102,3 +179,18 @@ def test_the_same_pixels_from_a_gpu(tmp_path: Path, dtype: torch.dtype) -> None:
     got = accelerated(pipe, tmp_path).image_processor.postprocess(decoded, output_type="pil")
     expected = VaeImageProcessor(vae_scale_factor=8).postprocess(decoded, output_type="pil")
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(expected[0]))
+
+
+@pytest.mark.gpu
+def test_the_input_image_on_a_gpu_is_diffusers_own_and_the_host_does_not_wait(tmp_path: Path) -> None:
+    stock, ours = processors(tmp_path, torch.device("cuda"))
+    image = every_value(256, 192)
+    ours.preprocess(image)  # the first call makes the table on the GPU: the warmup's, in a run
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a copy that waits for the GPU raises
+    try:
+        mine = ours.preprocess(image)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert mine.device.type == "cuda"
+    assert_same_tensor(mine, stock.preprocess(image))
