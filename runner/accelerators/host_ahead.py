@@ -28,8 +28,8 @@ hides the scheduler's class from it: the warmup's end says so, and the job fails
 diffusers' own schedule under this part's name.
 
 Only ``set_timesteps`` called with ``device=`` (as diffusers' pipelines call it) and ``_get_add_time_ids``
-(SDXL's pipelines); anything else runs as diffusers wrote it. Not built: image-to-image's input image is still
-sent with a waiting copy.
+(SDXL's pipelines); anything else runs as diffusers wrote it. Image-to-image's input image is sent the same way
+by ``device_images``, which makes it float32 on the GPU.
 """
 
 from dataclasses import dataclass
