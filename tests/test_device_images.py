@@ -137,6 +137,13 @@ def test_the_input_image_is_diffusers_own_tensor_without_numpy_floats(
     float_conversions.clear()
     assert_same_tensor(ours.preprocess(every_value(64, 48), height=64, width=48), expected)  # its own size asked for
     assert float_conversions == []
+    pipe = DiffusionPipeline()
+    pipe.register_modules(image_processor=VaeImageProcessor(vae_scale_factor=8, **config))
+    build_accelerator(DEVICE_IMAGES | {"input_image": False}).apply(
+        pipe, Target("unet", CPU, torch.float32, tmp_path, "t")
+    )
+    pipe.image_processor.preprocess(every_value(64, 48))
+    assert float_conversions == [1]  # diffusers' own, to time against
 
 
 @pytest.mark.parametrize(

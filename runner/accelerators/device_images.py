@@ -89,6 +89,10 @@ def _values(processor: VaeImageProcessor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class DeviceImagesAccelerator(Accelerator):
+    # Image-to-image's input image made float32 on the device too; false: diffusers' own, to time against
+    # (benchmarks/conf/accelerator/cg_fast_input_host.yaml).
+    input_image: bool = True
+
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         processor = getattr(pipe, "image_processor", None)
         if not isinstance(processor, VaeImageProcessor):
@@ -97,6 +101,6 @@ class DeviceImagesAccelerator(Accelerator):
                 "images are made elsewhere; use an accelerator without DeviceImagesAccelerator among its parts, "
                 "e.g. accelerator=compile_graph"
             )
-        members = {"postprocess": _postprocess, "preprocess": _preprocess}
-        processor.__class__ = named_like(type(processor), "device_images", members)
+        members = {"postprocess": _postprocess} | ({"preprocess": _preprocess} if self.input_image else {})
+        processor.__class__ = named_like(type(processor), f"device_images {self.input_image}", members)
         processor._runner_device, processor._runner_values = target.device, {}
