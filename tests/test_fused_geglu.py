@@ -120,7 +120,9 @@ def test_a_precompiled_unet_with_the_fused_forward_is_saved_under_its_own_key(tm
     assert len(keys) == 1 + len(variants)
 
 
-def test_refused_without_a_geglu_or_after_its_projection_was_replaced(tmp_path: Path) -> None:
+def test_refused_without_a_geglu_or_after_its_projection_was_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(
         ConfigError, match=r"^fused_geglu: Linear has no GEGLU feed-forward.*accelerator=compile_graph$"
     ):
@@ -139,6 +141,16 @@ def test_refused_without_a_geglu_or_after_its_projection_was_replaced(tmp_path: 
     ):
         build_accelerator(FUSED | {"kernel": "tma"}).apply(narrow, target(tmp_path, dtype=torch.float16))
     build_accelerator(FUSED).apply(narrow, target(tmp_path, dtype=torch.float16))  # pointers takes any rows
+    # Before Hopper there is no TMA: refused before the first call, not by Triton inside the warmup.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError) as raised:
+        build_accelerator(FUSED | {"kernel": "tma"}).check(torch.device("cuda"))
+    assert str(raised.value) == (
+        "accelerator.kernel=tma needs Hopper's tensor memory accelerator (compute capability 9.0 or newer); "
+        "NVIDIA A100-SXM4-80GB has 8.0: use kernel=pointers, or an accelerator without FusedGegluAccelerator "
+        "among its parts, e.g. accelerator=compile_graph_fast"
+    )
     fits = types.SimpleNamespace(unet=GEGLU(16, 16))
     build_accelerator(FUSED | {"kernel": "tma"}).apply(fits, target(tmp_path, dtype=torch.float16))
 

@@ -127,6 +127,13 @@ class FusedGegluAccelerator(Accelerator):
             )
         if device.type != "cuda":
             return  # diffusers' arithmetic: nothing to import
+        if self.kernel == "tma" and torch.cuda.get_device_capability(device) < (9, 0):
+            name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+            raise ConfigError(
+                f"accelerator.kernel=tma needs Hopper's tensor memory accelerator (compute capability 9.0 or newer); "
+                f"{name} has {'.'.join(map(str, capability))}: use kernel=pointers, or an accelerator without "
+                "FusedGegluAccelerator among its parts, e.g. accelerator=compile_graph_fast"
+            )
         try:
             import triton  # noqa: F401
         except ImportError as error:
