@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain
-from runner.accelerators.fused_geglu import KERNELS, geglu, geglu_reference, tma_addressable, tma_fits
+from runner.accelerators.fused_geglu import KERNELS, addressable, geglu, geglu_reference
 from runner.accelerators.precompile import PrecompiledModule
 from runner.config import ConfigError
 from runner.pipelines import build_pipeline
@@ -84,15 +84,18 @@ def test_products_of_fewer_rows_than_min_rows_run_diffusers_two_passes(tmp_path:
 
 def test_the_tma_kernel_gets_rows_it_can_address_or_a_copy() -> None:
     """An input TMA cannot address (a view starting mid-row, or strided) is copied into rows of its own, so that a
-    run named tma times the tma kernel, not the other kernel as the launcher did before; others pass as they are."""
+    run named tma times the tma kernel, not the other kernel as the launcher did before; others pass as they are,
+    and the pointers kernel, which reads any rows, takes every input as it is."""
+    tma, pointers = KERNELS["tma"].fits, KERNELS["pointers"].fits
     weight, out = torch.randn(32, 16, dtype=torch.float16), torch.empty(4, 16, dtype=torch.float16)
     rows = torch.randn(4, 16, dtype=torch.float16)
-    assert tma_addressable(rows, weight, out) is rows
+    assert addressable(rows, weight, out, tma) is rows
     for unaddressable in (torch.randn(4 * 16 + 1, dtype=torch.float16)[1:].view(4, 16), torch.randn(16, 4).half().T):
-        assert not tma_fits(unaddressable, weight, out)
-        copied = tma_addressable(unaddressable, weight, out)
-        assert tma_fits(copied, weight, out)
+        assert not tma(unaddressable, weight, out)
+        copied = addressable(unaddressable, weight, out, tma)
+        assert tma(copied, weight, out)
         torch.testing.assert_close(copied, unaddressable, rtol=0, atol=0)
+        assert addressable(unaddressable, weight, out, pointers) is unaddressable
 
 
 def test_the_tma_launcher_refuses_what_it_cannot_address_instead_of_running_the_other_kernel() -> None:
@@ -168,13 +171,13 @@ def test_every_configuration_of_both_kernels_compiles_for_hopper(dtype: str) -> 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from runner.accelerators.geglu_kernels import CONFIGS, pointers_kernel, settings, tma_kernel
+    from runner.accelerators.geglu_kernels import CONFIGS, LAUNCHERS, pointers_kernel, settings, tma_kernel
 
     ints = dict.fromkeys(["M", "N", "K"], "i32")
     pointers = dict.fromkeys(["x", "w", "b", "out"], f"*{dtype}") | ints
     pointers |= dict.fromkeys(["stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_om", "stride_on"], "i32")
     kernels = {"pointers": pointers_kernel, "tma": tma_kernel}
-    assert set(kernels) == set(KERNELS)
+    assert set(kernels) == set(LAUNCHERS) == set(CONFIGS) == set(KERNELS)  # names written in both modules
     for function, config in [(kernels[kernel], config) for kernel in KERNELS for config in CONFIGS[kernel]]:
         meta = settings(*config)
         options = {"num_stages": meta.pop("num_stages"), "num_warps": meta.pop("num_warps")}

@@ -36,6 +36,7 @@ the kernel lost, to diffusers' two passes. Still in no accelerator: 512 px with 
 ``tma`` kernel needs a Hopper GPU.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,36 @@ from runner.accelerators import Accelerator, Target, named_like
 from runner.config import ConfigError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-KERNELS = ("pointers", "tma")  # runner/accelerators/geglu_kernels.py
+
+
+def tma_fits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether Hopper's TMA can address these tensors for the tma kernel: rows contiguous, their starts (and the
+    weight's second half's) 16-byte aligned."""
+    return (
+        all(
+            tensor.stride(-1) == 1
+            and (tensor.stride(0) * tensor.element_size()) % 16 == 0
+            and tensor.data_ptr() % 16 == 0
+            for tensor in (x, weight, out)
+        )
+        and (weight.shape[0] // 2 * weight.stride(0) * weight.element_size()) % 16 == 0
+    )
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a kernel needs of the GPU and of its tensors, checked before it runs instead of failing inside it."""
+
+    capability: tuple[int, int] = (0, 0)  # the oldest GPU it runs on
+    hardware: str = ""  # what that GPU has, for the refusal
+    fits: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool] | None = None  # the tensors it can read
+
+
+# The kernels (runner/accelerators/geglu_kernels.py, where Triton is imported) and what each needs.
+KERNELS = {
+    "pointers": Needs(),
+    "tma": Needs((9, 0), "Hopper's tensor memory accelerator", tma_fits),
+}
 
 
 def geglu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,9 +98,7 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vari
 
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(rows.shape[0], weight.shape[0] // 2, device=x.device, dtype=x.dtype)
-    if variant == "tma":
-        rows = tma_addressable(rows, weight, out)
-    launch(rows, weight, bias, out, variant)
+    launch(addressable(rows, weight, out, KERNELS[variant].fits), weight, bias, out, variant)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -79,25 +107,11 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, variant:
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
 
 
-def tma_fits(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether Hopper's TMA can address these tensors for the tma kernel: rows contiguous, their starts (and the
-    weight's second half's) 16-byte aligned."""
-    return (
-        all(
-            tensor.stride(-1) == 1
-            and (tensor.stride(0) * tensor.element_size()) % 16 == 0
-            and tensor.data_ptr() % 16 == 0
-            for tensor in (x, weight, out)
-        )
-        and (weight.shape[0] // 2 * weight.stride(0) * weight.element_size()) % 16 == 0
-    )
-
-
-def tma_addressable(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``rows`` as the tma kernel can read them: as they are, or copied into rows of their own where they are
-    not (a view starting mid-row, strided): the run named tma then times the tma kernel and the copy, not the
-    other kernel (the weight and ``out`` fit: checked when applied, made by the operator)."""
-    if tma_fits(rows, weight, out):
+def addressable(rows: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, fits: Callable | None) -> torch.Tensor:
+    """``rows`` as a kernel that reads only what ``fits`` can read them: as they are, or copied into rows of their
+    own (a view starting mid-row, strided), so that the run names the kernel it timed, with the copy (the weight
+    and ``out`` fit: checked when applied, made by the operator)."""
+    if fits is None or fits(rows, weight, out):
         return rows
     return rows.clone(memory_format=torch.contiguous_format)
 
@@ -127,12 +141,13 @@ class FusedGegluAccelerator(Accelerator):
             )
         if device.type != "cuda":
             return  # diffusers' arithmetic: nothing to import
-        if self.kernel == "tma" and torch.cuda.get_device_capability(device) < (9, 0):
-            name, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        needs, capability = KERNELS[self.kernel], torch.cuda.get_device_capability(device)
+        if capability < needs.capability:
+            oldest = ".".join(map(str, needs.capability))
             raise ConfigError(
-                f"accelerator.kernel=tma needs Hopper's tensor memory accelerator (compute capability 9.0 or newer); "
-                f"{name} has {'.'.join(map(str, capability))}: use kernel=pointers, or an accelerator without "
-                "FusedGegluAccelerator among its parts, e.g. accelerator=compile_graph_fast"
+                f"accelerator.kernel={self.kernel} needs {needs.hardware} (compute capability {oldest} or newer); "
+                f"{torch.cuda.get_device_name(device)} has {'.'.join(map(str, capability))}: use kernel=pointers, "
+                "or an accelerator without FusedGegluAccelerator among its parts, e.g. accelerator=compile_graph_fast"
             )
         try:
             import triton  # noqa: F401
@@ -156,11 +171,11 @@ class FusedGegluAccelerator(Accelerator):
                     f"fused_geglu: a GEGLU's projection is a {type(layer.proj).__name__}, not a torch.nn.Linear; "
                     "put FusedGegluAccelerator before the part that replaced it (fp8), or leave it out"
                 )
-            if self.kernel == "tma" and not self._tma_fits(layer, target.dtype):  # else it fails in the first call
+            if not self._fits(layer, target.dtype):  # else it fails in the first call
                 raise ConfigError(
-                    f"accelerator.kernel=tma: Hopper's TMA cannot address a GEGLU's rows of {layer.proj.in_features} "
-                    f"inputs and {layer.proj.out_features // 2} outputs in {target.dtype} (each must be a multiple of "
-                    "16 bytes, the weight contiguous); use kernel=pointers"
+                    f"accelerator.kernel={self.kernel}: {KERNELS[self.kernel].hardware} cannot address a GEGLU's rows "
+                    f"of {layer.proj.in_features} inputs and {layer.proj.out_features // 2} outputs in {target.dtype} "
+                    "(each must be a multiple of 16 bytes, the weight contiguous); use kernel=pointers"
                 )
             # One class per kernel and threshold: they compile differently (precompile's key tells them apart).
             members = {"forward": fused_forward, "geglu_kernel": self.kernel, "geglu_min_rows": self.min_rows}
@@ -170,14 +185,14 @@ class FusedGegluAccelerator(Accelerator):
     def _how(self) -> str:
         return self.kernel + (f", {self.min_rows} rows or more" if self.min_rows else "")
 
-    @staticmethod
-    def _tma_fits(layer: GEGLU, dtype: torch.dtype) -> bool:
-        """Whether the tma kernel can run this layer in ``dtype`` (the input and output as the operator makes them:
+    def _fits(self, layer: GEGLU, dtype: torch.dtype) -> bool:
+        """Whether the kernel can run this layer in ``dtype`` (the input and output as the operator makes them:
         rows of the layer's widths)."""
+        fits = KERNELS[self.kernel].fits
         weight = layer.proj.weight.to(dtype)
         x = torch.empty(1, weight.shape[1], dtype=dtype, device="meta")
         out = torch.empty(1, weight.shape[0] // 2, dtype=dtype, device="meta")
-        return tma_fits(x, weight, out)
+        return fits is None or fits(x, weight, out)
 
     def tags(self) -> dict[str, str]:
         return {"fused_geglu": f"{self.fused} ({self._how()})"} if hasattr(self, "fused") else {}

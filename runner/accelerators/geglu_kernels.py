@@ -77,6 +77,7 @@ def _launch_tma(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, **config: int
 ) -> None:
     if not tma_fits(x, weight, out):  # fused_geglu refuses such weights when applied and copies such inputs
+        # (its KERNELS["tma"].fits)
         raise ValueError(
             f"the tma kernel cannot address these tensors (strides {x.stride()}, {weight.stride()}, {out.stride()}; "
             "each row's start must be 16-byte aligned): copy them with .contiguous() or use the pointers kernel"
@@ -198,7 +199,7 @@ def configs(kernel: str, **extra: Any) -> list:
     return tuned
 
 
-LAUNCHERS = {"pointers": _launch_pointers, "tma": _launch_tma}
+LAUNCHERS = {"pointers": _launch_pointers, "tma": _launch_tma}  # fused_geglu.KERNELS's names (a test checks)
 # Each kernel autotuned, and as it is (for given block sizes).
 KERNELS = {
     "pointers": (triton.autotune(configs("pointers"), key=["M", "N", "K"])(pointers_kernel), pointers_kernel),
