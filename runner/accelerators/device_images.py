@@ -15,8 +15,9 @@ steps"). Part of ``compile_graph_fast``, ``fp8_compile`` and ``deepcache_compile
 
 The input image of image-to-image goes the other way in diffusers: widened to float32 in NumPy on the host
 (divided by 255, then ``2x - 1``), then sent to the GPU with a copy that waits for everything queued before it
-(the prompt's encoding): 11.8 ms of host time for a 1024 px image on this project's CPU machine (2.1 ms at
-512 px), while the GPU has nothing queued after the text encoders. Here the 8-bit pixels go to the device
+(the prompt's encoding): 15.4 ms of host time for a 1024 px image on this project's CPU machine (3.3 ms at
+512 px; BENCHMARKS.md, "image-to-image's input image on the device"), while the GPU has nothing queued after the
+text encoders. Here the 8-bit pixels go to the device
 from pinned memory without waiting, a quarter of the bytes, and each becomes the float32 value that diffusers'
 own arithmetic gives its 8-bit value (a table of 256 made by diffusers' own functions, looked up on the
 device): the same tensor, value for value and stride for stride. Only PIL images that diffusers would not
