@@ -48,16 +48,21 @@ def float_conversions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return conversions
 
 
-def accelerated(pipe: DiffusionPipeline, tmp_path: Path, device: torch.device = CPU) -> DiffusionPipeline:
-    build_accelerator(DEVICE_IMAGES).apply(pipe, Target("unet", device, torch.float32, tmp_path, "tiny"))
+def accelerated(
+    pipe: DiffusionPipeline, tmp_path: Path, device: torch.device = CPU, options: dict | None = None
+) -> DiffusionPipeline:
+    build_accelerator(DEVICE_IMAGES | (options or {})).apply(pipe, Target("unet", device, torch.float32, tmp_path, "t"))
     return pipe
 
 
-def processors(tmp_path: Path, device: torch.device = CPU, **config: bool) -> tuple[VaeImageProcessor, ...]:
-    """Diffusers' image processor, and one as device_images leaves it."""
+def processors(
+    tmp_path: Path, device: torch.device = CPU, options: dict | None = None, **config: bool
+) -> tuple[VaeImageProcessor, VaeImageProcessor]:
+    """Diffusers' image processor, and one as device_images (with ``options``) leaves it."""
     pipe = DiffusionPipeline()
     pipe.register_modules(image_processor=VaeImageProcessor(vae_scale_factor=8, **config))
-    return VaeImageProcessor(vae_scale_factor=8, **config), accelerated(pipe, tmp_path, device).image_processor
+    ours = accelerated(pipe, tmp_path, device, options).image_processor
+    return VaeImageProcessor(vae_scale_factor=8, **config), ours
 
 
 def every_value(height: int, width: int, seed: int = 0) -> Image.Image:
@@ -79,10 +84,7 @@ def test_the_same_pixels_as_diffusers(tmp_path: Path, dtype: torch.dtype, numpy_
     generator = torch.Generator().manual_seed(0)
     decoded = (torch.rand(2, 3, 96, 96, generator=generator) * 2.4 - 1.2).to(dtype)
     boundaries = ((torch.arange(256 * 9, dtype=torch.float64) / 9 + 0.5) / 255 * 2 - 1).reshape(1, 3, 24, 32)
-    stock = VaeImageProcessor(vae_scale_factor=8)
-    pipe = DiffusionPipeline()
-    pipe.register_modules(image_processor=VaeImageProcessor(vae_scale_factor=8))
-    ours = accelerated(pipe, tmp_path).image_processor
+    stock, ours = processors(tmp_path)
     for image in (decoded, boundaries.to(dtype)):
         expected = stock.postprocess(image.clone(), output_type="pil")
         numpy_conversions.clear()
@@ -137,12 +139,7 @@ def test_the_input_image_is_diffusers_own_tensor_without_numpy_floats(
     float_conversions.clear()
     assert_same_tensor(ours.preprocess(every_value(64, 48), height=64, width=48), expected)  # its own size asked for
     assert float_conversions == []
-    pipe = DiffusionPipeline()
-    pipe.register_modules(image_processor=VaeImageProcessor(vae_scale_factor=8, **config))
-    build_accelerator(DEVICE_IMAGES | {"input_image": False}).apply(
-        pipe, Target("unet", CPU, torch.float32, tmp_path, "t")
-    )
-    pipe.image_processor.preprocess(every_value(64, 48))
+    processors(tmp_path, options={"input_image": False}, **config)[1].preprocess(every_value(64, 48))
     assert float_conversions == [1]  # diffusers' own, to time against
 
 
@@ -181,10 +178,8 @@ def test_a_pipeline_without_diffusers_image_processor_is_refused(tmp_path: Path)
 def test_the_same_pixels_from_a_gpu(tmp_path: Path, dtype: torch.dtype) -> None:
     """The arithmetic on the GPU, against diffusers' in NumPy."""
     decoded = (torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 2.4 - 1.2).to("cuda", dtype)
-    pipe = DiffusionPipeline()
-    pipe.register_modules(image_processor=VaeImageProcessor(vae_scale_factor=8))
-    got = accelerated(pipe, tmp_path).image_processor.postprocess(decoded, output_type="pil")
-    expected = VaeImageProcessor(vae_scale_factor=8).postprocess(decoded, output_type="pil")
+    stock, ours = processors(tmp_path, torch.device("cuda"))
+    got, expected = ours.postprocess(decoded, output_type="pil"), stock.postprocess(decoded, output_type="pil")
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(expected[0]))
 
 
