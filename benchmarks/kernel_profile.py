@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_profile.py OUT model=sdxl_base model.weights=random res=1024 \\
         accelerator=compile_graph
+    python benchmarks/kernel_profile.py --trace OUT.trace.json.gz    # an earlier profile's tables, read again
 
 Takes the job's overrides like ``python -m runner``; builds the pipeline, applies the accelerator and warms up
 as the runner does (cfg.warmup calls, unpinned), times ``cfg.runs`` calls with the runner's clock, then
@@ -9,13 +10,15 @@ records one more call with torch's profiler. Each denoiser call is marked as a r
 in a phase: before the first step (text encoders, for image-to-image the VAE encoder), inside a denoiser
 step, between steps (the scheduler and the guidance arithmetic), after the last step (the VAE decoder). And
 in a kind: matrix products, float8 ones, convolutions, attention, inductor's fused Triton kernels, norms,
-copies, other. And the host's time before the first step, where the GPU has little to do and waits for it:
-how much of it the host spent inside torch's operations, and how much waiting for the GPU in synchronisations
-(a blocking copy between host and GPU waits for all the work queued before it), by the operation that waited.
-A second profiled call records Python's functions too (``with_stack``), which slows the host, to say which
-functions the host's time before the first step went to. Writes OUT.json (the tables below, the calls' phases,
-the GPU's busy and idle time, the Python functions), OUT.trace.json.gz and OUT.python.trace.json.gz (the
-profiler's Chrome traces: chrome://tracing or ui.perfetto.dev), and prints the tables.
+copies, other. And where the GPU sat idle: the gaps between its operations by what came before and after
+each (kernel, memset, copy), and the kernels that memsets precede. And the host's time before the first
+step, where the GPU has little to do and waits for it: how much of it the host spent inside torch's
+operations, and how much waiting for the GPU in synchronisations (a blocking copy between host and GPU waits
+for all the work queued before it), by the operation that waited. A second profiled call records Python's
+functions too (``with_stack``), which slows the host, to say which functions the host's time before the first
+step went to. Writes OUT.json (the tables below, the calls' phases, the GPU's busy and idle time, the Python
+functions), OUT.trace.json.gz and OUT.python.trace.json.gz (the profiler's Chrome traces: chrome://tracing or
+ui.perfetto.dev), and prints the tables.
 """
 
 import gzip
@@ -101,6 +104,42 @@ def breakdown(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
         "busiest_kernels": [
             {"name": name[:120], "kind": kind(name), "ms": ms, "count": count} for name, (ms, count) in busiest
         ],
+    }
+
+
+OPERATIONS = {"kernel": "kernel", "gpu_memset": "memset", "gpu_memcpy": "copy"}
+
+
+def idle_between(events: list[dict[str, Any]], top: int = 5) -> dict[str, Any]:
+    """Where the GPU's idle time sits: each gap between one GPU operation's end (the latest end so far, as streams
+    may overlap) and the next one's start, put by what came before and after it (kernel, memset, copy). Inside a
+    CUDA graph the launches cost nothing on the host, so these gaps are the GPU's own time between nodes. Also
+    the memsets: how many, their sizes, and the ``top`` kernels that follow them (a library that zeroes a
+    counter before each of its kernels puts a memset node in front of every launch)."""
+    operations = sorted((e for e in events if e.get("cat") in OPERATIONS and e.get("ph") == "X"), key=lambda e: e["ts"])
+    idle: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    reach, previous = float("-inf"), None
+    for operation in operations:
+        gap = operation["ts"] - reach
+        if previous is not None and gap > 0:
+            entry = idle[f"{OPERATIONS[previous['cat']]} → {OPERATIONS[operation['cat']]}"]
+            entry[0] += 1
+            entry[1] += gap / 1e3
+        reach, previous = max(reach, operation["ts"] + operation["dur"]), operation
+    memsets: dict[int, int] = defaultdict(int)
+    followed_by: dict[str, int] = defaultdict(int)
+    for index, operation in enumerate(operations):
+        if operation["cat"] == "gpu_memset":
+            memsets[operation.get("args", {}).get("bytes", -1)] += 1
+            if index + 1 < len(operations):
+                followed_by[operations[index + 1]["name"][:120]] += 1
+    return {
+        "idle_by_neighbours": [
+            {"between": name, "gaps": count, "ms": ms, "mean_us": 1e3 * ms / count}
+            for name, (count, ms) in sorted(idle.items(), key=lambda item: -item[1][1])
+        ],
+        "memsets_by_bytes": dict(sorted(memsets.items())),
+        "memsets_followed_by": dict(sorted(followed_by.items(), key=lambda item: -item[1])[:top]),
     }
 
 
@@ -222,6 +261,7 @@ def main(out: Path, overrides: list[str]) -> None:
         "calls": calls,
         "mean_latency_s": sum(call["latency_s"] for call in calls) / len(calls),
         **breakdown(events),
+        **idle_between(events),
         "host_before_first_step": host_before_first_step(events),
         "python_before_first_step": python,
     }
@@ -242,6 +282,33 @@ def main(out: Path, overrides: list[str]) -> None:
         print(f"the same, Python's functions traced ({python['ms']:.1f} ms), the longest:")
         print("\n".join(f"  {ms:8.3f} ms  {name}" for name, ms in list(python["functions_ms"].items())[:25]))
     print(table(result))
+    print(idle_table(result))
+
+
+def idle_table(result: dict[str, Any]) -> str:
+    lines = ["| idle between | gaps | ms | µs a gap |", "|---|---:|---:|---:|"]
+    lines += [
+        f"| {row['between']} | {row['gaps']} | {row['ms']:.2f} | {row['mean_us']:.2f} |"
+        for row in result["idle_by_neighbours"]
+    ]
+    sizes = ", ".join(f"{count} of {size} B" for size, count in result["memsets_by_bytes"].items())
+    lines.append(f"memsets: {sizes or 'none'}; the kernels after them:")
+    lines += [f"  {count:6d}  {name}" for name, count in result["memsets_followed_by"].items()]
+    return "\n".join(lines)
+
+
+def read_trace(trace: Path) -> None:
+    """``--trace OUT.trace.json.gz``: the kernel tables of a trace this script wrote before, read again (a
+    reading added since can be applied to an older profile)."""
+    with gzip.open(trace, "rt") as packed:
+        events = json.load(packed)
+    result = {**breakdown(events), **idle_between(events)}
+    print(
+        f"{trace.name}: GPU span {result['gpu_span_ms']:.1f} ms, busy {result['gpu_busy_ms']:.1f}, idle "
+        f"{result['gpu_idle_ms']:.1f}; {result['kernels']} operations; {result['steps_seen']} steps seen"
+    )
+    print(table(result))
+    print(idle_table(result))
 
 
 def exported(profiler: torch.profiler.profile, trace: Path) -> list[dict[str, Any]]:
@@ -255,4 +322,7 @@ def exported(profiler: torch.profiler.profile, trace: Path) -> list[dict[str, An
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    if sys.argv[1] == "--trace":
+        read_trace(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]), sys.argv[2:])

@@ -359,6 +359,37 @@ def test_kernel_breakdown_puts_each_kernel_in_its_phase_and_kind() -> None:
     }
 
 
+def test_idle_time_is_put_between_the_operations_around_it() -> None:
+    """benchmarks/kernel_profile.py's idle reading: each gap by what came before and after it, overlapping
+    operations leaving none, and the kernels the memsets came before."""
+    from kernel_profile import idle_between
+
+    def op(cat: str, name: str, ts: float, dur: float, **args) -> dict:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+    events = [
+        op("kernel", "gemm", 0, 10),
+        op("gpu_memset", "Memset (Device)", 11, 1, bytes=4),  # 1 us after the kernel
+        op("kernel", "cudnn_sdpa", 15, 10),  # 3 us after the memset
+        op("gpu_memset", "Memset (Device)", 26, 1, bytes=4),
+        op("kernel", "cudnn_sdpa", 30, 5),
+        op("gpu_memcpy", "Memcpy DtoD", 32, 6),  # overlaps the kernel: no gap
+        op("kernel", "triton_poi_fused_add_0", 40, 2),  # 2 us after the copy's end
+        op("kernel", "gemm", 42.5, 1),
+        op("cpu_op", "aten::mm", 0, 50),  # not on the GPU
+    ]
+    result = idle_between(events)
+    assert {row["between"]: (row["gaps"], row["ms"]) for row in result["idle_by_neighbours"]} == {
+        "memset → kernel": (2, pytest.approx(0.006)),
+        "kernel → memset": (2, pytest.approx(0.002)),
+        "copy → kernel": (1, pytest.approx(0.002)),
+        "kernel → kernel": (1, pytest.approx(0.0005)),
+    }
+    assert result["idle_by_neighbours"][0]["mean_us"] == pytest.approx(3.0)
+    assert result["memsets_by_bytes"] == {4: 2}
+    assert result["memsets_followed_by"] == {"cudnn_sdpa": 2}
+
+
 def test_host_before_first_step_says_where_the_host_waited_for_the_gpu() -> None:
     """benchmarks/kernel_profile.py's reading of the host's side before the first step, on events written here:
     outermost operations counted once, each synchronisation put in the operation it happened in."""
