@@ -7,7 +7,7 @@
 # are not run again (the runner resumes), so its table is the whole size's, each run against its own
 # sweep's none. The MLflow database stays on the machine between calls of one start (mlruns/ is ignored).
 # Everything comes back packed in $OUT/table.tgz, the MLflow database beside it; the folder packed is kept
-# between calls too, so each call's archive holds the start's logs so far.
+# between calls too, so each call's archive holds the start's logs so far (and only that start's).
 set -uo pipefail
 # Every accelerator but onediff (no build for this stack), the quick ones and the slowest compile last.
 ALL=none,cuda_graph,deepcache,deepcache_graph,fp8,compile_graph,compile_graph_fast,fp8_compile,deepcache_compile,torch_compile
@@ -17,7 +17,9 @@ for file in conf/accelerator/*.yaml; do
 done
 final=${OUT:-/tmp/bench-out}
 budget=${BUDGET:-570}
-export OUT=/tmp/table-work
+# One folder per machine start (its boot id): a later start on a machine that kept /tmp packs only its own logs
+# (on 2026-12-03 a start's archive held the 1024 px logs of an earlier start, on another GPU).
+export OUT=/tmp/table-work/$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo this-start)
 mkdir -p "$OUT" "$final"
 for step in "$@"; do
   res=${step%%:*} accelerators=${step#*:}
