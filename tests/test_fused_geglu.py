@@ -1,6 +1,7 @@
 """fused_geglu: SDXL's GEGLU feed-forward as one custom operator (one Triton kernel on a GPU), diffusers' own
 arithmetic on a CPU; traceable by torch.compile; refused in one line where it cannot stand."""
 
+import sys
 import types
 from pathlib import Path
 
@@ -134,7 +135,9 @@ def test_refused_without_a_geglu_or_after_its_projection_was_replaced(
     layer.proj = torch.nn.Identity()  # as float8's layers replace it
     with pytest.raises(ConfigError, match=r"projection is a Identity, not a torch.nn.Linear; put FusedGeglu"):
         build_accelerator(FUSED).apply(types.SimpleNamespace(unet=layer), target(tmp_path))
-    with pytest.raises(ConfigError, match=r"^accelerator.kernel=wgmma: fused_geglu's kernels are pointers, tma$"):
+    with pytest.raises(
+        ConfigError, match=r"^accelerator.kernel=wgmma: fused_geglu's kernels are pointers, tma, or auto$"
+    ):
         build_accelerator(FUSED | {"kernel": "wgmma"}).check(CPU)
     # Rows TMA cannot address would run the pointers kernel under tma's name: refused, naming the fix.
     narrow = types.SimpleNamespace(unet=GEGLU(12, 16))  # 12 float16 inputs: 24 bytes, not a multiple of 16
@@ -151,11 +154,52 @@ def test_refused_without_a_geglu_or_after_its_projection_was_replaced(
         build_accelerator(FUSED | {"kernel": "tma"}).check(torch.device("cuda"))
     assert str(raised.value) == (
         "accelerator.kernel=tma needs Hopper's tensor memory accelerator (compute capability 9.0 or newer); "
-        "NVIDIA A100-SXM4-80GB has 8.0: use kernel=pointers, or an accelerator without FusedGegluAccelerator "
-        "among its parts, e.g. accelerator=compile_graph_fast"
+        "NVIDIA A100-SXM4-80GB has 8.0: use kernel=pointers, or kernel=auto, which leaves diffusers' GEGLU there "
+        "(as accelerator=compile_graph_fast does)"
     )
     fits = types.SimpleNamespace(unet=GEGLU(16, 16))
     build_accelerator(FUSED | {"kernel": "tma"}).apply(fits, target(tmp_path, dtype=torch.float16))
+
+
+@pytest.mark.parametrize(
+    ("device", "capability", "tag"),
+    [
+        ("cuda", (9, 0), "2 (tma, 1024 rows or more)"),
+        (
+            "cuda",
+            (10, 0),
+            "none: kernel=auto runs the tma kernel on Hopper GPUs only, where it was measured faster; "
+            "not on NVIDIA B200 (compute capability 10.0)",
+        ),
+        (
+            "cuda",
+            (8, 0),
+            "none: kernel=auto runs the tma kernel on Hopper GPUs only, where it was measured faster; "
+            "not on NVIDIA A100-SXM4-80GB (compute capability 8.0)",
+        ),
+        (
+            "cpu",
+            None,
+            "none: kernel=auto runs the tma kernel on Hopper GPUs only, where it was measured faster; not on the cpu",
+        ),
+    ],
+)
+def test_auto_runs_the_tma_kernel_on_hopper_only_and_leaves_diffusers_geglu_elsewhere(
+    device: str, capability: tuple[int, int] | None, tag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compile_graph_fast's choice: the kernel where it was measured faster (an H200), diffusers' GEGLU on every
+    other device, with nothing to refuse there; the run's tag says which."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    names = {(9, 0): "NVIDIA H200", (10, 0): "NVIDIA B200", (8, 0): "NVIDIA A100-SXM4-80GB"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[capability])
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))  # check imports it for the kernel
+    unet = torch.nn.Sequential(GEGLU(16, 16), GEGLU(32, 16))
+    accelerator = build_accelerator(FUSED | {"kernel": "auto", "min_rows": 1024})
+    accelerator.check(torch.device(device))
+    accelerator.apply(types.SimpleNamespace(unet=unet), target(tmp_path, torch.device(device), torch.float16))
+    assert accelerator.tags() == {"fused_geglu": tag}
+    swapped = [type(layer).forward is not GEGLU.forward for layer in unet]
+    assert swapped == [capability == (9, 0)] * 2
 
 
 HOPPER_SHARED_MEMORY = 232_448  # bytes a block may use on an H100 or H200 (227 KiB)

@@ -124,30 +124,54 @@ def fused_forward(self: GEGLU, hidden_states: torch.Tensor, *args: Any, **kwargs
     return torch.ops.runner.geglu(hidden_states, self.proj.weight, self.proj.bias, self.geglu_kernel)
 
 
+# What kernel=auto runs: the kernel on the GPUs where it was measured faster than diffusers' two passes in a
+# call, by their major compute capability (9: Hopper; BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
+# Elsewhere the part leaves every GEGLU to diffusers and says so in its tag.
+AUTO = {9: "tma"}
+
+
+def chosen(kernel: str, device: torch.device) -> tuple[str | None, str]:
+    """The kernel the option ``kernel`` runs on ``device`` (None: diffusers' own GEGLU) and, where auto steps
+    aside, why."""
+    if kernel != "auto":
+        return kernel, ""
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability[0] in AUTO:
+            return AUTO[capability[0]], ""
+        where = f"{torch.cuda.get_device_name(device)} (compute capability {'.'.join(map(str, capability))})"
+    else:
+        where = f"the {device.type}"
+    return None, f"kernel=auto runs the tma kernel on Hopper GPUs only, where it was measured faster; not on {where}"
+
+
 @dataclass
 class FusedGegluAccelerator(Accelerator):
-    kernel: str = "pointers"  # or tma (runner/accelerators/geglu_kernels.py)
+    kernel: str = "pointers"  # tma, or auto: tma on Hopper GPUs, elsewhere diffusers' GEGLU (AUTO)
     # Products of fewer rows (tokens x batch) than this run diffusers' two passes: on an H200 the tma kernel lost
     # to them at 512 px's 512 rows and beat them at 2,048 and more (BENCHMARKS.md, "the tma kernel beside
     # compile_graph_fast").
     min_rows: int = 0
 
     def check(self, device: torch.device) -> None:
-        if self.kernel not in KERNELS:
-            raise ConfigError(f"accelerator.kernel={self.kernel}: fused_geglu's kernels are {', '.join(KERNELS)}")
+        if self.kernel not in (*KERNELS, "auto"):
+            raise ConfigError(
+                f"accelerator.kernel={self.kernel}: fused_geglu's kernels are {', '.join(KERNELS)}, or auto"
+            )
         if self.min_rows < 0:
             raise ConfigError(
                 f"accelerator.min_rows={self.min_rows}: must be 0 or more (0: the kernel for every product)"
             )
-        if device.type != "cuda":
+        kernel, _ = chosen(self.kernel, device)
+        if device.type != "cuda" or kernel is None:
             return  # diffusers' arithmetic: nothing to import
-        needs, capability = KERNELS[self.kernel], torch.cuda.get_device_capability(device)
+        needs, capability = KERNELS[kernel], torch.cuda.get_device_capability(device)
         if capability < needs.capability:
             oldest = ".".join(map(str, needs.capability))
             raise ConfigError(
-                f"accelerator.kernel={self.kernel} needs {needs.hardware} (compute capability {oldest} or newer); "
+                f"accelerator.kernel={kernel} needs {needs.hardware} (compute capability {oldest} or newer); "
                 f"{torch.cuda.get_device_name(device)} has {'.'.join(map(str, capability))}: use kernel=pointers, "
-                "or an accelerator without FusedGegluAccelerator among its parts, e.g. accelerator=compile_graph_fast"
+                "or kernel=auto, which leaves diffusers' GEGLU there (as accelerator=compile_graph_fast does)"
             )
         try:
             import triton  # noqa: F401
@@ -165,34 +189,44 @@ class FusedGegluAccelerator(Accelerator):
                 f"fused_geglu: {type(denoiser).__name__} has no GEGLU feed-forward to fuse; use an accelerator "
                 "without FusedGegluAccelerator among its parts, e.g. accelerator=compile_graph"
             )
+        kernel, self.aside = chosen(self.kernel, target.device)
+        self.ran, self.fused = kernel, 0
+        if kernel is None:
+            return
         for layer in layers:
             if type(layer.proj) is not torch.nn.Linear:  # e.g. float8's layer: it must come after this part
                 raise ConfigError(
                     f"fused_geglu: a GEGLU's projection is a {type(layer.proj).__name__}, not a torch.nn.Linear; "
                     "put FusedGegluAccelerator before the part that replaced it (fp8), or leave it out"
                 )
-            if not self._fits(layer, target.dtype):  # else it fails in the first call
+            if not self._fits(kernel, layer, target.dtype):  # else it fails in the first call
                 raise ConfigError(
-                    f"accelerator.kernel={self.kernel}: {KERNELS[self.kernel].hardware} cannot address a GEGLU's rows "
+                    f"accelerator.kernel={kernel}: {KERNELS[kernel].hardware} cannot address a GEGLU's rows "
                     f"of {layer.proj.in_features} inputs and {layer.proj.out_features // 2} outputs in {target.dtype} "
                     "(each must be a multiple of 16 bytes, the weight contiguous); use kernel=pointers"
                 )
+        for layer in layers:
             # One class per kernel and threshold: they compile differently (precompile's key tells them apart).
-            members = {"forward": fused_forward, "geglu_kernel": self.kernel, "geglu_min_rows": self.min_rows}
-            layer.__class__ = named_like(type(layer), f"fused_geglu {self._how()}", members)
+            members = {"forward": fused_forward, "geglu_kernel": kernel, "geglu_min_rows": self.min_rows}
+            layer.__class__ = named_like(type(layer), f"fused_geglu {self._how(kernel)}", members)
         self.fused = len(layers)
 
-    def _how(self) -> str:
-        return self.kernel + (f", {self.min_rows} rows or more" if self.min_rows else "")
+    def _how(self, kernel: str) -> str:
+        return kernel + (f", {self.min_rows} rows or more" if self.min_rows else "")
 
-    def _fits(self, layer: GEGLU, dtype: torch.dtype) -> bool:
-        """Whether the kernel can run this layer in ``dtype`` (the input and output as the operator makes them:
+    @staticmethod
+    def _fits(kernel: str, layer: GEGLU, dtype: torch.dtype) -> bool:
+        """Whether ``kernel`` can run this layer in ``dtype`` (the input and output as the operator makes them:
         rows of the layer's widths)."""
-        fits = KERNELS[self.kernel].fits
+        fits = KERNELS[kernel].fits
         weight = layer.proj.weight.to(dtype)
         x = torch.empty(1, weight.shape[1], dtype=dtype, device="meta")
         out = torch.empty(1, weight.shape[0] // 2, dtype=dtype, device="meta")
         return fits is None or fits(x, weight, out)
 
     def tags(self) -> dict[str, str]:
-        return {"fused_geglu": f"{self.fused} ({self._how()})"} if hasattr(self, "fused") else {}
+        if not hasattr(self, "fused"):
+            return {}
+        if self.aside:
+            return {"fused_geglu": f"none: {self.aside}"}
+        return {"fused_geglu": f"{self.fused} ({self._how(self.ran)})"}
