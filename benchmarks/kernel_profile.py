@@ -1,23 +1,25 @@
 """Where one pipeline call's GPU time goes, kernel by kernel: the profile issue "Faster still" asks for.
 
     python benchmarks/kernel_profile.py OUT model=sdxl_base model.weights=random res=1024 \\
-        accelerator=compile_graph
+        accelerator=compile_graph cache_dir=/tmp/bench-cache
     python benchmarks/kernel_profile.py --trace OUT.trace.json.gz    # an earlier profile's tables, read again
 
-Takes the job's overrides like ``python -m runner``; builds the pipeline, applies the accelerator and warms up
-as the runner does (cfg.warmup calls, unpinned), times ``cfg.runs`` calls with the runner's clock, then
-records one more call with torch's profiler. Each denoiser call is marked as a range, so every kernel is put
-in a phase: before the first step (text encoders, for image-to-image the VAE encoder), inside a denoiser
-step, between steps (the scheduler and the guidance arithmetic), after the last step (the VAE decoder). And
-in a kind: matrix products, float8 ones, convolutions, attention, inductor's fused Triton kernels, norms,
-copies, other. And where the GPU sat idle: the gaps between its operations by what came before and after
-each (kernel, memset, copy), and the kernels that memsets precede. And the host's time before the first
-step, where the GPU has little to do and waits for it: how much of it the host spent inside torch's
-operations, and how much waiting for the GPU in synchronisations (a blocking copy between host and GPU waits
-for all the work queued before it), by the operation that waited. A second profiled call records Python's
-functions too (``with_stack``), which slows the host, to say which functions the host's time before the first
-step went to. Writes OUT.json (the tables below, the calls' phases, the GPU's busy and idle time, the Python
-functions), OUT.trace.json.gz and OUT.python.trace.json.gz (the profiler's Chrome traces: chrome://tracing or
+Takes the job's overrides like ``python -m runner`` (``cache_dir=/tmp/bench-cache``: the compiled modules
+``benchmarks/table.sh`` keeps on the machine, so neither compiles again what the other did; a variant in
+``benchmarks/conf`` needs ``hydra.searchpath=[file://$PWD/benchmarks/conf]``); builds the pipeline, applies the
+accelerator and warms up as the runner does (cfg.warmup calls, unpinned), times ``cfg.runs`` calls with the
+runner's clock, then records one more call with torch's profiler. Each denoiser call is marked as a range, so
+every kernel is put in a phase: before the first step (text encoders, for image-to-image the VAE encoder),
+inside a denoiser step, between steps (the scheduler and the guidance arithmetic), after the last step (the VAE
+decoder). And in a kind: matrix products, float8 ones, convolutions, attention, inductor's fused Triton kernels,
+norms, copies, other. And where the GPU sat idle: the gaps between its operations by what came before and after
+each (kernel, memset, copy), and the kernels that memsets precede. And the host's time before the first step,
+where the GPU has little to do and waits for it: how much of it the host spent inside torch's operations, and
+how much waiting for the GPU in synchronisations (a blocking copy between host and GPU waits for all the work
+queued before it), by the operation that waited. A second profiled call records Python's functions too
+(``with_stack``), which slows the host, to say which functions the host's time before the first step went to.
+Writes OUT.json (the tables below, the calls' phases, the GPU's busy and idle time, the Python functions),
+OUT.trace.json.gz and OUT.python.trace.json.gz (the profiler's Chrome traces: chrome://tracing or
 ui.perfetto.dev), and prints the tables.
 """
 
