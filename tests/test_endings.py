@@ -109,15 +109,15 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
             "DeepCacheAccelerator, 1 CudaGraphAccelerator); did you mean accelerator.parts.0.interval?",
         ),
         (  # a + override too: the part must exist and take the option
-            ("accelerator=compile_graph_fast", "+accelerator.parts.8.interval=2"),
-            "accelerator.parts.8.interval: accelerator compile_graph_fast has no part 8 (its parts: 0 "
-            "VaeBf16Accelerator, 1 TorchCompileAccelerator, 2 CudaGraphAccelerator, 3 TextKeysOnceAccelerator, "
-            "4 DeviceOnceAccelerator, 5 DeviceImagesAccelerator, 6 PromptGraphAccelerator, 7 HostAheadAccelerator); "
-            "number a part from 0 to 7",
+            ("accelerator=compile_graph_fast", "+accelerator.parts.9.interval=2"),
+            "accelerator.parts.9.interval: accelerator compile_graph_fast has no part 9 (its parts: 0 "
+            "VaeBf16Accelerator, 1 FusedGegluAccelerator, 2 TorchCompileAccelerator, 3 CudaGraphAccelerator, "
+            "4 TextKeysOnceAccelerator, 5 DeviceOnceAccelerator, 6 DeviceImagesAccelerator, 7 PromptGraphAccelerator, "
+            "8 HostAheadAccelerator); number a part from 0 to 8",
         ),
         (
-            ("accelerator=compile_graph_fast", "+accelerator.parts.3.interval=2"),
-            "accelerator.parts.3.interval: part 3 of accelerator compile_graph_fast, TextKeysOnceAccelerator, "
+            ("accelerator=compile_graph_fast", "+accelerator.parts.4.interval=2"),
+            "accelerator.parts.4.interval: part 4 of accelerator compile_graph_fast, TextKeysOnceAccelerator, "
             "takes no options (conf/accelerator/compile_graph_fast.yaml)",
         ),
         (

@@ -18,22 +18,21 @@ after ``pointers`` lost. Their configurations are chosen by Triton's autotuner o
 (the runner's warmup, before any capture). Triton ships with CUDA builds of torch; where it is missing on a GPU
 machine, the part is refused with the fix.
 
-**Measured slower** with ``pointers``, so in no accelerator (the variants ``cg_fast_geglu`` and
-``cg_fast_geglu_tma`` in ``benchmarks/conf/accelerator``): on an H200 the kernel took 131.6-190.8 µs at 1024
-px's product of 8,192 rows from 640 to 2 x 2,560 columns, against 122.4 µs for cuBLAS's product and inductor's
-element-wise kernel together; 109.3-151.2 against 96.1 µs at 2,048 rows from 1,280 to 2 x 5,120; 39.3-51.2
-against 29.4-35.6 µs at 512 px (``benchmarks/geglu_kernel.py``). In ``compile_graph_fast`` at 1024 px: 1.0085 s
-a call against 0.9835 s (BENCHMARKS.md, "the GEGLU in one kernel"). To break even at 1024 px the fused kernel
-must do in one pass what the two passes do in 96.1 and 122.4 µs, running its product at 559 and 439 TFLOP/s;
-``pointers`` reached 491 and 408 (cuBLAS's Hopper kernels load through TMA in warp-specialised pipelines;
-``pointers`` does neither). ``tma`` with Triton's warp specialisation is the first to beat the two passes: 113.6
-and 92.0 µs against 123.5 and 95.4 at 1024 px's two shapes on another H200 start, 34.8 against 35.5 µs at 512 px's
-larger shape, but 35.6 against 29.2 µs at its smaller (BENCHMARKS.md, "the fused GEGLU's tma kernel on a GPU").
-In ``compile_graph_fast`` at 1024 px (``cg_fast_geglu_tma``) it took 1.0-1.6% off a call on two H200 starts
-(0.9547-0.9555 s against 0.9645-0.9659 s in both orders on one), the same images, and at 512 px it added 4.8%
-(BENCHMARKS.md, "the tma kernel beside compile_graph_fast"): ``min_rows`` leaves products of fewer rows, where
-the kernel lost, to diffusers' two passes. Still in no accelerator: 512 px with ``min_rows`` is untimed, and the
-``tma`` kernel needs a Hopper GPU.
+**Measured slower** with ``pointers``, so in no accelerator (the variant ``cg_fast_geglu`` in
+``benchmarks/conf/accelerator``): on an H200 the kernel took 131.6-190.8 µs at 1024 px's product of 8,192 rows
+from 640 to 2 x 2,560 columns, against 122.4 µs for cuBLAS's product and inductor's element-wise kernel
+together; 109.3-151.2 against 96.1 µs at 2,048 rows from 1,280 to 2 x 5,120; 39.3-51.2 against 29.4-35.6 µs at
+512 px (``benchmarks/geglu_kernel.py``). In ``compile_graph_fast`` at 1024 px: 1.0085 s a call against 0.9835 s
+(BENCHMARKS.md, "the GEGLU in one kernel"). ``pointers`` ran its product at 491 and 408 TFLOP/s where breaking
+even needed 559 and 439 (cuBLAS's Hopper kernels load through TMA in warp-specialised pipelines; ``pointers``
+does neither). ``tma`` with Triton's warp specialisation is the first to beat the two passes: 113.6 and 92.0 µs
+against 123.5 and 95.4 at 1024 px's two shapes on another H200 start, 34.8 against 35.5 µs at 512 px's larger
+shape, but 35.6 against 29.2 µs at its smaller (BENCHMARKS.md, "the fused GEGLU's tma kernel on a GPU"). In
+``compile_graph_fast`` at 1024 px it took 1.0-1.6% off a call on three H200 starts, the same images, most of it
+the memsets and gaps of the product it replaces; at 512 px, with products of fewer than ``min_rows`` (1,024) rows
+left to diffusers' two passes, the same time (BENCHMARKS.md, "the tma kernel beside compile_graph_fast", "the
+fused GEGLU in compile_graph_fast"). So ``compile_graph_fast`` holds it with ``kernel=auto``: ``tma`` on Hopper
+GPUs, where it was measured, and diffusers' GEGLU on every other device, where nothing was.
 """
 
 from collections.abc import Callable
