@@ -6,9 +6,17 @@ A kernel profile of `compile_graph_fast` at 1024 px on an H200 (BENCHMARKS.md, "
 first products, each a kernel boundary of its own inside the graph. This asks, op by op, at 1024 px's shapes
 (batch 2 for guidance), where they come from and what removing them would save.
 
-    python benchmarks/memsets.py OUT.json
+    python benchmarks/memsets.py OUT.json           # the products and attentions
+    python benchmarks/memsets.py OUT.json nodes     # what a memset node costs between two kernels, and the rest
+
+A later profile ("the fused GEGLU in compile_graph_fast") put about 5 µs of idle GPU around each of those
+memsets against 0.5 µs between two kernels. ``nodes`` asks what would take that away, before anything rewrites
+the runner's graphs: the same product replayed with nothing after it, with a 4-byte memset after it (as cuDNN
+issues one), with a kernel writing those 4 bytes instead (what a rewritten graph could hold), and with the
+memset on a second stream beside the product (off the path from one kernel to the next).
 """
 
+import ctypes
 import json
 import statistics
 import sys
@@ -99,7 +107,45 @@ def attentions() -> list[dict]:
     return rows
 
 
-def main(out: str) -> None:
+def between_kernels() -> list[dict]:
+    """One product (2,048 x 1,280 x 1,280: a cross-attention's size at 1024 px) replayed ``REPEATS`` times in a
+    graph with each thing in ``between`` after it; a thing's cost is its graph's time a product less the bare one's."""
+    driver = ctypes.CDLL("libcuda.so.1")
+    driver.cuMemsetD32Async.argtypes = [ctypes.c_uint64, ctypes.c_uint, ctypes.c_size_t, ctypes.c_void_p]
+    x = torch.randn(2048, 1280, device="cuda", dtype=torch.float16)
+    w = torch.randn(1280, 1280, device="cuda", dtype=torch.float16) / 1280**0.5
+    word = torch.ones(1, device="cuda", dtype=torch.int32)
+    side = torch.cuda.Stream()
+
+    def memset() -> None:  # a memset node, as cudaMemsetAsync puts one in a graph
+        stream = torch.cuda.current_stream().cuda_stream
+        if driver.cuMemsetD32Async(word.data_ptr(), 0, 1, stream) != 0:
+            raise RuntimeError("cuMemsetD32Async failed")
+
+    def memset_beside() -> None:  # forked onto a second stream before the product, joined after it
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            memset()
+        F.linear(x, w)
+        torch.cuda.current_stream().wait_stream(side)
+
+    between = {
+        "nothing": lambda: F.linear(x, w),
+        "a 4-byte memset": lambda: (F.linear(x, w), memset()),
+        "a kernel writing 4 bytes": lambda: (F.linear(x, w), word.zero_()),
+        "a 4-byte memset beside the product": memset_beside,
+    }
+    rows = []
+    for name, op in between.items():
+        row = measure(op) | {"op": "product, then", "setting": name}
+        rows.append(row)
+    for row in rows:
+        row["us_more_than_nothing"] = round(row["us"] - rows[0]["us"], 2)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def settings_and_backends() -> list[dict]:
     rows = products("default")
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     rows += products("no fp16 reduced-precision reduction")
@@ -107,11 +153,15 @@ def main(out: str) -> None:
     torch.backends.cuda.preferred_blas_library("cublaslt")
     rows += products("cublaslt preferred")
     torch.backends.cuda.preferred_blas_library("cublas")
-    rows += attentions()
+    return rows + attentions()
+
+
+def main(out: str, part: str = "") -> None:
+    rows = between_kernels() if part == "nodes" else settings_and_backends()
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     with open(out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), **versions, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])
