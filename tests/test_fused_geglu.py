@@ -200,6 +200,15 @@ def test_auto_runs_the_tma_kernel_on_hopper_only_and_leaves_diffusers_geglu_else
     assert accelerator.tags() == {"fused_geglu": tag}
     swapped = [type(layer).forward is not GEGLU.forward for layer in unet]
     assert swapped == [capability == (9, 0)] * 2
+    # Rows TMA cannot address (kernel=tma refuses them): auto leaves diffusers' GEGLU there too.
+    narrow = torch.nn.Sequential(GEGLU(16, 16), GEGLU(12, 16))  # 12 float16 inputs: 24 bytes
+    accelerator.apply(types.SimpleNamespace(unet=narrow), target(tmp_path, torch.device(device), torch.float16))
+    assert all(type(layer).forward is GEGLU.forward for layer in narrow)
+    if capability == (9, 0):
+        assert accelerator.tags() == {
+            "fused_geglu": "none: kernel=auto: Hopper's tensor memory accelerator cannot address a GEGLU's rows "
+            "of 12 inputs and 16 outputs in torch.float16"
+        }
 
 
 HOPPER_SHARED_MEMORY = 232_448  # bytes a block may use on an H100 or H200 (227 KiB)

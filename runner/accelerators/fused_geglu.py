@@ -125,7 +125,8 @@ def fused_forward(self: GEGLU, hidden_states: torch.Tensor, *args: Any, **kwargs
 
 # What kernel=auto runs: the kernel on the GPUs where it was measured faster than diffusers' two passes in a
 # call, by their major compute capability (9: Hopper; BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
-# Elsewhere the part leaves every GEGLU to diffusers and says so in its tag.
+# Elsewhere, or where the kernel cannot address a layer's rows, the part leaves every GEGLU to diffusers and
+# says so in its tag.
 AUTO = {9: "tma"}
 
 
@@ -198,12 +199,19 @@ class FusedGegluAccelerator(Accelerator):
                     f"fused_geglu: a GEGLU's projection is a {type(layer.proj).__name__}, not a torch.nn.Linear; "
                     "put FusedGegluAccelerator before the part that replaced it (fp8), or leave it out"
                 )
-            if not self._fits(kernel, layer, target.dtype):  # else it fails in the first call
+        unfit = next((layer for layer in layers if not self._fits(kernel, layer, target.dtype)), None)
+        if unfit is not None:  # else it fails in the first call
+            what = (
+                f"{KERNELS[kernel].hardware} cannot address a GEGLU's rows of {unfit.proj.in_features} inputs and "
+                f"{unfit.proj.out_features // 2} outputs in {target.dtype}"
+            )
+            if self.kernel != "auto":
                 raise ConfigError(
-                    f"accelerator.kernel={kernel}: {KERNELS[kernel].hardware} cannot address a GEGLU's rows "
-                    f"of {layer.proj.in_features} inputs and {layer.proj.out_features // 2} outputs in {target.dtype} "
-                    "(each must be a multiple of 16 bytes, the weight contiguous); use kernel=pointers"
+                    f"accelerator.kernel={kernel}: {what} (each must be a multiple of 16 bytes, the weight "
+                    "contiguous); use kernel=pointers"
                 )
+            self.ran, self.aside = None, f"kernel=auto: {what}"  # auto leaves diffusers' GEGLU there
+            return
         for layer in layers:
             # One class per kernel and threshold: they compile differently (precompile's key tells them apart).
             members = {"forward": fused_forward, "geglu_kernel": kernel, "geglu_min_rows": self.min_rows}
