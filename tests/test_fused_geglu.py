@@ -168,19 +168,19 @@ def test_refused_without_a_geglu_or_after_its_projection_was_replaced(
         (
             "cuda",
             (10, 0),
-            "none: kernel=auto runs the tma kernel on Hopper GPUs only, where it was measured faster; "
+            "none: kernel=auto runs tma on compute capability 9.x only, where it was measured faster; "
             "not on NVIDIA B200 (compute capability 10.0)",
         ),
         (
             "cuda",
             (8, 0),
-            "none: kernel=auto runs the tma kernel on Hopper GPUs only, where it was measured faster; "
+            "none: kernel=auto runs tma on compute capability 9.x only, where it was measured faster; "
             "not on NVIDIA A100-SXM4-80GB (compute capability 8.0)",
         ),
         (
             "cpu",
             None,
-            "none: kernel=auto runs the tma kernel on Hopper GPUs only, where it was measured faster; not on the cpu",
+            "none: kernel=auto runs tma on compute capability 9.x only, where it was measured faster; not on the cpu",
         ),
     ],
 )

@@ -142,7 +142,8 @@ def chosen(kernel: str, device: torch.device) -> tuple[str | None, str]:
         where = f"{torch.cuda.get_device_name(device)} (compute capability {'.'.join(map(str, capability))})"
     else:
         where = f"the {device.type}"
-    return None, f"kernel=auto runs the tma kernel on Hopper GPUs only, where it was measured faster; not on {where}"
+    runs = ", ".join(f"{name} on compute capability {major}.x" for major, name in AUTO.items())
+    return None, f"kernel=auto runs {runs} only, where it was measured faster; not on {where}"
 
 
 @dataclass
