@@ -288,6 +288,47 @@ def test_a_warm_start_says_in_the_log_that_it_loaded_what_it_did_not_compile(tmp
     assert re.fullmatch(r"saved compiled modules loaded in \d+\.\d s", notes[1]), notes[1]
 
 
+def test_the_vae_encoder_is_precompiled_at_its_first_call_and_loaded_by_the_next_process(tmp_path: Path) -> None:
+    """Image-to-image's input image goes through the VAE's encoder: compiled (saved, then loaded) like the
+    decoder, its latents the same; nothing is compiled or written before its first call (text-to-image makes none)."""
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        expected = tiny_pipe("i2i").vae.encode(image).latent_dist.mean
+    events = []
+    for _ in range(2):  # cold, then warm as a new process would be
+        torch._dynamo.reset()
+        pipe = tiny_pipe("i2i")
+        accelerator = TorchCompileAccelerator(
+            precompile=True, backend="eager", compile_vae=False, compile_vae_encoder=True, cache=False
+        )
+        accelerator.apply(pipe, target(tmp_path))
+        assert len(list((tmp_path / "precompiled").glob("vae_encoder-*.bin"))) == len(events)  # 0, then 1
+        with torch.no_grad():
+            got = pipe.vae.encode(image).latent_dist.mean
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert isinstance(pipe.vae.encoder, PrecompiledModule) and not isinstance(pipe.vae.decoder, PrecompiledModule)
+        events.append(accelerator.tags()["precompile_cache"])
+    assert events == ["miss", "hit"]
+    assert len(list((tmp_path / "precompiled").glob("vae_encoder-*.bin"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "compiled"),
+    [
+        ({}, True),
+        ({"compile_vae": False}, False),
+        ({"compile_vae": False, "compile_vae_encoder": True}, True),
+        ({"compile_vae_encoder": False}, False),
+    ],
+)
+def test_the_vae_encoder_is_compiled_as_the_decoder_unless_told(tmp_path: Path, options: dict, compiled: bool) -> None:
+    pipe = tiny_pipe("i2i")
+    names = [name for name, _ in pipe.vae.named_parameters()]
+    TorchCompileAccelerator(backend="eager", cache=False, **options).apply(pipe, target(tmp_path))
+    assert (pipe.vae.encoder._compiled_call_impl is not None) is compiled
+    assert [name for name, _ in pipe.vae.named_parameters()] == names  # compiled in place: the weights' names hold
+
+
 def test_regional_or_nested_compile_of_named_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``blocks`` widens regional compilation to the resnet blocks (SDXL's have 13 shapes at one size, past
     Dynamo's default of 8 versions a function, after which it would run the rest eager without a word); the
@@ -884,6 +925,23 @@ def test_precompiled_graphs_give_the_baselines_images_cold_and_warm(cli, tmp_pat
     for run in (first, second):
         assert run.data.tags["cuda_graphs_captured"] == "3" and run.data.tags["quality_unaffected"] == "true"
         assert run.data.metrics["ssim_vs_baseline"] >= 0.99
+
+
+@pytest.mark.gpu
+def test_image_to_image_through_the_precompiled_encoder_gives_the_baselines_images(cli, tmp_path: Path) -> None:
+    job = ("task=i2i", "device=cuda", "res=64", "runs=1", f"cache_dir={tmp_path}")
+    baseline, cold = cli("accelerator=none", *job), cli("accelerator=compile_graph_fast", *job)
+    warm = cli("accelerator=compile_graph_fast", *job, "force=true")
+    assert baseline.code == cold.code == warm.code == 0, baseline.output + cold.output + warm.output
+    assert len(list((tmp_path / "precompiled").glob("vae_encoder-*.bin"))) == 1
+    client = MlflowClient(warm.tracking_uri)
+    experiment = client.get_experiment_by_name("diffusion-bench")
+    order = ["attributes.start_time ASC"]
+    runs = client.search_runs([experiment.experiment_id], "tags.kind = 'job' and params.task = 'i2i'", order_by=order)
+    first, second = [run for run in runs if run.data.params["accelerator"] == "compile_graph_fast"]
+    assert first.data.tags["precompile_cache"] == "miss" and second.data.tags["precompile_cache"] == "hit"
+    for run in (first, second):
+        assert run.data.tags["quality_unaffected"] == "true" and run.data.metrics["ssim_vs_baseline"] >= 0.99
 
 
 # The VAE in bfloat16

@@ -1,26 +1,27 @@
-"""torch.compile of the denoiser and the VAE decoder.
+"""torch.compile of the denoiser and the VAE: its decoder, and its encoder where a job encodes an input image.
 
 Options: the compile mode; fullgraph; the backend (inductor; aot_eager or eager to check tracing without code
-generation, as the CPU tests do); QKV projections fused into one matmul (diffusers' ``fuse_qkv_projections``);
-channels_last memory format; two ways to compile a denoiser's repeated blocks once (the classes ``blocks``
-names, by default diffusers' ``_repeated_blocks``: SDXL's transformer blocks): ``regional`` compiles those
-blocks alone and leaves the glue between them eager (each class compiled once per input shape and reused by
-all of its modules: Dynamo guards on a module's structure and shapes, not on which module it is), ``nested``
-compiles the whole module with each block class traced once as a nested compile region (torch's hierarchical
-compilation, ``nested_compile_region``) and stamped out for the other modules. On SDXL at 1024 px on an H100
-(BENCHMARKS.md, "Faster still, eighth part") nested transformer blocks cut ``compile_graph``'s cold compile by
-a quarter for calls 0.6% slower; regional transformer and resnet blocks halve it for calls 3-7% slower.
-Compiled artefacts persist in ``cache_dir/torch_compile`` (inductor's FX-graph and AOTAutograd caches, and
-Triton's kernels), so a second process with the same job compiles from cache: the run's tag ``compile_cache``
-says whether it was hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the warmup's compile
-time went (the part outside the backend is Dynamo tracing the Python and building guards, paid by every
-process, cache or not). ``precompile`` saves that part too: the denoiser and the VAE decoder traced and
-compiled whole, written to ``cache_dir/precompiled`` and loaded by later processes without tracing
+generation, as the CPU tests do); the VAE's decoder (``compile_vae``) and encoder (``compile_vae_encoder``, by
+default as ``compile_vae``: compiled on first use, so a text-to-image job compiles no encoder); QKV projections
+fused into one matmul (diffusers' ``fuse_qkv_projections``); channels_last memory format; two ways to compile a
+denoiser's repeated blocks once (the classes ``blocks`` names, by default diffusers' ``_repeated_blocks``: SDXL's
+transformer blocks): ``regional`` compiles those blocks alone and leaves the glue between them eager (each class
+compiled once per input shape and reused by all of its modules: Dynamo guards on a module's structure and shapes,
+not on which module it is), ``nested`` compiles the whole module with each block class traced once as a nested
+compile region (torch's hierarchical compilation, ``nested_compile_region``) and stamped out for the other modules.
+On SDXL at 1024 px on an H100 (BENCHMARKS.md, "Faster still, eighth part") nested transformer blocks cut
+``compile_graph``'s cold compile by a quarter for calls 0.6% slower; regional transformer and resnet blocks halve
+it for calls 3-7% slower. Compiled artefacts persist in ``cache_dir/torch_compile`` (inductor's FX-graph and
+AOTAutograd caches, and Triton's kernels), so a second process with the same job compiles from cache: the run's tag
+``compile_cache`` says whether it was hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the
+warmup's compile time went (the part outside the backend is Dynamo tracing the Python and building guards, paid by
+every process, cache or not). ``precompile`` saves that part too: the denoiser and the VAE's decoder and encoder
+traced and compiled whole, written to ``cache_dir/precompiled`` and loaded by later processes without tracing
 (``runner/accelerators/precompile.py``); such a run reports ``precompile_cache``, ``precompile_s`` and
 ``precompile_load_s`` instead, since inductor's cache counters and Dynamo's outer timers do not see
-``aot_compile``. Either way the ``compile_<phase>_s`` metrics split the compile by stage (COMPILE_PHASES):
-Dynamo's tracing, AOTAutograd, inductor's lowering and code generation, the kernels' building and loading, and
-the kernels built one by one in the job's process because inductor's pool of compile workers was not ready.
+``aot_compile``. Either way the ``compile_<phase>_s`` metrics split the compile by stage (COMPILE_PHASES): Dynamo's
+tracing, AOTAutograd, inductor's lowering and code generation, the kernels' building and loading, and the kernels
+built one by one in the job's process because inductor's pool of compile workers was not ready.
 
 ``inductor`` passes settings of torch's own (``torch._inductor.config`` keys, dotted as torch names them, e.g.
 ``{triton.enable_pdl: true}``) to this accelerator's compiles, for trying one without code here; a key torch
@@ -83,7 +84,8 @@ class TorchCompileAccelerator(Accelerator):
     mode: str = "default"
     fullgraph: bool = False
     backend: str = "inductor"
-    compile_vae: bool = True
+    compile_vae: bool = True  # the VAE's decoder
+    compile_vae_encoder: bool | None = None  # the VAE's encoder (image-to-image's input image); null: as compile_vae
     fuse_qkv: bool = False
     channels_last: bool = False
     regional: bool = False
@@ -183,6 +185,8 @@ class TorchCompileAccelerator(Accelerator):
             setattr(pipe, target.denoiser, self._compile(denoiser))
         if self.compile_vae:
             pipe.vae.decode = self._compile(pipe.vae.decode)
+        if self._compile_encoder():
+            pipe.vae.encoder.compile(**self._options())  # in place: the VAE's weights keep their names
 
     def _precompile(self, pipe: DiffusionPipeline, target: Target, denoiser: torch.nn.Module, parts) -> None:
         if parts:
@@ -197,6 +201,12 @@ class TorchCompileAccelerator(Accelerator):
             decoder = PrecompiledModule(pipe.vae.decoder, folder, "vae_decoder", self.backend, settings)
             self.precompiled.append(decoder)
             pipe.vae.decoder = self.precompiled[-1]
+        if self._compile_encoder():  # loaded or compiled at its first call: a text-to-image job makes none
+            self.precompiled.append(PrecompiledModule(pipe.vae.encoder, folder, "vae_encoder", self.backend, settings))
+            pipe.vae.encoder = self.precompiled[-1]
+
+    def _compile_encoder(self) -> bool:
+        return self.compile_vae if self.compile_vae_encoder is None else self.compile_vae_encoder
 
     def _inductor_settings(self) -> dict[str, Any]:
         return dict(self.inductor or {})  # null in the YAML: none
