@@ -1,7 +1,9 @@
 """What a measurement ran on: device, driver, library versions and the project's commit, as run tags."""
 
+import os
 import platform
 import subprocess
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -19,6 +21,7 @@ def environment_tags(device: torch.device) -> dict[str, str]:
         "python_version": platform.python_version(),
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
         "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "git_tree": _working_tree() or "unknown",
     }
     for package in ("torch", "diffusers", "transformers", "mlflow", "hydra-core"):
         tags[f"{package.replace('-', '_')}_version"] = _version(package)
@@ -67,10 +70,23 @@ def _nvidia_smi_facts(gpu_uuid: str) -> dict[str, str]:
     return facts
 
 
-def _git(*args: str) -> str:
+def _working_tree() -> str | None:
+    """The git tree id of the project's tracked files as they are, edits included. It equals a commit's tree
+    (``git rev-parse COMMIT^{tree}``) exactly when the code that ran is that commit's, so a run from an edited
+    checkout, or from a copy whose ``.git`` lags its files (as a GPU machine's may), still names the commit that
+    holds its code. Hashed through a throwaway index: the checkout's own index is left as it was."""
+    with tempfile.TemporaryDirectory() as folder:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(folder) / "index")}
+        if _git("read-tree", "HEAD", env=env) is None or _git("add", "--update", env=env) is None:
+            return None
+        return _git("write-tree", env=env)
+
+
+def _git(*args: str, env: dict[str, str] | None = None) -> str | None:
+    """git's output in the project's folder; None where git is missing or fails (not a checkout)."""
     try:
         return subprocess.run(
-            ["git", "-C", str(PROJECT), *args], capture_output=True, text=True, timeout=10, check=True
+            ["git", "-C", str(PROJECT), *args], capture_output=True, text=True, timeout=10, check=True, env=env
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return ""
+        return None

@@ -56,6 +56,7 @@ REQUIRED_TAGS = {
     "diffusers_version",
     "transformers_version",
     "git_commit",
+    "git_tree",
     "python_version",
 }
 
