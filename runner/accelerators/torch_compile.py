@@ -159,11 +159,13 @@ class TorchCompileAccelerator(Accelerator):
             folder = target.cache_dir / "torch_compile"
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read when inductor first needs its cache
             os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
-            import torch._functorch.config
-            import torch._inductor.config
+            # Imported under other names: "import torch._inductor.config" here would make torch a name of this
+            # function's own, unbound where the cache is off (channels_last below then failed)
+            from torch._functorch import config as functorch_config
+            from torch._inductor import config as inductor_config
 
-            torch._inductor.config.fx_graph_cache = True
-            torch._functorch.config.enable_autograd_cache = True
+            inductor_config.fx_graph_cache = True
+            functorch_config.enable_autograd_cache = True
         if self.fuse_qkv:
             refuse_unfusable(denoiser)
             pipe.fuse_qkv_projections()
