@@ -312,6 +312,22 @@ def test_the_vae_encoder_is_precompiled_at_its_first_call_and_loaded_by_the_next
     assert len(list((tmp_path / "precompiled").glob("vae_encoder-*.bin"))) == 1
 
 
+def test_one_precompiled_function_serves_an_input_in_any_layout(tmp_path: Path) -> None:
+    """Image-to-image's latents reach the UNet in channels_last strides (they come from a channels_last VAE),
+    text-to-image's contiguous: a sweep of both tasks compiled the UNet twice per size on a GPU until inputs
+    were made contiguous first."""
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1).to(memory_format=torch.channels_last)
+    wrapped = PrecompiledModule(conv, tmp_path, "denoiser", backend="eager")
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        expected = conv(x)
+        for layout in (torch.channels_last, torch.contiguous_format):
+            torch.testing.assert_close(wrapped(x.contiguous(memory_format=layout)), expected, rtol=0, atol=0)
+    assert len(wrapped.loaded) == 1 and wrapped.cache_events == ["miss"]
+    assert len(list(tmp_path.glob("denoiser-*.bin"))) == 1
+
+
 @pytest.mark.parametrize(
     ("options", "compiled"),
     [
@@ -943,6 +959,10 @@ def test_image_to_image_through_the_precompiled_encoder_gives_the_baselines_imag
     assert first.data.tags["precompile_cache"] == "miss" and second.data.tags["precompile_cache"] == "hit"
     for run in (first, second):
         assert run.data.tags["quality_unaffected"] == "true" and run.data.metrics["ssim_vs_baseline"] >= 0.99
+    # Text-to-image at the same size loads the UNet image-to-image saved (its latents are contiguous, those of
+    # image-to-image channels_last: once a second compile)
+    text = cli("accelerator=compile_graph_fast", "task=t2i", *job[1:])
+    assert text.code == 0 and len(list((tmp_path / "precompiled").glob("denoiser-*.bin"))) == 1, text.output
 
 
 # The VAE in bfloat16

@@ -69,7 +69,9 @@ class GraphedModule(DenoiserWrapper):
         return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, entry.output)
 
     def _capture(self, flat: list[Any], spec: Any) -> _Graph:
-        inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in flat]
+        # Contiguous static buffers, whatever the first call's layout: each replay's copy into them converts,
+        # and a precompiled module inside then sees one layout (runner/accelerators/precompile.py)
+        inputs = [v.clone(memory_format=torch.contiguous_format) if isinstance(v, torch.Tensor) else v for v in flat]
         args, kwargs = tree_unflatten(inputs, spec)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -19,7 +19,8 @@ fails to unpickle: ``DefaultsSource.__init__() takes from 3 to 4 positional argu
 others cannot be written at all (object identities, such as diffusers' attention processor's ``__call__``).
 The wrapper checks instead, on every call, what the saved code was made for: the key above, and the input
 signature (shapes, dtypes, strides, devices, other arguments' values), grad mode, training mode and the
-weights' dtypes, each combination with its own function.
+weights' dtypes, each combination with its own function. Its tensor inputs are made contiguous first, so one
+function serves callers that hand the same values in other layouts (image-to-image's channels_last latents).
 """
 
 import hashlib
@@ -30,7 +31,7 @@ from typing import Any
 
 import diffusers
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from runner.accelerators import DenoiserWrapper, input_signature, number_as_tensor
 from runner.errors import RunnerError
@@ -53,6 +54,10 @@ def put_in(module: torch.nn.Module) -> list[str]:
     return sorted(found)
 
 
+def _contiguous(value: Any) -> Any:
+    return value.contiguous() if isinstance(value, torch.Tensor) else value
+
+
 def no_guards(entries: list) -> list[bool]:
     """torch.compile's ``guard_filter_fn``: keep none (the module docstring says why, and what checks instead)."""
     return [False] * len(entries)
@@ -73,7 +78,12 @@ class PrecompiledModule(DenoiserWrapper):
         self.seconds = {"compile": 0.0, "load": 0.0}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(number_as_tensor(value, self.module) for value in args)
+        # Tensors in one layout, whatever the caller's: a saved function is made for its inputs' strides, and
+        # image-to-image's latents come from a channels_last VAE in channels_last strides where text-to-image's
+        # are contiguous, so a sweep of both tasks compiled the same UNet twice per size. A no-op for a
+        # contiguous tensor (cuda_graph's static inputs are made contiguous, so a graph holds no extra copy).
+        args = tuple(_contiguous(number_as_tensor(value, self.module)) for value in args)
+        kwargs = tree_map(_contiguous, kwargs)
         flat, spec = tree_flatten((args, kwargs))
         # The weights' dtypes too: diffusers casts SDXL's VAE to float32 for each decode and back.
         dtypes = tuple(sorted({str(weight.dtype) for weight in self.module.parameters()}))
