@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from prepare import prepare
 
-from runner.measure import PhaseClock, synchronize
+from runner.measure import GpuMeter, PhaseClock, energy_metrics, synchronize
 from runner.worker import pipeline_args
 
 STEP = "denoiser_step"  # the range around each denoiser call
@@ -235,9 +235,14 @@ def main(out: Path, overrides: list[str]) -> None:
     denoiser = getattr(pipe, cfg.model.denoiser)
     clock = PhaseClock(denoiser, device)
     calls = []
-    for index in range(cfg.runs):
-        kwargs = pipeline_args(cfg, prompts, image, device, index)  # outside the timed call, as the runner does
-        calls.append(vars(clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))[1]))
+    # The GPU's counters around the timed calls, as the runner reads them: on one H200 start this script timed
+    # 0.943 s a call where the runner's sweeps took 0.951-0.953 s, the GPU near its power limit in the sweeps
+    # (BENCHMARKS.md, "Image-to-image rows of the other compiled accelerators")
+    gpu = f"GPU-{torch.cuda.get_device_properties(device).uuid}" if device.type == "cuda" else ""
+    with GpuMeter(gpu) as timed_gpu:
+        for index in range(cfg.runs):
+            kwargs = pipeline_args(cfg, prompts, image, device, index)  # outside the timed call, as the runner does
+            calls.append(vars(clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))[1]))
     clock.detach()
     mark_steps(denoiser)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -262,6 +267,7 @@ def main(out: Path, overrides: list[str]) -> None:
         "torch": torch.__version__,
         "calls": calls,
         "mean_latency_s": sum(call["latency_s"] for call in calls) / len(calls),
+        "timed_calls_gpu": {**energy_metrics(timed_gpu, cfg.runs * cfg.batch), **timed_gpu.clock_limits},
         **breakdown(events),
         **idle_between(events),
         "host_before_first_step": host_before_first_step(events),
@@ -273,6 +279,8 @@ def main(out: Path, overrides: list[str]) -> None:
         f"({cfg.runs} calls); the profiled call's GPU span {result['gpu_span_ms']:.1f} ms, busy "
         f"{result['gpu_busy_ms']:.1f}, idle {result['gpu_idle_ms']:.1f}; {result['steps_seen']} steps seen"
     )
+    if gpu_said := ", ".join(f"{name} {value:.3g}" for name, value in result["timed_calls_gpu"].items()):
+        print(f"the GPU over the timed calls: {gpu_said}")
     host = result["host_before_first_step"]
     if host:
         print(

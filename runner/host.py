@@ -8,17 +8,19 @@ GPU-launching thread may have.
   core (and its hyperthread siblings) under ``cache_dir/core-locks``, preferring the cores of the job's GPU's
   NUMA node: never two jobs on one core.
 - ``CpuLoad`` and ``gpu_neighbours``: the CPU other processes used while the job was timed (from
-  /proc/stat), and other processes on the job's GPU (from NVML); ``gpu_energy_mj``, the GPU's energy counter.
+  /proc/stat), and other processes on the job's GPU (from NVML); ``gpu_reading``, the GPU's cumulative
+  counters: its energy, and the time its clocks were held down by its power limit or its temperature.
 """
 
 import fcntl
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from runner.gpus import nvidia_smi
 
@@ -185,15 +187,52 @@ def gpu_neighbours(gpu_uuid: str) -> list[int] | None:
     return sorted(pid for pid in pids if pid != own and not _descends_from(pid, own))
 
 
-def gpu_energy_mj(gpu_uuid: str) -> tuple[float | None, str]:
-    """NVML's cumulative energy counter of the GPU (millijoules since the driver loaded); None and why where
-    the GPU or NVML does not keep one (before Volta, CPU machines)."""
+@dataclass(frozen=True)
+class GpuReading:
+    """NVML's cumulative counters of one GPU at one moment; a field is None where this GPU or driver does not
+    keep that counter."""
+
+    energy_mj: float | None  # energy since the driver loaded (Volta and later)
+    power_capped_ns: int | None  # time the clocks were held below those asked for by the power limit...
+    thermal_capped_ns: int | None  # ...and by the temperature (NVML's violation counters)
+    temperature_c: float | None  # the GPU's temperature now
+    missing: dict[str, str] = field(default_factory=dict)  # why a counter is None, by field name
+
+
+def gpu_reading(gpu_uuid: str) -> tuple[GpuReading | None, str]:
+    """The GPU's counters now, read in one NVML session; None and why where there is no NVML or no such GPU
+    (CPU machines)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            return float(pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByUUID(gpu_uuid))), ""
+            handle = pynvml.nvmlDeviceGetHandleByUUID(gpu_uuid)
+            missing: dict[str, str] = {}
+
+            def read(name: str, counter: Callable[[], Any]) -> Any:
+                try:
+                    return counter()
+                except Exception as error:  # not kept here (an older GPU or driver): the others still are
+                    missing[name] = f"{type(error).__name__}: {error}".strip(": ")
+                    return None
+
+            def violation(policy: str) -> Any:
+                return pynvml.nvmlDeviceGetViolationStatus(handle, getattr(pynvml, policy))
+
+            energy = read("energy_mj", lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+            power = read("power_capped_ns", lambda: violation("NVML_PERF_POLICY_POWER"))
+            thermal = read("thermal_capped_ns", lambda: violation("NVML_PERF_POLICY_THERMAL"))
+            temperature = read(
+                "temperature_c", lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+            )
+            return GpuReading(
+                energy_mj=None if energy is None else float(energy),
+                power_capped_ns=None if power is None else int(power.violationTime),
+                thermal_capped_ns=None if thermal is None else int(thermal.violationTime),
+                temperature_c=None if temperature is None else float(temperature),
+                missing=missing,
+            ), ""
         finally:
             pynvml.nvmlShutdown()
     except Exception as error:

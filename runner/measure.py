@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
-from runner.host import gpu_energy_mj
+from runner.host import gpu_reading
 from runner.record import Measurement, Steadiness
 
 GIB = 2**30
@@ -264,36 +264,49 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-class EnergyMeter:
-    """The energy a GPU drew over a block: NVML's cumulative counter (millijoules, kept by the driver at its
-    own resolution) read before and after, so short spikes between the reads count, unlike sampled power.
-    It is the whole GPU's energy over the block's wall time, idle power included. ``joules`` stays None, with
-    ``why``, where there is no counter (CPU jobs, GPUs before Volta)."""
+class GpuMeter:
+    """What a GPU's cumulative counters say about a block: NVML's counters read before and after it. The energy
+    it drew (millijoules, kept by the driver at its own resolution, so short spikes between the reads count,
+    unlike sampled power: the whole GPU's, idle power included), and how long its clocks were held below those
+    asked for by its power limit or by its temperature, with its temperature at either end. ``joules`` stays
+    None, with ``why``, where there is no energy counter (CPU jobs, GPUs before Volta); a clock counter this
+    GPU does not keep is left out of ``clock_limits``."""
 
     def __init__(self, gpu_uuid: str) -> None:
         self.gpu_uuid = gpu_uuid
         self.joules: float | None = None
         self.seconds = 0.0
         self.why = "not on a GPU" if not gpu_uuid else ""
+        self.clock_limits: dict[str, float] = {}
 
-    def __enter__(self) -> "EnergyMeter":
-        self._start = gpu_energy_mj(self.gpu_uuid) if self.gpu_uuid else (None, self.why)
+    def __enter__(self) -> "GpuMeter":
+        self._start = gpu_reading(self.gpu_uuid) if self.gpu_uuid else (None, self.why)
         self._began = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._began
-        if self._start[0] is None:
-            self.why = self.why or self._start[1]
+        start, why = self._start
+        end, why = gpu_reading(self.gpu_uuid) if start is not None else (None, why)
+        if start is None or end is None:
+            self.why = self.why or why
             return
-        end, why = gpu_energy_mj(self.gpu_uuid)
-        if end is None:
-            self.why = why
-            return
-        self.joules = (end - self._start[0]) / 1000
+        if start.energy_mj is None or end.energy_mj is None:
+            self.why = end.missing.get("energy_mj") or start.missing.get("energy_mj", "no energy counter")
+        else:
+            self.joules = (end.energy_mj - start.energy_mj) / 1000
+        for name, before, after in (
+            ("power_capped_share", start.power_capped_ns, end.power_capped_ns),
+            ("thermal_capped_share", start.thermal_capped_ns, end.thermal_capped_ns),
+        ):
+            if before is not None and after is not None and self.seconds > 0:
+                self.clock_limits[name] = (after - before) / 1e9 / self.seconds
+        for name, reading in (("gpu_temp_start_c", start), ("gpu_temp_end_c", end)):
+            if reading.temperature_c is not None:
+                self.clock_limits[name] = reading.temperature_c
 
 
-def energy_metrics(meter: EnergyMeter, images: int) -> dict[str, float]:
+def energy_metrics(meter: GpuMeter, images: int) -> dict[str, float]:
     """Energy per image, average power and images per kWh of the timed calls; empty without a counter."""
     if meter.joules is None or meter.seconds <= 0 or images <= 0:
         return {}

@@ -37,7 +37,7 @@ from runner.inputs import load_image, load_prompts
 from runner.launch import LAUNCHED_AT, RESULT, SWITCHED
 from runner.measure import (
     CallTiming,
-    EnergyMeter,
+    GpuMeter,
     PhaseClock,
     Stopwatch,
     energy_metrics,
@@ -159,8 +159,9 @@ def time_calls(
     result: WorkerResult,
     timeline: Timeline,
 ) -> tuple[list[CallTiming], dict[str, Image.Image], int, float | None]:
-    """Warm up, then time the calls on the steady host, reading peak memory and the GPU's energy counter
-    around them; return the calls' timings and images, the most jobs seen at once, and others' CPU use.
+    """Warm up, then time the calls on the steady host, reading peak memory and the GPU's counters (energy,
+    time held down by its power limit or heat) around them; return the calls' timings and images, the most
+    jobs seen at once, and others' CPU use.
 
     The warmup runs unpinned, on every allowed core: compilation starts a pool of worker processes, and each
     process or thread inherits the affinity of the thread that starts it, so a pool started on the pinned
@@ -171,7 +172,7 @@ def time_calls(
     running = Path(cfg.cache_dir).expanduser() / "running"
     with JobRegistry(running) as registry, one_torch_thread(device, core):
         warming = heartbeat(cfg, "warming up (compilation and graph capture land here)")
-        with warming, EnergyMeter(gpu) as warm_energy, Stopwatch(device) as warmup:
+        with warming, GpuMeter(gpu) as warm_energy, Stopwatch(device) as warmup:
             for index in range(cfg.warmup):
                 pipe(**pipeline_args(cfg, prompts, image, device, index))
         accelerator.warmed_up(pipe)
@@ -187,7 +188,7 @@ def time_calls(
         progress(cfg, f"warmup {warmup.seconds:.2f} s{f': {note}' if note else ''}; timing {cfg.runs} call(s)")
         with steady_host(device, core):
             jobs_at_once, host_load, compiled = registry.count(), CpuLoad(), graphs_compiled()
-            with timeline.phase("timed"), peak_memory(device, into=result.metrics), EnergyMeter(gpu) as energy:
+            with timeline.phase("timed"), peak_memory(device, into=result.metrics), GpuMeter(gpu) as timed_gpu:
                 for index in range(cfg.runs):
                     kwargs = pipeline_args(cfg, prompts, image, device, index)
                     output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
@@ -200,8 +201,9 @@ def time_calls(
         result.metrics["timed_compiles"] = graphs_compiled() - compiled
     if warm_energy.joules is not None:
         result.metrics["warmup_energy_j"] = warm_energy.joules
-    result.metrics.update(energy_metrics(energy, cfg.runs * cfg.batch))
-    result.facts["energy"] = "NVML energy counter" if energy.joules is not None else f"unavailable: {energy.why}"
+    result.metrics.update(energy_metrics(timed_gpu, cfg.runs * cfg.batch))
+    result.metrics.update(timed_gpu.clock_limits)
+    result.facts["energy"] = "NVML energy counter" if timed_gpu.joules is not None else f"unavailable: {timed_gpu.why}"
     return timings, images, jobs_at_once, others_cores
 
 

@@ -461,6 +461,7 @@ def test_kernel_profile_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     done = run_script("kernel_profile.py", tmp_path / "profile", "model=tiny_sdxl", "res=64", "runs=2", "steps=3")
     result = json.loads((tmp_path / "profile.json").read_text())
     assert len(result["calls"]) == 2 and result["calls"][0]["denoise_steps"] == 3 and result["mean_latency_s"] > 0
+    assert result["timed_calls_gpu"] == {}  # no GPU: no energy or clock counters, and none made up
     with gzip.open(tmp_path / "profile.trace.json.gz", "rt") as packed:
         events = json.load(packed)
     assert sum(event.get("name") == "denoiser_step" for event in events) == 3

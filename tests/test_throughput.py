@@ -1,5 +1,5 @@
-"""Energy per image, throughput at batch sizes, and cost: a stand-in NVML for the energy counter, real tiny
-sweeps for batches and prices."""
+"""Energy per image, the GPU's clock limits, throughput at batch sizes, and cost: a stand-in NVML for the
+GPU's counters, real tiny sweeps for batches and prices."""
 
 import sys
 import types
@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 from runner.config import compose_job, to_config
-from runner.measure import EnergyMeter, energy_metrics
+from runner.measure import GpuMeter, energy_metrics
 from runner.record import WorkerResult
 from runner.worker import price
 
@@ -31,7 +31,7 @@ def stand_in_counter(monkeypatch: pytest.MonkeyPatch, readings_mj: list[float] |
 
 def test_energy_is_read_from_the_gpus_counter(monkeypatch: pytest.MonkeyPatch) -> None:
     stand_in_counter(monkeypatch, [1_000_000.0, 1_500_000.0])  # 500 J between the reads
-    with EnergyMeter("GPU-a") as meter:
+    with GpuMeter("GPU-a") as meter:
         pass
     assert meter.joules == pytest.approx(500.0) and meter.seconds > 0
     meter.seconds = 2.0  # as if the 10 images took 2 s
@@ -42,13 +42,46 @@ def test_energy_is_read_from_the_gpus_counter(monkeypatch: pytest.MonkeyPatch) -
     }
 
 
+def test_the_time_the_gpu_was_held_down_by_its_power_limit_or_heat_is_a_share_of_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stand_in_counter(monkeypatch, [1_000_000.0, 1_500_000.0])
+    nvml = sys.modules["pynvml"]
+    nvml.NVML_PERF_POLICY_POWER, nvml.NVML_PERF_POLICY_THERMAL, nvml.NVML_TEMPERATURE_GPU = 0, 1, 0
+    # NVML's violation counters (ns since the driver loaded), read before and after: 0.5 s power-capped,
+    # no thermal slowdown; the temperature 61 then 67 degrees
+    violations = {0: iter([7_000_000_000, 7_500_000_000]), 1: iter([2_000_000_000, 2_000_000_000])}
+    nvml.nvmlDeviceGetViolationStatus = lambda handle, policy: types.SimpleNamespace(
+        referenceTime=0, violationTime=next(violations[policy])
+    )
+    temperatures = iter([61, 67])
+    nvml.nvmlDeviceGetTemperature = lambda handle, sensor: next(temperatures)
+    with GpuMeter("GPU-a") as meter:
+        pass
+    share = 0.5 / meter.seconds  # of the block's wall time, however long the empty block took
+    assert meter.joules == pytest.approx(500.0)
+    assert meter.clock_limits == {
+        "power_capped_share": pytest.approx(share),
+        "thermal_capped_share": 0.0,
+        "gpu_temp_start_c": 61.0,
+        "gpu_temp_end_c": 67.0,
+    }
+
+
+def test_clock_counters_a_gpu_does_not_keep_are_left_out_and_energy_still_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    stand_in_counter(monkeypatch, [1_000_000.0, 1_500_000.0])  # energy only: no violation counters, no sensor
+    with GpuMeter("GPU-a") as meter:
+        pass
+    assert meter.joules == pytest.approx(500.0) and meter.clock_limits == {}
+
+
 def test_no_counter_logs_nothing_made_up(monkeypatch: pytest.MonkeyPatch) -> None:
     stand_in_counter(monkeypatch, None)
-    with EnergyMeter("GPU-old") as meter:
+    with GpuMeter("GPU-old") as meter:
         pass
     assert meter.joules is None and meter.why == "RuntimeError: NVML_ERROR_NOT_SUPPORTED"
-    assert energy_metrics(meter, images=10) == {}
-    with EnergyMeter("") as cpu:
+    assert energy_metrics(meter, images=10) == {} and meter.clock_limits == {}
+    with GpuMeter("") as cpu:
         pass
     assert cpu.joules is None and cpu.why == "not on a GPU"
 
