@@ -82,3 +82,27 @@ def test_an_unknown_choice_or_a_vae_it_cannot_serve_is_refused_in_one_line() -> 
     with pytest.raises(ConfigError, match=refusal):
         use_matmul_attention(vae)
     assert not any(isinstance(block.processor, MatmulVaeAttention) for block in attention_blocks(vae))  # none set
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_compiled_in_bfloat16_it_computes_what_the_attention_kernel_does() -> None:
+    """An attention block as SDXL's VAE builds it (one head of 512 channels), in bfloat16 on a GPU, compiled by
+    inductor with cuBLAS's products, against diffusers' processor (PyTorch's memory-efficient kernel, the only
+    one taking that head): the same up to rounding the scores to bfloat16, which the kernel keeps in float32."""
+    torch.manual_seed(0)
+    block = Attention(
+        query_dim=512,
+        heads=1,
+        dim_head=512,
+        norm_num_groups=32,
+        residual_connection=True,
+        bias=True,
+        upcast_softmax=True,
+        _from_deprecated_attn_block=True,
+    ).to("cuda", torch.bfloat16)
+    hidden = torch.randn(1, 512, 32, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():  # the attention's part of the output, without the residual that carries the input
+        expected = block(hidden).float() - hidden.float()
+        block.set_processor(MatmulVaeAttention())
+        got = torch.compile(block)(hidden).float() - hidden.float()
+    assert ((got - expected).norm() / expected.norm()).item() < 2e-2
