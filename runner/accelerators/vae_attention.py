@@ -3,9 +3,9 @@
 SDXL's VAE has one self-attention in the middle of its encoder and one in its decoder: a single head of
 512 channels over every latent pixel (16,384 of them at 1024 px). cuDNN's and flash attention do not take a
 head that wide, so ``scaled_dot_product_attention`` runs the memory-efficient kernel: on an H200,
-``compile_graph_fast``'s 1024 px decode spent 3.9 ms in it (BENCHMARKS.md, "Image-to-image rows of the other
-compiled accelerators"), about 140 TFLOP/s for its 550 GFLOP, where cuBLAS runs products of that size
-several times faster. Written out, the scores are a product, the softmax one fused kernel, the output a
+``compile_graph_fast``'s 1024 px decode spent 3.9 ms in attention kernels (BENCHMARKS.md, "Image-to-image rows
+of the other compiled accelerators"), about 140 TFLOP/s for its 550 GFLOP, where cuBLAS runs products of that
+size several times faster. Written out, the scores are a product, the softmax one fused kernel, the output a
 second product: 512 MiB of bfloat16 scores at 1024 px, made and read once.
 
 The scale goes on the queries before their product with the keys, and the softmax is taken in float32 (as
