@@ -270,7 +270,7 @@ class GpuMeter:
     unlike sampled power: the whole GPU's, idle power included), and how long its clocks were held below those
     asked for by its power limit or by its temperature, with its temperature at either end. ``joules`` stays
     None, with ``why``, where there is no energy counter (CPU jobs, GPUs before Volta); a clock counter this
-    GPU does not keep is left out of ``clock_limits``."""
+    GPU does not keep is left out of ``clock_limits``, and ``clocks_why`` says why."""
 
     def __init__(self, gpu_uuid: str) -> None:
         self.gpu_uuid = gpu_uuid
@@ -278,6 +278,7 @@ class GpuMeter:
         self.seconds = 0.0
         self.why = "not on a GPU" if not gpu_uuid else ""
         self.clock_limits: dict[str, float] = {}
+        self.clocks_why = self.why
 
     def __enter__(self) -> "GpuMeter":
         self._start = gpu_reading(self.gpu_uuid) if self.gpu_uuid else (None, self.why)
@@ -289,7 +290,7 @@ class GpuMeter:
         start, why = self._start
         end, why = gpu_reading(self.gpu_uuid) if start is not None else (None, why)
         if start is None or end is None:
-            self.why = self.why or why
+            self.why = self.clocks_why = self.why or why
             return
         if start.energy_mj is None or end.energy_mj is None:
             self.why = end.missing.get("energy_mj") or start.missing.get("energy_mj", "no energy counter")
@@ -301,6 +302,7 @@ class GpuMeter:
         ):
             if before is not None and after is not None and self.seconds > 0:
                 self.clock_limits[name] = (after - before) / 1e9 / self.seconds
+        self.clocks_why = end.missing.get("power_capped_ns") or end.missing.get("thermal_capped_ns", "")
         for name, reading in (("gpu_temp_start_c", start), ("gpu_temp_end_c", end)):
             if reading.temperature_c is not None:
                 self.clock_limits[name] = reading.temperature_c

@@ -59,7 +59,7 @@ def test_the_time_the_gpu_was_held_down_by_its_power_limit_or_heat_is_a_share_of
     with GpuMeter("GPU-a") as meter:
         pass
     share = 0.5 / meter.seconds  # of the block's wall time, however long the empty block took
-    assert meter.joules == pytest.approx(500.0)
+    assert meter.joules == pytest.approx(500.0) and meter.clocks_why == ""
     assert meter.clock_limits == {
         "power_capped_share": pytest.approx(share),
         "thermal_capped_share": 0.0,
@@ -73,6 +73,7 @@ def test_clock_counters_a_gpu_does_not_keep_are_left_out_and_energy_still_read(m
     with GpuMeter("GPU-a") as meter:
         pass
     assert meter.joules == pytest.approx(500.0) and meter.clock_limits == {}
+    assert meter.clocks_why.startswith("AttributeError")  # the stand-in has no nvmlDeviceGetViolationStatus
 
 
 def test_no_counter_logs_nothing_made_up(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,6 +113,7 @@ def test_a_batch_sweep_counts_every_image_and_compares_image_by_image(cli, test_
         assert metrics["latency_per_image_s"] == pytest.approx(metrics["latency_s"] / int(batch), rel=1e-6)
         assert metrics["usd_per_1k_images"] == pytest.approx(1 / metrics["images_per_s"], rel=1e-6)
         assert run.data.tags["energy"] == "unavailable: not on a GPU" and "energy_j_per_image" not in metrics
+        assert run.data.tags["clock_limits"] == "unavailable: not on a GPU" and "power_capped_share" not in metrics
     assert by[("2", "same")].data.metrics["images_compared"] == 4  # image by image, all four
     assert by[("2", "same")].data.tags["baseline_run"] == by[("2", "none")].info.run_id  # its own batch's baseline
 
