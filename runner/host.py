@@ -197,16 +197,11 @@ class GpuReading:
     thermal_capped_ns: int | None  # ...and by the temperature (NVML's violation counters)
     temperature_c: float | None  # the GPU's temperature now
     missing: dict[str, str] = field(default_factory=dict)  # why a counter is None, by field name
-    # The SM clock as the driver sampled it since a moment asked for (its own buffer of samples, so nothing
-    # polls while the GPU works), and the highest clock the GPU has; empty and None where not asked or not kept.
-    sm_clocks_mhz: tuple[float, ...] = ()
-    sm_clock_max_mhz: float | None = None
 
 
-def gpu_reading(gpu_uuid: str, clocks_since_us: int | None = None) -> tuple[GpuReading | None, str]:
-    """The GPU's counters now, read in one NVML session, with the SM clock's samples taken since
-    ``clocks_since_us`` (microseconds since the epoch, NVML's timestamps) where given; None and why where there
-    is no NVML or no such GPU (CPU machines)."""
+def gpu_reading(gpu_uuid: str) -> tuple[GpuReading | None, str]:
+    """The GPU's counters now, read in one NVML session; None and why where there is no NVML or no such GPU
+    (CPU machines)."""
     try:
         import pynvml
 
@@ -231,33 +226,17 @@ def gpu_reading(gpu_uuid: str, clocks_since_us: int | None = None) -> tuple[GpuR
             temperature = read(
                 "temperature_c", lambda: pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
             )
-            clocks: list[float] = []
-            top = None
-            if clocks_since_us is not None:
-                clocks = read("sm_clocks_mhz", lambda: sampled_clocks(pynvml, handle, clocks_since_us)) or []
-                top = read("sm_clock_max_mhz", lambda: pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM))
             return GpuReading(
                 energy_mj=None if energy is None else float(energy),
                 power_capped_ns=None if power is None else int(power.violationTime),
                 thermal_capped_ns=None if thermal is None else int(thermal.violationTime),
                 temperature_c=None if temperature is None else float(temperature),
                 missing=missing,
-                sm_clocks_mhz=tuple(clocks),
-                sm_clock_max_mhz=None if top is None else float(top),
             ), ""
         finally:
             pynvml.nvmlShutdown()
     except Exception as error:
         return None, f"{type(error).__name__}: {error}".strip(": ")
-
-
-def sampled_clocks(pynvml: Any, handle: Any, since_us: int) -> list[float]:
-    """The SM clock's samples (MHz) the driver took after ``since_us``, oldest first."""
-    kind, samples = pynvml.nvmlDeviceGetSamples(handle, pynvml.NVML_PROCESSOR_CLK_SAMPLES, since_us)
-    # NVML's value union, by its value type: 0 double, 1 unsigned int, 2 unsigned long, 3 unsigned long long...
-    member = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")[kind]
-    ordered = sorted(samples, key=lambda sample: sample.timeStamp)
-    return [float(getattr(sample.sampleValue, member)) for sample in ordered if sample.timeStamp > since_us]
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:

@@ -268,8 +268,7 @@ class GpuMeter:
     """What a GPU's cumulative counters say about a block: NVML's counters read before and after it. The energy
     it drew (millijoules, kept by the driver at its own resolution, so short spikes between the reads count,
     unlike sampled power: the whole GPU's, idle power included), and how long its clocks were held below those
-    asked for by its power limit or by its temperature, with its temperature at either end and the SM clock the
-    driver sampled in between (mean and lowest, and the GPU's highest, to say how far down). ``joules`` stays
+    asked for by its power limit or by its temperature, with its temperature at either end. ``joules`` stays
     None, with ``why``, where there is no energy counter (CPU jobs, GPUs before Volta); a clock counter this
     GPU does not keep is left out of ``clock_limits``, and ``clocks_why`` says why."""
 
@@ -280,28 +279,18 @@ class GpuMeter:
         self.why = "not on a GPU" if not gpu_uuid else ""
         self.clock_limits: dict[str, float] = {}
         self.clocks_why = self.why
-        self.samples_why = self.why
-
-    def clocks_source(self) -> str:
-        """Where the clock limits came from, or why they are missing: the ``clock_limits`` tag's value."""
-        if self.clocks_why and self.clocks_why == self.samples_why:
-            return f"unavailable: {self.clocks_why}"
-        counters = f"unavailable: {self.clocks_why}" if self.clocks_why else "NVML violation counters"
-        samples = f"no SM clock samples: {self.samples_why}" if self.samples_why else "SM clock samples"
-        return f"{counters}; {samples}"
 
     def __enter__(self) -> "GpuMeter":
         self._start = gpu_reading(self.gpu_uuid) if self.gpu_uuid else (None, self.why)
         self._began = time.perf_counter()
-        self._began_us = time.time_ns() // 1000  # NVML stamps its samples with the wall clock, in microseconds
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._began
         start, why = self._start
-        end, why = gpu_reading(self.gpu_uuid, self._began_us) if start is not None else (None, why)
+        end, why = gpu_reading(self.gpu_uuid) if start is not None else (None, why)
         if start is None or end is None:
-            self.why = self.clocks_why = self.samples_why = self.why or why
+            self.why = self.clocks_why = self.why or why
             return
         if start.energy_mj is None or end.energy_mj is None:
             self.why = end.missing.get("energy_mj") or start.missing.get("energy_mj", "no energy counter")
@@ -314,16 +303,9 @@ class GpuMeter:
             if before is not None and after is not None and self.seconds > 0:
                 self.clock_limits[name] = (after - before) / 1e9 / self.seconds
         self.clocks_why = end.missing.get("power_capped_ns") or end.missing.get("thermal_capped_ns", "")
-        self.samples_why = end.missing.get("sm_clocks_mhz") or ("" if end.sm_clocks_mhz else "none in the block")
         for name, reading in (("gpu_temp_start_c", start), ("gpu_temp_end_c", end)):
             if reading.temperature_c is not None:
                 self.clock_limits[name] = reading.temperature_c
-        if end.sm_clocks_mhz:
-            self.clock_limits["sm_clock_mean_mhz"] = sum(end.sm_clocks_mhz) / len(end.sm_clocks_mhz)
-            self.clock_limits["sm_clock_min_mhz"] = min(end.sm_clocks_mhz)
-            self.clock_limits["sm_clock_samples"] = float(len(end.sm_clocks_mhz))
-        if end.sm_clock_max_mhz is not None:
-            self.clock_limits["sm_clock_max_mhz"] = end.sm_clock_max_mhz
 
 
 def energy_metrics(meter: GpuMeter, images: int) -> dict[str, float]:

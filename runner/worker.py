@@ -204,7 +204,8 @@ def time_calls(
     result.metrics.update(energy_metrics(timed_gpu, cfg.runs * cfg.batch))
     result.metrics.update(timed_gpu.clock_limits)
     result.facts["energy"] = "NVML energy counter" if timed_gpu.joules is not None else f"unavailable: {timed_gpu.why}"
-    result.facts["clock_limits"] = timed_gpu.clocks_source()
+    clocks = "NVML violation counters" if not timed_gpu.clocks_why else f"unavailable: {timed_gpu.clocks_why}"
+    result.facts["clock_limits"] = clocks
     return timings, images, jobs_at_once, others_cores
 
 
