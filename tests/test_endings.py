@@ -124,7 +124,7 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
             ("accelerator=torch_compile", "+accelerator.regionl=true"),
             "accelerator.regionl: accelerator torch_compile has no such option (its options: mode, fullgraph, "
             "backend, compile_vae, compile_vae_encoder, fuse_qkv, channels_last, regional, nested, blocks, cache, "
-            "precompile, vae_attention, inductor); did you mean accelerator.regional?",
+            "precompile, inductor); did you mean accelerator.regional?",
         ),
         (
             ("accelerator=dc_text_kv",),

@@ -23,11 +23,6 @@ traced and compiled whole, written to ``cache_dir/precompiled`` and loaded by la
 tracing, AOTAutograd, inductor's lowering and code generation, the kernels' building and loading, and the kernels
 built one by one in the job's process because inductor's pool of compile workers was not ready.
 
-``vae_attention: matmul`` writes the VAE's single-head attention as two matrix products and a softmax
-(``runner/accelerators/vae_attention.py``), where ``sdpa`` (the default) leaves diffusers' attention, which runs
-PyTorch's memory-efficient kernel for the VAE's 512-wide head. Untimed on a GPU: the variant
-``benchmarks/conf/accelerator/cg_fast_vae_matmul.yaml`` is ``compile_graph_fast`` with it.
-
 ``inductor`` passes settings of torch's own (``torch._inductor.config`` keys, dotted as torch names them, e.g.
 ``{triton.enable_pdl: true}``) to this accelerator's compiles, for trying one without code here; a key torch
 lacks is refused with the closest one, the run's tag ``inductor_settings`` records them, and a precompiled
@@ -49,7 +44,6 @@ from diffusers import DiffusionPipeline
 
 from runner.accelerators import Accelerator, Stage, Target, Wraps
 from runner.accelerators.precompile import PrecompiledModule
-from runner.accelerators.vae_attention import use_matmul_attention
 from runner.catalogue import Metric
 from runner.config import ConfigError
 
@@ -85,9 +79,6 @@ STAGE_NAMES = {  # as the job's log names them (warmup_note)
 }
 
 
-VAE_ATTENTION = ("sdpa", "matmul")
-
-
 @dataclass
 class TorchCompileAccelerator(Accelerator):
     mode: str = "default"
@@ -103,7 +94,6 @@ class TorchCompileAccelerator(Accelerator):
     cache: bool = True
     precompile: bool = False
     inductor: dict[str, Any] | None = None  # inductor's own settings (inductor_settings_problem); null: none
-    vae_attention: str = "sdpa"  # the VAE's attention: sdpa (diffusers'), or matmul (vae_attention.py)
 
     wraps: ClassVar[Wraps] = Wraps.DENOISER
     stage: ClassVar[Stage] = Stage.COMPILE
@@ -151,9 +141,6 @@ class TorchCompileAccelerator(Accelerator):
                 "accelerator.nested=true marks blocks inside a whole-module compile, and accelerator.regional=true "
                 "compiles the blocks alone: drop one of the two"
             )
-        if self.vae_attention not in VAE_ATTENTION:
-            choices = ", ".join(VAE_ATTENTION)
-            raise ConfigError(f"accelerator.vae_attention={self.vae_attention}: choose one of {choices}")
         if problem := inductor_settings_problem(self._inductor_settings(), self.backend, self.mode):
             raise ConfigError(problem)
         if self.mode in CUDA_GRAPH_MODES and device.type != "cuda":
@@ -182,8 +169,6 @@ class TorchCompileAccelerator(Accelerator):
         if self.fuse_qkv:
             refuse_unfusable(denoiser)
             pipe.fuse_qkv_projections()
-        if self.vae_attention == "matmul":  # after the fused projections, which set their own processor
-            use_matmul_attention(pipe.vae)
         if self.channels_last:
             denoiser.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
