@@ -13,15 +13,16 @@ On SDXL at 1024 px on an H100 (BENCHMARKS.md, "Faster still, eighth part") neste
 ``compile_graph``'s cold compile by a quarter for calls 0.6% slower; regional transformer and resnet blocks halve
 it for calls 3-7% slower. Compiled artefacts persist in ``cache_dir/torch_compile`` (inductor's FX-graph and
 AOTAutograd caches, and Triton's kernels), so a second process with the same job compiles from cache: the run's tag
-``compile_cache`` says whether it was hit, and the metrics ``compile_s`` and ``compile_backend_s`` where the
-warmup's compile time went (the part outside the backend is Dynamo tracing the Python and building guards, paid by
-every process, cache or not). ``precompile`` saves that part too: the denoiser and the VAE's decoder and encoder
-traced and compiled whole, written to ``cache_dir/precompiled`` and loaded by later processes without tracing
-(``runner/accelerators/precompile.py``); such a run reports ``precompile_cache``, ``precompile_s`` and
-``precompile_load_s`` instead, since inductor's cache counters and Dynamo's outer timers do not see
-``aot_compile``. Either way the ``compile_<phase>_s`` metrics split the compile by stage (COMPILE_PHASES): Dynamo's
-tracing, AOTAutograd, inductor's lowering and code generation, the kernels' building and loading, and the kernels
-built one by one in the job's process because inductor's pool of compile workers was not ready.
+``compile_cache`` says whether it was hit, ``compile_cache_files_at_start`` how many files the folder held before
+this job's compile (a warmup is cold only where it held none), and the metrics ``compile_s`` and
+``compile_backend_s`` where the warmup's compile time went (the part outside the backend is Dynamo tracing the
+Python and building guards, paid by every process, cache or not). ``precompile`` saves that part too: the denoiser
+and the VAE's decoder and encoder traced and compiled whole, written to ``cache_dir/precompiled`` and loaded by
+later processes without tracing (``runner/accelerators/precompile.py``); such a run reports ``precompile_cache``,
+``precompile_s`` and ``precompile_load_s`` instead, since inductor's cache counters and Dynamo's outer timers do not
+see ``aot_compile``. Either way the ``compile_<phase>_s`` metrics split the compile by stage (COMPILE_PHASES):
+Dynamo's tracing, AOTAutograd, inductor's lowering and code generation, the kernels' building and loading, and the
+kernels built one by one in the job's process because inductor's pool of compile workers was not ready.
 
 ``inductor`` passes settings of torch's own (``torch._inductor.config`` keys, dotted as torch names them, e.g.
 ``{triton.enable_pdl: true}``) to this accelerator's compiles, for trying one without code here; a key torch
@@ -157,6 +158,9 @@ class TorchCompileAccelerator(Accelerator):
         self.phases_before = _compile_phases()
         if self.cache and self.backend == "inductor":
             folder = target.cache_dir / "torch_compile"
+            # What the kernel caches held before this compile: a warmup is cold only where they were empty (on
+            # 2026-12-04 a new H200 machine start kept an earlier start's /tmp, caches included)
+            self.cache_files_at_start = sum(1 for entry in folder.rglob("*") if entry.is_file())
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)  # read when inductor first needs its cache
             os.environ["TRITON_CACHE_DIR"] = str(folder / "triton")
             # Imported under other names: "import torch._inductor.config" here would make torch a name of this
@@ -227,6 +231,10 @@ class TorchCompileAccelerator(Accelerator):
         return ({"inductor_settings": json.dumps(settings, sort_keys=True)} if settings else {}) | self._cache_tags()
 
     def _cache_tags(self) -> dict[str, str]:
+        held = getattr(self, "cache_files_at_start", None)
+        return ({} if held is None else {"compile_cache_files_at_start": str(held)}) | self._cache_use()
+
+    def _cache_use(self) -> dict[str, str]:
         if self.precompile:  # its own files, not inductor's cache (which aot_compile neither reads nor fills)
             events = {event for module in getattr(self, "precompiled", ()) for event in module.cache_events}
             return {"precompile_cache": "partial" if len(events) > 1 else events.pop()} if events else {}
