@@ -7,8 +7,11 @@
 Takes the job's overrides like ``python -m runner`` (``cache_dir=/tmp/bench-cache``: the compiled modules
 ``benchmarks/table.sh`` keeps on the machine, so neither compiles again what the other did; a variant in
 ``benchmarks/conf`` needs ``hydra.searchpath=[file://$PWD/benchmarks/conf]``); builds the pipeline, applies the
-accelerator and warms up as the runner does (cfg.warmup calls, unpinned), times ``cfg.runs`` calls with the
-runner's clock, then records one more call with torch's profiler. Each denoiser call is marked as a range, so
+accelerator and warms up as the runner does (cfg.warmup calls, unpinned, torch on one CPU thread where there is a
+core to pin to), times ``cfg.runs`` calls with the runner's clock three times, the launching thread unpinned,
+pinned to a core near the GPU as the runner pins it (``steady_host``), and unpinned again (the runner's sweeps
+timed ``compile_graph_fast`` 8-10 ms slower a call than this script on two H200 starts, and pinning was the one
+difference left), then records one more call with torch's profiler. Each denoiser call is marked as a range, so
 every kernel is put in a phase: before the first step (text encoders, for image-to-image the VAE encoder),
 inside a denoiser step, between steps (the scheduler and the guidance arithmetic), after the last step (the VAE
 decoder). And in a kind: matrix products, float8 ones, convolutions, attention, inductor's fused Triton kernels,
@@ -33,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prepare import prepare
+from prepare import Prepared, prepare
 
-from runner.measure import GpuMeter, PhaseClock, energy_metrics, synchronize
+from runner.host import cores_near
+from runner.measure import GpuMeter, PhaseClock, energy_metrics, one_torch_thread, steady_host, synchronize
 from runner.worker import pipeline_args
 
 STEP = "denoiser_step"  # the range around each denoiser call
@@ -227,23 +231,51 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(out: Path, overrides: list[str]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     prepared = prepare(overrides)
     cfg, device, pipe, image = prepared.cfg, prepared.device, prepared.pipe, prepared.image
+    gpu = f"GPU-{torch.cuda.get_device_properties(device).uuid}" if device.type == "cuda" else ""
+    core = cores_near(gpu or None)[0] if device.type == "cuda" else None  # the runner leases one of these
+    # Throughout, as the runner's warmup and timed calls: torch.compile's guards include the thread count, so a
+    # change between the warmup and a later call would compile again
+    with one_torch_thread(device, core):
+        timed = warm_and_time(cfg, pipe, image, device, gpu, core)
+        profile(out, overrides, prepared, timed)
+
+
+def warm_and_time(cfg: Any, pipe: Any, image: Any, device: torch.device, gpu: str, core: int | None) -> dict:
+    """The warmup, then ``cfg.runs`` timed calls unpinned, pinned to ``core`` and unpinned again, each block
+    with the GPU's counters around it as the runner reads them (power-capped through 99% of the runner's timed
+    calls at 1024 px on H200s)."""
     prompts = [cfg.prompt]
     for index in range(cfg.warmup):
         pipe(**pipeline_args(cfg, prompts, image, device, index))
-    denoiser = getattr(pipe, cfg.model.denoiser)
-    clock = PhaseClock(denoiser, device)
-    calls = []
-    # The GPU's counters around the timed calls, as the runner reads them: on one H200 start this script timed
-    # 0.943 s a call where the runner's sweeps took 0.951-0.953 s, the GPU near its power limit in the sweeps
-    # (BENCHMARKS.md, "Image-to-image rows of the other compiled accelerators")
-    gpu = f"GPU-{torch.cuda.get_device_properties(device).uuid}" if device.type == "cuda" else ""
-    with GpuMeter(gpu) as timed_gpu:
-        for index in range(cfg.runs):
-            kwargs = pipeline_args(cfg, prompts, image, device, index)  # outside the timed call, as the runner does
-            calls.append(vars(clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))[1]))
+    clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
+    timed = {}
+    for block, pin in (("unpinned", None), ("pinned", core), ("unpinned again", None)):
+        if block == "pinned" and pin is None:
+            continue  # not on a GPU: nothing to pin
+        calls = []
+        with steady_host(device, pin), GpuMeter(gpu) as meter:
+            for index in range(cfg.runs):
+                kwargs = pipeline_args(cfg, prompts, image, device, index)  # outside the timed call, as the runner
+                calls.append(vars(clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))[1]))
+        timed[block] = {
+            "core": pin,
+            "calls": calls,
+            "mean_latency_s": sum(call["latency_s"] for call in calls) / len(calls),
+            "gpu": {**energy_metrics(meter, cfg.runs * cfg.batch), **meter.clock_limits},
+        }
     clock.detach()
+    return timed
+
+
+def profile(out: Path, overrides: list[str], prepared: Prepared, timed: dict) -> None:
+    """One call recorded by torch's profiler (unpinned), then one with Python's functions too; the tables
+    written and printed."""
+    cfg, device, pipe, image = prepared.cfg, prepared.device, prepared.pipe, prepared.image
+    prompts = [cfg.prompt]
+    denoiser = getattr(pipe, cfg.model.denoiser)
     mark_steps(denoiser)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -265,9 +297,10 @@ def main(out: Path, overrides: list[str]) -> None:
         "accelerator": cfg.names.accelerator,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "calls": calls,
-        "mean_latency_s": sum(call["latency_s"] for call in calls) / len(calls),
-        "timed_calls_gpu": {**energy_metrics(timed_gpu, cfg.runs * cfg.batch), **timed_gpu.clock_limits},
+        "calls": timed["unpinned"]["calls"],
+        "mean_latency_s": timed["unpinned"]["mean_latency_s"],
+        "timed_calls_gpu": timed["unpinned"]["gpu"],
+        "timed_blocks": timed,
         **breakdown(events),
         **idle_between(events),
         "host_before_first_step": host_before_first_step(events),
@@ -279,8 +312,11 @@ def main(out: Path, overrides: list[str]) -> None:
         f"({cfg.runs} calls); the profiled call's GPU span {result['gpu_span_ms']:.1f} ms, busy "
         f"{result['gpu_busy_ms']:.1f}, idle {result['gpu_idle_ms']:.1f}; {result['steps_seen']} steps seen"
     )
-    if gpu_said := ", ".join(f"{name} {value:.3g}" for name, value in result["timed_calls_gpu"].items()):
-        print(f"the GPU over the timed calls: {gpu_said}")
+    for block, measured in timed.items():
+        pinned = f" to core {measured['core']}" if measured["core"] is not None else ""
+        gpu_said = ", ".join(f"{name} {value:.3g}" for name, value in measured["gpu"].items())
+        said = f"; the GPU: {gpu_said}" if gpu_said else ""
+        print(f"{block}{pinned}: {measured['mean_latency_s']:.4f} s a call{said}")
     host = result["host_before_first_step"]
     if host:
         print(
