@@ -22,7 +22,8 @@ from pinned memory without waiting, a quarter of the bytes, and each becomes the
 own arithmetic gives its 8-bit value (a table of 256 made by diffusers' own functions, looked up on the
 device): the same tensor, value for value and stride for stride. Only PIL images that diffusers would not
 crop, resize or convert (their size a multiple of the VAE's scale factor, RGB); anything else takes diffusers'
-own path. Untimed on a GPU.
+own path. On an H200 it took 21-29 ms off a 1024 px image-to-image call in both orders on one start
+(BENCHMARKS.md, "image-to-image's input image on a GPU").
 """
 
 from dataclasses import dataclass
