@@ -3,7 +3,9 @@
 #   bash benchmarks/options.sh RES [SWEEP ...]     # e.g. ... 1024 none,compile_graph fp8_ff_compile
 # SDXL (random weights, 30 steps) at RES, by default: none and cuda_graph (this machine start's references),
 # then each option in its own sweep, in order of expected compile time, while the script's time lasts (a
-# cold compile each: the cache starts empty on a fresh machine): regional compile + graph, torch_compile's
+# cold compile each where the cache folder, CACHE_DIR, default /tmp/bench-cache, starts empty: a new machine
+# start's /tmp may not be, so its file count goes in the environment file, and each compiled run is tagged
+# compile_cache_files_at_start; CACHE_DIR=/tmp/cold-$RANDOM for a cold one): regional compile + graph, torch_compile's
 # own graphs (mode reduce-overhead, 3 warmup calls: its graphs are recorded on a later call). An option
 # whose compile outlives the time left is stopped and recorded as killed. Given SWEEPs (accelerator= values,
 # overrides after a space) run instead. The variants live in benchmarks/conf/accelerator/. Results (MLflow
@@ -19,8 +21,9 @@ budget=${BUDGET:-570}  # seconds this script may take, inside the device tool's 
   nvidia-smi --query-gpu=name,uuid,driver_version,clocks.max.sm --format=csv,noheader
   python3 -c "import sys, torch, diffusers; print(sys.version.split()[0], torch.__version__, torch.version.cuda, diffusers.__version__)"
   cat /proc/sys/kernel/random/boot_id
+  echo "cache ${CACHE_DIR:-/tmp/bench-cache}: $(find "${CACHE_DIR:-/tmp/bench-cache}" -type f 2>/dev/null | wc -l) files"
 } 2>&1 | tee "$OUT/environment_$res.txt"
-job=(model=sdxl_base model.weights=random steps=30 "res=$res" cache_dir=/tmp/bench-cache
+job=(model=sdxl_base model.weights=random steps=30 "res=$res" "cache_dir=${CACHE_DIR:-/tmp/bench-cache}"
   "hydra.searchpath=[file://$PWD/benchmarks/conf]")
 for accelerator in "${sweeps[@]}"; do
   ((SECONDS < budget - 60)) || break
