@@ -17,9 +17,12 @@ for file in conf/accelerator/*.yaml; do
 done
 final=${OUT:-/tmp/bench-out}
 budget=${BUDGET:-570}
-# One folder per machine start (its boot id): a later start on a machine that kept /tmp packs only its own logs
-# (on 2026-12-03 a start's archive held the 1024 px logs of an earlier start, on another GPU).
-export OUT=/tmp/table-work/$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo this-start)
+# One folder per machine start (its boot id and its GPU): a later start on a machine that kept /tmp packs only its
+# own logs (on 2026-12-03 a start's archive held the 1024 px logs of an earlier start, on another GPU; on
+# 2026-12-04, with the folder named by the boot id alone, two starts' archives held logs of earlier starts whose
+# environment files named other GPUs).
+gpu=$(nvidia-smi --query-gpu=uuid --format=csv,noheader 2>/dev/null | head -1)
+export OUT=/tmp/table-work/$(cat /proc/sys/kernel/random/boot_id 2>/dev/null || echo this-start)${gpu:+-$gpu}
 mkdir -p "$OUT" "$final"
 for step in "$@"; do
   res=${step%%:*} accelerators=${step#*:}
