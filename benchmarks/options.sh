@@ -4,9 +4,9 @@
 # SDXL (random weights, 30 steps) at RES, by default: none and cuda_graph (this machine start's references),
 # then each option in its own sweep, in order of expected compile time, while the script's time lasts (a
 # cold compile each where the cache folder, CACHE_DIR, default /tmp/bench-cache, starts empty: a new machine
-# start's /tmp may not be, so its file count goes in the environment file, and each compiled run is tagged
-# compile_cache_files_at_start; CACHE_DIR=/tmp/cold-$RANDOM for a cold one): regional compile + graph, torch_compile's
-# own graphs (mode reduce-overhead, 3 warmup calls: its graphs are recorded on a later call). An option
+# start's /tmp may not be, so its file count goes in the environment file, and each compiled run logs
+# compile_cache_files_at_start; CACHE_DIR=/tmp/cold-$RANDOM for a cold one): regional compile + graph,
+# torch_compile's own graphs (mode reduce-overhead, 3 warmup calls: its graphs are recorded on a later call). An option
 # whose compile outlives the time left is stopped and recorded as killed. Given SWEEPs (accelerator= values,
 # overrides after a space) run instead. The variants live in benchmarks/conf/accelerator/. Results (MLflow
 # database, logs) land in $OUT.

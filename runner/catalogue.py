@@ -99,6 +99,7 @@ SWEEP_TABLE = (
     "its",
     "images_per_s",
     "warmup_s",
+    "compile_cache_files_at_start",  # beside the warmup: whether it compiled from an empty cache
     "peak_mem_gib",
     "peak_rss_gib",
     "energy_j_per_image",
@@ -114,11 +115,16 @@ def describe(key: str) -> Metric:
 
 @cache
 def accelerator_metrics() -> dict[str, Metric]:
-    """The metrics declared by the accelerators shipped in runner/accelerators (imported to find them)."""
+    """The metrics declared by the accelerators shipped in runner/accelerators (imported to find them). A module
+    needing a package this machine lacks (``geglu_kernels``: Triton, absent on CPU machines) declares none here:
+    its accelerator imports it only when it runs."""
     import runner.accelerators as package
 
     for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
+        try:
+            importlib.import_module(f"{package.__name__}.{module.name}")
+        except ImportError:
+            continue
     declared: dict[str, Metric] = {}
     pending = [package.Accelerator]
     while pending:

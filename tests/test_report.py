@@ -2,6 +2,7 @@
 skipped jobs at the end."""
 
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from runner import catalogue
 from runner.compare import compare_job
 from runner.config import CONF, MlflowConfig, compose_job
 from runner.html import to_html
@@ -162,3 +164,17 @@ def test_a_grid_of_noise_pictures_makes_a_report_small_enough_to_commit(tmp_path
     html = to_html("![none](images/none.png)", "report", tmp_path)
     [data] = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", html)
     assert 36 * len(data) < 1.5e6  # the grid's pictures, with room for its plots under 2 MB
+
+
+def test_accelerators_metrics_are_named_where_a_kernel_module_cannot_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's table and the report name an accelerator's own metrics from its catalogue; a module needing a
+    package this machine lacks (the fused GEGLU's kernels: Triton, absent on CPU machines) is left out, not fatal
+    (with an accelerator's metric in the sweep's table, a CPU sweep of torch_compile crashed at its table)."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # importing it raises ImportError, as where it is missing
+    monkeypatch.delitem(sys.modules, "runner.accelerators.geglu_kernels", raising=False)
+    catalogue.accelerator_metrics.cache_clear()
+    try:
+        assert catalogue.describe("compile_s").heading.startswith("torch.compile time")
+        assert catalogue.describe("compile_cache_files_at_start").heading.startswith("cache files before")
+    finally:
+        catalogue.accelerator_metrics.cache_clear()

@@ -13,8 +13,8 @@ On SDXL at 1024 px on an H100 (BENCHMARKS.md, "Faster still, eighth part") neste
 ``compile_graph``'s cold compile by a quarter for calls 0.6% slower; regional transformer and resnet blocks halve
 it for calls 3-7% slower. Compiled artefacts persist in ``cache_dir/torch_compile`` (inductor's FX-graph and
 AOTAutograd caches, and Triton's kernels), so a second process with the same job compiles from cache: the run's tag
-``compile_cache`` says whether it was hit, ``compile_cache_files_at_start`` how many files the folder held before
-this job's compile (a warmup is cold only where it held none), and the metrics ``compile_s`` and
+``compile_cache`` says whether it was hit, the metric ``compile_cache_files_at_start`` how many files the folder
+held before this job's compile (a warmup is cold only where it held none), and the metrics ``compile_s`` and
 ``compile_backend_s`` where the warmup's compile time went (the part outside the backend is Dynamo tracing the
 Python and building guards, paid by every process, cache or not). ``precompile`` saves that part too: the denoiser
 and the VAE's decoder and encoder traced and compiled whole, written to ``cache_dir/precompiled`` and loaded by
@@ -104,6 +104,7 @@ class TorchCompileAccelerator(Accelerator):
         Metric("precompile_s", "precompile: tracing, compiling and saving", "s", "{:.1f}"),
         Metric("precompile_load_s", "precompile: loading saved functions", "s", "{:.1f}"),
         Metric("compiled_blocks", "regional or nested: the block modules compiled alone or as regions", "", "{:.0f}"),
+        Metric("compile_cache_files_at_start", "cache files before", "", "{:.0f}"),
         Metric("compile_trace_s", "compile: Dynamo tracing the Python", "s", "{:.1f}"),
         Metric("compile_aot_s", "compile: AOTAutograd", "s", "{:.1f}"),
         Metric("compile_inductor_s", "compile: inductor lowering, fusing, writing code", "s", "{:.1f}"),
@@ -231,10 +232,6 @@ class TorchCompileAccelerator(Accelerator):
         return ({"inductor_settings": json.dumps(settings, sort_keys=True)} if settings else {}) | self._cache_tags()
 
     def _cache_tags(self) -> dict[str, str]:
-        held = getattr(self, "cache_files_at_start", None)
-        return ({} if held is None else {"compile_cache_files_at_start": str(held)}) | self._cache_use()
-
-    def _cache_use(self) -> dict[str, str]:
         if self.precompile:  # its own files, not inductor's cache (which aot_compile neither reads nor fills)
             events = {event for module in getattr(self, "precompiled", ()) for event in module.cache_events}
             return {"precompile_cache": "partial" if len(events) > 1 else events.pop()} if events else {}
@@ -256,6 +253,8 @@ class TorchCompileAccelerator(Accelerator):
 
     def metrics(self) -> dict[str, float]:
         measured = {"compiled_blocks": float(self.compiled_blocks)} if hasattr(self, "compiled_blocks") else {}
+        if hasattr(self, "cache_files_at_start"):
+            measured["compile_cache_files_at_start"] = float(self.cache_files_at_start)
         before = getattr(self, "phases_before", {})
         # Stages this accelerator's compiles ran: a timer an earlier compile in the process left behind is not one
         spent = {key: seconds - before.get(key, 0.0) for key, seconds in _compile_phases().items()}
