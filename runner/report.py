@@ -32,6 +32,7 @@ REPORT_IMAGE_PX = 384  # the report's copies of run images; MLflow keeps them at
 
 DETAIL_COLUMNS = (
     "warmup_s",
+    "compile_cache_files_at_start",  # whether that warmup compiled from an empty cache
     "switch_first_call_s",
     "switch_back_cost_s",
     "latency_s",
