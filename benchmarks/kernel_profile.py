@@ -8,28 +8,28 @@ Takes the job's overrides like ``python -m runner`` (``cache_dir=/tmp/bench-cach
 ``benchmarks/table.sh`` keeps on the machine, so neither compiles again what the other did; a variant in
 ``benchmarks/conf`` needs ``hydra.searchpath=[file://$PWD/benchmarks/conf]``); builds the pipeline, applies the
 accelerator and warms up as the runner does (cfg.warmup calls, unpinned, torch on one CPU thread where there is a
-core to pin to), times ``cfg.runs`` calls with the runner's clock three times, the launching thread unpinned,
-pinned to a core near the GPU as the runner pins it (``steady_host``), and unpinned again (the runner's sweeps
-timed ``compile_graph_fast`` 8-10 ms slower a call than this script on two H200 starts, and pinning was the one
-difference left), then records one more call with torch's profiler. Each denoiser call is marked as a range, so
-every kernel is put in a phase: before the first step (text encoders, for image-to-image the VAE encoder),
-inside a denoiser step, between steps (the scheduler and the guidance arithmetic), after the last step (the VAE
-decoder). And in a kind: matrix products, float8 ones, convolutions, attention, inductor's fused Triton kernels,
-norms, copies, other. And where the GPU sat idle: the gaps between its operations by what came before and after
-each (kernel, memset, copy), and the kernels that memsets precede. And the host's time before the first step,
-where the GPU has little to do and waits for it: how much of it the host spent inside torch's operations, and
-how much waiting for the GPU in synchronisations (a blocking copy between host and GPU waits for all the work
-queued before it), by the operation that waited. A second profiled call records Python's functions too
-(``with_stack``), which slows the host, to say which functions the host's time before the first step went to.
-Writes OUT.json (the tables below, the calls' phases, the GPU's busy and idle time, the Python functions),
-OUT.trace.json.gz and OUT.python.trace.json.gz (the profiler's Chrome traces: chrome://tracing or
-ui.perfetto.dev), and prints the tables.
+core to pin to), freezes the heap as the runner does, times ``cfg.runs`` calls with the runner's clock three times
+(BLOCKS: back to back unpinned, back to back pinned to a core near the GPU as the runner pins it, and unpinned with
+the GPU idle 0.5 s between calls), then records one more call with torch's profiler. Each denoiser call is marked as
+a range, so every kernel is put in a phase: before the first step (text encoders, for image-to-image the VAE
+encoder), inside a denoiser step, between steps (the scheduler and the guidance arithmetic), after the last step
+(the VAE decoder). And in a kind: matrix products, float8 ones, convolutions, attention, inductor's fused Triton
+kernels, norms, copies, other. And where the GPU sat idle: the gaps between its operations by what came before and
+after each (kernel, memset, copy), and the kernels that memsets precede. And the host's time before the first step,
+where the GPU has little to do and waits for it: how much of it the host spent inside torch's operations, and how
+much waiting for the GPU in synchronisations (a blocking copy between host and GPU waits for all the work queued
+before it), by the operation that waited. A second profiled call records Python's functions too (``with_stack``),
+which slows the host, to say which functions the host's time before the first step went to. Writes OUT.json (the
+tables below, the calls' phases, the GPU's busy and idle time, the Python functions), OUT.trace.json.gz and
+OUT.python.trace.json.gz (the profiler's Chrome traces: chrome://tracing or ui.perfetto.dev), and prints the tables.
 """
 
+import gc
 import gzip
 import json
 import re
 import sys
+import time
 from bisect import bisect_right
 from collections import defaultdict
 from pathlib import Path
@@ -243,30 +243,46 @@ def main(out: Path, overrides: list[str]) -> None:
         profile(out, overrides, prepared, timed)
 
 
+BLOCKS = (  # name, pinned (to the core given), the GPU's idle pause between calls (s)
+    ("unpinned", False, 0.0),
+    ("pinned", True, 0.0),
+    ("unpinned, calls 0.5 s apart", False, 0.5),
+)
+
+
 def warm_and_time(cfg: Any, pipe: Any, image: Any, device: torch.device, gpu: str, core: int | None) -> dict:
-    """The warmup, then ``cfg.runs`` timed calls unpinned, pinned to ``core`` and unpinned again, each block
-    with the GPU's counters around it as the runner reads them (power-capped through 99% of the runner's timed
-    calls at 1024 px on H200s)."""
+    """The warmup, the heap frozen as the runner freezes it, then a block of ``cfg.runs`` timed calls for each of
+    BLOCKS, each with the GPU's counters around it as the runner reads them. Why the blocks: this script once
+    collected a large heap before every call, 0.44 s a call with the GPU idle, where the runner's calls run back
+    to back; both power-capped, the script's `compile_graph_fast` took 8 ms less a call at 1024 px on an H200
+    (BENCHMARKS.md, "Power-capped at 1024 px"): the pause and the pinning are now each timed alone."""
     prompts = [cfg.prompt]
     for index in range(cfg.warmup):
         pipe(**pipeline_args(cfg, prompts, image, device, index))
+    gc.collect()
+    gc.freeze()  # as the runner does before its timed calls: each call's collection then takes milliseconds
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
     timed = {}
-    for block, pin in (("unpinned", None), ("pinned", core), ("unpinned again", None)):
-        if block == "pinned" and pin is None:
+    for block, pinned, pause in BLOCKS:
+        if pinned and core is None:
             continue  # not on a GPU: nothing to pin
         calls = []
-        with steady_host(device, pin), GpuMeter(gpu) as meter:
+        with steady_host(device, core if pinned else None), GpuMeter(gpu) as meter:
             for index in range(cfg.runs):
+                time.sleep(pause if index else 0.0)
                 kwargs = pipeline_args(cfg, prompts, image, device, index)  # outside the timed call, as the runner
                 calls.append(vars(clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))[1]))
         timed[block] = {
-            "core": pin,
+            "core": core if pinned else None,
+            "pause_s": pause,
             "calls": calls,
             "mean_latency_s": sum(call["latency_s"] for call in calls) / len(calls),
+            # the block's wall time outside the timed calls, a call: the GPU idle (0 in the runner's sweeps)
+            "between_calls_s": (meter.seconds - sum(call["latency_s"] for call in calls)) / len(calls),
             "gpu": {**energy_metrics(meter, cfg.runs * cfg.batch), **meter.clock_limits},
         }
     clock.detach()
+    gc.unfreeze()
     return timed
 
 
@@ -316,7 +332,8 @@ def profile(out: Path, overrides: list[str], prepared: Prepared, timed: dict) ->
         pinned = f" to core {measured['core']}" if measured["core"] is not None else ""
         gpu_said = ", ".join(f"{name} {value:.3g}" for name, value in measured["gpu"].items())
         said = f"; the GPU: {gpu_said}" if gpu_said else ""
-        print(f"{block}{pinned}: {measured['mean_latency_s']:.4f} s a call{said}")
+        between = f", {measured['between_calls_s']:.3f} s between calls"
+        print(f"{block}{pinned}: {measured['mean_latency_s']:.4f} s a call{between}{said}")
     host = result["host_before_first_step"]
     if host:
         print(

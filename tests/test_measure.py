@@ -316,20 +316,23 @@ def test_the_runner_against_bare_benchmark_runs_as_benchmarks_md_runs_it(task: s
     assert "runner vs bare" in done.stdout
 
 
-def test_the_profile_script_times_its_calls_unpinned_pinned_and_unpinned_again() -> None:
+def test_the_profile_script_times_its_calls_unpinned_pinned_and_paused() -> None:
     """benchmarks/kernel_profile.py's timed calls, three blocks of cfg.runs, the second under the runner's
-    steady_host with the core given (on the CPU nothing is pinned, as in the runner); no core, no pinned block."""
+    steady_host with the core given (on the CPU nothing is pinned, as in the runner), the third with a pause
+    between calls; no core, no pinned block."""
     from kernel_profile import warm_and_time
     from prepare import prepare
 
     prepared = prepare(["model=tiny_sdxl", "res=64", "runs=2", "steps=2", "accelerator=none"])
     args = (prepared.cfg, prepared.pipe, prepared.image, prepared.device, "")
     timed = warm_and_time(*args, core=0)
-    assert list(timed) == ["unpinned", "pinned", "unpinned again"]
+    assert list(timed) == ["unpinned", "pinned", "unpinned, calls 0.5 s apart"]
     assert [block["core"] for block in timed.values()] == [None, 0, None]
     for block in timed.values():
         assert len(block["calls"]) == 2 and block["mean_latency_s"] > 0 and block["gpu"] == {}
-    assert list(warm_and_time(*args, core=None)) == ["unpinned", "unpinned again"]
+    # the pause is outside the timed calls, and counted as the time between them: one pause among two calls
+    assert timed["unpinned, calls 0.5 s apart"]["between_calls_s"] >= 0.25
+    assert list(warm_and_time(*args, core=None)) == ["unpinned", "unpinned, calls 0.5 s apart"]
 
 
 def test_kernel_breakdown_puts_each_kernel_in_its_phase_and_kind() -> None:
