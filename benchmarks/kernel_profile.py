@@ -232,7 +232,9 @@ def table(result: dict[str, Any]) -> str:
 
 def main(out: Path, overrides: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     prepared = prepare(overrides)
+    print(f"built and accelerated in {time.perf_counter() - started:.1f} s", flush=True)
     cfg, device, pipe, image = prepared.cfg, prepared.device, prepared.pipe, prepared.image
     gpu = f"GPU-{torch.cuda.get_device_properties(device).uuid}" if device.type == "cuda" else ""
     core = cores_near(gpu or None)[0] if device.type == "cuda" else None  # the runner leases one of these
@@ -257,8 +259,11 @@ def warm_and_time(cfg: Any, pipe: Any, image: Any, device: torch.device, gpu: st
     to back; both power-capped, the script's `compile_graph_fast` took 8 ms less a call at 1024 px on an H200
     (BENCHMARKS.md, "Power-capped at 1024 px"): the pause and the pinning are now each timed alone."""
     prompts = [cfg.prompt]
+    started = time.perf_counter()
     for index in range(cfg.warmup):
         pipe(**pipeline_args(cfg, prompts, image, device, index))
+    synchronize(device)
+    print(f"warmup ({cfg.warmup} calls) took {time.perf_counter() - started:.1f} s", flush=True)
     gc.collect()
     gc.freeze()  # as the runner does before its timed calls: each call's collection then takes milliseconds
     clock = PhaseClock(getattr(pipe, cfg.model.denoiser), device)
