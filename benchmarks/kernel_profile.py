@@ -284,7 +284,7 @@ def warm_and_time(cfg: Any, pipe: Any, image: Any, device: torch.device, gpu: st
             "mean_latency_s": sum(call["latency_s"] for call in calls) / len(calls),
             # the block's wall time outside the timed calls, a call: the GPU idle (0 in the runner's sweeps)
             "between_calls_s": (meter.seconds - sum(call["latency_s"] for call in calls)) / len(calls),
-            "gpu": {**energy_metrics(meter, cfg.runs * cfg.batch), **meter.clock_limits},
+            "gpu": {**energy_metrics(meter, cfg.runs * cfg.batch), **meter.clock_limits, **meter.busy},
         }
     clock.detach()
     gc.unfreeze()

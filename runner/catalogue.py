@@ -53,6 +53,8 @@ METRICS = (
     Metric("thermal_capped_share", "clocks held down by heat", "", "{:.1%}"),
     Metric("gpu_temp_start_c", "GPU temperature before", "°C", "{:.0f}"),
     Metric("gpu_temp_end_c", "GPU temperature after", "°C", "{:.0f}"),
+    Metric("gpu_busy_share", "GPU busy", "", "{:.0%}"),
+    Metric("gpu_busy_samples", "GPU utilisation samples", "", "{:.0f}"),
     Metric("usd_per_1k_images", "cost per 1k images", "USD", "{:.3f}"),
     Metric("peak_mem_gib", "peak memory", "GiB", "{:.2f}"),
     Metric("peak_reserved_gib", "peak reserved", "GiB", "{:.2f}"),
@@ -96,6 +98,7 @@ CATALOGUE = {metric.key: metric for metric in METRICS}
 SWEEP_TABLE = (
     "latency_s",
     "latency_cv",
+    "gpu_busy_share",  # beside the latency: the share of it the GPU spent running kernels
     "its",
     "images_per_s",
     "warmup_s",

@@ -270,7 +270,10 @@ class GpuMeter:
     unlike sampled power: the whole GPU's, idle power included), and how long its clocks were held below those
     asked for by its power limit or by its temperature, with its temperature at either end. ``joules`` stays
     None, with ``why``, where there is no energy counter (CPU jobs, GPUs before Volta); a clock counter this
-    GPU does not keep is left out of ``clock_limits``, and ``clocks_why`` says why."""
+    GPU does not keep is left out of ``clock_limits``, and ``clocks_why`` says why. ``busy`` holds the share of
+    the block in which the GPU ran a kernel, from the driver's utilisation samples (``gpu_busy_share``, with their
+    count): an eager pipeline whose host cannot launch its kernels fast enough leaves the GPU idle between them, so
+    its latency measures the host's CPU as much as the GPU; ``busy_why`` says why it is missing."""
 
     def __init__(self, gpu_uuid: str) -> None:
         self.gpu_uuid = gpu_uuid
@@ -279,19 +282,28 @@ class GpuMeter:
         self.why = "not on a GPU" if not gpu_uuid else ""
         self.clock_limits: dict[str, float] = {}
         self.clocks_why = self.why
+        self.busy: dict[str, float] = {}
+        self.busy_why = self.why
 
     def __enter__(self) -> "GpuMeter":
         self._start = gpu_reading(self.gpu_uuid) if self.gpu_uuid else (None, self.why)
         self._began = time.perf_counter()
+        self._began_us = time.time_ns() // 1000  # NVML stamps its samples with the wall clock, in microseconds
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._began
         start, why = self._start
-        end, why = gpu_reading(self.gpu_uuid) if start is not None else (None, why)
+        end, why = gpu_reading(self.gpu_uuid, self._began_us) if start is not None else (None, why)
         if start is None or end is None:
-            self.why = self.clocks_why = self.why or why
+            self.why = self.clocks_why = self.busy_why = self.why or why
             return
+        if end.busy_percent:
+            self.busy = {
+                "gpu_busy_share": sum(end.busy_percent) / len(end.busy_percent) / 100,
+                "gpu_busy_samples": float(len(end.busy_percent)),
+            }
+        self.busy_why = "" if end.busy_percent else end.missing.get("busy_percent", "no samples in the block")
         if start.energy_mj is None or end.energy_mj is None:
             self.why = end.missing.get("energy_mj") or start.missing.get("energy_mj", "no energy counter")
         else:

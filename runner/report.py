@@ -36,6 +36,7 @@ DETAIL_COLUMNS = (
     "switch_first_call_s",
     "switch_back_cost_s",
     "latency_s",
+    "gpu_busy_share",  # how much of that latency the GPU ran kernels
     "its",
     "images_per_s",
     "energy_j_per_image",

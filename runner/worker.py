@@ -203,6 +203,9 @@ def time_calls(
         result.metrics["warmup_energy_j"] = warm_energy.joules
     result.metrics.update(energy_metrics(timed_gpu, cfg.runs * cfg.batch))
     result.metrics.update(timed_gpu.clock_limits)
+    result.metrics.update(timed_gpu.busy)
+    busy = "NVML utilisation samples" if not timed_gpu.busy_why else f"unavailable: {timed_gpu.busy_why}"
+    result.facts["gpu_busy"] = busy
     result.facts["energy"] = "NVML energy counter" if timed_gpu.joules is not None else f"unavailable: {timed_gpu.why}"
     clocks = "NVML violation counters" if not timed_gpu.clocks_why else f"unavailable: {timed_gpu.clocks_why}"
     result.facts["clock_limits"] = clocks

@@ -2,6 +2,7 @@
 GPU's counters, real tiny sweeps for batches and prices."""
 
 import sys
+import time
 import types
 
 import pytest
@@ -68,12 +69,48 @@ def test_the_time_the_gpu_was_held_down_by_its_power_limit_or_heat_is_a_share_of
     }
 
 
+def test_the_gpus_busy_share_is_the_mean_of_the_utilisation_samples_taken_inside_the_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stand_in_counter(monkeypatch, [1_000_000.0, 1_500_000.0, 2_000_000.0, 2_500_000.0])
+    nvml = sys.modules["pynvml"]
+    nvml.NVML_GPU_UTILIZATION_SAMPLES = 4
+    asked = []
+
+    def samples(handle, kind, since_us):
+        """The driver's buffer: samples stamped in epoch microseconds, value type 1 (unsigned int), out of
+        order; one from before the block, which NVML may hand back however recent the time asked for."""
+        asked.append(since_us)
+        assert kind == 4
+        stamped = [(since_us + 400_000, 40), (since_us - 100_000, 100), (since_us + 200_000, 60)]
+        return 1, [
+            types.SimpleNamespace(timeStamp=stamp, sampleValue=types.SimpleNamespace(uiVal=value))
+            for stamp, value in stamped
+        ]
+
+    nvml.nvmlDeviceGetSamples = samples
+    before = time.time_ns() // 1000
+    with GpuMeter("GPU-a") as meter:
+        pass
+    assert meter.busy == {"gpu_busy_share": pytest.approx(0.5), "gpu_busy_samples": 2.0} and meter.busy_why == ""
+    assert len(asked) == 1 and before <= asked[0] <= time.time_ns() // 1000  # asked once, at the end, since the start
+
+    def none_kept(handle, kind, since_us):
+        raise RuntimeError("NVMLError_NotFound")
+
+    nvml.nvmlDeviceGetSamples = none_kept
+    with GpuMeter("GPU-a") as idle:
+        pass
+    assert idle.busy == {} and idle.busy_why == "RuntimeError: NVMLError_NotFound" and idle.joules == 500.0
+
+
 def test_clock_counters_a_gpu_does_not_keep_are_left_out_and_energy_still_read(monkeypatch: pytest.MonkeyPatch) -> None:
     stand_in_counter(monkeypatch, [1_000_000.0, 1_500_000.0])  # energy only: no violation counters, no sensor
     with GpuMeter("GPU-a") as meter:
         pass
-    assert meter.joules == pytest.approx(500.0) and meter.clock_limits == {}
+    assert meter.joules == pytest.approx(500.0) and meter.clock_limits == {} and meter.busy == {}
     assert meter.clocks_why.startswith("AttributeError")  # the stand-in has no nvmlDeviceGetViolationStatus
+    assert meter.busy_why.startswith("AttributeError")  # ...nor nvmlDeviceGetSamples
 
 
 def test_no_counter_logs_nothing_made_up(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,6 +151,7 @@ def test_a_batch_sweep_counts_every_image_and_compares_image_by_image(cli, test_
         assert metrics["usd_per_1k_images"] == pytest.approx(1 / metrics["images_per_s"], rel=1e-6)
         assert run.data.tags["energy"] == "unavailable: not on a GPU" and "energy_j_per_image" not in metrics
         assert run.data.tags["clock_limits"] == "unavailable: not on a GPU" and "power_capped_share" not in metrics
+        assert run.data.tags["gpu_busy"] == "unavailable: not on a GPU" and "gpu_busy_share" not in metrics
     assert by[("2", "same")].data.metrics["images_compared"] == 4  # image by image, all four
     assert by[("2", "same")].data.tags["baseline_run"] == by[("2", "none")].info.run_id  # its own batch's baseline
 
