@@ -55,6 +55,7 @@ METRICS = (
     Metric("gpu_temp_end_c", "GPU temperature after", "°C", "{:.0f}"),
     Metric("gpu_busy_share", "GPU busy", "", "{:.0%}"),
     Metric("gpu_busy_samples", "GPU utilisation samples", "", "{:.0f}"),
+    Metric("gpu_busy_covered_share", "timed calls the utilisation samples cover", "", "{:.0%}"),
     Metric("usd_per_1k_images", "cost per 1k images", "USD", "{:.3f}"),
     Metric("peak_mem_gib", "peak memory", "GiB", "{:.2f}"),
     Metric("peak_reserved_gib", "peak reserved", "GiB", "{:.2f}"),

@@ -74,7 +74,9 @@ def _working_tree() -> str | None:
     """The git tree id of the project's tracked files as they are, edits included. It equals a commit's tree
     (``git rev-parse COMMIT^{tree}``) exactly when the code that ran is that commit's, so a run from an edited
     checkout, or from a copy whose ``.git`` lags its files (as a GPU machine's may), still names the commit that
-    holds its code. Hashed through a throwaway index: the checkout's own index is left as it was."""
+    holds its code, unless that commit also added files the lagging ``.git`` does not track: those are left out
+    (on 2026-12-04 a commit holding new raw results read as that commit's tree less their folder). Hashed
+    through a throwaway index: the checkout's own index is left as it was."""
     with tempfile.TemporaryDirectory() as folder:
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(folder) / "index")}
         if _git("read-tree", "HEAD", env=env) is None or _git("add", "--update", env=env) is None:

@@ -197,9 +197,10 @@ class GpuReading:
     thermal_capped_ns: int | None  # ...and by the temperature (NVML's violation counters)
     temperature_c: float | None  # the GPU's temperature now
     missing: dict[str, str] = field(default_factory=dict)  # why a counter is None, by field name
-    # The driver's utilisation samples since a moment asked for (percent of each sample's period in which a kernel
-    # ran; its own buffer, so nothing polls while the GPU works), oldest first; empty where not asked or not kept.
-    busy_percent: tuple[float, ...] = ()
+    # The driver's utilisation samples since a moment asked for, oldest first, each (its timestamp in epoch µs, the
+    # percent of the period before it in which a kernel ran): its own buffer, so nothing polls while the GPU works.
+    # It holds the last 71 on an H200 with driver 580 (one every ~200 ms: 14 s). Empty where not asked or not kept.
+    busy_samples: tuple[tuple[int, float], ...] = ()
 
 
 def gpu_reading(gpu_uuid: str, busy_since_us: int | None = None) -> tuple[GpuReading | None, str]:
@@ -232,14 +233,14 @@ def gpu_reading(gpu_uuid: str, busy_since_us: int | None = None) -> tuple[GpuRea
             )
             busy = []
             if busy_since_us is not None:
-                busy = read("busy_percent", lambda: utilisation_samples(pynvml, handle, busy_since_us)) or []
+                busy = read("busy_samples", lambda: utilisation_samples(pynvml, handle, busy_since_us)) or []
             return GpuReading(
                 energy_mj=None if energy is None else float(energy),
                 power_capped_ns=None if power is None else int(power.violationTime),
                 thermal_capped_ns=None if thermal is None else int(thermal.violationTime),
                 temperature_c=None if temperature is None else float(temperature),
                 missing=missing,
-                busy_percent=tuple(busy),
+                busy_samples=tuple(busy),
             ), ""
         finally:
             pynvml.nvmlShutdown()
@@ -247,14 +248,14 @@ def gpu_reading(gpu_uuid: str, busy_since_us: int | None = None) -> tuple[GpuRea
         return None, f"{type(error).__name__}: {error}".strip(": ")
 
 
-def utilisation_samples(pynvml: Any, handle: Any, since_us: int) -> list[float]:
-    """The GPU's utilisation samples (percent) the driver took after ``since_us``, oldest first. On an H200 with
-    driver 580 it keeps these (one every ~200 ms), but no clock samples (BENCHMARKS.md, "Power-capped at 1024 px")."""
+def utilisation_samples(pynvml: Any, handle: Any, since_us: int) -> list[tuple[int, float]]:
+    """The GPU's utilisation samples the driver took after ``since_us``, oldest first, as (timestamp µs, percent).
+    On an H200 with driver 580 it keeps these, but no clock samples (BENCHMARKS.md, "Power-capped at 1024 px")."""
     kind, samples = pynvml.nvmlDeviceGetSamples(handle, pynvml.NVML_GPU_UTILIZATION_SAMPLES, since_us)
     # NVML's value union, by its value type: 0 double, 1 unsigned int, 2 unsigned long, 3 unsigned long long...
     member = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")[kind]
-    ordered = sorted(samples, key=lambda sample: sample.timeStamp)
-    return [float(getattr(sample.sampleValue, member)) for sample in ordered if sample.timeStamp > since_us]
+    ordered = sorted((sample for sample in samples if sample.timeStamp > since_us), key=lambda sample: sample.timeStamp)
+    return [(sample.timeStamp, float(getattr(sample.sampleValue, member))) for sample in ordered]
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:

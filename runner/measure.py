@@ -298,12 +298,8 @@ class GpuMeter:
         if start is None or end is None:
             self.why = self.clocks_why = self.busy_why = self.why or why
             return
-        if end.busy_percent:
-            self.busy = {
-                "gpu_busy_share": sum(end.busy_percent) / len(end.busy_percent) / 100,
-                "gpu_busy_samples": float(len(end.busy_percent)),
-            }
-        self.busy_why = "" if end.busy_percent else end.missing.get("busy_percent", "no samples in the block")
+        self.busy = busy_share(end.busy_samples, self.seconds)
+        self.busy_why = "" if self.busy else end.missing.get("busy_samples", "no samples in the block")
         if start.energy_mj is None or end.energy_mj is None:
             self.why = end.missing.get("energy_mj") or start.missing.get("energy_mj", "no energy counter")
         else:
@@ -318,6 +314,20 @@ class GpuMeter:
         for name, reading in (("gpu_temp_start_c", start), ("gpu_temp_end_c", end)):
             if reading.temperature_c is not None:
                 self.clock_limits[name] = reading.temperature_c
+
+
+def busy_share(samples: tuple[tuple[int, float], ...], seconds: float) -> dict[str, float]:
+    """The share of a block of ``seconds`` in which the GPU ran a kernel, from the driver's utilisation samples
+    taken in it ((timestamp µs, percent), oldest first), with their count and the share of the block they cover:
+    the driver keeps only its last samples (71 on an H200: 14 s), so for a longer block the share is its end's."""
+    if not samples:
+        return {}
+    percents = [percent for _, percent in samples]
+    shares = {"gpu_busy_share": sum(percents) / len(percents) / 100, "gpu_busy_samples": float(len(samples))}
+    if len(samples) > 1 and seconds > 0:  # each sample covers the period before it, as long as the gap between two
+        span_s = (samples[-1][0] - samples[0][0]) / 1e6
+        shares["gpu_busy_covered_share"] = min(1.0, span_s * len(samples) / (len(samples) - 1) / seconds)
+    return shares
 
 
 def energy_metrics(meter: GpuMeter, images: int) -> dict[str, float]:

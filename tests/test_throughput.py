@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from runner.config import compose_job, to_config
-from runner.measure import GpuMeter, energy_metrics
+from runner.measure import GpuMeter, busy_share, energy_metrics
 from runner.record import WorkerResult
 from runner.worker import price
 
@@ -92,7 +92,8 @@ def test_the_gpus_busy_share_is_the_mean_of_the_utilisation_samples_taken_inside
     before = time.time_ns() // 1000
     with GpuMeter("GPU-a") as meter:
         pass
-    assert meter.busy == {"gpu_busy_share": pytest.approx(0.5), "gpu_busy_samples": 2.0} and meter.busy_why == ""
+    assert meter.busy_why == ""
+    assert meter.busy == {"gpu_busy_share": pytest.approx(0.5), "gpu_busy_samples": 2.0, "gpu_busy_covered_share": 1.0}
     assert len(asked) == 1 and before <= asked[0] <= time.time_ns() // 1000  # asked once, at the end, since the start
 
     def none_kept(handle, kind, since_us):
@@ -102,6 +103,18 @@ def test_the_gpus_busy_share_is_the_mean_of_the_utilisation_samples_taken_inside
     with GpuMeter("GPU-a") as idle:
         pass
     assert idle.busy == {} and idle.busy_why == "RuntimeError: NVMLError_NotFound" and idle.joules == 500.0
+
+
+def test_a_block_longer_than_the_drivers_buffer_of_samples_says_how_much_of_it_they_cover() -> None:
+    # the driver kept 4 samples 0.2 s apart, the last 0.8 s of a 4 s block
+    samples = tuple((1_000_000 + 200_000 * index, percent) for index, percent in enumerate((50, 60, 70, 60)))
+    assert busy_share(samples, seconds=4.0) == {
+        "gpu_busy_share": pytest.approx(0.6),
+        "gpu_busy_samples": 4.0,
+        "gpu_busy_covered_share": pytest.approx(0.2),
+    }
+    assert busy_share(samples[:1], seconds=4.0) == {"gpu_busy_share": 0.5, "gpu_busy_samples": 1.0}  # no gap: unknown
+    assert busy_share((), seconds=4.0) == {}
 
 
 def test_clock_counters_a_gpu_does_not_keep_are_left_out_and_energy_still_read(monkeypatch: pytest.MonkeyPatch) -> None:
