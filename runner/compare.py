@@ -14,6 +14,9 @@ more than twice the standard error of that difference, both runs' timed calls we
 ``steadiness``; no other process in the way), and the eligible baselines agree with each other beyond noise.
 Otherwise it is ``about as fast``, or ``inconclusive`` with the reason: rerun.
 
+Where the chosen baseline kept the GPU busy under ``HOST_BOUND`` of its timed calls (``gpu_busy_share``), the
+reason says so: its latency, and so the speedup, measure the host's CPU as much as the GPU.
+
 **Best.** ``best=true`` goes, per job and conditions, to the fastest run faster than its baseline with quality
 unaffected; where there is none, to the newest steady baseline. It moves when a better run appears.
 
@@ -32,6 +35,10 @@ from runner.record import Comparison, Conditions, JobRecord, Pace, Quality, Qual
 from runner.tracking import Tracker
 
 FASTER = 1.05  # the smallest speedup worth calling one (and slowdown, 1/FASTER), whatever the noise
+# A baseline whose GPU ran kernels less than this share of its timed calls waited on its host's CPU: eager SDXL
+# read 21-54% on an H200, its graphed runs 90-95% (BENCHMARKS.md, "Cold compiles shown cold"). Said, not judged:
+# the speedup is real on that host, and moves with its CPU.
+HOST_BOUND = 0.8
 
 
 def compare(tracker: Tracker, records: list[JobRecord]) -> None:
@@ -73,6 +80,12 @@ def _compare_run(run: JobRecord, members: list[JobRecord]) -> Comparison:
         if chosen.sweep_id == run.sweep_id and run.sweep_id
         else f"the newest of {len(eligible)} baseline(s) on the same device and machine start, from another sweep"
     )
+    busy = chosen.metrics.get("gpu_busy_share")
+    if busy is not None and busy < HOST_BOUND:
+        why += (
+            f"; its baseline kept the GPU busy {busy:.0%} of its timed calls: bound by the host, so the speedup "
+            "moves with its CPU"
+        )
     speedup = chosen.latency_s / run.latency_s if run.latency_s > 0 else None
     memory, base_memory = run.memory_gib, chosen.memory_gib
     ratio = memory / base_memory if memory and base_memory else None

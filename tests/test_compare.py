@@ -146,6 +146,23 @@ def test_a_noisy_or_contended_run_or_baseline_gets_no_verdict() -> None:
     assert not any(c.best for c in result.values())  # no steady baseline, no verdict: no best
 
 
+def test_a_baseline_that_kept_the_gpu_waiting_on_its_host_is_said_to_be_bound_by_the_host() -> None:
+    """The H200 start where eager none kept the GPU busy 21% at 512 px and cuda_graph 90%: the verdict stands,
+    and its reason says the speedup is the host's as much as the accelerator's."""
+    base, graphed = job("none", 2.749, 0.03), job("cuda_graph", 0.580, 0.002)
+    base.metrics["gpu_busy_share"], graphed.metrics["gpu_busy_share"] = 0.21, 0.90
+    comparison = compare_job([base, graphed])[graphed.run_id]
+    assert comparison.pace is Pace.FASTER and comparison.speedup == pytest.approx(2.749 / 0.580)
+    assert comparison.why == (
+        "the same sweep's baseline; its baseline kept the GPU busy 21% of its timed calls: bound by the host, "
+        "so the speedup moves with its CPU"
+    )
+    base.metrics["gpu_busy_share"] = 0.95  # a GPU-bound baseline (or one without the samples): nothing said
+    assert compare_job([base, graphed])[graphed.run_id].why == "the same sweep's baseline"
+    del base.metrics["gpu_busy_share"]
+    assert compare_job([base, graphed])[graphed.run_id].why == "the same sweep's baseline"
+
+
 def test_verdicts_written_and_read_back_through_mlflow(tmp_path: Path) -> None:
     """compare writes its verdicts into the store; the best tag moves when a better run appears."""
     tracker = Tracker(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="x"))
