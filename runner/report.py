@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from runner.catalogue import Metric, describe
-from runner.compare import FASTER
+from runner.compare import FASTER, HOST_BOUND
 from runner.config import MlflowConfig
 from runner.errors import RunnerError, one_line
 from runner.html import to_html
@@ -336,7 +336,14 @@ def _sentence(run: JobRecord) -> str:
     """One sentence on one run: how fast against its baseline, whether that is a verdict, and quality."""
     c = run.comparison
     if run.is_baseline:
-        return f"{run.accelerator} is the baseline ({run.latency_s:.3f} s; measurement {run.measurement.steadiness})."
+        busy = run.metrics.get("gpu_busy_share")
+        bound = (
+            f"; the GPU busy {busy:.0%} of it: bound by the host, so speedups over it move with the host's CPU"
+            if busy is not None and busy < HOST_BOUND
+            else ""
+        )
+        steadiness = run.measurement.steadiness
+        return f"{run.accelerator} is the baseline ({run.latency_s:.3f} s; measurement {steadiness}{bound})."
     if c is None or c.pace is Pace.UNCOMPARED:
         return f"{run.accelerator}: not compared ({c.why if c else 'no comparison yet'})."
     speed = {

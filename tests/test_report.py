@@ -153,6 +153,14 @@ def test_a_withheld_verdict_says_whose_timings_forbade_it(tmp_path: Path) -> Non
     quiet, busy = job("none", 2.043, 0.05, sweep="s1"), job("none", 2.830, 0.05, sweep="s2")
     text = tables(quiet, busy, job("compile_graph", 1.122, 0.004, sweep="s3"))
     assert "| 2.52× | inconclusive (baselines disagree) |" in text
+    bound, graphed = job("none", 2.749, 0.03), job("cuda_graph", 0.580, 0.002)  # an H200 start, 512 px
+    bound.metrics["gpu_busy_share"], graphed.metrics["gpu_busy_share"] = 0.21, 0.90
+    text = tables(bound, graphed)
+    assert "| 2.749 ± 0.030 | 21% |" in text and "| 0.580 ± 0.002 | 90% |" in text  # the GPU busy column
+    assert (
+        "none is the baseline (2.749 s; measurement steady; the GPU busy 21% of it: bound by the host, so speedups "
+        "over it move with the host's CPU). cuda_graph: 4.74× faster" in text
+    )
 
 
 def test_a_grid_of_noise_pictures_makes_a_report_small_enough_to_commit(tmp_path: Path) -> None:
