@@ -8,7 +8,8 @@ GPU-launching thread may have.
   core (and its hyperthread siblings) under ``cache_dir/core-locks``, preferring the cores of the job's GPU's
   NUMA node: never two jobs on one core.
 - ``CpuLoad`` and ``gpu_neighbours``: the CPU other processes used while the job was timed (from
-  /proc/stat), and other processes on the job's GPU (from NVML); ``gpu_reading``, the GPU's cumulative
+  /proc/stat), and other processes on the job's GPU (from NVML); ``LaunchThread``, where the launching thread's
+  time went (on a CPU, waiting for its core, its core stolen by the hypervisor); ``gpu_reading``, the GPU's cumulative
   counters: its energy, and the time its clocks were held down by its power limit or its temperature.
 """
 
@@ -26,6 +27,7 @@ from runner.gpus import nvidia_smi
 
 HOST = socket.gethostname()
 STAT = Path("/proc/stat")
+THREAD_STAT = Path("/proc/thread-self/schedstat")  # the calling thread: ns on a CPU, ns waiting for one, slices
 # A host counts as busy when other processes used more than this share of its cores (at least half a core)
 # while the job was timed: then the scheduler puts their threads on the job's cores too.
 BUSY_SHARE = 0.25
@@ -162,6 +164,56 @@ def _host_busy_s() -> float:
     fields = [int(value) for value in STAT.read_text().split("\n", 1)[0].split()[1:]]
     busy = fields[0] + fields[1] + fields[2] + sum(fields[5:8])  # idle (3) and iowait (4) are not busy
     return busy / os.sysconf("SC_CLK_TCK")
+
+
+class LaunchThread:
+    """Where the calling thread's wall time went over a stretch (made and read on the GPU-launching thread): the
+    share of it on a CPU (``launch_thread_cpu_share``: launching, or spinning in a CUDA synchronisation), the share
+    waiting in the run queue for its core (``launch_thread_wait_share``: another thread on that core), and for a
+    pinned ``core`` the share of that core's time the hypervisor took for other guests
+    (``pinned_core_steal_share``, /proc/stat's steal). On an H200 start an eager job's calls took 1.99-4.17 s pinned
+    on an otherwise idle host, and nothing logged said why (BENCHMARKS.md, "Cold compiles shown cold"). Whatever
+    /proc does not hold here is left out."""
+
+    def __init__(self, core: int | None) -> None:
+        self.core = core
+        self._start = self._now()
+
+    def _now(self) -> tuple[float, tuple[int, int] | None, tuple[int, int] | None]:
+        return time.monotonic(), _thread_schedstat(), None if self.core is None else _core_steal(self.core)
+
+    def metrics(self) -> dict[str, float]:
+        (wall0, sched0, steal0), (wall1, sched1, steal1) = self._start, self._now()
+        wall = wall1 - wall0
+        shares: dict[str, float] = {}
+        if wall <= 0:
+            return shares
+        if sched0 and sched1:
+            shares["launch_thread_cpu_share"] = (sched1[0] - sched0[0]) / 1e9 / wall
+            shares["launch_thread_wait_share"] = (sched1[1] - sched0[1]) / 1e9 / wall
+        if steal0 and steal1 and steal1[1] > steal0[1]:
+            shares["pinned_core_steal_share"] = (steal1[0] - steal0[0]) / (steal1[1] - steal0[1])
+        return shares
+
+
+def _thread_schedstat() -> tuple[int, int] | None:
+    """The calling thread's ns on a CPU and ns waiting for one since it started; None where /proc lacks them."""
+    try:
+        on_cpu, waiting, *_ = THREAD_STAT.read_text().split()
+        return int(on_cpu), int(waiting)
+    except (OSError, ValueError):
+        return None
+
+
+def _core_steal(core: int) -> tuple[int, int] | None:
+    """One core's ticks stolen by the hypervisor and all its ticks since boot (/proc/stat's cpuN line: user,
+    nice, system, idle, iowait, irq, softirq, steal; guest time is inside user); None where it is missing."""
+    try:
+        line = next(line for line in STAT.read_text().splitlines() if line.startswith(f"cpu{core} "))
+        fields = [int(value) for value in line.split()[1:9]]
+    except (OSError, StopIteration, ValueError):
+        return None
+    return (fields[7], sum(fields)) if len(fields) == 8 else None
 
 
 def busy_threshold_cores() -> float:

@@ -32,7 +32,7 @@ from runner.config import Config, ConfigError, job_name
 from runner.environment import environment_tags
 from runner.errors import RunnerError, one_line
 from runner.flops import denoiser_flop_per_step
-from runner.host import HOST, CpuLoad, JobRegistry, boot_id, busy_threshold_cores, gpu_neighbours
+from runner.host import HOST, CpuLoad, JobRegistry, LaunchThread, boot_id, busy_threshold_cores, gpu_neighbours
 from runner.inputs import load_image, load_prompts
 from runner.launch import LAUNCHED_AT, RESULT, SWITCHED
 from runner.measure import (
@@ -188,6 +188,7 @@ def time_calls(
         progress(cfg, f"warmup {warmup.seconds:.2f} s{f': {note}' if note else ''}; timing {cfg.runs} call(s)")
         with steady_host(device, core):
             jobs_at_once, host_load, compiled = registry.count(), CpuLoad(), graphs_compiled()
+            launching = LaunchThread(core if device.type == "cuda" else None)  # steady_host pins it on CUDA only
             with timeline.phase("timed"), peak_memory(device, into=result.metrics), GpuMeter(gpu) as timed_gpu:
                 for index in range(cfg.runs):
                     kwargs = pipeline_args(cfg, prompts, image, device, index)
@@ -198,6 +199,7 @@ def time_calls(
                         images[image_name(cfg, len(prompts), index, number)] = picture
                     progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
             others_cores = host_load.others_cores()
+            result.metrics.update(launching.metrics())
         result.metrics["timed_compiles"] = graphs_compiled() - compiled
     if warm_energy.joules is not None:
         result.metrics["warmup_energy_j"] = warm_energy.joules

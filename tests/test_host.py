@@ -6,6 +6,7 @@ import os
 import py_compile
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -51,6 +52,46 @@ def test_cpu_time_of_other_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     readings = iter([(0.0, 100.0, 1.0), (10.0, 130.0, 6.0)])  # wall, host busy and own CPU seconds
     monkeypatch.setattr(CpuLoad, "_now", staticmethod(lambda: next(readings)))
     assert CpuLoad().others_cores() == pytest.approx(2.5)  # 30 busy seconds, 5 of them ours, over 10 s
+
+
+def test_where_the_launching_threads_time_went(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Stand-in /proc files, rewritten between the two reads: over the stretch the thread ran 0.6 of its wall
+    time and waited 0.3 for its core, and its core 3 had 50 of its 200 ticks stolen."""
+    schedstat, stat = tmp_path / "schedstat", tmp_path / "stat"
+    monkeypatch.setattr(host, "THREAD_STAT", schedstat)
+    monkeypatch.setattr(host, "STAT", stat)
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr(host, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))  # host's clock alone
+
+    def write(on_cpu_ns: int, waiting_ns: int, steal: int, idle: int) -> None:
+        schedstat.write_text(f"{on_cpu_ns} {waiting_ns} 7\n")
+        cpu = "cpu3 {} 0 0 {} 0 0 0 {} 0 0"
+        stat.write_text(f"cpu 1 2 3 4 5 6 7 8 0 0\ncpu2 9 9 9 9 9 9 9 9 0 0\n{cpu.format(100, idle, steal)}\n")
+
+    write(5_000_000_000, 1_000_000_000, 10, 1000)
+    launching = host.LaunchThread(3)
+    write(6_200_000_000, 1_600_000_000, 60, 1150)  # +1.2 s on a CPU, +0.6 s waiting; core 3: +50 steal, +150 idle
+    assert launching.metrics() == {
+        "launch_thread_cpu_share": pytest.approx(0.6),
+        "launch_thread_wait_share": pytest.approx(0.3),
+        "pinned_core_steal_share": pytest.approx(50 / 200),
+    }
+    schedstat.unlink()  # a kernel without scheduler statistics, and no pinned core: nothing made up
+    clock = iter([0.0, 1.0])
+    assert host.LaunchThread(None).metrics() == {}
+
+
+def test_the_launching_threads_shares_read_from_this_machines_proc() -> None:
+    """The real files, on Linux: a thread that never sleeps is on a CPU or waiting for one all the time, however
+    busy the machine (the kernel updates the counts at its ticks, a few ms: hence 0.3 s and the 10% allowed)."""
+    launching = host.LaunchThread(os.sched_getaffinity(0).pop())
+    began = time.monotonic()
+    while time.monotonic() - began < 0.3:
+        pass
+    shares = launching.metrics()
+    assert set(shares) == {"launch_thread_cpu_share", "launch_thread_wait_share", "pinned_core_steal_share"}
+    assert 0.9 <= shares["launch_thread_cpu_share"] + shares["launch_thread_wait_share"] <= 1.1, shares
+    assert 0.0 <= shares["pinned_core_steal_share"] <= 1.0, shares
 
 
 def test_a_busy_gpu_or_host_makes_the_run_contended(monkeypatch: pytest.MonkeyPatch) -> None:
