@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from prepare import Prepared, prepare
 
-from runner.host import cores_near
+from runner.host import LaunchThread, cores_near
 from runner.measure import GpuMeter, PhaseClock, energy_metrics, one_torch_thread, steady_host, synchronize
 from runner.worker import pipeline_args
 
@@ -273,6 +273,7 @@ def warm_and_time(cfg: Any, pipe: Any, image: Any, device: torch.device, gpu: st
             continue  # not on a GPU: nothing to pin
         calls = []
         with steady_host(device, core if pinned else None), GpuMeter(gpu) as meter:
+            launching = LaunchThread(core if pinned else None)  # where this thread's time went, as the runner logs
             for index in range(cfg.runs):
                 time.sleep(pause if index else 0.0)
                 kwargs = pipeline_args(cfg, prompts, image, device, index)  # outside the timed call, as the runner
@@ -285,6 +286,7 @@ def warm_and_time(cfg: Any, pipe: Any, image: Any, device: torch.device, gpu: st
             # the block's wall time outside the timed calls, a call: the GPU idle (0 in the runner's sweeps)
             "between_calls_s": (meter.seconds - sum(call["latency_s"] for call in calls)) / len(calls),
             "gpu": {**energy_metrics(meter, cfg.runs * cfg.batch), **meter.clock_limits, **meter.busy},
+            "host": launching.metrics(),
         }
     clock.detach()
     gc.unfreeze()
@@ -336,7 +338,8 @@ def profile(out: Path, overrides: list[str], prepared: Prepared, timed: dict) ->
     for block, measured in timed.items():
         pinned = f" to core {measured['core']}" if measured["core"] is not None else ""
         gpu_said = ", ".join(f"{name} {value:.3g}" for name, value in measured["gpu"].items())
-        said = f"; the GPU: {gpu_said}" if gpu_said else ""
+        host_said = ", ".join(f"{name} {value:.3g}" for name, value in measured["host"].items())
+        said = (f"; the GPU: {gpu_said}" if gpu_said else "") + (f"; the host: {host_said}" if host_said else "")
         between = f", {measured['between_calls_s']:.3f} s between calls"
         print(f"{block}{pinned}: {measured['mean_latency_s']:.4f} s a call{between}{said}")
     host = result["host_before_first_step"]
