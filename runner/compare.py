@@ -80,8 +80,8 @@ def _compare_run(run: JobRecord, members: list[JobRecord]) -> Comparison:
         if chosen.sweep_id == run.sweep_id and run.sweep_id
         else f"the newest of {len(eligible)} baseline(s) on the same device and machine start, from another sweep"
     )
-    busy = chosen.metrics.get("gpu_busy_share")
-    if busy is not None and busy < HOST_BOUND:
+    busy = host_bound(chosen)
+    if busy is not None:
         why += (
             f"; its baseline kept the GPU busy {busy:.0%} of its timed calls: bound by the host, so the speedup "
             "moves with its CPU"
@@ -101,6 +101,13 @@ def _compare_run(run: JobRecord, members: list[JobRecord]) -> Comparison:
             Pace.INCONCLUSIVE, f"{why}; inconclusive, rerun: {'; '.join(problems)}", chosen.run_id, speedup, ratio
         )
     return Comparison(pace(run, chosen), why, chosen.run_id, speedup, ratio)
+
+
+def host_bound(baseline: JobRecord) -> float | None:
+    """The share of its timed calls a baseline kept the GPU busy, where it is under HOST_BOUND; else None (busy
+    enough, or not read: CPU runs, GPUs whose driver keeps no utilisation samples)."""
+    busy = baseline.metrics.get("gpu_busy_share")
+    return busy if busy is not None and busy < HOST_BOUND else None
 
 
 def pace(run: JobRecord, baseline: JobRecord) -> Pace:

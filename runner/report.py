@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from runner.catalogue import Metric, describe
-from runner.compare import FASTER, HOST_BOUND
+from runner.compare import FASTER, host_bound
 from runner.config import MlflowConfig
 from runner.errors import RunnerError, one_line
 from runner.html import to_html
@@ -336,10 +336,10 @@ def _sentence(run: JobRecord) -> str:
     """One sentence on one run: how fast against its baseline, whether that is a verdict, and quality."""
     c = run.comparison
     if run.is_baseline:
-        busy = run.metrics.get("gpu_busy_share")
+        busy = host_bound(run)
         bound = (
             f"; the GPU busy {busy:.0%} of it: bound by the host, so speedups over it move with the host's CPU"
-            if busy is not None and busy < HOST_BOUND
+            if busy is not None
             else ""
         )
         steadiness = run.measurement.steadiness

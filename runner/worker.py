@@ -159,9 +159,9 @@ def time_calls(
     result: WorkerResult,
     timeline: Timeline,
 ) -> tuple[list[CallTiming], dict[str, Image.Image], int, float | None]:
-    """Warm up, then time the calls on the steady host, reading peak memory and the GPU's counters (energy,
-    time held down by its power limit or heat) around them; return the calls' timings and images, the most
-    jobs seen at once, and others' CPU use.
+    """Warm up, then time the calls on the steady host, reading peak memory, the GPU's counters (energy, time
+    held down by its power limit or heat, its utilisation samples) and where the launching thread's time went
+    around them; return the calls' timings and images, the most jobs seen at once, and others' CPU use.
 
     The warmup runs unpinned, on every allowed core: compilation starts a pool of worker processes, and each
     process or thread inherits the affinity of the thread that starts it, so a pool started on the pinned
