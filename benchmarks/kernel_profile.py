@@ -288,9 +288,20 @@ def warm_and_time(cfg: Any, pipe: Any, image: Any, device: torch.device, gpu: st
             "gpu": {**energy_metrics(meter, cfg.runs * cfg.batch), **meter.clock_limits, **meter.busy},
             "host": launching.metrics(),
         }
+        # said as each block ends: a call's time limit that stops the profiling after them still leaves them
+        print(block_line(block, timed[block]), flush=True)
     clock.detach()
     gc.unfreeze()
     return timed
+
+
+def block_line(block: str, measured: dict[str, Any]) -> str:
+    pinned = f" to core {measured['core']}" if measured["core"] is not None else ""
+    gpu_said = ", ".join(f"{name} {value:.3g}" for name, value in measured["gpu"].items())
+    host_said = ", ".join(f"{name} {value:.3g}" for name, value in measured["host"].items())
+    said = (f"; the GPU: {gpu_said}" if gpu_said else "") + (f"; the host: {host_said}" if host_said else "")
+    between = f", {measured['between_calls_s']:.3f} s between calls"
+    return f"{block}{pinned}: {measured['mean_latency_s']:.4f} s a call{between}{said}"
 
 
 def profile(out: Path, overrides: list[str], prepared: Prepared, timed: dict) -> None:
@@ -335,13 +346,6 @@ def profile(out: Path, overrides: list[str], prepared: Prepared, timed: dict) ->
         f"({cfg.runs} calls); the profiled call's GPU span {result['gpu_span_ms']:.1f} ms, busy "
         f"{result['gpu_busy_ms']:.1f}, idle {result['gpu_idle_ms']:.1f}; {result['steps_seen']} steps seen"
     )
-    for block, measured in timed.items():
-        pinned = f" to core {measured['core']}" if measured["core"] is not None else ""
-        gpu_said = ", ".join(f"{name} {value:.3g}" for name, value in measured["gpu"].items())
-        host_said = ", ".join(f"{name} {value:.3g}" for name, value in measured["host"].items())
-        said = (f"; the GPU: {gpu_said}" if gpu_said else "") + (f"; the host: {host_said}" if host_said else "")
-        between = f", {measured['between_calls_s']:.3f} s between calls"
-        print(f"{block}{pinned}: {measured['mean_latency_s']:.4f} s a call{between}{said}")
     host = result["host_before_first_step"]
     if host:
         print(

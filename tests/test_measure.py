@@ -316,7 +316,7 @@ def test_the_runner_against_bare_benchmark_runs_as_benchmarks_md_runs_it(task: s
     assert "runner vs bare" in done.stdout
 
 
-def test_the_profile_script_times_its_calls_unpinned_pinned_and_paused() -> None:
+def test_the_profile_script_times_its_calls_unpinned_pinned_and_paused(capsys: pytest.CaptureFixture) -> None:
     """benchmarks/kernel_profile.py's timed calls, three blocks of cfg.runs, the second under the runner's
     steady_host with the core given (on the CPU nothing is pinned, as in the runner), the third with a pause
     between calls; no core, no pinned block."""
@@ -333,6 +333,8 @@ def test_the_profile_script_times_its_calls_unpinned_pinned_and_paused() -> None
         assert {"launch_thread_cpu_share", "launch_thread_wait_share"} <= set(block["host"])  # as the runner logs
     # the pause is outside the timed calls, and counted as the time between them: one pause among two calls
     assert timed["unpinned, calls 0.5 s apart"]["between_calls_s"] >= 0.25
+    said = capsys.readouterr().out  # each block said as it ends, before any profiling
+    assert said.count(" s a call, ") == 3 and "pinned to core 0: " in said and "launch_thread_cpu_share" in said
     assert list(warm_and_time(*args, core=None)) == ["unpinned", "unpinned, calls 0.5 s apart"]
 
 
