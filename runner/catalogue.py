@@ -64,6 +64,8 @@ METRICS = (
     Metric("launch_thread_cpu_share", "launching thread on a CPU", "", "{:.0%}"),
     Metric("launch_thread_wait_share", "launching thread waiting for its core", "", "{:.1%}"),
     Metric("pinned_core_steal_share", "pinned core taken by the hypervisor", "", "{:.1%}"),
+    Metric("launch_core_loop_ms", "fixed loop on the launching core", "ms", "{:.2f}"),
+    Metric("launch_core_loop_cv", "the fixed loop's spread between calls", "", "{:.1%}"),
     Metric("timed_compiles", "graphs compiled while timed", "", "{:.0f}"),
     Metric("clip_score", "CLIP score", "", "{:.2f}"),
     Metric("ssim_vs_baseline", "SSIM vs baseline", "", "{:.4f}"),

@@ -9,13 +9,15 @@ GPU-launching thread may have.
   NUMA node: never two jobs on one core.
 - ``CpuLoad`` and ``gpu_neighbours``: the CPU other processes used while the job was timed (from
   /proc/stat), and other processes on the job's GPU (from NVML); ``LaunchThread``, where the launching thread's
-  time went (on a CPU, waiting for its core, its core stolen by the hypervisor); ``gpu_reading``, the GPU's cumulative
+  time went (on a CPU, waiting for its core, its core stolen by the hypervisor) and how fast its core ran a fixed
+  loop between the calls; ``gpu_reading``, the GPU's cumulative
   counters: its energy, and the time its clocks were held down by its power limit or its temperature.
 """
 
 import fcntl
 import os
 import socket
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +30,10 @@ from runner.gpus import nvidia_smi
 HOST = socket.gethostname()
 STAT = Path("/proc/stat")
 THREAD_STAT = Path("/proc/thread-self/schedstat")  # the calling thread: ns on a CPU, ns waiting for one, slices
+# Iterations of the fixed loop LaunchThread.probe times before each timed call: about 1 ms of CPython on our CPU
+# machine, 1.4-3 ms on an H200 host's pinned core (300,000 took 21-43 ms there: BENCHMARKS.md, "The launching core's
+# speed"). Short, since the GPU idles through it inside the block whose energy and busy share are read.
+CORE_LOOP = 20_000
 # A host counts as busy when other processes used more than this share of its cores (at least half a core)
 # while the job was timed: then the scheduler puts their threads on the job's cores too.
 BUSY_SHARE = 0.25
@@ -173,11 +179,24 @@ class LaunchThread:
     pinned ``core`` the share of that core's time the hypervisor took for other guests
     (``pinned_core_steal_share``, /proc/stat's steal). On an H200 start an eager job's calls took 1.99-4.17 s pinned
     on an otherwise idle host, and nothing logged said why (BENCHMARKS.md, "Cold compiles shown cold"). Whatever
-    /proc does not hold here is left out."""
+    /proc does not hold here is left out.
+
+    And, where ``probe`` ran between the calls, how fast the core ran the same pure-Python loop each time
+    (``launch_core_loop_ms``, the median, and ``launch_core_loop_cv``, its spread; the worker logs each call's
+    as the series ``call_core_loop_ms``): the thread
+    above was on its core 99.97% of the time, never waiting and never stolen from, and its calls still took
+    2.4-4.1 s, while the loop took 21-43 ms on that core between them (BENCHMARKS.md, "The launching core's speed").
+    A cloud host's core can run at half speed for seconds at a time, as its neighbours load the physical core
+    under it, with nothing in /proc to say so; an eager pipeline's launching is interpreter work like the loop."""
 
     def __init__(self, core: int | None) -> None:
         self.core = core
+        self.loops_s: list[float] = []
         self._start = self._now()
+
+    def probe(self) -> None:
+        """Time the fixed loop on this thread, before a timed call (outside it)."""
+        self.loops_s.append(core_loop_s())
 
     def _now(self) -> tuple[float, tuple[int, int] | None, tuple[int, int] | None]:
         return time.monotonic(), _thread_schedstat(), None if self.core is None else _core_steal(self.core)
@@ -193,7 +212,20 @@ class LaunchThread:
             shares["launch_thread_wait_share"] = (sched1[1] - sched0[1]) / 1e9 / wall
         if steal0 and steal1 and steal1[1] > steal0[1]:
             shares["pinned_core_steal_share"] = (steal1[0] - steal0[0]) / (steal1[1] - steal0[1])
+        if self.loops_s:
+            shares["launch_core_loop_ms"] = statistics.median(self.loops_s) * 1e3
+        if len(self.loops_s) > 1:
+            shares["launch_core_loop_cv"] = statistics.pstdev(self.loops_s) / statistics.mean(self.loops_s)
         return shares
+
+
+def core_loop_s(iterations: int = CORE_LOOP) -> float:
+    """Seconds the calling thread takes for ``iterations`` of a fixed pure-Python loop."""
+    started = time.perf_counter()
+    total = 0
+    for value in range(iterations):
+        total += value * value % 7
+    return time.perf_counter() - started
 
 
 def _thread_schedstat() -> tuple[int, int] | None:

@@ -160,8 +160,9 @@ def time_calls(
     timeline: Timeline,
 ) -> tuple[list[CallTiming], dict[str, Image.Image], int, float | None]:
     """Warm up, then time the calls on the steady host, reading peak memory, the GPU's counters (energy, time
-    held down by its power limit or heat, its utilisation samples) and where the launching thread's time went
-    around them; return the calls' timings and images, the most jobs seen at once, and others' CPU use.
+    held down by its power limit or heat, its utilisation samples), where the launching thread's time went
+    around them and how fast its core ran a fixed loop before each; return the calls' timings and images, the
+    most jobs seen at once, and others' CPU use.
 
     The warmup runs unpinned, on every allowed core: compilation starts a pool of worker processes, and each
     process or thread inherits the affinity of the thread that starts it, so a pool started on the pinned
@@ -192,6 +193,7 @@ def time_calls(
             with timeline.phase("timed"), peak_memory(device, into=result.metrics), GpuMeter(gpu) as timed_gpu:
                 for index in range(cfg.runs):
                     kwargs = pipeline_args(cfg, prompts, image, device, index)
+                    launching.probe()
                     output, timing = clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))
                     jobs_at_once = max(jobs_at_once, registry.count())
                     timings.append(timing)
@@ -200,6 +202,7 @@ def time_calls(
                     progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
             others_cores = host_load.others_cores()
             result.metrics.update(launching.metrics())
+            result.series["call_core_loop_ms"] = [seconds * 1e3 for seconds in launching.loops_s]
         result.metrics["timed_compiles"] = graphs_compiled() - compiled
     if warm_energy.joules is not None:
         result.metrics["warmup_energy_j"] = warm_energy.joules

@@ -76,6 +76,18 @@ def test_where_the_launching_threads_time_went(monkeypatch: pytest.MonkeyPatch, 
         "launch_thread_wait_share": pytest.approx(0.3),
         "pinned_core_steal_share": pytest.approx(50 / 200),
     }
+    loops = iter([0.002, 0.004, 0.003])
+    monkeypatch.setattr(host, "core_loop_s", lambda: next(loops))
+    for _ in range(3):
+        launching.probe()  # before each timed call: the fixed loop's time on this thread
+    clock = iter([102.0])  # read again at the same moment
+    assert launching.metrics() == {
+        "launch_thread_cpu_share": pytest.approx(0.6),
+        "launch_thread_wait_share": pytest.approx(0.3),
+        "pinned_core_steal_share": pytest.approx(50 / 200),
+        "launch_core_loop_ms": pytest.approx(3.0),  # the median
+        "launch_core_loop_cv": pytest.approx(0.0008165 / 0.003, rel=1e-3),  # population spread over the mean
+    }
     schedstat.unlink()  # a kernel without scheduler statistics, and no pinned core: nothing made up
     clock = iter([0.0, 1.0])
     assert host.LaunchThread(None).metrics() == {}

@@ -165,6 +165,10 @@ def test_a_batch_sweep_counts_every_image_and_compares_image_by_image(cli, test_
         assert run.data.tags["energy"] == "unavailable: not on a GPU" and "energy_j_per_image" not in metrics
         assert run.data.tags["clock_limits"] == "unavailable: not on a GPU" and "power_capped_share" not in metrics
         assert run.data.tags["gpu_busy"] == "unavailable: not on a GPU" and "gpu_busy_share" not in metrics
+        loops = [m.value for m in client.get_metric_history(run.info.run_id, "call_core_loop_ms")]
+        assert len(loops) == 2 and all(loop > 0 for loop in loops)  # a fixed loop timed before each call
+        assert metrics["launch_core_loop_ms"] == pytest.approx(sum(loops) / 2)  # the median of two
+        assert metrics["launch_core_loop_cv"] == pytest.approx(abs(loops[0] - loops[1]) / sum(loops))
     assert by[("2", "same")].data.metrics["images_compared"] == 4  # image by image, all four
     assert by[("2", "same")].data.tags["baseline_run"] == by[("2", "none")].info.run_id  # its own batch's baseline
 
