@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -336,6 +337,48 @@ def test_the_profile_script_times_its_calls_unpinned_pinned_and_paused(capsys: p
     said = capsys.readouterr().out  # each block said as it ends, before any profiling
     assert said.count(" s a call, ") == 3 and "pinned to core 0: " in said and "launch_thread_cpu_share" in said
     assert list(warm_and_time(*args, core=None)) == ["unpinned", "unpinned, calls 0.5 s apart"]
+
+
+def test_the_core_speed_script_times_its_probes_before_each_call(tmp_path: Path) -> None:
+    """benchmarks/core_speed.py end to end on a tiny CPU pipeline: both probes and the thread's counters for every
+    call (nothing pinned on the CPU, as in the runner)."""
+    out = tmp_path / "core_speed.json"
+    done = run_script("core_speed.py", out, "model=tiny_sdxl", "res=64", "runs=3", "steps=2")
+    result = json.loads(out.read_text())
+    assert result["core"] is None and len(result["calls"]) == 3
+    for call in result["calls"]:
+        assert call["latency_s"] > 0 and call["python_probe_s"] > 0 and call["launch_probe_s"] > 0
+        assert call["minor_faults"] >= 0 and call["involuntary_switches"] >= 0
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("call ") for line in lines) == 3 and "correlation of the latency" in lines[-1]
+
+
+def test_the_threads_watch_puts_a_pinned_threads_time_on_its_core(tmp_path: Path) -> None:
+    """benchmarks/threads_watch.py as a process beside this one: this thread, pinned to a core and spinning for
+    0.3 s of its own CPU time, is seen on that core with about that many ticks (the kernel counts in ticks of 10
+    ms or less: half allowed), and the core's own ticks hold them (each counted by the kernel apart: 20% allowed)."""
+    from threads_watch import summarise
+
+    out, core = tmp_path / "threads.json", max(os.sched_getaffinity(0))
+    watcher = subprocess.Popen([sys.executable, "benchmarks/threads_watch.py", str(out), "0.05"], cwd=ROOT)
+    allowed = os.sched_getaffinity(0)
+    try:
+        time.sleep(0.3)  # its first reading
+        os.sched_setaffinity(0, {core})
+        began = time.thread_time()
+        while time.thread_time() - began < 0.3:
+            pass
+    finally:
+        os.sched_setaffinity(0, allowed)
+        watcher.terminate()  # it reads once more, while this thread still exists, then writes
+        assert watcher.wait(timeout=30) == 0
+    watch = json.loads(out.read_text())
+    seen = summarise(watch, core, 0, time.time() + 1)
+    mine = [ticks for name, ticks in seen["threads"].items() if f"tid {threading.get_native_id()}," in name]
+    tick = watch["tick_s"]
+    assert mine and mine[0] * tick >= 0.15, seen
+    assert seen["core_ticks"]["user"] + seen["core_ticks"]["system"] >= 0.8 * mine[0], seen  # counted apart
+    assert len(watch["interrupts"]) == 2 and watch["samples"][-1]["t"] > watch["samples"][0]["t"]
 
 
 def test_kernel_breakdown_puts_each_kernel_in_its_phase_and_kind() -> None:
