@@ -15,7 +15,9 @@ more than twice the standard error of that difference, both runs' timed calls we
 Otherwise it is ``about as fast``, or ``inconclusive`` with the reason: rerun.
 
 Where the chosen baseline kept the GPU busy under ``HOST_BOUND`` of its timed calls (``gpu_busy_share``), the
-reason says so: its latency, and so the speedup, measure the host's CPU as much as the GPU.
+reason says so: its latency, and so the speedup, measure the host's CPU as much as the GPU; and where its
+launching core ran the runner's fixed loop (``launch_core_loop_ms``) more than ``CORE_GAP`` slower or faster
+than the run's did, it says that too: the host's speed moved between the two.
 
 **Best.** ``best=true`` goes, per job and conditions, to the fastest run faster than its baseline with quality
 unaffected; where there is none, to the newest steady baseline. It moves when a better run appears.
@@ -39,6 +41,10 @@ FASTER = 1.05  # the smallest speedup worth calling one (and slowdown, 1/FASTER)
 # read 21-54% on an H200, its graphed runs 90-95% (BENCHMARKS.md, "Cold compiles shown cold"). Said, not judged:
 # the speedup is real on that host, and moves with its CPU.
 HOST_BOUND = 0.8
+# Said of such a baseline where its launching core's fixed loop (runner/host.py, LaunchThread) took a median this
+# much longer or shorter than the run's: on one H200 start eager none's loop read 1.94 ms (calls steady at 3.894 s,
+# 15% busy) and cuda_graph's minutes later 1.32 ms (BENCHMARKS.md, "The launching core's speed").
+CORE_GAP = 0.15
 
 
 def compare(tracker: Tracker, records: list[JobRecord]) -> None:
@@ -86,6 +92,12 @@ def _compare_run(run: JobRecord, members: list[JobRecord]) -> Comparison:
             f"; its baseline kept the GPU busy {busy:.0%} of its timed calls: bound by the host, so the speedup "
             "moves with its CPU"
         )
+        base_loop, loop = chosen.metrics.get("launch_core_loop_ms"), run.metrics.get("launch_core_loop_ms")
+        if base_loop and loop and abs(base_loop / loop - 1) > CORE_GAP:
+            why += (
+                f", whose launching core ran a fixed loop in {base_loop:.2f} ms against {loop:.2f} ms during this "
+                "run: the host's speed moved between them"
+            )
     speedup = chosen.latency_s / run.latency_s if run.latency_s > 0 else None
     memory, base_memory = run.memory_gib, chosen.memory_gib
     ratio = memory / base_memory if memory and base_memory else None

@@ -157,6 +157,14 @@ def test_a_baseline_that_kept_the_gpu_waiting_on_its_host_is_said_to_be_bound_by
         "the same sweep's baseline; its baseline kept the GPU busy 21% of its timed calls: bound by the host, "
         "so the speedup moves with its CPU"
     )
+    base.metrics["launch_core_loop_ms"], graphed.metrics["launch_core_loop_ms"] = 1.94, 1.32  # that start's loops
+    assert compare_job([base, graphed])[graphed.run_id].why == (
+        "the same sweep's baseline; its baseline kept the GPU busy 21% of its timed calls: bound by the host, "
+        "so the speedup moves with its CPU, whose launching core ran a fixed loop in 1.94 ms against 1.32 ms "
+        "during this run: the host's speed moved between them"
+    )
+    graphed.metrics["launch_core_loop_ms"] = 1.80  # within 15%: the host's speed is not said to have moved
+    assert compare_job([base, graphed])[graphed.run_id].why.endswith("so the speedup moves with its CPU")
     base.metrics["gpu_busy_share"] = 0.95  # a GPU-bound baseline (or one without the samples): nothing said
     assert compare_job([base, graphed])[graphed.run_id].why == "the same sweep's baseline"
     del base.metrics["gpu_busy_share"]
