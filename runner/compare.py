@@ -92,11 +92,11 @@ def _compare_run(run: JobRecord, members: list[JobRecord]) -> Comparison:
             f"; its baseline kept the GPU busy {busy:.0%} of its timed calls: bound by the host, so the speedup "
             "moves with its CPU"
         )
-        base_loop, loop = chosen.metrics.get("launch_core_loop_ms"), run.metrics.get("launch_core_loop_ms")
-        if base_loop and loop and abs(base_loop / loop - 1) > CORE_GAP:
+        loops = core_gap(chosen, run)
+        if loops is not None:
             why += (
-                f", whose launching core ran a fixed loop in {base_loop:.2f} ms against {loop:.2f} ms during this "
-                "run: the host's speed moved between them"
+                f", whose launching core ran a fixed loop in {loops[0]:.2f} ms against {loops[1]:.2f} ms during "
+                "this run: the host's speed moved between them"
             )
     speedup = chosen.latency_s / run.latency_s if run.latency_s > 0 else None
     memory, base_memory = run.memory_gib, chosen.memory_gib
@@ -120,6 +120,15 @@ def host_bound(baseline: JobRecord) -> float | None:
     enough, or not read: CPU runs, GPUs whose driver keeps no utilisation samples)."""
     busy = baseline.metrics.get("gpu_busy_share")
     return busy if busy is not None and busy < HOST_BOUND else None
+
+
+def core_gap(baseline: JobRecord, run: JobRecord) -> tuple[float, float] | None:
+    """The baseline's and the run's fixed loops on their launching cores (ms), where the baseline was bound by its
+    host and the two differ by more than CORE_GAP; else None."""
+    base_loop, loop = baseline.metrics.get("launch_core_loop_ms"), run.metrics.get("launch_core_loop_ms")
+    if host_bound(baseline) is None or not base_loop or not loop or abs(base_loop / loop - 1) <= CORE_GAP:
+        return None
+    return base_loop, loop
 
 
 def pace(run: JobRecord, baseline: JobRecord) -> Pace:

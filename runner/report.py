@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from runner.catalogue import Metric, describe
-from runner.compare import FASTER, host_bound
+from runner.compare import FASTER, core_gap, host_bound
 from runner.config import MlflowConfig
 from runner.errors import RunnerError, one_line
 from runner.html import to_html
@@ -185,7 +185,7 @@ class Report:
                 f"{self._pace(run) if run.comparison else '-'} | {run.quality.verdict} | "
                 f"{run.measurement.steadiness} |"
             )
-        lines += ["", *self._images(runs), "", "**Conclusion.** " + " ".join(_sentence(r) for r in runs), ""]
+        lines += ["", *self._images(runs), "", "**Conclusion.** " + " ".join(_sentence(r, runs) for r in runs), ""]
         return lines
 
     def _pace(self, run: JobRecord) -> str:
@@ -332,8 +332,9 @@ def _cell(run: JobRecord, metric: Metric) -> str:
     return shown if spread is None else f"{shown} ± {spread:.3f}"
 
 
-def _sentence(run: JobRecord) -> str:
-    """One sentence on one run: how fast against its baseline, whether that is a verdict, and quality."""
+def _sentence(run: JobRecord, job_runs: list[JobRecord]) -> str:
+    """One sentence on one run: how fast against its baseline (of ``job_runs``), whether that is a verdict, whether
+    the host's speed moved between the two, and quality."""
     c = run.comparison
     if run.is_baseline:
         busy = host_bound(run)
@@ -357,6 +358,13 @@ def _sentence(run: JobRecord) -> str:
         Quality.AFFECTED: "quality affected",
         Quality.UNKNOWN: "quality not compared",
     }[run.quality.verdict]
+    baseline = next((r for r in job_runs if r.run_id == c.baseline_run), None)
+    loops = core_gap(baseline, run) if baseline is not None else None
+    if loops is not None:
+        speed += (
+            f" (the baseline's launching core ran a fixed loop in {loops[0]:.2f} ms, {loops[1]:.2f} ms during this "
+            "run: the host's speed moved between them)"
+        )
     return f"{run.accelerator}: {speed}, {quality} ({run.quality.why})."
 
 
