@@ -10,8 +10,8 @@ GPU-launching thread may have.
 - ``CpuLoad`` and ``gpu_neighbours``: the CPU other processes used while the job was timed (from
   /proc/stat), and other processes on the job's GPU (from NVML); ``LaunchThread``, where the launching thread's
   time went (on a CPU, waiting for its core, its core stolen by the hypervisor) and how fast its core ran a fixed
-  loop between the calls; ``gpu_reading``, the GPU's cumulative
-  counters: its energy, and the time its clocks were held down by its power limit or its temperature.
+  loop between the calls; ``gpu_reading``, the GPU's cumulative counters: its energy, and the time its clocks were
+  held down by its power limit or its temperature.
 """
 
 import fcntl
@@ -30,9 +30,9 @@ from runner.gpus import nvidia_smi
 HOST = socket.gethostname()
 STAT = Path("/proc/stat")
 THREAD_STAT = Path("/proc/thread-self/schedstat")  # the calling thread: ns on a CPU, ns waiting for one, slices
-# Iterations of the fixed loop LaunchThread.probe times before each timed call: about 1 ms of CPython on our CPU
-# machine, 1.4-3 ms on an H200 host's pinned core (300,000 took 21-43 ms there: BENCHMARKS.md, "The launching core's
-# speed"). Short, since the GPU idles through it inside the block whose energy and busy share are read.
+# Iterations of the fixed loop LaunchThread.probe times before each timed call: 0.79 ms of CPython on our CPU
+# machine, 1.2-2.1 ms on an H200 host's pinned core (BENCHMARKS.md, "The launching core's speed"). Short, since the
+# GPU idles through it inside the block whose energy and busy share are read.
 CORE_LOOP = 20_000
 # A host counts as busy when other processes used more than this share of its cores (at least half a core)
 # while the job was timed: then the scheduler puts their threads on the job's cores too.
@@ -182,12 +182,12 @@ class LaunchThread:
     /proc does not hold here is left out.
 
     And, where ``probe`` ran between the calls, how fast the core ran the same pure-Python loop each time
-    (``launch_core_loop_ms``, the median, and ``launch_core_loop_cv``, its spread; the worker logs each call's
-    as the series ``call_core_loop_ms``): the thread
-    above was on its core 99.97% of the time, never waiting and never stolen from, and its calls still took
-    2.4-4.1 s, while the loop took 21-43 ms on that core between them (BENCHMARKS.md, "The launching core's speed").
-    A cloud host's core can run at half speed for seconds at a time, as its neighbours load the physical core
-    under it, with nothing in /proc to say so; an eager pipeline's launching is interpreter work like the loop."""
+    (``launch_core_loop_ms``, the median, and ``launch_core_loop_cv``, its spread; the worker logs each call's as
+    the series ``call_core_loop_ms``). On later H200 starts the thread above was on its core 99.97% of the time,
+    never waiting and never stolen from, and its calls still took 2.3-4.2 s, while a longer loop took 21-43 ms on
+    that core between them (BENCHMARKS.md, "The launching core's speed"): a cloud host's core can run at half
+    speed for seconds at a time with nothing in /proc to say so, and an eager pipeline's launching is interpreter
+    work like the loop."""
 
     def __init__(self, core: int | None) -> None:
         self.core = core
