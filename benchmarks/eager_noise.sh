@@ -6,7 +6,8 @@
 # runner pins (the highest core), unpinned (pin_cpu=false), and pinned with the process held to cores 0-7
 # (taskset: the lease pins core 7). benchmarks/threads_watch.py samples every core and thread throughout, each
 # line of the sweeps is stamped with the wall clock (to place the timed calls), and `python -X importtime` of
-# the workers' server's imports runs twice before (what a sweep's first job waits for). Results in $OUT.
+# the workers' server's imports runs twice before (what a sweep's first job waits for). Results in
+# $OUT/eager_noise.tgz.
 set -uo pipefail
 . benchmarks/device_env.sh
 budget=${BUDGET:-570}
@@ -44,4 +45,7 @@ for sweep in "$@"; do
 done
 kill "$watcher"
 wait "$watcher"
+# One archive: the device tool brings back eight files at most, and on 2026-12-04 a log was left behind.
+packed=$(mktemp -d)/eager_noise.tgz
+tar czf "$packed" -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv "$packed" "$OUT/"
 echo "eager_noise.sh took ${SECONDS}s"

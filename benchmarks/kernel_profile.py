@@ -277,6 +277,7 @@ def warm_and_time(cfg: Any, pipe: Any, image: Any, device: torch.device, gpu: st
             for index in range(cfg.runs):
                 time.sleep(pause if index else 0.0)
                 kwargs = pipeline_args(cfg, prompts, image, device, index)  # outside the timed call, as the runner
+                launching.probe()  # the core's speed before each call, as the runner times it
                 calls.append(vars(clock.time_call(lambda kwargs=kwargs: pipe(**kwargs))[1]))
         timed[block] = {
             "core": core if pinned else None,
