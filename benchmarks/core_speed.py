@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from prepare import prepare
 
-from runner.host import cores_near
+from runner.host import core_loop_s, cores_near
 from runner.measure import PhaseClock, one_torch_thread, steady_host, synchronize
 from runner.worker import pipeline_args
 
@@ -33,11 +33,8 @@ LAUNCHES = 2_000
 
 
 def python_probe() -> float:
-    started = time.perf_counter()
-    total = 0
-    for value in range(PROBE_LOOPS):
-        total += value * value % 7
-    return time.perf_counter() - started
+    """The runner's own loop (runner/host.py), longer: 300,000 iterations."""
+    return core_loop_s(PROBE_LOOPS)
 
 
 def launch_probe(device: torch.device) -> float:
