@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +86,10 @@ def run_job(cfg: DictConfig) -> str:
 
     run_id = tracker.start_job(name, logged_params(config), config.sweep_id, tags)
     try:
-        with sigterm_raises():  # from here to the run's end a stop closes the run, wherever it lands
+        with sigterm_raises() as warned:  # from here to the run's end a stop closes the run, wherever it lands
             outcome, why, result = measure_and_record(tracker, run_id, config, switched, name, timeline)
+            if warned:  # the launcher's stop at a time-limit warning, swallowed where it landed: raised again here
+                raise warned[0]
     except (KeyboardInterrupt, Terminated) as stop:
         signal_name = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
         why = (isinstance(stop, Terminated) and slurm.job_id() and slurm.why_stopped(slurm.job_id())) or ""
@@ -224,22 +226,52 @@ def alive(pid: int) -> bool:
     return True
 
 
+# Signals a job scheduler's launcher binds to end a job when its time limit is near (submitit: SIGUSR2, or the one
+# SUBMITIT_PREEMPT_SIGNAL names); their handlers raise to stop the job.
+WARNINGS = tuple(getattr(signal, name) for name in ("SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+
+
 @contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
+def sigterm_raises() -> Iterator[list[BaseException]]:
     """Within the block SIGTERM raises Terminated, so the job can close its run; Python lets only the main
-    thread handle signals, so elsewhere the block runs as it is."""
+    thread handle signals, so elsewhere the block runs as it is.
+
+    Yields the exceptions that a launcher's own handler of a WARNINGS signal raised: a handler's exception lands
+    wherever the main thread was, and where that is inside a library's ``except Exception`` it goes no further.
+    On 2026-12-04 SLURM's SIGCONT and SIGUSR2 came together: submitit's SIGUSR2 handler ran inside the logging of
+    its SIGCONT one, logging swallowed the error meant to end the job, and the run was recorded as failed when
+    the worker died rather than stopped at its time limit. The caller raises the first of them again."""
+    raised: list[BaseException] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield raised
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminate)}
+    for number in WARNINGS:
+        handler = signal.getsignal(number)
+        if callable(handler):
+            previous[number] = signal.signal(number, _kept(handler, raised))
     try:
-        yield
+        yield raised
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+def _kept(handler: Callable[[int, Any], Any], raised: list[BaseException]) -> Callable[[int, Any], None]:
+    """``handler``, keeping in ``raised`` whatever it raises before raising it on."""
+
+    def handle(signum: int, frame: Any) -> None:
+        try:
+            handler(signum, frame)
+        except BaseException as error:
+            raised.append(error)
+            raise
+
+    return handle
 
 
 def lenient_name(cfg: DictConfig) -> str:

@@ -256,3 +256,31 @@ def test_a_server_that_does_not_answer_is_one_line_within_seconds(cli, hangs: bo
     # more on a loaded 2-core CI runner (30.7 s in all against the bound of 30 s this had): a bound that tells
     # the two apart without resting on the host's speed.
     assert took < 2 * (PROBE_TIMEOUT_S + 40)
+
+
+def test_a_launchers_stop_swallowed_where_it_landed_is_raised_again() -> None:
+    """A launcher's handler of SLURM's time-limit warning (submitit's, SIGUSR2) raises to end the job; where the
+    signal lands inside a library's ``except Exception`` (logging's emit, on a CI run of 2026-12-04) the error goes
+    no further, so the job keeps it and raises it again (runner/job.py, run_job). The launcher's handler is back
+    after the block, and it still raised where it landed."""
+    from runner.job import sigterm_raises
+
+    class TimeLimitNear(Exception):
+        pass
+
+    def launchers(signum: int, frame: object) -> None:
+        raise TimeLimitNear("this job is timed-out")
+
+    before = signal.signal(signal.SIGUSR2, launchers)
+    swallowed = []
+    try:
+        with sigterm_raises() as warned:
+            try:
+                os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(5)  # the handler runs here, on this (the main) thread
+            except Exception as error:  # as logging's emit does
+                swallowed.append(error)
+            assert [type(error) for error in warned] == [TimeLimitNear] and swallowed == warned
+        assert signal.getsignal(signal.SIGUSR2) is launchers
+    finally:
+        signal.signal(signal.SIGUSR2, before)
