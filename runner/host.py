@@ -182,8 +182,8 @@ class LaunchThread:
     /proc does not hold here is left out.
 
     And, where ``probe`` ran between the calls, how fast the core ran the same pure-Python loop each time
-    (``launch_core_loop_ms``, the median, and ``launch_core_loop_cv``, its spread; the worker logs each call's as
-    the series ``call_core_loop_ms``). On later H200 starts the thread above was on its core 99.97% of the time,
+    (``launch_core_loop_ms``, the median, and ``launch_core_loop_cv``, its spread; ``series``, each call's as
+    ``call_core_loop_ms``). On later H200 starts the thread above was on its core 99.97% of the time,
     never waiting and never stolen from, and its calls still took 2.3-4.2 s, while a longer loop took 21-43 ms on
     that core between them (BENCHMARKS.md, "The launching core's speed"): a cloud host's core can run at half
     speed for seconds at a time with nothing in /proc to say so, and an eager pipeline's launching is interpreter
@@ -217,6 +217,10 @@ class LaunchThread:
         if len(self.loops_s) > 1:
             shares["launch_core_loop_cv"] = statistics.pstdev(self.loops_s) / statistics.mean(self.loops_s)
         return shares
+
+    def series(self) -> dict[str, list[float]]:
+        """Each probed call's loop (ms), in call order; empty where ``probe`` never ran."""
+        return {"call_core_loop_ms": [seconds * 1e3 for seconds in self.loops_s]} if self.loops_s else {}
 
 
 def core_loop_s(iterations: int = CORE_LOOP) -> float:

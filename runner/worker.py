@@ -202,7 +202,7 @@ def time_calls(
                     progress(cfg, f"timed {index + 1}/{cfg.runs}: {timing.latency_s:.3f} s")
             others_cores = host_load.others_cores()
             result.metrics.update(launching.metrics())
-            result.series["call_core_loop_ms"] = [seconds * 1e3 for seconds in launching.loops_s]
+            result.series.update(launching.series())
         result.metrics["timed_compiles"] = graphs_compiled() - compiled
     if warm_energy.joules is not None:
         result.metrics["warmup_energy_j"] = warm_energy.joules

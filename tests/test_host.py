@@ -88,6 +88,7 @@ def test_where_the_launching_threads_time_went(monkeypatch: pytest.MonkeyPatch, 
         "launch_core_loop_ms": pytest.approx(3.0),  # the median
         "launch_core_loop_cv": pytest.approx(0.0008165 / 0.003, rel=1e-3),  # population spread over the mean
     }
+    assert launching.series() == {"call_core_loop_ms": pytest.approx([2.0, 4.0, 3.0])}  # in call order
     schedstat.unlink()  # a kernel without scheduler statistics, and no pinned core: nothing made up
     clock = iter([0.0, 1.0])
     assert host.LaunchThread(None).metrics() == {}
