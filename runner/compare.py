@@ -131,6 +131,22 @@ def core_gap(baseline: JobRecord, run: JobRecord) -> tuple[float, float] | None:
     return base_loop, loop
 
 
+def why_not_again(rebaseline: str, firsts: list[JobRecord]) -> str | None:
+    """Why a baseline the sweeper stamped ``baseline_again`` (runner/sweep.py, ``with_baseline_again``) is not
+    measured a second time, or None to measure it. ``firsts``: its job's baseline runs this sweep measured."""
+    if not firsts:
+        return "this sweep did not measure it before (it was done in an earlier sweep, or did not finish)"
+    busy = firsts[-1].metrics.get("gpu_busy_share")
+    if rebaseline == "always" or (busy is not None and busy < HOST_BOUND):
+        return None
+    if busy is None:
+        return (
+            "its first run's GPU busy share was not read (a CPU run, or a driver without samples); "
+            "rebaseline=always would"
+        )
+    return f"its first run kept the GPU busy {busy:.0%} of its timed calls; rebaseline=always would"
+
+
 def pace(run: JobRecord, baseline: JobRecord) -> Pace:
     """faster, slower, or about as fast: a difference counts only if the mean latencies differ by at least 5%
     and by more than twice the standard error of that difference (from each run's timed calls)."""
@@ -156,7 +172,8 @@ def _why_none(run: JobRecord, baselines: list[JobRecord]) -> str:
 
 
 def _latencies(runs: list[JobRecord]) -> str:
-    return ", ".join(f"{r.latency_s:.3f} s (run {r.run_id[:8]})" for r in runs)
+    again = {r.run_id: ", measured again" if r.again_of else "" for r in runs}
+    return ", ".join(f"{r.latency_s:.3f} s (run {r.run_id[:8]}{again[r.run_id]})" for r in runs)
 
 
 def _alike(conditions: Conditions) -> tuple:

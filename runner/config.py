@@ -33,6 +33,7 @@ from runner.errors import RunnerError
 
 WEIGHTS = ("pretrained", "random")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+REBASELINE = ("auto", "always", "never")  # when a sweep measures a baseline again (Config.rebaseline)
 INPUTS = ("prompt", "image")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -196,6 +197,15 @@ class Config:
     force: bool = setting(
         False, help="run jobs again though their exact configuration already finished", identity=False
     )
+    rebaseline: str = setting(
+        "auto",
+        help="measure each job's baseline again after its accelerated runs in a sweep: auto (when the baseline "
+        "kept its GPU busy under 80%: bound by the host, whose speed moves), always, never",
+        identity=False,
+    )
+    baseline_again: bool = setting(
+        False, help="stamped by the sweeper on a baseline's second measurement in one sweep", identity=False
+    )
     log_images: bool = setting(True, help="log the generated PNGs")
     sweep_id: str = setting("", help="stamped by the sweeper on every job of one sweep", identity=False)
     quality: QualityConfig = field(default_factory=QualityConfig)
@@ -311,6 +321,7 @@ def check(cfg: Config) -> None:
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ConfigError(f"device={cfg.device}: use auto, cpu, cuda or cuda:N")
     _check_choice("dtype", cfg.dtype, DTYPES)
+    _check_choice("rebaseline", cfg.rebaseline, REBASELINE)
     _check_choice("model.weights", cfg.model.weights, WEIGHTS)
     for needed in cfg.task.inputs:
         _check_choice("task.inputs", needed, INPUTS)

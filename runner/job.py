@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner import slurm
+from runner.compare import why_not_again
 from runner.config import (
     Config,
     ConfigError,
@@ -74,7 +75,17 @@ def run_job(cfg: DictConfig) -> str:
         return _ended(name, Outcome.FAILED, message, run_id)
     name, key = job_name(config), config_hash(config)
     tags["config_hash"] = key
-    earlier = [] if config.force else [r for r in tracker.records(f"tags.config_hash = '{key}'") if r.outcome in DONE]
+    if config.baseline_again:  # the sweeper's second measurement of this baseline, after the job's accelerated runs
+        ran = tracker.records(f"tags.config_hash = '{key}' and tags.sweep_id = '{config.sweep_id}'")
+        firsts = [r for r in ran if r.ok and not r.again_of]
+        reason = why_not_again(config.rebaseline, firsts)
+        if reason:
+            print(f"[{name}] not measured again: {reason}", flush=True)
+            return "not measured again"
+        name, tags["baseline_again"] = f"{name} again", firsts[-1].run_id
+        print(f"[{name}] the baseline again, after the job's accelerated runs (its first: run {firsts[-1].run_id})")
+    done = config.force or config.baseline_again
+    earlier = [] if done else [r for r in tracker.records(f"tags.config_hash = '{key}'") if r.outcome in DONE]
     if earlier:
         last = earlier[-1]
         print(f"[{name}] {DONE[last.outcome]} already as run {last.run_id}: not run again (force=true would)")

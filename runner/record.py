@@ -226,6 +226,7 @@ class JobRecord:
     comparison: Comparison | None
     metrics: dict[str, float]
     params: dict[str, str]
+    again_of: str = ""  # a baseline measured again after its job's accelerated runs: the first one's run id
 
     @property
     def ok(self) -> bool:
@@ -310,6 +311,7 @@ class JobRecord:
             else None,
             metrics=dict(metrics),
             params=dict(params),
+            again_of=tags.get("baseline_again", ""),
         )
 
 

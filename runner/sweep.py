@@ -228,15 +228,40 @@ def record_uncomposable(master: DictConfig, overrides: list[str], error: Excepti
     return message
 
 
+def with_baseline_again(jobs: list[tuple[list[str], bool, str]]) -> list[list[str]]:
+    """The batch, each job given as (overrides, whether its accelerator is its baseline, its ``rebaseline``),
+    with each baseline stamped ``baseline_again=true`` a second time right after the last of its job's
+    accelerated runs: an eager baseline's mean moved 9-26% between sweeps minutes apart on one H200 start while
+    its graphed runs held within 0.1% (BENCHMARKS.md, "A baseline measured again"), so one measured before them
+    says little of the host during them. Whether it is measured is decided when its turn comes (run_job:
+    ``rebaseline=auto`` measures it only where the first kept its GPU busy under 80%)."""
+    batch = [overrides for overrides, _, _ in jobs]
+    again: dict[tuple[str, ...], list[str]] = {}  # the job's key -> its baseline's overrides
+    last: dict[tuple[str, ...], int] = {}  # the job's key -> where its last accelerated run is in the batch
+    for index, (overrides, is_baseline, rebaseline) in enumerate(jobs):
+        key = _job_key(overrides)
+        if is_baseline and rebaseline != "never":
+            again[key] = overrides
+        elif not is_baseline:
+            last[key] = index
+    for key, index in sorted(((k, i) for k, i in last.items() if k in again), key=lambda item: -item[1]):
+        batch.insert(index + 1, [*again[key], "baseline_again=true"])
+    return batch
+
+
 def with_gpu_slots(batch: list[list[str]]) -> list[list[str]]:
     """Stamp every job with a ``gpu_slot``: jobs that differ only in their accelerator share one, so that on a
     host with several GPUs they run on one GPU, one after another, and compare like with like (the same
     physical GPU), while other jobs run on the other GPUs."""
     slots: dict[tuple[str, ...], int] = {}
     for overrides in batch:
-        job = tuple(item for item in overrides if not item.startswith(("accelerator=", "accelerator.")))
-        overrides.append(f"gpu_slot={slots.setdefault(job, len(slots))}")
+        overrides.append(f"gpu_slot={slots.setdefault(_job_key(overrides), len(slots))}")
     return batch
+
+
+def _job_key(overrides: list[str]) -> tuple[str, ...]:
+    """What a job is without its accelerator (and without the sweeper's own stamp of a second baseline)."""
+    return tuple(item for item in overrides if not item.startswith(("accelerator=", "accelerator.", "baseline_again=")))
 
 
 def format_table(records: list[JobRecord], earlier: set[str] = frozenset()) -> str:

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from runner.job import time_summary
+from runner.sweep import with_baseline_again, with_gpu_slots
 
 REQUIRED_PARAMS = {
     "model",
@@ -212,6 +213,44 @@ def test_quality_failure_keeps_the_timings(cli, tiny_sdxl_folder: Path) -> None:
     [run] = sweep.runs().values()
     assert run.data.tags["error"].startswith("quality.clip_model=openai/clip-vit-base-patch16 could not be loaded")
     assert run.data.metrics["latency_s"] > 0
+
+
+def test_each_baseline_comes_again_after_its_job_s_last_accelerated_run() -> None:
+    def jobs(rebaseline: str = "auto") -> list[tuple[list[str], bool, str]]:
+        grid = [("none", "512"), ("none", "1024"), ("x", "512"), ("x", "1024"), ("none", "768")]
+        return [([f"accelerator={a}", f"res={r}"], a == "none", rebaseline) for a, r in grid]
+
+    assert with_gpu_slots(with_baseline_again(jobs())) == [
+        ["accelerator=none", "res=512", "gpu_slot=0"],
+        ["accelerator=none", "res=1024", "gpu_slot=1"],
+        ["accelerator=x", "res=512", "gpu_slot=0"],
+        ["accelerator=none", "res=512", "baseline_again=true", "gpu_slot=0"],  # on its job's GPU
+        ["accelerator=x", "res=1024", "gpu_slot=1"],
+        ["accelerator=none", "res=1024", "baseline_again=true", "gpu_slot=1"],
+        ["accelerator=none", "res=768", "gpu_slot=2"],  # a baseline with nothing to compare: once
+    ]
+    assert with_baseline_again(jobs("never")) == [overrides for overrides, _, _ in jobs()]
+
+
+def test_a_sweep_measures_its_baseline_again_after_the_accelerated_run(cli, test_accelerators: str) -> None:
+    args = ("-m", "accelerator=none,same", "res=64", "runs=2", test_accelerators)
+    sweep = cli(*args, "rebaseline=always")
+    assert sweep.code == 0, sweep.output
+    runs = sweep.runs()
+    assert set(runs) == {"tiny/t2i/64/none", "tiny/t2i/64/same", "tiny/t2i/64/none again"}
+    first, same, again = (runs[f"tiny/t2i/64/{name}"] for name in ("none", "same", "none again"))
+    assert again.data.tags["baseline_again"] == first.info.run_id and "baseline_again" not in first.data.tags
+    assert again.data.tags["config_hash"] == first.data.tags["config_hash"]  # the same job, measured twice
+    assert first.info.end_time <= same.info.start_time and same.info.end_time <= again.info.start_time
+    assert same.data.tags["baseline_run"] == again.info.run_id  # the newest of the sweep's, judged beside the first
+    assert "tiny/t2i/64/none again" in sweep.output.split("Sweep ")[-1]  # in the sweep's table
+
+    sweep = cli(*args, "force=true")  # rebaseline=auto: on the CPU there is no GPU busy share to go by
+    assert sweep.code == 0, sweep.output
+    assert "[tiny/t2i/64/none] not measured again: its first run's GPU busy share was not read" in sweep.output
+    client = MlflowClient(sweep.tracking_uri)
+    jobs = client.search_runs([first.info.experiment_id], "tags.kind = 'job'")
+    assert len(jobs) == 5 and sum("baseline_again" in run.data.tags for run in jobs) == 1  # none and same again
 
 
 def test_a_worker_that_dies_is_recorded_as_failed(cli, test_accelerators: str) -> None:

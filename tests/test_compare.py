@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 
-from runner.compare import compare, compare_job, pace
+from runner.compare import compare, compare_job, pace, why_not_again
 from runner.config import MlflowConfig
 from runner.measure import steadiness
 from runner.record import (
@@ -131,6 +131,39 @@ def test_baselines_that_disagree_give_no_verdict() -> None:
     assert result[graphed.run_id].speedup == pytest.approx(2.830 / 1.122)  # measured against the newest, said
     assert "disagrees with 2.830 s" in result[quiet.run_id].why  # and the baselines say so too
     assert result[quiet.run_id].pace is Pace.BASELINE and result[quiet.run_id].speedup is None
+
+
+def test_a_baseline_measured_again_after_the_run_that_moved_withholds_the_verdict() -> None:
+    """An H200 start (BENCHMARKS.md, "A baseline measured again"): eager none 2.535 s (CV 12.2%) before
+    cuda_graph's steady 1.426 s, 2.011 s (CV 11.2%) and 2.197 s (CV 10.8%) minutes later."""
+    first, graphed = job("none", 2.535, 0.309), job("cuda_graph", 1.426, 0.0114)
+    moved = replace(job("none", 2.011, 0.225), again_of=first.run_id)
+    result = compare_job([first, graphed, moved])
+    assert result[graphed.run_id].pace is Pace.INCONCLUSIVE and result[graphed.run_id].baseline_run == moved.run_id
+    assert f"disagree (2.535 s (run {first.run_id[:8]}), 2.011 s (run {moved.run_id[:8]}, measured again))" in (
+        result[graphed.run_id].why
+    )
+    first = job("none", 2.011, 0.225)
+    held = replace(job("none", 2.197, 0.237), again_of=first.run_id)  # within the noise of the first: a verdict
+    result = compare_job([first, graphed, held])
+    assert result[graphed.run_id].pace is Pace.FASTER and result[graphed.run_id].baseline_run == held.run_id
+    assert result[graphed.run_id].speedup == pytest.approx(2.197 / 1.426)
+
+
+def test_a_baseline_is_measured_again_where_it_was_bound_by_its_host() -> None:
+    def first(busy: float | None) -> JobRecord:
+        base = job("none", 2.5)
+        return base if busy is None else replace(base, metrics={**base.metrics, "gpu_busy_share": busy})
+
+    assert why_not_again("auto", [first(0.56)]) is None  # eager SDXL on an H200: 56% busy
+    assert why_not_again("auto", [first(0.96)]) == (
+        "its first run kept the GPU busy 96% of its timed calls; rebaseline=always would"
+    )
+    assert why_not_again("auto", [first(None)]).startswith("its first run's GPU busy share was not read")
+    assert why_not_again("always", [first(0.96)]) is None and why_not_again("always", [first(None)]) is None
+    assert why_not_again("always", []) == (
+        "this sweep did not measure it before (it was done in an earlier sweep, or did not finish)"
+    )
 
 
 def test_a_noisy_or_contended_run_or_baseline_gets_no_verdict() -> None:

@@ -4,7 +4,8 @@ Hydra's basic sweeper composes every job of a sweep before launching any, and on
 model, a resolution that is not a number) aborts them all. This one records such a job as a failed MLflow
 run with a one-line reason and launches the rest. The sweep is an MLflow run of its own, the parent of its
 jobs' runs (its id is stamped on every job), and always ends with a table, a comparison of the runs and a
-report logged to that run, exiting non-zero if any job failed. The logic lives in runner/sweep.py.
+report logged to that run, exiting non-zero if any job failed. Each job's baseline comes again after the
+job's accelerated runs (``rebaseline``). The logic lives in runner/sweep.py.
 """
 
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.sweep import record_uncomposable, run_sweep, with_gpu_slots
+from runner.sweep import record_uncomposable, run_sweep, with_baseline_again, with_gpu_slots
 
 
 class ResilientSweeper(BasicSweeper):
@@ -26,9 +27,9 @@ class ResilientSweeper(BasicSweeper):
         composable = []
         for overrides in super().get_job_batch():
             try:
-                self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                is_baseline = cfg.hydra.runtime.choices.accelerator == cfg.quality.baseline
+                composable.append((list(overrides), is_baseline, str(cfg.rebaseline)))
             except (HydraException, OmegaConfBaseException) as error:
                 record_uncomposable(self.config, list(overrides), error)
-            else:
-                composable.append(list(overrides))
-        return with_gpu_slots(composable)
+        return with_gpu_slots(with_baseline_again(composable))
