@@ -176,7 +176,8 @@ class Report:
             "|---|" + "---:|" * (len(metrics) + 1) + "---|---|---|",
         ]
         for run in runs:
-            name = run.accelerator + (" (baseline)" if run.is_baseline else "")
+            role = " (baseline, measured again after the others)" if run.again_of else " (baseline)"
+            name = run.accelerator + (role if run.is_baseline else "")
             name += " **best**" if run.comparison and run.comparison.best else ""
             cells = [_cell(run, metric) for metric in metrics]
             memory = run.memory_gib

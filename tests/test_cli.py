@@ -244,11 +244,13 @@ def test_a_sweep_measures_its_baseline_again_after_the_accelerated_run(cli, test
     assert first.info.end_time <= same.info.start_time and same.info.end_time <= again.info.start_time
     assert same.data.tags["baseline_run"] == again.info.run_id  # the newest of the sweep's, judged beside the first
     assert "tiny/t2i/64/none again" in sweep.output.split("Sweep ")[-1]  # in the sweep's table
+    client = MlflowClient(sweep.tracking_uri)
+    report = Path(client.download_artifacts(same.data.tags["sweep_id"], "report/report.md")).read_text()
+    assert "| none (baseline, measured again after the others) |" in report  # the newest run of the baseline
 
     sweep = cli(*args, "force=true")  # rebaseline=auto: on the CPU there is no GPU busy share to go by
     assert sweep.code == 0, sweep.output
     assert "[tiny/t2i/64/none] not measured again: its first run's GPU busy share was not read" in sweep.output
-    client = MlflowClient(sweep.tracking_uri)
     jobs = client.search_runs([first.info.experiment_id], "tags.kind = 'job'")
     assert len(jobs) == 5 and sum("baseline_again" in run.data.tags for run in jobs) == 1  # none and same again
 
