@@ -76,14 +76,10 @@ def run_job(cfg: DictConfig) -> str:
     name, key = job_name(config), config_hash(config)
     tags["config_hash"] = key
     if config.baseline_again:  # the sweeper's second measurement of this baseline, after the job's accelerated runs
-        ran = tracker.records(f"tags.config_hash = '{key}' and tags.sweep_id = '{config.sweep_id}'")
-        firsts = [r for r in ran if r.ok and not r.again_of]
-        reason = why_not_again(config.rebaseline, firsts)
-        if reason:
-            print(f"[{name}] not measured again: {reason}", flush=True)
+        first = first_baseline(tracker, config, key, name)
+        if first is None:
             return "not measured again"
-        name, tags["baseline_again"] = f"{name} again", firsts[-1].run_id
-        print(f"[{name}] the baseline again, after the job's accelerated runs (its first: run {firsts[-1].run_id})")
+        name, tags["baseline_again"] = f"{name} again", first
     done = config.force or config.baseline_again
     earlier = [] if done else [r for r in tracker.records(f"tags.config_hash = '{key}'") if r.outcome in DONE]
     if earlier:
@@ -115,6 +111,20 @@ def run_job(cfg: DictConfig) -> str:
         print(f"[{name}] {time_summary(spent | (result.metrics if result else {}))}", flush=True)
     tracker.end_job(run_id, outcome, why, metrics=spent)
     return _ended(name, outcome, why, run_id)
+
+
+def first_baseline(tracker: Tracker, config: Config, key: str, name: str) -> str | None:
+    """The run id of this baseline's first measurement in the sweep, when it is to be measured again
+    (``rebaseline``); else None, said in a line."""
+    ran = tracker.records(f"tags.config_hash = '{key}' and tags.sweep_id = '{config.sweep_id}'")
+    firsts = [r for r in ran if r.ok and not r.again_of]
+    reason = why_not_again(config.rebaseline, firsts)
+    if reason:
+        print(f"[{name}] not measured again: {reason}", flush=True)
+        return None
+    first = firsts[-1].run_id
+    print(f"[{name} again] the baseline again, after the job's accelerated runs (first: run {first})", flush=True)
+    return first
 
 
 def measure_and_record(

@@ -236,16 +236,17 @@ def with_baseline_again(jobs: list[tuple[list[str], bool, str]]) -> list[list[st
     says little of the host during them. Whether it is measured is decided when its turn comes (run_job:
     ``rebaseline=auto`` measures it only where the first kept its GPU busy under 80%)."""
     batch = [overrides for overrides, _, _ in jobs]
-    again: dict[tuple[str, ...], list[str]] = {}  # the job's key -> its baseline's overrides
-    last: dict[tuple[str, ...], int] = {}  # the job's key -> where its last accelerated run is in the batch
+    baselines: dict[tuple[str, ...], int] = {}  # the job's key -> where its baseline is in the batch
+    last: dict[tuple[str, ...], int] = {}  # the job's key -> where its last accelerated run is
     for index, (overrides, is_baseline, rebaseline) in enumerate(jobs):
-        key = _job_key(overrides)
         if is_baseline and rebaseline != "never":
-            again[key] = overrides
+            baselines[_job_key(overrides)] = index
         elif not is_baseline:
-            last[key] = index
-    for key, index in sorted(((k, i) for k, i in last.items() if k in again), key=lambda item: -item[1]):
-        batch.insert(index + 1, [*again[key], "baseline_again=true"])
+            last[_job_key(overrides)] = index
+    # Only a baseline before some of its job's accelerated runs: one after them all has nothing to follow.
+    after = sorted(((last[key], first) for key, first in baselines.items() if last.get(key, -1) > first), reverse=True)
+    for index, first in after:
+        batch.insert(index + 1, [*batch[first], "baseline_again=true"])
     return batch
 
 
