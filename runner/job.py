@@ -118,7 +118,7 @@ def first_baseline(tracker: Tracker, config: Config, key: str, name: str) -> str
     (``rebaseline``); else None, said in a line."""
     ran = tracker.records(f"tags.config_hash = '{key}' and tags.sweep_id = '{config.sweep_id}'")
     firsts = [r for r in ran if r.ok and not r.again_of]
-    reason = why_not_again(config.rebaseline, firsts)
+    reason = skip_reason(config) or why_not_again(config.rebaseline, firsts)
     if reason:
         print(f"[{name}] not measured again: {reason}", flush=True)
         return None
