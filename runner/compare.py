@@ -107,7 +107,8 @@ def _compare_run(run: JobRecord, members: list[JobRecord]) -> Comparison:
         if r.measurement.steadiness is not Steadiness.STEADY
     ]
     if any(pace(a, b) is not Pace.SAME for i, a in enumerate(eligible) for b in eligible[i + 1 :]):
-        problems.append(f"the {len(eligible)} eligible baselines disagree ({_latencies(eligible)})")
+        each = _each(run, eligible)
+        problems.append(f"the {len(eligible)} eligible baselines disagree ({_latencies(eligible)}){each}")
     if problems:
         return Comparison(
             Pace.INCONCLUSIVE, f"{why}; inconclusive, rerun: {'; '.join(problems)}", chosen.run_id, speedup, ratio
@@ -169,6 +170,16 @@ def _why_none(run: JobRecord, baselines: list[JobRecord]) -> str:
         f"no baseline under the same conditions: the {len(baselines)} baseline run(s) of this job had "
         f"{', '.join(reasons)}; run accelerator={run.baseline_accelerator} beside it"
     )
+
+
+def _each(run: JobRecord, baselines: list[JobRecord]) -> str:
+    """Where a run is faster (or slower) than each of the baselines that disagree: said with the speedups, so a
+    withheld verdict still tells how far apart they leave it."""
+    paces = {pace(run, baseline) for baseline in baselines}
+    if len(paces) != 1 or paces == {Pace.SAME} or not run.latency_s > 0:
+        return ""
+    speedups = sorted(baseline.latency_s / run.latency_s for baseline in baselines)
+    return f", though this run is {paces.pop()} than each ({speedups[0]:.2f}×-{speedups[-1]:.2f}×)"
 
 
 def _latencies(runs: list[JobRecord]) -> str:

@@ -140,9 +140,14 @@ def test_a_baseline_measured_again_after_the_run_that_moved_withholds_the_verdic
     moved = replace(job("none", 2.011, 0.225), again_of=first.run_id)
     result = compare_job([first, graphed, moved])
     assert result[graphed.run_id].pace is Pace.INCONCLUSIVE and result[graphed.run_id].baseline_run == moved.run_id
-    assert f"disagree (2.535 s (run {first.run_id[:8]}), 2.011 s (run {moved.run_id[:8]}, measured again))" in (
-        result[graphed.run_id].why
+    assert result[
+        graphed.run_id
+    ].why.endswith(  # withheld, and how far apart the two leave it
+        f"disagree (2.535 s (run {first.run_id[:8]}), 2.011 s (run {moved.run_id[:8]}, measured again)), though "
+        "this run is faster than each (1.41×-1.78×)"
     )
+    between = job("x", 2.3, 0.2)  # faster than the first, slower than the second: nothing to add
+    assert compare_job([first, between, moved])[between.run_id].why.endswith("measured again))")
     first = job("none", 2.011, 0.225)
     held = replace(job("none", 2.197, 0.237), again_of=first.run_id)  # within the noise of the first: a verdict
     result = compare_job([first, graphed, held])
