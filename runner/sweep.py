@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.catalogue import SWEEP_TABLE, describe
 from runner.compare import compare
-from runner.config import MlflowConfig, no_such_option, option_label, run_name, value_error
+from runner.config import REBASELINE, MlflowConfig, no_such_option, option_label, run_name, value_error
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
 from runner.job import Stopped, Terminated, alive, sigterm_raises
@@ -239,7 +239,7 @@ def with_baseline_again(jobs: list[tuple[list[str], bool, str]]) -> list[list[st
     baselines: dict[tuple[str, ...], int] = {}  # the job's key -> where its baseline is in the batch
     last: dict[tuple[str, ...], int] = {}  # the job's key -> where its last accelerated run is
     for index, (overrides, is_baseline, rebaseline) in enumerate(jobs):
-        if is_baseline and rebaseline != "never":
+        if is_baseline and rebaseline in REBASELINE and rebaseline != "never":  # a bad value fails the jobs once
             baselines[_job_key(overrides)] = index
         elif not is_baseline:
             last[_job_key(overrides)] = index

@@ -229,7 +229,7 @@ def test_each_baseline_comes_again_after_its_job_s_last_accelerated_run() -> Non
         ["accelerator=none", "res=1024", "baseline_again=true", "gpu_slot=1"],
         ["accelerator=none", "res=768", "gpu_slot=2"],  # a baseline with nothing to compare: once
     ]
-    assert with_baseline_again(jobs("never")) == [overrides for overrides, _, _ in jobs()]
+    assert with_baseline_again(jobs("never")) == with_baseline_again(jobs("sometimes")) == [o for o, _, _ in jobs()]
     last = [(["accelerator=x", "res=512"], False, "auto"), (["accelerator=none", "res=512"], True, "auto")]
     assert with_baseline_again(last) == [["accelerator=x", "res=512"], ["accelerator=none", "res=512"]]
 
