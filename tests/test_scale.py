@@ -88,6 +88,14 @@ def test_concurrent_jobs_one_store_one_job_per_gpu(cli, two_fake_gpus: dict, tmp
     assert {run.data.tags["concurrent_jobs"] for run in runs.values()} <= {"1", "2"}  # never more than GPUs
 
 
+def test_jobs_side_by_side_measure_no_baseline_again(cli, two_fake_gpus: dict, test_accelerators: str) -> None:
+    """local_gpus runs a sweep's jobs at once, in no set order: no second baseline is scheduled after them."""
+    args = ("hydra/launcher=local_gpus", "hydra.launcher.gpus_per_node=2", "rebaseline=always", test_accelerators)
+    sweep = cli("-m", "accelerator=none,same", "res=64", "runs=2", *args, env=two_fake_gpus)
+    assert sweep.code == 0, sweep.output
+    assert set(sweep.runs()) == {"tiny/t2i/64/none", "tiny/t2i/64/same"} and "baseline_again" not in sweep.output
+
+
 def test_jobs_at_once_lease_distinct_cores_and_their_siblings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with core_lease(tmp_path, [1, 0]) as first, core_lease(tmp_path, [1, 0]) as second:
         assert (first, second) == ([1], [0])  # the second job does not get the first's core

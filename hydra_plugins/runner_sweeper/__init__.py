@@ -4,8 +4,9 @@ Hydra's basic sweeper composes every job of a sweep before launching any, and on
 model, a resolution that is not a number) aborts them all. This one records such a job as a failed MLflow
 run with a one-line reason and launches the rest. The sweep is an MLflow run of its own, the parent of its
 jobs' runs (its id is stamped on every job), and always ends with a table, a comparison of the runs and a
-report logged to that run, exiting non-zero if any job failed. Each job's baseline comes again after the
-job's accelerated runs (``rebaseline``). The logic lives in runner/sweep.py.
+report logged to that run, exiting non-zero if any job failed. Where its jobs run one after another, each
+job's baseline comes again after the job's accelerated runs (``rebaseline``). The logic lives in
+runner/sweep.py.
 """
 
 from collections.abc import Sequence
@@ -32,4 +33,7 @@ class ResilientSweeper(BasicSweeper):
                 composable.append((list(overrides), is_baseline, str(cfg.rebaseline)))
             except (HydraException, OmegaConfBaseException) as error:
                 record_uncomposable(self.config, list(overrides), error)
-        return with_gpu_slots(with_baseline_again(composable))
+        # A baseline's second measurement follows its job's accelerated runs only where jobs run in order, one
+        # after another: SLURM's and local_gpus' jobs run side by side, on GPUs and in an order of their own.
+        in_order = isinstance(self.launcher, BasicLauncher)
+        return with_gpu_slots(with_baseline_again(composable) if in_order else [o for o, _, _ in composable])
