@@ -13,7 +13,9 @@ import torch
 
 FLOAT8 = torch.float8_e4m3fn
 # (rows, in, out): CFG's batch of 2 x the tokens of SDXL's two attention levels at 1024 px (64x64 and 32x32
-# latents), each block's projections: attention's (q, k, v, out alike), the feed-forward's GEGLU input and output.
+# latents), each block's projections: attention's (q, k, v, out alike), the feed-forward's GEGLU input and output,
+# and the self-attention's Q, K and V as the one product fuse_qkv makes of them (compile_graph_fast, fp8_compile),
+# whose float8 kernel was never timed: whether it, unlike the square ones, gains.
 SHAPES = [
     (8192, 640, 640),
     (8192, 640, 5120),
@@ -21,6 +23,8 @@ SHAPES = [
     (2048, 1280, 1280),
     (2048, 1280, 10240),
     (2048, 5120, 1280),
+    (8192, 640, 1920),
+    (2048, 1280, 3840),
 ]
 
 
