@@ -246,12 +246,14 @@ class Tracker:
 
     def find_t2i_image(self, model: str, height: int, width: int) -> tuple[Path, str] | None:
         """The first image of the newest finished text-to-image run of ``model`` at this size without an
-        accelerator, downloaded; and where it came from. None if there is no such run."""
+        accelerator, downloaded; and where it came from. None if there is no such run. A baseline measured again
+        (``again_of``) is not one: a sweep measures it between its jobs' runs, and image-to-image runs of one
+        sweep must start from the same run's pixels whichever side of it they ran on."""
         found = self.records(
             f"params.model = '{model}' and params.task = 't2i' and params.height = '{height}' "
             f"and params.width = '{width}' and tags.outcome = 'ok'"
         )
-        for record in reversed([r for r in found if r.is_baseline]):
+        for record in reversed([r for r in found if r.is_baseline and not r.again_of]):
             image = self.download(record.run_id)
             if image is not None:
                 return image, f"run {record.run_id} ({record.name}) images/{image.name}"

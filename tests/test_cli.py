@@ -257,6 +257,26 @@ def test_a_sweep_measures_its_baseline_again_after_the_accelerated_run(cli, test
     assert len(jobs) == 5 and sum("baseline_again" in run.data.tags for run in jobs) == 1  # none and same again
 
 
+def test_image_to_image_starts_from_the_first_baseline_not_its_second(cli, test_accelerators: str) -> None:
+    """Here the text-to-image baseline is measured again between the two image-to-image runs."""
+    sweep = cli(
+        "-m",
+        "accelerator=none,same",
+        "task=t2i,i2i",
+        "task.image=t2i",
+        "res=64",
+        "runs=2",
+        "rebaseline=always",
+        test_accelerators,
+    )
+    assert sweep.code == 0, sweep.output
+    runs = sweep.runs()
+    first = runs["tiny/t2i/64/none"].info.run_id
+    assert "baseline_again" in runs["tiny/t2i/64/none again"].data.tags
+    for name in ("tiny/i2i/64/none", "tiny/i2i/64/same"):
+        assert runs[name].data.tags["input_image"].startswith(f"run {first} "), name
+
+
 def test_a_worker_that_dies_is_recorded_as_failed(cli, test_accelerators: str) -> None:
     """A worker killed outright (as the out-of-memory killer would) still leaves a FAILED run, not a RUNNING one."""
     sweep = cli("-m", "accelerator=none,crash", "res=64", "runs=1", test_accelerators)
