@@ -30,6 +30,7 @@ import argparse
 import math
 import sys
 from collections import defaultdict
+from typing import NamedTuple
 
 from runner.config import MlflowConfig
 from runner.errors import RunnerError, one_line
@@ -132,20 +133,51 @@ def core_gap(baseline: JobRecord, run: JobRecord) -> tuple[float, float] | None:
     return base_loop, loop
 
 
-def why_not_again(rebaseline: str, firsts: list[JobRecord]) -> str | None:
-    """Why a baseline the sweeper stamped ``baseline_again`` (runner/sweep.py, ``with_baseline_again``) is not
-    measured a second time, or None to measure it. ``firsts``: its job's baseline runs this sweep measured."""
+class Again(NamedTuple):
+    """What a baseline's second slot in a sweep (runner/sweep.py, ``with_baseline_again``) does."""
+
+    first: str | None  # the run it measures again; "" to measure it as this machine start's first; None: nothing
+    why: str
+
+
+def baseline_again(
+    rebaseline: str, baselines: list[JobRecord], runs: list[JobRecord], sweep_id: str, start: tuple[str, str]
+) -> Again:
+    """Whether a baseline is measured after its job's accelerated runs, and why. ``baselines``: its finished
+    runs, ``runs``: its job's finished accelerated runs, of any sweep; ``start``: this host and machine start.
+
+    Measured as this start's first where the sweep measured the job's runs here but its baseline was done on
+    another machine start (a sweep resumed there), with which they cannot be compared; measured again, as
+    ``rebaseline`` says, where the job's newest runs on this start came after its newest baseline here (which
+    also holds where an earlier sweep stopped before its second measurement)."""
+    here = [b for b in baselines if (b.conditions.host, b.conditions.boot_id) == start]
+    ours = [r for r in runs if (r.conditions.host, r.conditions.boot_id) == start]
+    firsts = [b for b in here if not b.again_of]
     if not firsts:
-        return "this sweep did not measure it before (it was done in an earlier sweep, or did not finish)"
-    busy = firsts[-1].metrics.get("gpu_busy_share")
-    if rebaseline == "always" or (busy is not None and busy < HOST_BOUND):
-        return None
+        if baselines and any(r.sweep_id == sweep_id for r in ours):
+            done = max(baselines, key=lambda b: b.started_ms).run_id
+            return Again(
+                "",
+                f"its run {done} was on another machine start, and this sweep's runs of the job compare "
+                "only with a baseline of theirs",
+            )
+        return Again(None, "this sweep measured neither it nor its job's other runs on this machine start")
+    newest = max(here, key=lambda b: b.started_ms)
+    if not any(r.started_ms > newest.started_ms for r in ours):
+        return Again(None, f"none of its job's runs came after its run {newest.run_id}")
+    first = max(firsts, key=lambda b: b.started_ms)
+    busy = first.metrics.get("gpu_busy_share")
+    if rebaseline == "always" or (rebaseline == "auto" and busy is not None and busy < HOST_BOUND):
+        return Again(first.run_id, f"the baseline again, after the job's accelerated runs (first: run {first.run_id})")
+    if rebaseline == "never":
+        return Again(None, "rebaseline=never")
     if busy is None:
-        return (
+        return Again(
+            None,
             "its first run's GPU busy share was not read (a CPU run, or a driver without samples); "
-            "rebaseline=always would"
+            "rebaseline=always would",
         )
-    return f"its first run kept the GPU busy {busy:.0%} of its timed calls; rebaseline=always would"
+    return Again(None, f"its first run kept the GPU busy {busy:.0%} of its timed calls; rebaseline=always would")
 
 
 def pace(run: JobRecord, baseline: JobRecord) -> Pace:
@@ -168,7 +200,8 @@ def _why_none(run: JobRecord, baselines: list[JobRecord]) -> str:
     reasons = sorted({run.conditions.unlike(b.conditions) for b in baselines})
     return (
         f"no baseline under the same conditions: the {len(baselines)} baseline run(s) of this job had "
-        f"{', '.join(reasons)}; run accelerator={run.baseline_accelerator} beside it"
+        f"{', '.join(reasons)}; run accelerator={run.baseline_accelerator} beside it (with force=true: a finished "
+        "baseline is otherwise not run again)"
     )
 
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner import slurm
-from runner.compare import why_not_again
+from runner.compare import baseline_again
 from runner.config import (
     Config,
     ConfigError,
@@ -75,11 +75,12 @@ def run_job(cfg: DictConfig) -> str:
         return _ended(name, Outcome.FAILED, message, run_id)
     name, key = job_name(config), config_hash(config)
     tags["config_hash"] = key
-    if config.baseline_again:  # the sweeper's second measurement of this baseline, after the job's accelerated runs
+    if config.baseline_again:  # the sweeper's second slot of this baseline, after the job's accelerated runs
         first = first_baseline(tracker, config, key, name)
         if first is None:
             return "not measured again"
-        name, tags["baseline_again"] = f"{name} again", first
+        if first:
+            name, tags["baseline_again"] = f"{name} again", first
     done = config.force or config.baseline_again
     earlier = [] if done else [r for r in tracker.records(f"tags.config_hash = '{key}'") if r.outcome in DONE]
     if earlier:
@@ -114,17 +115,25 @@ def run_job(cfg: DictConfig) -> str:
 
 
 def first_baseline(tracker: Tracker, config: Config, key: str, name: str) -> str | None:
-    """The run id of this baseline's first measurement in the sweep, when it is to be measured again
-    (``rebaseline``); else None, said in a line."""
-    ran = tracker.records(f"tags.config_hash = '{key}' and tags.sweep_id = '{config.sweep_id}'")
-    firsts = [r for r in ran if r.ok and not r.again_of]
-    reason = skip_reason(config) or why_not_again(config.rebaseline, firsts)
-    if reason:
-        print(f"[{name}] not measured again: {reason}", flush=True)
+    """What the sweeper's second slot of this baseline measures (runner/compare.py, ``baseline_again``): the run
+    id of the first measurement it measures again, "" where it measures this machine start's first, or None
+    (nothing), said in a line."""
+    baselines = [r for r in tracker.records(f"tags.config_hash = '{key}'") if r.ok]
+    jobs = sorted({r.image_key for r in baselines if r.image_key})
+    runs = [
+        r
+        for image_key in jobs
+        for r in tracker.records(f"tags.image_key = '{image_key}' and tags.outcome = 'ok'")
+        if not r.is_baseline
+    ]
+    again = baseline_again(config.rebaseline, baselines, runs, config.sweep_id, (HOST, boot_id()))
+    reason = skip_reason(config)
+    if reason or again.first is None:
+        if reason or config.rebaseline != "never":  # never: nothing to say where nothing was asked
+            print(f"[{name}] not measured again: {reason or again.why}", flush=True)
         return None
-    first = firsts[-1].run_id
-    print(f"[{name} again] the baseline again, after the job's accelerated runs (first: run {first})", flush=True)
-    return first
+    print(f"[{name}{' again' if again.first else ''}] {'' if again.first else 'measured now: '}{again.why}", flush=True)
+    return again.first
 
 
 def measure_and_record(

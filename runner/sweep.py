@@ -233,13 +233,15 @@ def with_baseline_again(jobs: list[tuple[list[str], bool, str]]) -> list[list[st
     with each baseline stamped ``baseline_again=true`` a second time right after the last of its job's
     accelerated runs: an eager baseline's mean moved 9-26% between sweeps minutes apart on one H200 start while
     its graphed runs held within 0.1% (BENCHMARKS.md, "A baseline measured again"), so one measured before them
-    says little of the host during them. Whether it is measured is decided when its turn comes (run_job:
-    ``rebaseline=auto`` measures it only where the first kept its GPU busy under 80%)."""
+    says little of the host during them. Whether it is measured is decided when its turn comes (run_job,
+    compare.baseline_again: ``rebaseline=auto`` measures it again only where the first kept its GPU busy under
+    80%; whatever ``rebaseline`` says, a baseline a resumed sweep found done on another machine start is measured
+    there, so that the job's new runs have one to be compared with)."""
     batch = [overrides for overrides, _, _ in jobs]
     baselines: dict[tuple[str, ...], int] = {}  # the job's key -> where its baseline is in the batch
     last: dict[tuple[str, ...], int] = {}  # the job's key -> where its last accelerated run is
     for index, (overrides, is_baseline, rebaseline) in enumerate(jobs):
-        if is_baseline and rebaseline in REBASELINE and rebaseline != "never":  # a bad value fails the jobs once
+        if is_baseline and rebaseline in REBASELINE:  # a bad value fails the jobs once
             baselines[_job_key(overrides)] = index
         elif not is_baseline:
             last[_job_key(overrides)] = index

@@ -229,7 +229,9 @@ def test_each_baseline_comes_again_after_its_job_s_last_accelerated_run() -> Non
         ["accelerator=none", "res=1024", "baseline_again=true", "gpu_slot=1"],
         ["accelerator=none", "res=768", "gpu_slot=2"],  # a baseline with nothing to compare: once
     ]
-    assert with_baseline_again(jobs("never")) == with_baseline_again(jobs("sometimes")) == [o for o, _, _ in jobs()]
+    # never too: that slot measures a baseline a resumed sweep found done on another machine start (and only that)
+    assert with_baseline_again(jobs("never")) == with_baseline_again(jobs())
+    assert with_baseline_again(jobs("sometimes")) == [o for o, _, _ in jobs()]
     last = [(["accelerator=x", "res=512"], False, "auto"), (["accelerator=none", "res=512"], True, "auto")]
     assert with_baseline_again(last) == [["accelerator=x", "res=512"], ["accelerator=none", "res=512"]]
 
@@ -255,6 +257,35 @@ def test_a_sweep_measures_its_baseline_again_after_the_accelerated_run(cli, test
     assert "[tiny/t2i/64/none] not measured again: its first run's GPU busy share was not read" in sweep.output
     jobs = client.search_runs([first.info.experiment_id], "tags.kind = 'job'")
     assert len(jobs) == 5 and sum("baseline_again" in run.data.tags for run in jobs) == 1  # none and same again
+
+
+def test_a_resumed_sweep_measures_a_baseline_done_on_another_machine_start(cli, test_accelerators: str) -> None:
+    """The sweep stopped after its baseline; resumed on another machine start (here: its run's tag changed), the
+    accelerated run is measured there and could not be compared with the baseline done before: the baseline is
+    measured again after it, where it runs."""
+    first = cli("-m", "accelerator=none", "res=64", "runs=2", test_accelerators)
+    assert first.code == 0, first.output
+    earlier = first.runs()["tiny/t2i/64/none"].info.run_id
+    client = MlflowClient(first.tracking_uri)
+    client.set_tag(earlier, "boot_id", "an-earlier-start")
+    args = ("-m", "accelerator=none,same", "res=64", "runs=2", "rebaseline=never", test_accelerators)
+    resumed = cli(*args)
+    assert resumed.code == 0, resumed.output
+    assert f"[tiny/t2i/64/none] DONE already as run {earlier}" in resumed.output
+    assert f"[tiny/t2i/64/none] measured now: its run {earlier} was on another machine start" in resumed.output
+    runs = client.search_runs([client.get_run(earlier).info.experiment_id], "tags.kind = 'job'")
+    [now] = [
+        r
+        for r in runs
+        if r.data.tags["sweep_id"] != first.runs()["tiny/t2i/64/none"].data.tags["sweep_id"]
+        and r.data.params["accelerator"] == "none"
+    ]
+    assert now.info.run_name == "tiny/t2i/64/none" and "baseline_again" not in now.data.tags
+    same = next(r for r in runs if r.data.params["accelerator"] == "same")
+    assert same.data.tags["baseline_run"] == now.info.run_id and same.data.tags["pace"] != "no baseline"
+    again = cli(*args)  # everything done on this start: nothing measured
+    assert again.code == 0 and "measured now" not in again.output, again.output
+    assert len(client.search_runs([now.info.experiment_id], "tags.kind = 'job'")) == 3
 
 
 def test_image_to_image_starts_from_the_first_baseline_not_its_second(cli, test_accelerators: str) -> None:

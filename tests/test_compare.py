@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 
-from runner.compare import compare, compare_job, pace, why_not_again
+from runner.compare import Again, baseline_again, compare, compare_job, pace
 from runner.config import MlflowConfig
 from runner.measure import steadiness
 from runner.record import (
@@ -106,7 +106,8 @@ def test_a_baseline_from_another_gpu_machine_start_or_concurrency_is_not_used() 
     assert comparison.pace is Pace.UNCOMPARED and comparison.speedup is None
     assert comparison.why == (
         "no baseline under the same conditions: the 4 baseline run(s) of this job had 2 job(s) at once, not 1, "
-        "another device, another machine start, its machine start is unknown; run accelerator=none beside it"
+        "another device, another machine start, its machine start is unknown; run accelerator=none beside it "
+        "(with force=true: a finished baseline is otherwise not run again)"
     )
     same = job("none", 2.1, sweep="s0")  # same GPU and start, another sweep: used, and said so
     comparison = compare_job([*elsewhere, same, run])[run.run_id]
@@ -156,19 +157,57 @@ def test_a_baseline_measured_again_after_the_run_that_moved_withholds_the_verdic
 
 
 def test_a_baseline_is_measured_again_where_it_was_bound_by_its_host() -> None:
+    start = (HERE.host, HERE.boot_id)
+
     def first(busy: float | None) -> JobRecord:
         base = job("none", 2.5)
         return base if busy is None else replace(base, metrics={**base.metrics, "gpu_busy_share": busy})
 
-    assert why_not_again("auto", [first(0.56)]) is None  # eager SDXL on an H200: 56% busy
-    assert why_not_again("auto", [first(0.96)]) == (
-        "its first run kept the GPU busy 96% of its timed calls; rebaseline=always would"
+    def again(rebaseline: str, busy: float | None) -> Again:
+        base = first(busy)
+        return baseline_again(rebaseline, [base], [job("x", 1.0)], "s1", start)
+
+    base = first(0.56)  # eager SDXL on an H200: 56% busy
+    assert baseline_again("auto", [base], [job("x", 1.0)], "s1", start) == Again(
+        base.run_id, f"the baseline again, after the job's accelerated runs (first: run {base.run_id})"
     )
-    assert why_not_again("auto", [first(None)]).startswith("its first run's GPU busy share was not read")
-    assert why_not_again("always", [first(0.96)]) is None and why_not_again("always", [first(None)]) is None
-    assert why_not_again("always", []) == (
-        "this sweep did not measure it before (it was done in an earlier sweep, or did not finish)"
+    assert again("auto", 0.96) == Again(
+        None, "its first run kept the GPU busy 96% of its timed calls; rebaseline=always would"
     )
+    assert again("auto", None).why.startswith("its first run's GPU busy share was not read")
+    assert again("always", 0.96).first and again("always", None).first
+    assert again("never", 0.56) == Again(None, "rebaseline=never")
+
+
+def test_a_baseline_is_measured_again_only_after_runs_it_has_not_followed() -> None:
+    start = (HERE.host, HERE.boot_id)
+    base = job("none", 2.5)
+    run = job("x", 1.0)
+    # an earlier sweep stopped during the second measurement: resumed, nothing new, still measured again
+    assert baseline_again("always", [base], [run], "s2", start).first == base.run_id
+    second = replace(job("none", 2.4), again_of=base.run_id)
+    assert baseline_again("always", [base, second], [run], "s2", start) == Again(
+        None, f"none of its job's runs came after its run {second.run_id}"
+    )
+    later = job("y", 1.2, sweep="s2")  # a new accelerator in a later sweep: measured again after it
+    assert baseline_again("always", [base, second], [run, later], "s2", start).first == base.run_id
+    assert baseline_again("always", [], [run], "s1", start).first is None  # the baseline never ended
+
+
+def test_a_baseline_done_on_another_machine_start_is_measured_where_the_sweep_runs() -> None:
+    start = (HERE.host, HERE.boot_id)
+    before = job("none", 2.5, conditions=replace(HERE, boot_id="boot-0"))
+    resumed = job("x", 1.0, sweep="s2")  # the sweep resumed on boot-1: its runs need a baseline there
+    for rebaseline in ("auto", "always", "never"):
+        measured = baseline_again(rebaseline, [before], [resumed], "s2", start)
+        assert measured == Again(
+            "",
+            f"its run {before.run_id} was on another machine start, and this sweep's runs of the job compare only "
+            "with a baseline of theirs",
+        )
+    old = job("x", 1.0, conditions=replace(HERE, boot_id="boot-0"))  # nothing of the job ran on this start
+    assert baseline_again("always", [before], [old], "s2", start).first is None
+    assert baseline_again("always", [before], [resumed], "s3", start).first is None  # not this sweep's run
 
 
 def test_a_noisy_or_contended_run_or_baseline_gets_no_verdict() -> None:
