@@ -77,6 +77,10 @@ class Report:
         that a shown run may have been compared with among them."""
         self.tracker, self.records, self.out, self.plots = tracker, records, out, plots
         self.total, self.by_id = len(every), {record.run_id: record for record in every}
+        # A run's baseline from a sweep not reported here (a resumed sweep's, an older one on the same start):
+        # read back, so that what the report says of the two (steadiness, the host's speed) does not depend on it.
+        chosen = {r.comparison.baseline_run for r in records if r.comparison} - {"", "self", *self.by_id}
+        self.by_id.update((run_id, tracker.record(run_id)) for run_id in sorted(chosen))
         self.jobs: dict[tuple[str, str, str, str], list[JobRecord]] = defaultdict(list)
         for record in records:
             if record.ok:
@@ -186,7 +190,10 @@ class Report:
                 f"{self._pace(run) if run.comparison else '-'} | {run.quality.verdict} | "
                 f"{run.measurement.steadiness} |"
             )
-        lines += ["", *self._images(runs), "", "**Conclusion.** " + " ".join(_sentence(r, runs) for r in runs), ""]
+        conclusion = " ".join(
+            _sentence(r, self.by_id.get(r.comparison.baseline_run if r.comparison else "")) for r in runs
+        )
+        lines += ["", *self._images(runs), "", "**Conclusion.** " + conclusion, ""]
         return lines
 
     def _pace(self, run: JobRecord) -> str:
@@ -333,9 +340,9 @@ def _cell(run: JobRecord, metric: Metric) -> str:
     return shown if spread is None else f"{shown} ± {spread:.3f}"
 
 
-def _sentence(run: JobRecord, job_runs: list[JobRecord]) -> str:
-    """One sentence on one run: how fast against its baseline (of ``job_runs``), whether that is a verdict, whether
-    the host's speed moved between the two, and quality."""
+def _sentence(run: JobRecord, baseline: JobRecord | None) -> str:
+    """One sentence on one run: how fast against its ``baseline`` (the run it was compared with), whether that is a
+    verdict, whether the host's speed moved between the two, and quality."""
     c = run.comparison
     if run.is_baseline:
         busy = host_bound(run)
@@ -359,7 +366,6 @@ def _sentence(run: JobRecord, job_runs: list[JobRecord]) -> str:
         Quality.AFFECTED: "quality affected",
         Quality.UNKNOWN: "quality not compared",
     }[run.quality.verdict]
-    baseline = next((r for r in job_runs if r.run_id == c.baseline_run), None)
     loops = core_gap(baseline, run) if baseline is not None else None
     if loops is not None:
         speed += (

@@ -135,13 +135,21 @@ def test_a_withheld_verdict_says_whose_timings_forbade_it(tmp_path: Path) -> Non
     class NoImages:
         experiment_name = "diffusion-bench"
 
+        def __init__(self, *elsewhere) -> None:
+            self.elsewhere = {run.run_id: run for run in elsewhere}  # runs in MLflow that the report was not given
+
         def download(self, run_id: str, artifact: str) -> None:
             return None
 
-    def tables(*runs) -> str:
+        def record(self, run_id: str):
+            return self.elsewhere[run_id]
+
+    def tables(*runs, shown: int | None = None) -> str:
+        """The report of ``runs`` (their first ``shown``: the others are in MLflow only)."""
         judged = compare_job(list(runs))
         records = [replace(run, comparison=judged[run.run_id]) for run in runs]
-        return Report(NoImages(), records, records, tmp_path, []).markdown()
+        given = records[:shown]
+        return Report(NoImages(*records[len(given) :]), given, given, tmp_path, []).markdown()
 
     noisy = Measurement(Steadiness.NOISY, "the calls' spread is 16.0% of their mean (over 15%)")
     base = job("none", 2.312, 0.370, measurement=noisy)
@@ -166,6 +174,12 @@ def test_a_withheld_verdict_says_whose_timings_forbade_it(tmp_path: Path) -> Non
         "cuda_graph: 4.74× faster (the baseline's launching core ran a fixed loop in 1.94 ms, 1.32 ms during this "
         "run: the host's speed moved between them), quality unaffected" in tables(bound, graphed)
     )
+    # A sweep resumed on the same start: its report holds the graphed run, its baseline is an earlier sweep's
+    bound, graphed = replace(bound, sweep_id="s0"), replace(graphed, sweep_id="s2")
+    text = tables(graphed, bound, shown=1)
+    assert "cuda_graph: 4.74× faster (the baseline's launching core ran a fixed loop in 1.94 ms" in text
+    noisy_before = replace(bound, measurement=noisy, run_id="run-earlier")
+    assert "| 4.74× | inconclusive (baseline noisy) |" in tables(graphed, noisy_before, shown=1)
 
 
 def test_a_grid_of_noise_pictures_makes_a_report_small_enough_to_commit(tmp_path: Path) -> None:
