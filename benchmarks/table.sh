@@ -10,7 +10,7 @@
 # between calls too, so each call's archive holds the start's logs so far (and only that start's).
 set -uo pipefail
 # Every accelerator but onediff (no build for this stack), the quick ones and the slowest compile last.
-ALL=none,cuda_graph,deepcache,deepcache_graph,fp8,compile_graph,compile_graph_fast,fp8_compile,deepcache_compile,torch_compile
+ALL=none,cuda_graph,deepcache,deepcache_graph,fp8,compile_graph,compile_graph_fast,compile_graph_bf16,fp8_compile,deepcache_compile,torch_compile
 for file in conf/accelerator/*.yaml; do
   name=$(basename "$file" .yaml)
   [[ ",$ALL,onediff," == *",$name,"* ]] || echo "table.sh: accelerator $name is not in ALL: add it" >&2

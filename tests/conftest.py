@@ -123,6 +123,11 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
         "  - {_target_: runner.accelerators.vae_bf16.VaeBf16Accelerator}\n"
         "  - {_target_: runner.accelerators.torch_compile.TorchCompileAccelerator, backend: aot_eager, cache: false}\n"
     ),
+    "bf16_traced": (  # the pipeline in bfloat16, the denoiser and the VAE traced by torch.compile without code
+        "_target_: runner.accelerators.chain.Chain\nparts:\n"
+        "  - {_target_: runner.accelerators.bf16.Bf16Accelerator}\n"
+        "  - {_target_: runner.accelerators.torch_compile.TorchCompileAccelerator, backend: aot_eager, cache: false}\n"
+    ),
     "graph_text": "_target_: runner.accelerators.cuda_graph.CudaGraphAccelerator\ntext_encoders: true\n",
     "pre": (
         "_target_: runner.accelerators.torch_compile.TorchCompileAccelerator\n"
@@ -138,7 +143,7 @@ TEST_ACCELERATORS = {  # the tests' own accelerators (tests/fake_accelerators.py
 @pytest.fixture
 def test_accelerators(tmp_path: Path) -> str:
     """Puts the tests' own accelerators (same, perturb, blackout, crash, segfault, oom, wrong_order,
-    dc_eager, fp8_traced, fp8_calibrated, vae_traced, graph_text, pre, pre_nested) on Hydra's search
+    dc_eager, fp8_traced, fp8_calibrated, vae_traced, bf16_traced, graph_text, pre, pre_nested) on Hydra's search
     path, as a user would add theirs without touching conf/; returns that override."""
     folder = tmp_path / "test_conf" / "accelerator"
     folder.mkdir(parents=True)

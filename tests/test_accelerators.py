@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from runner.accelerators import Target, build_accelerator
+from runner.accelerators.bf16 import Bf16Accelerator
 from runner.accelerators.chain import Chain, check_order
 from runner.accelerators.cuda_graph import CudaGraphAccelerator, GraphedModule
 from runner.accelerators.deepcache import DeepCacheAccelerator, DeepCacheUNet
@@ -998,6 +999,48 @@ def test_vae_bf16_traced_by_torch_compile_scores_against_the_baseline(cli, test_
     assert 0.5 < traced.data.metrics["ssim_vs_baseline"] < 1 and traced.data.metrics["compile_s"] > 0
 
 
+# The whole pipeline in bfloat16
+
+
+@pytest.mark.parametrize("task", ["t2i", "i2i"])
+def test_bf16_runs_a_float16_pipeline_in_bfloat16_and_hands_back_float16_pixels(task: str, tmp_path: Path) -> None:
+    pipe = build_pipeline(load_model("tiny_sdxl"), task, CPU, torch.float16)
+    args = {"prompt": "a cat", "num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
+    if task == "i2i":
+        args.update(image=Image.fromarray(np.full((64, 64, 3), 128, np.uint8)), num_inference_steps=4, strength=0.6)
+    before = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    half = Target("unet", CPU, torch.float16, tmp_path, "tiny_sdxl-random-t2i-64x64-fp16")
+    Bf16Accelerator().apply(pipe, half)
+    decoded = []
+    pipe.vae.decoder.register_forward_hook(lambda module, args, output: decoded.append(output.dtype))
+    after = pipe(**args, generator=torch.Generator().manual_seed(0)).images
+    modules = [pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
+    assert {p.dtype for module in modules for p in module.parameters()} == {torch.bfloat16}
+    assert not pipe.vae.config.force_upcast and pipe.vae.dtype == torch.bfloat16  # image-to-image left it so too
+    assert decoded == [torch.float16]  # the pixels leave the decoder as a float16 pipeline's would
+    assert 0 < np.abs(after - before).max() < 0.2  # bfloat16's rounding
+
+
+def test_bf16_refuses_a_job_that_is_not_float16(tmp_path: Path) -> None:
+    refusal = (
+        r"^the bfloat16 pipeline \(Bf16Accelerator\) converts a float16 job, and this one runs in float32: run it "
+        r"with dtype=fp16 \(on a GPU, the default\), or use dtype=bf16 with another accelerator$"
+    )
+    with pytest.raises(ConfigError, match=refusal):
+        Bf16Accelerator().apply(tiny_pipe("t2i"), target(tmp_path))
+
+
+def test_bf16_traced_by_torch_compile_scores_against_the_float16_baseline(cli, test_accelerators) -> None:
+    job = ("task=i2i", "res=64", "runs=1", "dtype=fp16", test_accelerators)
+    sweep = cli("-m", "accelerator=none,bf16_traced", *job)
+    assert sweep.code == 0, sweep.output
+    runs = sweep.runs()
+    traced = runs["tiny/i2i/64/bf16_traced"]
+    assert traced.data.tags["baseline_run"] == runs["tiny/i2i/64/none"].info.run_id  # the float16 job's baseline
+    assert traced.data.params["dtype"] == "fp16" and traced.data.metrics["compile_s"] > 0
+    assert 0.5 < traced.data.metrics["ssim_vs_baseline"] < 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("scaling", ["rowwise", "calibrated"])
 def test_float8_compiled_and_graphed_equals_eager_float8_on_the_gpu(scaling: str) -> None:
@@ -1084,3 +1127,13 @@ def test_onediff_failure_leaves_the_sweep_running(cli) -> None:
     runs = sweep.runs()
     assert runs["tiny/t2i/64/none"].data.tags["outcome"] == "ok"
     assert runs["tiny/t2i/64/onediff"].data.tags["error"].startswith("accelerator=onediff: onediffx is not")
+
+
+@pytest.mark.gpu
+def test_compile_graph_bf16_gives_the_float16_baselines_images_up_to_rounding(cli, tmp_path: Path) -> None:
+    sweep = cli("-m", "accelerator=none,compile_graph_bf16", "device=cuda", "res=64", "runs=1", f"cache_dir={tmp_path}")
+    assert sweep.code == 0, sweep.output
+    runs = sweep.runs()
+    run = runs["tiny/t2i/64/cg+bf16"]
+    assert run.data.params["dtype"] == "fp16" and run.data.tags["baseline_run"] == runs["tiny/t2i/64/none"].info.run_id
+    assert run.data.tags["quality_unaffected"] == "true" and 0.95 <= run.data.metrics["ssim_vs_baseline"] < 1

@@ -1,0 +1,49 @@
+"""The whole pipeline in bfloat16 where the job asked for float16: the denoiser, the text encoders and the VAE.
+
+bfloat16 has float32's range and 8 bits of mantissa against float16's 11: its products round more coarsely,
+and the images change by rounding, which the quality metrics measure against ``none`` (the job's float16
+pipeline). Why it is faster at all: on an H200 at 1024 px, ``compile_graph_fast`` in a bfloat16 pipeline
+(``dtype=bf16``) took 0.934 s a call against 0.960-0.961 s in float16 on one machine start, before and after
+it, the compiled UNet at its 700 W power limit in both (BENCHMARKS.md, "The whole pipeline in bfloat16");
+its images were 0.9995 SSIM (48.2 dB) from float16's ``none``. Why bfloat16 is quicker there was not
+measured (the kernels cuBLAS and cuDNN choose for it, or less energy per product under the power cap).
+
+In place and first in its chain, so every part after it finds bfloat16 modules. The VAE is no longer upcast to
+float32 (bfloat16 cannot overflow where float16 does), and its decoder hands the pipeline float16, as
+``vae_bf16`` does, so the images are made 8-bit from the precision they would have in a float16 pipeline.
+What this says about a real checkpoint: only that bfloat16 rounding moves these random-weight images by SSIM
+0.0005; a trained model's images may move more or less, so judge it on the checkpoint, with its CLIP score.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+
+from runner.accelerators import Accelerator, Target
+from runner.config import ConfigError
+
+
+@dataclass
+class Bf16Accelerator(Accelerator):
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        if target.dtype != torch.float16:
+            raise ConfigError(
+                f"the bfloat16 pipeline (Bf16Accelerator) converts a float16 job, and this one runs in "
+                f"{str(target.dtype).removeprefix('torch.')}: run it with dtype=fp16 (on a GPU, the default), or "
+                "use dtype=bf16 with another accelerator"
+            )
+        # diffusers warns on every model cast with .to(dtype) that it keeps no float32 modules: it lists none here
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            pipe.to(dtype=torch.bfloat16)
+        finally:
+            diffusers_logging.set_verbosity(level)
+        vae = getattr(pipe, "vae", None)
+        if vae is not None:
+            vae.register_to_config(force_upcast=False)  # else image-to-image moves it to float32 at each call
+            decoder = getattr(vae, "decoder", None)
+            if decoder is not None:
+                decoder.register_forward_hook(lambda module, args, output: output.to(torch.float16))
