@@ -2,11 +2,11 @@
 
 bfloat16 has float32's range and 8 bits of mantissa against float16's 11: its products round more coarsely,
 and the images change by rounding, which the quality metrics measure against ``none`` (the job's float16
-pipeline). Why it is faster at all: on an H200 at 1024 px, ``compile_graph_fast`` in a bfloat16 pipeline
-(``dtype=bf16``) took 0.934 s a call against 0.960-0.961 s in float16 on one machine start, before and after
-it, the compiled UNet at its 700 W power limit in both (BENCHMARKS.md, "The whole pipeline in bfloat16");
-its images were 0.9995 SSIM (48.2 dB) from float16's ``none``. Why bfloat16 is quicker there was not
-measured (the kernels cuBLAS and cuDNN choose for it, or less energy per product under the power cap).
+pipeline). Why it is there at all: on an H200 at 1024 px, ``compile_graph_bf16`` took 0.9497 and 0.9512 s a
+call against ``compile_graph_fast``'s 0.9757 and 0.9768 s in both orders on one machine start, the compiled
+UNet at its 700 W power limit in both, its images SSIM 0.9995 (48.7 dB) from ``none``'s (BENCHMARKS.md, "The
+whole pipeline in bfloat16"). Why bfloat16 is quicker there was not measured (the kernels cuBLAS and cuDNN
+choose for it, or less energy per product under the power cap).
 
 In place and first in its chain, so every part after it finds bfloat16 modules. The VAE is no longer upcast to
 float32 (bfloat16 cannot overflow where float16 does), and its decoder hands the pipeline float16, as
