@@ -364,13 +364,15 @@ def run_name(
     accelerator: str,
     batch: object = 1,
     switch_res: object = None,
+    dtype: object = "auto",
 ) -> str:
     """The run's readable name, e.g. RV4/t2i/1024/none (.../768x1024/... when not square, .../1024-b4/... for
-    four images a call, .../1024+512/... for a job that switches to 512 px after its timed calls), from the
-    model's and the accelerator's labels: short enough that the jobs of one experiment differ within the 15
-    characters MLflow's run list shows of a job under its sweep."""
+    four images a call, .../1024+512/... for a job that switches to 512 px after its timed calls, .../1024-bf16/...
+    for a dtype set by hand), from the model's and the accelerator's labels: short enough that the jobs of one
+    experiment differ within the 15 characters MLflow's run list shows of a job under its sweep."""
     size = f"{height}" if str(height) == str(width) else f"{height}x{width}"
     size += f"-b{batch}" if str(batch) not in ("1", "None") else ""
+    size += f"-{dtype}" if dtype not in (None, "auto", "None", "null") else ""
     size += f"+{switch_res}" if switch_res not in (None, "None", "null") else ""
     return f"{model}/{task}/{size}/{accelerator}"
 
@@ -396,6 +398,7 @@ def job_name(cfg: Config) -> str:
         names.accelerator_label or names.accelerator,
         cfg.batch,
         cfg.switch_res,
+        cfg.dtype,
     )
 
 

@@ -315,6 +315,7 @@ def lenient_name(cfg: DictConfig) -> str:
         _lenient(cfg, "accelerator.label") or option_label("accelerator", str(accelerator)),
         _lenient(cfg, "batch"),
         _lenient(cfg, "switch_res"),
+        _lenient(cfg, "dtype"),
     )
 
 

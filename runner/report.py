@@ -82,9 +82,11 @@ class Report:
         chosen = {r.comparison.baseline_run for r in records if r.comparison} - {"", "self", *self.by_id}
         self.by_id.update((run_id, tracker.record(run_id)) for run_id in sorted(chosen))
         self.jobs: dict[tuple[str, str, str, str], list[JobRecord]] = defaultdict(list)
+        dtypes = {record.params.get("dtype", "") for record in records if record.ok}  # named where they differ
         for record in records:
             if record.ok:
                 size = record.size + (f", batch {record.batch}" if record.batch > 1 else "")
+                size += f", {record.params.get('dtype', '?')}" if len(dtypes) > 1 else ""
                 self.jobs[(record.task_title, record.model, size, record.conditions.device_name)].append(record)
 
     def markdown(self) -> str:
@@ -386,7 +388,7 @@ def _order(run: JobRecord) -> tuple:
 
 
 def _pixels(size: str) -> int:
-    height, _, width = size.partition("x")
+    height, _, width = size.split(",")[0].partition("x")  # "512x512, batch 4, bf16": its first part
     return int(height) * int(width) if height.isdigit() and width.isdigit() else 0
 
 

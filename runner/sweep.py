@@ -219,7 +219,8 @@ def record_uncomposable(master: DictConfig, overrides: list[str], error: Excepti
     res = chosen.get("res", OmegaConf.select(master, "res"))
     height, width = chosen.get("height", res), chosen.get("width", res)
     model, accelerator = option_label("model", params["model"]), option_label("accelerator", params["accelerator"])
-    name = run_name(model, params["task"], height, width, accelerator, chosen.get("batch", 1), chosen.get("switch_res"))
+    batch, switch_res, dtype = (chosen.get(key) for key in ("batch", "switch_res", "dtype"))
+    name = run_name(model, params["task"], height, width, accelerator, batch or 1, switch_res, dtype)
     message = describe_compose_error(error, chosen)
     tracker = open_tracker(master)
     tags = {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()}

@@ -1035,8 +1035,8 @@ def test_bf16_traced_by_torch_compile_scores_against_the_float16_baseline(cli, t
     sweep = cli("-m", "accelerator=none,bf16_traced", *job)
     assert sweep.code == 0, sweep.output
     runs = sweep.runs()
-    traced = runs["tiny/i2i/64/bf16_traced"]
-    assert traced.data.tags["baseline_run"] == runs["tiny/i2i/64/none"].info.run_id  # the float16 job's baseline
+    traced = runs["tiny/i2i/64-fp16/bf16_traced"]
+    assert traced.data.tags["baseline_run"] == runs["tiny/i2i/64-fp16/none"].info.run_id  # the float16 job's baseline
     assert traced.data.params["dtype"] == "fp16" and traced.data.metrics["compile_s"] > 0
     assert 0.5 < traced.data.metrics["ssim_vs_baseline"] < 1
 

@@ -85,6 +85,9 @@ def test_height_and_width_follow_res_unless_set() -> None:
     assert (cfg.height, cfg.width) == (512, 768)
     assert run_name("m", "t2i", 512, 768, "none") == "m/t2i/512x768/none"
     assert run_name("m", "t2i", 1024, 1024, "none", 1, 512) == "m/t2i/1024+512/none"
+    assert run_name("m", "t2i", 1024, 1024, "none", 4, None, "bf16") == "m/t2i/1024-b4-bf16/none"  # set by hand
+    assert job_name(to_config(compose_job("res=512", "dtype=bf16"))) == "tiny/t2i/512-bf16/none"
+    assert job_name(to_config(compose_job("res=512"))) == "tiny/t2i/512/none"  # auto: the device's own
 
 
 # Characters of a job's name MLflow 3.17's run list shows in its default column width, the job unfolded under its

@@ -174,6 +174,13 @@ def test_a_withheld_verdict_says_whose_timings_forbade_it(tmp_path: Path) -> Non
         "cuda_graph: 4.74× faster (the baseline's launching core ran a fixed loop in 1.94 ms, 1.32 ms during this "
         "run: the host's speed moved between them), quality unaffected" in tables(bound, graphed)
     )
+    # A sweep of two dtypes: each its own job, named so (the run names say -bf16 where it was set by hand)
+    half, brain = ({**base.params, "dtype": name} for name in ("fp16", "bf16"))
+    text = tables(replace(job("none", 2.0), params=half), replace(job("none", 2.1), params=brain))
+    sections = re.findall(r"^## (.+)$", text, flags=re.M)
+    assert (
+        "Text-to-image, m, 512x512, fp16 on H100" in sections and "Text-to-image, m, 512x512, bf16 on H100" in sections
+    )
     # A sweep resumed on the same start: its report holds the graphed run, its baseline is an earlier sweep's
     bound, graphed = replace(bound, sweep_id="s0"), replace(graphed, sweep_id="s2")
     text = tables(graphed, bound, shown=1)
