@@ -70,6 +70,8 @@ def run_job(cfg: DictConfig) -> str:
     try:
         config, switched = to_config(cfg), switched_config(cfg)
     except (ConfigError, OmegaConfBaseException) as error:
+        if _lenient(cfg, "baseline_again") is True:  # its first slot recorded this failure already
+            return "not measured again"
         name, message = lenient_name(cfg), one_line(error)
         run_id = tracker.record_never_ran(name, fallback_params(cfg), _sweep_id(cfg), tags, Outcome.FAILED, message)
         return _ended(name, Outcome.FAILED, message, run_id)

@@ -288,6 +288,14 @@ def test_a_resumed_sweep_measures_a_baseline_done_on_another_machine_start(cli, 
     assert len(client.search_runs([now.info.experiment_id], "tags.kind = 'job'")) == 3
 
 
+def test_a_job_that_cannot_run_fails_once_not_again_in_its_baseline_s_second_slot(cli, test_accelerators) -> None:
+    sweep = cli("-m", "accelerator=none,same", "res=64", "runs=1", "dtype=fp8", test_accelerators)
+    assert sweep.code != 0
+    runs = MlflowClient(sweep.tracking_uri).search_runs(["1"], "tags.kind = 'job'")
+    assert sorted(run.info.run_name for run in runs) == ["tiny/t2i/64-fp8/none", "tiny/t2i/64-fp8/same"]
+    assert all(run.data.tags["error"] == "dtype=fp8: choose one of auto, fp16, bf16, fp32" for run in runs)
+
+
 def test_image_to_image_starts_from_the_first_baseline_not_its_second(cli, test_accelerators: str) -> None:
     """Here the text-to-image baseline is measured again between the two image-to-image runs."""
     sweep = cli(
