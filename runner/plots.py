@@ -26,7 +26,7 @@ def plot_speedups(records: list[JobRecord], folder: Path) -> list[Path]:
     if not rows:
         return []
     rows.sort(key=lambda r: (r.task, r.model, r.size, r.conditions.device_name, -r.comparison.speedup))
-    labels = [f"{r.model} {r.task} {r.size} · {r.accelerator}" for r in rows]
+    labels = [run_label(r, records) for r in rows]
     figure, (speed, memory) = plt.subplots(
         1, 2, figsize=(11, 1.6 + 0.32 * len(rows)), sharey=True, gridspec_kw={"width_ratios": [3, 2]}
     )
@@ -68,7 +68,7 @@ def plot_throughput(records: list[JobRecord], folder: Path) -> list[Path]:
     lines: dict[str, dict[int, float]] = defaultdict(dict)
     for r in records:
         if "images_per_s" in r.metrics:
-            lines[f"{r.model} {r.task} {r.size} · {r.accelerator}"][r.batch] = r.metrics["images_per_s"]
+            lines[run_label(r, records)][r.batch] = r.metrics["images_per_s"]
     lines = {label: points for label, points in lines.items() if len(points) > 1}
     if not lines:
         return []
@@ -89,3 +89,10 @@ def plot_throughput(records: list[JobRecord], folder: Path) -> list[Path]:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return [path]
+
+
+def run_label(run: JobRecord, records: list[JobRecord]) -> str:
+    """A run's job and accelerator, with its dtype where ``records`` hold more than one."""
+    dtypes = {r.params.get("dtype", "") for r in records}
+    dtype = f" {run.params.get('dtype', '?')}" if len(dtypes) > 1 else ""
+    return f"{run.model} {run.task} {run.size}{dtype} · {run.accelerator}"

@@ -15,6 +15,7 @@ from runner import catalogue
 from runner.compare import compare_job
 from runner.config import CONF, MlflowConfig, compose_job
 from runner.html import to_html
+from runner.plots import run_label
 from runner.record import Measurement, Steadiness
 from runner.report import REPORT_IMAGE_PX, Answer, Report, newest
 from runner.report import main as report_main
@@ -212,3 +213,13 @@ def test_accelerators_metrics_are_named_where_a_kernel_module_cannot_import(monk
         assert catalogue.describe("compile_cache_files_at_start").heading.startswith("cache files before")
     finally:
         catalogue.accelerator_metrics.cache_clear()
+
+
+def test_plots_name_the_dtype_where_the_runs_differ_in_it() -> None:
+    """A sweep of dtype=fp16,bf16 drew two bars labelled alike, and its throughput lines merged into one."""
+    half, brain = (replace(job("fast", 1.0), params={"dtype": name}) for name in ("fp16", "bf16"))
+    assert [run_label(r, [half, brain]) for r in (half, brain)] == [
+        "m t2i 512x512 fp16 · fast",
+        "m t2i 512x512 bf16 · fast",
+    ]
+    assert run_label(half, [half]) == "m t2i 512x512 · fast"
