@@ -80,7 +80,8 @@ class Report:
         # A run's baseline from a sweep not reported here (a resumed sweep's, an older one on the same start):
         # read back, so that what the report says of the two (steadiness, the host's speed) does not depend on it.
         chosen = {r.comparison.baseline_run for r in records if r.comparison} - {"", "self", *self.by_id}
-        self.by_id.update((run_id, tracker.record(run_id)) for run_id in sorted(chosen))
+        kept = {run_id: tracker.kept_record(run_id) for run_id in sorted(chosen)}
+        self.by_id.update((run_id, record) for run_id, record in kept.items() if record is not None)
         self.jobs: dict[tuple[str, str, str, str], list[JobRecord]] = defaultdict(list)
         dtypes = {record.params.get("dtype", "") for record in records if record.ok}  # named where they differ
         for record in records:

@@ -204,6 +204,13 @@ class Tracker:
     def record(self, run_id: str) -> JobRecord:
         return JobRecord.from_run(self._client.get_run(run_id))
 
+    def kept_record(self, run_id: str) -> JobRecord | None:
+        """The run as a record, or None where MLflow no longer holds it (deleted, then purged by ``mlflow gc``)."""
+        try:
+            return self.record(run_id)
+        except MlflowException:
+            return None
+
     def find_quality_baseline(self, image_key: str, accelerator: str, sweep_id: str, device: str) -> JobRecord | None:
         """The run whose images a job's are compared with: a finished run of the same job (``image_key``) with
         the baseline accelerator, from the same sweep if there is one, else on the same kind of device, else

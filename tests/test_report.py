@@ -142,8 +142,8 @@ def test_a_withheld_verdict_says_whose_timings_forbade_it(tmp_path: Path) -> Non
         def download(self, run_id: str, artifact: str) -> None:
             return None
 
-        def record(self, run_id: str):
-            return self.elsewhere[run_id]
+        def kept_record(self, run_id: str):
+            return self.elsewhere.get(run_id)  # None: purged from MLflow
 
     def tables(*runs, shown: int | None = None) -> str:
         """The report of ``runs`` (their first ``shown``: the others are in MLflow only)."""
@@ -188,6 +188,9 @@ def test_a_withheld_verdict_says_whose_timings_forbade_it(tmp_path: Path) -> Non
     assert "cuda_graph: 4.74× faster (the baseline's launching core ran a fixed loop in 1.94 ms" in text
     noisy_before = replace(bound, measurement=noisy, run_id="run-earlier")
     assert "| 4.74× | inconclusive (baseline noisy) |" in tables(graphed, noisy_before, shown=1)
+    judged = compare_job([graphed, noisy_before])  # ...and where MLflow no longer holds that baseline: the reason
+    gone = Report(NoImages(), [replace(graphed, comparison=judged[graphed.run_id])], [], tmp_path, []).markdown()
+    assert "| 4.74× | inconclusive (see MLflow's baseline_why) |" in gone
 
 
 def test_a_grid_of_noise_pictures_makes_a_report_small_enough_to_commit(tmp_path: Path) -> None:
