@@ -517,6 +517,7 @@ def test_chains_refuse_what_does_not_compose_before_any_model_is_loaded() -> Non
     deepcache = {"_target_": "runner.accelerators.deepcache.DeepCacheAccelerator"}
     graphs = {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"}
     hooks = {"_target_": "tests.fake_accelerators.Perturb"}  # in place, no stage: anywhere
+    bf16 = {"_target_": "runner.accelerators.bf16.Bf16Accelerator"}  # in place, first
     with pytest.raises(ConfigError, match="OneDiffAccelerator compiles the whole pipeline and cannot be chained"):
         Chain(parts=[onediff, compile_]).check(CPU)
     refused = [
@@ -524,11 +525,21 @@ def test_chains_refuse_what_does_not_compose_before_any_model_is_loaded() -> Non
         ([compile_, deepcache], r"DeepCacheAccelerator \(restructure\) cannot follow TorchCompileAccelerator"),
         ([deepcache, graphs, compile_], r"TorchCompileAccelerator \(compile\) cannot follow CudaGraphAccelerator"),
         ([graphs, graphs], r"CudaGraphAccelerator \(capture\) cannot follow CudaGraphAccelerator"),
+        (
+            [hooks, bf16],
+            r"^accelerator.parts: Bf16Accelerator changes what every other part finds and must be the "
+            r"chain's first part, not part 1$",
+        ),
     ]
     for parts, message in refused:
         with pytest.raises(ConfigError, match=message):
             check_order([build_accelerator(part) for part in parts])
-    for parts in ([deepcache, compile_, graphs], [hooks, deepcache, hooks, compile_], [compile_, graphs]):
+    for parts in (
+        [deepcache, compile_, graphs],
+        [hooks, deepcache, hooks, compile_],
+        [compile_, graphs],
+        [bf16, hooks],
+    ):
         check_order([build_accelerator(part) for part in parts])  # accepted
 
 

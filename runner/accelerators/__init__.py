@@ -64,6 +64,7 @@ class Accelerator:
 
     wraps: ClassVar[Wraps] = Wraps.IN_PLACE
     stage: ClassVar[Stage | None] = None  # None: anywhere in a chain
+    first: ClassVar[bool] = False  # must be a chain's first part (it changes what every later part finds)
     catalogue: ClassVar[tuple[Metric, ...]] = ()  # metrics of its own (runner/catalogue.py)
 
     def check(self, device: torch.device) -> None:

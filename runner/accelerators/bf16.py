@@ -16,6 +16,7 @@ What this says about a real checkpoint: only that bfloat16 rounding moves these 
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
@@ -27,6 +28,8 @@ from runner.config import ConfigError
 
 @dataclass
 class Bf16Accelerator(Accelerator):
+    first: ClassVar[bool] = True  # before anything compiles, captures or quantises the float16 modules
+
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         if target.dtype != torch.float16:
             raise ConfigError(

@@ -2,8 +2,8 @@
 
 Each part is an accelerator's options, as in its own YAML. Parts are applied in order. The order is checked
 from what each part's class declares, before any model is loaded: parts with a stage must stand in the order
-of their stages (quantize, restructure, compile, capture, feed; each once), and a part that owns the whole pipeline
-(OneDiff) cannot be chained at all.
+of their stages (quantize, restructure, compile, capture, feed; each once), a part that must come first (the
+bfloat16 pipeline) does, and a part that owns the whole pipeline (OneDiff) cannot be chained at all.
 """
 
 import itertools
@@ -64,6 +64,12 @@ def check_order(parts: list[Accelerator]) -> None:
             raise ConfigError(
                 f"accelerator {type(part).__name__} compiles the whole pipeline and cannot be chained with "
                 "others; run it on its own"
+            )
+    for index, part in enumerate(parts):
+        if part.first and index:
+            raise ConfigError(
+                f"accelerator.parts: {type(part).__name__} changes what every other part finds and must be the "
+                f"chain's first part, not part {index}"
             )
     staged = [part for part in parts if part.stage is not None]
     for before, after in itertools.pairwise(staged):
