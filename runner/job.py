@@ -134,7 +134,10 @@ def first_baseline(tracker: Tracker, config: Config, key: str, name: str) -> str
         if reason or config.rebaseline != "never":  # never: nothing to say where nothing was asked
             print(f"[{name}] not measured again: {reason or again.why}", flush=True)
         return None
-    print(f"[{name}{' again' if again.first else ''}] {'' if again.first else 'measured now: '}{again.why}", flush=True)
+    if again.first:
+        print(f"[{name} again] {again.why}", flush=True)
+    else:
+        print(f"[{name}] measured now: {again.why}", flush=True)
     return again.first
 
 

@@ -82,6 +82,7 @@ def measure(
         result.facts.update(environment_tags(device))
         accelerator = build_accelerator(cfg.accelerator)
         accelerator.check(device)
+        accelerator.check_dtype(dtype)
         tracker = Tracker(cfg.mlflow)
         prompts = load_prompts(cfg.prompts, cfg.prompt)
         image = input_image(cfg, tracker, folder, result)

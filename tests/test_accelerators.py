@@ -1039,6 +1039,15 @@ def test_bf16_refuses_a_job_that_is_not_float16(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=refusal):
         Bf16Accelerator().apply(tiny_pipe("t2i"), target(tmp_path))
+    chain = Chain(
+        parts=[
+            {"_target_": "runner.accelerators.bf16.Bf16Accelerator"},
+            {"_target_": "tests.fake_accelerators.Perturb"},
+        ]
+    )
+    with pytest.raises(ConfigError, match=r"^a part of this chain, Bf16Accelerator: the bfloat16 pipeline"):
+        chain.check_dtype(torch.float32)  # before loading: what the worker checks beside the device
+    chain.check_dtype(torch.float16)
 
 
 def test_bf16_traced_by_torch_compile_scores_against_the_float16_baseline(cli, test_accelerators) -> None:
@@ -1050,6 +1059,9 @@ def test_bf16_traced_by_torch_compile_scores_against_the_float16_baseline(cli, t
     assert traced.data.tags["baseline_run"] == runs["tiny/i2i/64-fp16/none"].info.run_id  # the float16 job's baseline
     assert traced.data.params["dtype"] == "fp16" and traced.data.metrics["compile_s"] > 0
     assert 0.5 < traced.data.metrics["ssim_vs_baseline"] < 1
+    refused = cli("accelerator=bf16_traced", "res=64", "runs=1", test_accelerators)  # the CPU's dtype: float32
+    assert refused.code != 0 and "[tiny/t2i/64/bf16_traced] loading" not in refused.output  # refused before it
+    assert "converts a float16 job, and this one runs in float32: run it with dtype=fp16" in refused.output
 
 
 @pytest.mark.gpu

@@ -70,6 +70,10 @@ class Accelerator:
     def check(self, device: torch.device) -> None:
         """Raise ConfigError (one line, with the fix) if this accelerator cannot run here."""
 
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Raise ConfigError (one line, with the fix) if this accelerator cannot run a job in ``dtype``; checked
+        with ``check``, before the model is loaded."""
+
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         """Change ``pipe`` in place; the runner's warmup calls pay for any compilation."""
 

@@ -30,13 +30,16 @@ from runner.config import ConfigError
 class Bf16Accelerator(Accelerator):
     first: ClassVar[bool] = True  # before anything compiles, captures or quantises the float16 modules
 
-    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
-        if target.dtype != torch.float16:
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        if dtype != torch.float16:
             raise ConfigError(
                 f"the bfloat16 pipeline (Bf16Accelerator) converts a float16 job, and this one runs in "
-                f"{str(target.dtype).removeprefix('torch.')}: run it with dtype=fp16 (on a GPU, the default), or "
-                "use dtype=bf16 with another accelerator"
+                f"{str(dtype).removeprefix('torch.')}: run it with dtype=fp16 (on a GPU, the default), or use "
+                "dtype=bf16 with another accelerator"
             )
+
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        self.check_dtype(target.dtype)  # checked before loading too: this holds where apply is called directly
         # diffusers warns on every model cast with .to(dtype) that it keeps no float32 modules: it lists none here
         level = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()

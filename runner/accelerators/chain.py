@@ -7,6 +7,7 @@ bfloat16 pipeline) does, and a part that owns the whole pipeline (OneDiff) canno
 """
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +31,18 @@ class Chain(Accelerator):
         if len(self.parts) < 2:
             raise ConfigError(f"accelerator.parts has {len(self.parts)} part(s): a chain needs at least two")
         check_order(self._accelerators())
+        self._each_part(lambda part: part.check(device))
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        self._each_part(lambda part: part.check_dtype(dtype))
+
+    def _each_part(self, check: Callable[[Accelerator], None]) -> None:
+        """``check`` on each part; a part's refusal names the part and says it stands in this chain."""
         for i, accelerator in enumerate(self._accelerators()):
             try:
-                accelerator.check(device)
-            except ConfigError as error:  # a part's refusal names the part: say it stands in this chain, and
-                said = str(error)  # name its option where it is set (a part writes accelerator.kernel=...)
+                check(accelerator)
+            except ConfigError as error:  # name the part's option where it is set (it writes accelerator.kernel=...)
+                said = str(error)
                 if said.startswith("accelerator."):
                     said = f"accelerator.parts.{i}.{said.removeprefix('accelerator.')}"
                 raise ConfigError(f"a part of this chain, {type(accelerator).__name__}: {said}") from error
