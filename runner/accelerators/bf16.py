@@ -5,8 +5,10 @@ and the images change by rounding, which the quality metrics measure against ``n
 pipeline). Why it is there at all: on an H200 at 1024 px, ``compile_graph_bf16`` took 0.9497 and 0.9512 s a
 call against ``compile_graph_fast``'s 0.9757 and 0.9768 s in both orders on one machine start, the compiled
 UNet at its 700 W power limit in both, its images SSIM 0.9995 (48.7 dB) from ``none``'s (BENCHMARKS.md, "The
-whole pipeline in bfloat16"). Why bfloat16 is quicker there was not measured (the kernels cuBLAS and cuDNN
-choose for it, or less energy per product under the power cap).
+whole pipeline in bfloat16"); 0.9396-0.9400 s against 0.9667-0.9683 s on another start. At 512 px, where the GPU
+stays under its power limit, it took 1.1-1.2% longer than ``compile_graph_fast`` while drawing 5-7% less power, so
+what it gains at 1024 px is, by inference (no kernel profile), the power it saves under the cap
+("``compile_graph_bf16`` at both sizes").
 
 In place and first in its chain, so every part after it finds bfloat16 modules. The VAE is no longer upcast to
 float32 (bfloat16 cannot overflow where float16 does), and its decoder hands the pipeline float16, as
