@@ -239,18 +239,30 @@ def with_baseline_again(jobs: list[tuple[list[str], bool, str]]) -> list[list[st
     80%; whatever ``rebaseline`` says, a baseline a resumed sweep found done on another machine start is measured
     there, so that the job's new runs have one to be compared with)."""
     batch = [overrides for overrides, _, _ in jobs]
-    baselines: dict[tuple[str, ...], int] = {}  # the job's key -> where its baseline is in the batch
+    # Only a baseline before some of its job's accelerated runs: one after them all has nothing to follow.
+    after = sorted(((last, first) for first, last in _baselines_with_runs(jobs).items() if last > first), reverse=True)
+    for index, first in after:
+        batch.insert(index + 1, [*batch[first], "baseline_again=true"])
+    return batch
+
+
+def baselines_after(jobs: list[tuple[list[str], bool, str]]) -> list[list[str]]:
+    """Where a launcher runs the jobs side by side, in no set order (``local_gpus``): the second slots of the
+    baselines (as ``with_baseline_again``, the jobs given alike, each stamped with its GPU slot), as a batch of
+    their own, launched once every job of the first has ended."""
+    return [[*jobs[first][0], "baseline_again=true"] for first in _baselines_with_runs(jobs)]
+
+
+def _baselines_with_runs(jobs: list[tuple[list[str], bool, str]]) -> dict[int, int]:
+    """Where each baseline with accelerated runs of its job is in the batch -> where the last of those is."""
+    baselines: dict[tuple[str, ...], int] = {}  # the job's key -> where its baseline is
     last: dict[tuple[str, ...], int] = {}  # the job's key -> where its last accelerated run is
     for index, (overrides, is_baseline, rebaseline) in enumerate(jobs):
         if is_baseline and rebaseline in REBASELINE:  # a bad value fails the jobs once
             baselines[_job_key(overrides)] = index
         elif not is_baseline:
             last[_job_key(overrides)] = index
-    # Only a baseline before some of its job's accelerated runs: one after them all has nothing to follow.
-    after = sorted(((last[key], first) for key, first in baselines.items() if last.get(key, -1) > first), reverse=True)
-    for index, first in after:
-        batch.insert(index + 1, [*batch[first], "baseline_again=true"])
-    return batch
+    return {first: last[key] for key, first in baselines.items() if key in last}
 
 
 def with_gpu_slots(batch: list[list[str]]) -> list[list[str]]:

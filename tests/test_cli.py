@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from runner.job import time_summary
-from runner.sweep import with_baseline_again, with_gpu_slots
+from runner.sweep import baselines_after, with_baseline_again, with_gpu_slots
 
 REQUIRED_PARAMS = {
     "model",
@@ -234,6 +234,15 @@ def test_each_baseline_comes_again_after_its_job_s_last_accelerated_run() -> Non
     assert with_baseline_again(jobs("sometimes")) == [o for o, _, _ in jobs()]
     last = [(["accelerator=x", "res=512"], False, "auto"), (["accelerator=none", "res=512"], True, "auto")]
     assert with_baseline_again(last) == [["accelerator=x", "res=512"], ["accelerator=none", "res=512"]]
+    # Side by side (local_gpus), in no set order: a batch of their own, after the jobs, on their jobs' GPUs
+    slotted = with_gpu_slots([o for o, _, _ in jobs()])
+    stamped = [(overrides, b, r) for overrides, (_, b, r) in zip(slotted, jobs(), strict=True)]
+    assert baselines_after(stamped) == [
+        ["accelerator=none", "res=512", "gpu_slot=0", "baseline_again=true"],
+        ["accelerator=none", "res=1024", "gpu_slot=1", "baseline_again=true"],
+    ]
+    assert baselines_after(last) == [["accelerator=none", "res=512", "baseline_again=true"]]  # wherever it stood
+    assert baselines_after([(o, b, "sometimes") for o, b, _ in stamped]) == []
 
 
 def test_a_sweep_measures_its_baseline_again_after_the_accelerated_run(cli, test_accelerators: str) -> None:

@@ -88,12 +88,41 @@ def test_concurrent_jobs_one_store_one_job_per_gpu(cli, two_fake_gpus: dict, tmp
     assert {run.data.tags["concurrent_jobs"] for run in runs.values()} <= {"1", "2"}  # never more than GPUs
 
 
-def test_jobs_side_by_side_measure_no_baseline_again(cli, two_fake_gpus: dict, test_accelerators: str) -> None:
-    """local_gpus runs a sweep's jobs at once, in no set order: no second baseline is scheduled after them."""
+def test_jobs_side_by_side_measure_their_baselines_again_after_them(
+    cli, two_fake_gpus: dict, test_accelerators: str
+) -> None:
+    """local_gpus runs a sweep's jobs at once, in no set order: each baseline's second slot comes in a batch of
+    its own, once they have all ended, on its job's GPU."""
     args = ("hydra/launcher=local_gpus", "hydra.launcher.gpus_per_node=2", "rebaseline=always", test_accelerators)
-    sweep = cli("-m", "accelerator=none,same", "res=64", "runs=2", *args, env=two_fake_gpus)
+    sweep = cli("-m", "accelerator=none,same", "res=64,72", "runs=2", *args, env=two_fake_gpus)
     assert sweep.code == 0, sweep.output
-    assert set(sweep.runs()) == {"tiny/t2i/64/none", "tiny/t2i/64/same"} and "baseline_again" not in sweep.output
+    runs = sweep.runs()
+    assert set(runs) == {f"tiny/t2i/{res}/{name}" for res in (64, 72) for name in ("none", "same", "none again")}
+    for res in (64, 72):
+        again, first, same = (runs[f"tiny/t2i/{res}/{name}"] for name in ("none again", "none", "same"))
+        assert again.data.tags["baseline_again"] == first.info.run_id
+        assert again.info.start_time >= max(same.info.end_time, first.info.end_time)  # after both of its job's
+        assert again.data.tags["gpu_lease"] == same.data.tags["gpu_lease"] == first.data.tags["gpu_lease"]
+
+
+def test_a_sweep_side_by_side_resumed_on_another_machine_start_measures_its_baseline_there(
+    cli, two_fake_gpus: dict, test_accelerators: str
+) -> None:
+    """As under Hydra's own launcher (test_cli): the baseline found done on another machine start is measured
+    again after the job's new run, so that run is compared with a baseline of its own start."""
+    args = ("hydra/launcher=local_gpus", "hydra.launcher.gpus_per_node=2", "res=64", "runs=2", test_accelerators)
+    first = cli("-m", "accelerator=none", *args, env=two_fake_gpus)
+    assert first.code == 0, first.output
+    earlier = first.runs()["tiny/t2i/64/none"]
+    client = MlflowClient(first.tracking_uri)
+    client.set_tag(earlier.info.run_id, "boot_id", "an-earlier-start")
+    resumed = cli("-m", "accelerator=none,same", *args, "rebaseline=never", env=two_fake_gpus)
+    assert resumed.code == 0, resumed.output
+    runs = client.search_runs([earlier.info.experiment_id], "tags.kind = 'job'")
+    [now] = [r for r in runs if r.data.params["accelerator"] == "none" and r.info.run_id != earlier.info.run_id]
+    same = next(r for r in runs if r.data.params["accelerator"] == "same")
+    assert now.info.start_time >= same.info.end_time and "baseline_again" not in now.data.tags
+    assert same.data.tags["baseline_run"] == now.info.run_id and same.data.tags["pace"] != "no baseline"
 
 
 def test_jobs_at_once_lease_distinct_cores_and_their_siblings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,9 +4,9 @@ Hydra's basic sweeper composes every job of a sweep before launching any, and on
 model, a resolution that is not a number) aborts them all. This one records such a job as a failed MLflow
 run with a one-line reason and launches the rest. The sweep is an MLflow run of its own, the parent of its
 jobs' runs (its id is stamped on every job), and always ends with a table, a comparison of the runs and a
-report logged to that run, exiting non-zero if any job failed. Where its jobs run one after another, each
-job's baseline comes again after the job's accelerated runs (``rebaseline``). The logic lives in
-runner/sweep.py.
+report logged to that run, exiting non-zero if any job failed. Each job's baseline comes again after the job's
+accelerated runs (``rebaseline``): in the batch where its jobs run one after another, in a batch after it where
+``local_gpus`` runs them side by side. The logic lives in runner/sweep.py.
 """
 
 from collections.abc import Sequence
@@ -16,15 +16,25 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.sweep import record_uncomposable, run_sweep, with_baseline_again, with_gpu_slots
+from runner.sweep import baselines_after, record_uncomposable, run_sweep, with_baseline_again, with_gpu_slots
 
 
 class ResilientSweeper(BasicSweeper):
+    # The baselines' second slots where the launcher runs jobs side by side: the next batch, once the launcher
+    # has returned from the current one (its jobs ended).
+    after: Sequence[list[str]] = ()
+
     def sweep(self, arguments: list[str]) -> None:
         # Hydra's own launcher runs the jobs in this process: their workers' server can start at once.
         run_sweep(self.config, arguments, super().sweep, jobs_here=isinstance(self.launcher, BasicLauncher))
 
+    def is_done(self) -> bool:
+        return super().is_done() and not self.after
+
     def get_job_batch(self) -> Sequence[Sequence[str]]:
+        if self.after:
+            batch, self.after = self.after, ()
+            return batch
         composable = []
         for overrides in super().get_job_batch():
             try:
@@ -33,7 +43,15 @@ class ResilientSweeper(BasicSweeper):
                 composable.append((list(overrides), is_baseline, str(cfg.rebaseline)))
             except (HydraException, OmegaConfBaseException) as error:
                 record_uncomposable(self.config, list(overrides), error)
-        # A baseline's second measurement follows its job's accelerated runs only where jobs run in order, one
-        # after another: SLURM's and local_gpus' jobs run side by side, on GPUs and in an order of their own.
-        in_order = isinstance(self.launcher, BasicLauncher)
-        return with_gpu_slots(with_baseline_again(composable) if in_order else [o for o, _, _ in composable])
+        # A baseline's second measurement follows its job's accelerated runs: in the batch where jobs run in
+        # order, one after another; where local_gpus runs them side by side, in no set order, in a batch of its
+        # own after them. Not under SLURM: a second batch would wait in the queue again, for a node that may not
+        # be the one the runs had (a baseline there measures nothing).
+        if isinstance(self.launcher, BasicLauncher):
+            return with_gpu_slots(with_baseline_again(composable))
+        batch = with_gpu_slots([overrides for overrides, _, _ in composable])
+        # By name: Hydra's plugin discovery executes the launcher's module afresh, so its class is not the one an
+        # import here would give, and isinstance fails.
+        if type(self.launcher).__name__ == "LocalLauncher":  # submitit's local executor: local_gpus
+            self.after = baselines_after([(batch[i], *job[1:]) for i, job in enumerate(composable)])
+        return batch
