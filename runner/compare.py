@@ -136,8 +136,9 @@ def core_gap(baseline: JobRecord, run: JobRecord) -> tuple[float, float] | None:
 class Again(NamedTuple):
     """What a baseline's second slot in a sweep (runner/sweep.py, ``with_baseline_again``) does."""
 
-    first: str | None  # the run it measures again; "" to measure it as this machine start's first; None: nothing
+    measure: bool
     why: str
+    again_of: str = ""  # the first run it measures again; "" where it measures this machine start's first
 
 
 def baseline_again(
@@ -157,27 +158,28 @@ def baseline_again(
         if baselines and any(r.sweep_id == sweep_id for r in ours):
             done = max(baselines, key=lambda b: b.started_ms).run_id
             return Again(
-                "",
+                True,
                 f"its run {done} was on another machine start, and this sweep's runs of the job compare "
                 "only with a baseline of theirs",
             )
-        return Again(None, "this sweep measured neither it nor its job's other runs on this machine start")
+        return Again(False, "this sweep measured neither it nor its job's other runs on this machine start")
     newest = max(here, key=lambda b: b.started_ms)
     if not any(r.started_ms > newest.started_ms for r in ours):
-        return Again(None, f"none of its job's runs came after its run {newest.run_id}")
+        return Again(False, f"none of its job's runs came after its run {newest.run_id}")
     first = max(firsts, key=lambda b: b.started_ms)
     busy = first.metrics.get("gpu_busy_share")
     if rebaseline == "always" or (rebaseline == "auto" and busy is not None and busy < HOST_BOUND):
-        return Again(first.run_id, f"the baseline again, after the job's accelerated runs (first: run {first.run_id})")
+        why = f"the baseline again, after the job's accelerated runs (first: run {first.run_id})"
+        return Again(True, why, first.run_id)
     if rebaseline == "never":
-        return Again(None, "rebaseline=never")
+        return Again(False, "rebaseline=never")
     if busy is None:
         return Again(
-            None,
+            False,
             "its first run's GPU busy share was not read (a CPU run, or a driver without samples); "
             "rebaseline=always would",
         )
-    return Again(None, f"its first run kept the GPU busy {busy:.0%} of its timed calls; rebaseline=always would")
+    return Again(False, f"its first run kept the GPU busy {busy:.0%} of its timed calls; rebaseline=always would")
 
 
 def pace(run: JobRecord, baseline: JobRecord) -> Pace:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner import slurm
-from runner.compare import baseline_again
+from runner.compare import Again, baseline_again
 from runner.config import (
     Config,
     ConfigError,
@@ -78,11 +78,11 @@ def run_job(cfg: DictConfig) -> str:
     name, key = job_name(config), config_hash(config)
     tags["config_hash"] = key
     if config.baseline_again:  # the sweeper's second slot of this baseline, after the job's accelerated runs
-        first = first_baseline(tracker, config, key, name)
-        if first is None:
+        again = second_slot(tracker, config, key, name)
+        if not again.measure:
             return "not measured again"
-        if first:
-            name, tags["baseline_again"] = f"{name} again", first
+        if again.again_of:
+            name, tags["baseline_again"] = f"{name} again", again.again_of
     done = config.force or config.baseline_again
     earlier = [] if done else [r for r in tracker.records(f"tags.config_hash = '{key}'") if r.outcome in DONE]
     if earlier:
@@ -116,10 +116,9 @@ def run_job(cfg: DictConfig) -> str:
     return _ended(name, outcome, why, run_id)
 
 
-def first_baseline(tracker: Tracker, config: Config, key: str, name: str) -> str | None:
-    """What the sweeper's second slot of this baseline measures (runner/compare.py, ``baseline_again``): the run
-    id of the first measurement it measures again, "" where it measures this machine start's first, or None
-    (nothing), said in a line."""
+def second_slot(tracker: Tracker, config: Config, key: str, name: str) -> Again:
+    """What the sweeper's second slot of this baseline does (runner/compare.py, ``baseline_again``), said in a
+    line: nothing, a measurement again of its first run, or this machine start's first measurement of it."""
     baselines = [r for r in tracker.records(f"tags.config_hash = '{key}'") if r.ok]
     jobs = sorted({r.image_key for r in baselines if r.image_key})
     runs = [
@@ -130,15 +129,16 @@ def first_baseline(tracker: Tracker, config: Config, key: str, name: str) -> str
     ]
     again = baseline_again(config.rebaseline, baselines, runs, config.sweep_id, (HOST, boot_id()))
     reason = skip_reason(config)
-    if reason or again.first is None:
+    if reason:
+        again = Again(False, reason)
+    if not again.measure:
         if reason or config.rebaseline != "never":  # never: nothing to say where nothing was asked
-            print(f"[{name}] not measured again: {reason or again.why}", flush=True)
-        return None
-    if again.first:
+            print(f"[{name}] not measured again: {again.why}", flush=True)
+    elif again.again_of:
         print(f"[{name} again] {again.why}", flush=True)
     else:
         print(f"[{name}] measured now: {again.why}", flush=True)
-    return again.first
+    return again
 
 
 def measure_and_record(

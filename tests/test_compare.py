@@ -169,14 +169,14 @@ def test_a_baseline_is_measured_again_where_it_was_bound_by_its_host() -> None:
 
     base = first(0.56)  # eager SDXL on an H200: 56% busy
     assert baseline_again("auto", [base], [job("x", 1.0)], "s1", start) == Again(
-        base.run_id, f"the baseline again, after the job's accelerated runs (first: run {base.run_id})"
+        True, f"the baseline again, after the job's accelerated runs (first: run {base.run_id})", base.run_id
     )
     assert again("auto", 0.96) == Again(
-        None, "its first run kept the GPU busy 96% of its timed calls; rebaseline=always would"
+        False, "its first run kept the GPU busy 96% of its timed calls; rebaseline=always would"
     )
     assert again("auto", None).why.startswith("its first run's GPU busy share was not read")
-    assert again("always", 0.96).first and again("always", None).first
-    assert again("never", 0.56) == Again(None, "rebaseline=never")
+    assert again("always", 0.96).again_of and again("always", None).again_of
+    assert again("never", 0.56) == Again(False, "rebaseline=never")
 
 
 def test_a_baseline_is_measured_again_only_after_runs_it_has_not_followed() -> None:
@@ -184,14 +184,14 @@ def test_a_baseline_is_measured_again_only_after_runs_it_has_not_followed() -> N
     base = job("none", 2.5)
     run = job("x", 1.0)
     # an earlier sweep stopped during the second measurement: resumed, nothing new, still measured again
-    assert baseline_again("always", [base], [run], "s2", start).first == base.run_id
+    assert baseline_again("always", [base], [run], "s2", start).again_of == base.run_id
     second = replace(job("none", 2.4), again_of=base.run_id)
     assert baseline_again("always", [base, second], [run], "s2", start) == Again(
-        None, f"none of its job's runs came after its run {second.run_id}"
+        False, f"none of its job's runs came after its run {second.run_id}"
     )
     later = job("y", 1.2, sweep="s2")  # a new accelerator in a later sweep: measured again after it
-    assert baseline_again("always", [base, second], [run, later], "s2", start).first == base.run_id
-    assert baseline_again("always", [], [run], "s1", start).first is None  # the baseline never ended
+    assert baseline_again("always", [base, second], [run, later], "s2", start).again_of == base.run_id
+    assert not baseline_again("always", [], [run], "s1", start).measure  # the baseline never ended
 
 
 def test_a_baseline_done_on_another_machine_start_is_measured_where_the_sweep_runs() -> None:
@@ -201,13 +201,13 @@ def test_a_baseline_done_on_another_machine_start_is_measured_where_the_sweep_ru
     for rebaseline in ("auto", "always", "never"):
         measured = baseline_again(rebaseline, [before], [resumed], "s2", start)
         assert measured == Again(
-            "",
+            True,
             f"its run {before.run_id} was on another machine start, and this sweep's runs of the job compare only "
             "with a baseline of theirs",
         )
     old = job("x", 1.0, conditions=replace(HERE, boot_id="boot-0"))  # nothing of the job ran on this start
-    assert baseline_again("always", [before], [old], "s2", start).first is None
-    assert baseline_again("always", [before], [resumed], "s3", start).first is None  # not this sweep's run
+    assert not baseline_again("always", [before], [old], "s2", start).measure
+    assert not baseline_again("always", [before], [resumed], "s3", start).measure  # not this sweep's run
 
 
 def test_a_noisy_or_contended_run_or_baseline_gets_no_verdict() -> None:
