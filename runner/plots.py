@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 
-from runner.record import JobRecord, Pace
+from runner.record import JobRecord, Pace, dtype_where_they_differ
 
 COLOURS = {Pace.FASTER: "#2a9d4b", Pace.SLOWER: "#c0392b", Pace.SAME: "#8c8c8c", Pace.INCONCLUSIVE: "#e69f00"}
 
@@ -93,6 +93,5 @@ def plot_throughput(records: list[JobRecord], folder: Path) -> list[Path]:
 
 def run_label(run: JobRecord, records: list[JobRecord]) -> str:
     """A run's job and accelerator, with its dtype where ``records`` hold more than one."""
-    dtypes = {r.params.get("dtype", "") for r in records}
-    dtype = f" {run.params.get('dtype', '?')}" if len(dtypes) > 1 else ""
-    return f"{run.model} {run.task} {run.size}{dtype} · {run.accelerator}"
+    dtype = dtype_where_they_differ(run, records)
+    return f"{run.model} {run.task} {run.size}{' ' + dtype if dtype else ''} · {run.accelerator}"

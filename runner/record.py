@@ -315,6 +315,13 @@ class JobRecord:
         )
 
 
+def dtype_where_they_differ(run: JobRecord, records: list[JobRecord]) -> str:
+    """The run's dtype where the finished ``records`` were run in more than one (a dtype sweep: each its own
+    job in the report and the plots), else ""."""
+    dtypes = {record.params.get("dtype", "") for record in records if record.ok}
+    return run.params.get("dtype", "?") if len(dtypes) > 1 else ""
+
+
 def _outcome(tag: str | None, status: str) -> Outcome:
     if status == "KILLED":
         return Outcome.KILLED

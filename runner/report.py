@@ -23,7 +23,7 @@ from runner.config import MlflowConfig
 from runner.errors import RunnerError, one_line
 from runner.html import to_html
 from runner.plots import plot_speedups, plot_throughput
-from runner.record import JobRecord, Outcome, Pace, Quality, Steadiness
+from runner.record import JobRecord, Outcome, Pace, Quality, Steadiness, dtype_where_they_differ
 from runner.tracking import Tracker
 
 NOT_RUN = "Failed, stopped and skipped jobs"  # the report's last section
@@ -83,11 +83,11 @@ class Report:
         kept = {run_id: tracker.kept_record(run_id) for run_id in sorted(chosen)}
         self.by_id.update((run_id, record) for run_id, record in kept.items() if record is not None)
         self.jobs: dict[tuple[str, str, str, str], list[JobRecord]] = defaultdict(list)
-        dtypes = {record.params.get("dtype", "") for record in records if record.ok}  # named where they differ
         for record in records:
             if record.ok:
                 size = record.size + (f", batch {record.batch}" if record.batch > 1 else "")
-                size += f", {record.params.get('dtype', '?')}" if len(dtypes) > 1 else ""
+                dtype = dtype_where_they_differ(record, records)  # a dtype sweep: each its own job
+                size += f", {dtype}" if dtype else ""
                 self.jobs[(record.task_title, record.model, size, record.conditions.device_name)].append(record)
 
     def markdown(self) -> str:
