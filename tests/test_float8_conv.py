@@ -173,3 +173,16 @@ def test_cudnns_float8_kernel_gives_the_cpus_numbers_compiled_and_graphed(channe
         assert relative_error(eager, reference) < 5e-3  # float32 sums in another order, rounded to 16 bits
         assert relative_error(graphed, eager) < 1e-3  # inductor's fused quantisation may round one input apart
         assert relative_error(eager, conv(x)) < 0.06
+
+
+def test_the_kernel_benchmark_times_sdxls_own_convolution_shapes() -> None:
+    """benchmarks/fp8_conv.py finds its shapes by running SDXL's UNet on the meta device: every convolution but the
+    first and last (4 channels), at the latent's three levels, with how often a step runs each."""
+    from fp8_conv import conv_shapes
+
+    shapes = conv_shapes(1024)
+    assert sum(shapes.values()) == 49  # of the UNet's 51 convolutions
+    assert shapes[((2, 320, 128, 128), 320, 3, 1, 1)] == 7 and shapes[((2, 1280, 32, 32), 1280, 3, 1, 1)] == 10
+    assert shapes[((2, 320, 128, 128), 320, 3, 2, 1)] == 1  # a downsampler
+    assert {size[2] for size, *_ in shapes} == {128, 64, 32}
+    assert {size[2] for size, *_ in conv_shapes(512)} == {64, 32, 16}
