@@ -3,6 +3,7 @@ convolution, calibrated in the same call as the linear layers, traceable and sav
 one line where it cannot run; cuDNN's kernel on a GPU gives the CPU's numbers."""
 
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from runner.config import ConfigError
 from runner.pipelines import build_pipeline
 
 CPU = torch.device("cpu")
+NO_LIBRARY = "Unable to find symbol cudnnGetVersion"  # what cudnn.backend_version() raised on this CPU machine
 CALL = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
 
 
@@ -127,6 +129,10 @@ def test_float8_convolutions_compile_and_are_saved_and_loaded_whole(tmp_path: Pa
     np.testing.assert_array_equal(images[0], images[1])
 
 
+def no_library() -> None:
+    raise RuntimeError(NO_LIBRARY)
+
+
 @pytest.mark.parametrize(
     ("options", "device", "refusal"),
     [
@@ -141,11 +147,20 @@ def test_float8_convolutions_compile_and_are_saved_and_loaded_whole(tmp_path: Pa
             torch.device("cuda"),
             "accelerator.convolutions=true needs cuDNN's graph API from Python: pip install nvidia-cudnn-frontend",
         ),
+        (
+            {"convolutions": True, "scaling": "calibrated", "unloaded": True},
+            torch.device("cuda"),
+            "accelerator.convolutions=true: cuDNN's Python API found no cuDNN library (Unable to find symbol "
+            "cudnnGetVersion); it loads the one torch ships",
+        ),
     ],
 )
 def test_float8_convolutions_are_refused_in_one_line_where_they_cannot_run(options, device, refusal, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setitem(sys.modules, "cudnn", None)  # not installed: its import fails
+    if options.pop("unloaded", False):  # installed, but no libcudnn beside it (as on this CPU machine)
+        monkeypatch.setitem(sys.modules, "cudnn", types.SimpleNamespace(backend_version=no_library))
+    else:
+        monkeypatch.setitem(sys.modules, "cudnn", None)  # not installed: its import fails
     with pytest.raises(ConfigError) as raised:
         Float8Accelerator(**options).check(device)
     assert str(raised.value).startswith(refusal) and "\n" not in str(raised.value)

@@ -121,11 +121,18 @@ class CalibratedFloat8Conv2d(torch.nn.Module):
 
 
 def check_cudnn() -> None:
-    """Raise ConfigError with the install line if NVIDIA's Python API to cuDNN is missing."""
+    """Raise ConfigError with the fix if NVIDIA's Python API to cuDNN is missing or finds no cuDNN library."""
     try:
-        import cudnn  # noqa: F401  (only whether it is there)
+        import cudnn
     except ImportError as missing:
         raise ConfigError(f"accelerator.convolutions=true needs cuDNN's graph API from Python: {INSTALL}") from missing
+    try:
+        cudnn.backend_version()
+    except RuntimeError as unloaded:  # "Unable to find symbol cudnnGetVersion": no libcudnn it could open
+        raise ConfigError(
+            f"accelerator.convolutions=true: cuDNN's Python API found no cuDNN library ({unloaded}); it loads the one "
+            "torch ships (nvidia-cudnn-cu*): reinstall torch with CUDA, or put libcudnn.so.9 on LD_LIBRARY_PATH"
+        ) from unloaded
 
 
 # cuDNN's side: one graph per shape, built on its first call (the warmup), executed on torch's current stream.
