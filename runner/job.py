@@ -77,6 +77,8 @@ def run_job(cfg: DictConfig) -> str:
         return _ended(name, Outcome.FAILED, message, run_id)
     name, key = job_name(config), config_hash(config)
     tags["config_hash"] = key
+    if config.gpu_slot is not None:  # the sweeper reads it back to batch the baselines' second slots
+        tags["gpu_slot"] = str(config.gpu_slot)
     if config.baseline_again:  # the sweeper's second slot of this baseline, after the job's accelerated runs
         again = second_slot(tracker, config, key, name)
         if not again.measure:

@@ -227,6 +227,7 @@ class JobRecord:
     metrics: dict[str, float]
     params: dict[str, str]
     again_of: str = ""  # a baseline measured again after its job's accelerated runs: the first one's run id
+    gpu_slot: int | None = None  # the sweeper's slot of its job (runner/sweep.py); None outside a sweep
 
     @property
     def ok(self) -> bool:
@@ -312,6 +313,7 @@ class JobRecord:
             metrics=dict(metrics),
             params=dict(params),
             again_of=tags.get("baseline_again", ""),
+            gpu_slot=int(tags["gpu_slot"]) if tags.get("gpu_slot", "").isdigit() else None,
         )
 
 

@@ -248,9 +248,52 @@ def with_baseline_again(jobs: list[tuple[list[str], bool, str]]) -> list[list[st
 
 def baselines_after(jobs: list[tuple[list[str], bool, str]]) -> list[list[str]]:
     """Where a launcher runs the jobs side by side, in no set order (``local_gpus``): the second slots of the
-    baselines (as ``with_baseline_again``, the jobs given alike, each stamped with its GPU slot), as a batch of
-    their own, launched once every job of the first has ended."""
+    baselines (as ``with_baseline_again``, the jobs given alike, each stamped with its GPU slot), launched once
+    every job of the first batch has ended, in the batches ``second_batches`` makes of them."""
     return [[*jobs[first][0], "baseline_again=true"] for first in _baselines_with_runs(jobs)]
+
+
+def second_batches(after: list[list[str]], concurrency: dict[int, int]) -> list[list[list[str]]]:
+    """``baselines_after``'s second slots as batches, each of as many baselines as there were jobs at once while
+    their jobs' last accelerated runs were timed (``concurrency``: a GPU slot -> that run's ``concurrent_jobs``), so
+    that each is measured as its runs were, and a comparison may use it: a run left alone on its GPU at a sweep's
+    end (1 job at once) gets a baseline measured alone, the runs of slots that ended side by side one measured side
+    by side. A slot with no such run in the sweep counts as side by side with every other. The most at once first."""
+    groups: dict[int, list[list[str]]] = {}
+    for overrides in after:
+        at_once = concurrency.get(_gpu_slot(overrides), len(after))
+        groups.setdefault(min(max(at_once, 1), len(after)), []).append(overrides)
+    return [
+        members[start : start + at_once]
+        for at_once, members in sorted(groups.items(), reverse=True)
+        for start in range(0, len(members), at_once)
+    ]
+
+
+def batches_after(master: DictConfig, after: list[list[str]]) -> list[list[list[str]]]:
+    """``second_batches`` of the second slots ``after``, once their sweep's jobs have ended, from what its runs
+    recorded."""
+    sweep_ids = {item[len("sweep_id=") :] for overrides in after for item in overrides if item.startswith("sweep_id=")}
+    tracker = open_tracker(master)
+    records = [record for sweep_id in sweep_ids for record in tracker.records(f"tags.sweep_id = '{sweep_id}'")]
+    return second_batches(after, last_concurrency(records))
+
+
+def last_concurrency(records: list[JobRecord]) -> dict[int, int]:
+    """Each GPU slot's last finished accelerated run among a sweep's ``records`` -> how many jobs ran at once
+    during its timed calls."""
+    last: dict[int, JobRecord] = {}
+    for record in records:
+        if not record.ok or record.is_baseline or record.gpu_slot is None:
+            continue
+        if record.gpu_slot not in last or record.started_ms >= last[record.gpu_slot].started_ms:
+            last[record.gpu_slot] = record
+    return {slot: record.conditions.concurrent_jobs for slot, record in last.items()}
+
+
+def _gpu_slot(overrides: list[str]) -> int | None:
+    slots = [item.removeprefix("gpu_slot=") for item in overrides if item.startswith("gpu_slot=")]
+    return int(slots[-1]) if slots and slots[-1].isdigit() else None
 
 
 def _baselines_with_runs(jobs: list[tuple[list[str], bool, str]]) -> dict[int, int]:

@@ -12,8 +12,11 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from runner.config import MlflowConfig
 from runner.job import time_summary
-from runner.sweep import baselines_after, with_baseline_again, with_gpu_slots
+from runner.record import Outcome
+from runner.sweep import baselines_after, last_concurrency, second_batches, with_baseline_again, with_gpu_slots
+from runner.tracking import Tracker
 
 REQUIRED_PARAMS = {
     "model",
@@ -244,6 +247,31 @@ def test_each_baseline_comes_again_after_its_job_s_last_accelerated_run() -> Non
     ]
     assert baselines_after(last) == [["accelerator=none", "res=512", "baseline_again=true"]]  # wherever it stood
     assert baselines_after([(o, b, "sometimes") for o, b, _ in stamped]) == []
+
+
+def test_side_by_side_second_slots_run_as_many_at_once_as_their_jobs_last_runs(tmp_path: Path) -> None:
+    """A run left alone on its GPU at a sweep's end is compared only with a baseline measured alone (the most jobs
+    at once must match), so the baselines' second slots run in batches of as many as their jobs' last runs had."""
+    after = [["accelerator=none", f"res={64 + slot}", f"gpu_slot={slot}", "baseline_again=true"] for slot in range(3)]
+    assert second_batches(after, {0: 2, 1: 1, 2: 2}) == [[after[0], after[2]], [after[1]]]  # 2 side by side, 1 alone
+    assert second_batches(after, {0: 1, 1: 1, 2: 1}) == [[after[0]], [after[1]], [after[2]]]
+    assert second_batches(after, {0: 3, 1: 3, 2: 3}) == second_batches(after, {}) == [after]  # no run read: at once
+    assert second_batches(after, {0: 2, 1: 2, 2: 2}) == [[after[0], after[1]], [after[2]]]  # the last one short
+    assert second_batches(after[:1], {0: 4}) == [after[:1]]  # more than there are to run: all at once
+    # Read back from the sweep's runs: each slot's last finished accelerated run, by its start
+    tracker = Tracker(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="slots"))
+    sweep_id = tracker.start_sweep("sweep", "-m ...", {})
+    runs = [  # (accelerator, slot, jobs at once, outcome)
+        ("none", 0, 2, Outcome.OK), ("x", 0, 2, Outcome.OK), ("y", 0, 1, Outcome.OK), ("z", 0, 2, Outcome.FAILED),
+        ("none", 1, 2, Outcome.OK), ("x", 1, 2, Outcome.OK), ("none", 2, 1, Outcome.OK),
+    ]  # fmt: skip
+    for accelerator, slot, at_once, outcome in runs:
+        tags = {"gpu_slot": str(slot), "concurrent_jobs": str(at_once)}
+        run_id = tracker.start_job(f"{slot}/{accelerator}", {"accelerator": accelerator}, sweep_id, tags)
+        tracker.end_job(run_id, outcome)
+    records = tracker.records(f"tags.sweep_id = '{sweep_id}'")
+    assert {record.gpu_slot for record in records} == {0, 1, 2}
+    assert last_concurrency(records) == {0: 1, 1: 2}  # slot 2 ran its baseline only; the failed run does not count
 
 
 def test_a_sweep_measures_its_baseline_again_after_the_accelerated_run(cli, test_accelerators: str) -> None:

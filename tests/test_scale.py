@@ -91,8 +91,8 @@ def test_concurrent_jobs_one_store_one_job_per_gpu(cli, two_fake_gpus: dict, tmp
 def test_jobs_side_by_side_measure_their_baselines_again_after_them(
     cli, two_fake_gpus: dict, test_accelerators: str
 ) -> None:
-    """local_gpus runs a sweep's jobs at once, in no set order: each baseline's second slot comes in a batch of
-    its own, once they have all ended, on its job's GPU."""
+    """local_gpus runs a sweep's jobs at once, in no set order: each baseline's second slot comes once they have
+    all ended, on its job's GPU, beside as many others as its job's last run had (test_cli: which batches)."""
     args = ("hydra/launcher=local_gpus", "hydra.launcher.gpus_per_node=2", "rebaseline=always", test_accelerators)
     sweep = cli("-m", "accelerator=none,same", "res=64,72", "runs=2", *args, env=two_fake_gpus)
     assert sweep.code == 0, sweep.output
@@ -103,6 +103,9 @@ def test_jobs_side_by_side_measure_their_baselines_again_after_them(
         assert again.data.tags["baseline_again"] == first.info.run_id
         assert again.info.start_time >= max(same.info.end_time, first.info.end_time)  # after both of its job's
         assert again.data.tags["gpu_lease"] == same.data.tags["gpu_lease"] == first.data.tags["gpu_lease"]
+        assert again.data.tags["gpu_slot"] == same.data.tags["gpu_slot"] == first.data.tags["gpu_slot"]
+        if same.data.tags["concurrent_jobs"] == "1":  # alone on its GPU at the end: a baseline measured alone too
+            assert again.data.tags["concurrent_jobs"] == "1" and same.data.tags["pace"] != "no baseline"
 
 
 def test_a_sweep_side_by_side_resumed_on_another_machine_start_measures_its_baseline_there(

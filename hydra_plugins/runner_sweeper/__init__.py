@@ -5,8 +5,9 @@ model, a resolution that is not a number) aborts them all. This one records such
 run with a one-line reason and launches the rest. The sweep is an MLflow run of its own, the parent of its
 jobs' runs (its id is stamped on every job), and always ends with a table, a comparison of the runs and a
 report logged to that run, exiting non-zero if any job failed. Each job's baseline comes again after the job's
-accelerated runs (``rebaseline``): in the batch where its jobs run one after another, in a batch after it where
-``local_gpus`` runs them side by side. The logic lives in runner/sweep.py.
+accelerated runs (``rebaseline``): in the batch where its jobs run one after another, in batches after it where
+``local_gpus`` runs them side by side (as many at once as the job's last run had). The logic lives in
+runner/sweep.py.
 """
 
 from collections.abc import Sequence
@@ -16,24 +17,34 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.sweep import baselines_after, record_uncomposable, run_sweep, with_baseline_again, with_gpu_slots
+from runner.sweep import (
+    baselines_after,
+    batches_after,
+    record_uncomposable,
+    run_sweep,
+    with_baseline_again,
+    with_gpu_slots,
+)
 
 
 class ResilientSweeper(BasicSweeper):
-    # The baselines' second slots where the launcher runs jobs side by side: the next batch, once the launcher
-    # has returned from the current one (its jobs ended).
+    # The baselines' second slots where the launcher runs jobs side by side: launched once the launcher has
+    # returned from the current batch (its jobs ended), in batches of as many at once as their jobs' last runs had.
     after: Sequence[list[str]] = ()
+    queued: Sequence[list[list[str]]] = ()
 
     def sweep(self, arguments: list[str]) -> None:
         # Hydra's own launcher runs the jobs in this process: their workers' server can start at once.
         run_sweep(self.config, arguments, super().sweep, jobs_here=isinstance(self.launcher, BasicLauncher))
 
     def is_done(self) -> bool:
-        return super().is_done() and not self.after
+        return super().is_done() and not self.after and not self.queued
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
         if self.after:
-            batch, self.after = self.after, ()
+            self.queued, self.after = batches_after(self.config, list(self.after)), ()
+        if self.queued:
+            batch, self.queued = self.queued[0], self.queued[1:]
             return batch
         composable = []
         for overrides in super().get_job_batch():
@@ -44,9 +55,9 @@ class ResilientSweeper(BasicSweeper):
             except (HydraException, OmegaConfBaseException) as error:
                 record_uncomposable(self.config, list(overrides), error)
         # A baseline's second measurement follows its job's accelerated runs: in the batch where jobs run in
-        # order, one after another; where local_gpus runs them side by side, in no set order, in a batch of its
-        # own after them. Not under SLURM: a second batch would wait in the queue again, for a node that may not
-        # be the one the runs had (a baseline there measures nothing).
+        # order, one after another; where local_gpus runs them side by side, in no set order, in batches of their
+        # own after them (as many at once as their jobs' last runs had). Not under SLURM: a second batch would wait
+        # in the queue again, for a node that may not be the one the runs had (a baseline there measures nothing).
         if isinstance(self.launcher, BasicLauncher):
             return with_gpu_slots(with_baseline_again(composable))
         batch = with_gpu_slots([overrides for overrides, _, _ in composable])
