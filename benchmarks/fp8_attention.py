@@ -14,11 +14,13 @@ text tokens; a 512 px latent has the same at a quarter of the tokens.
 
 import json
 import sys
-import traceback
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from kernel_timing import attempt, device_info, milliseconds, shape_line
 
 from runner.accelerators.float8_conv import handle
 
@@ -32,25 +34,15 @@ def attention_shapes(res: int) -> list[tuple[int, int, int, int]]:
     return [(10, wide, wide, 10), (10, wide, TEXT, 10), (20, narrow, narrow, 60), (20, narrow, TEXT, 60)]
 
 
-def milliseconds(function, calls: int = 50) -> float:
-    for _ in range(5):
-        function()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        function()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
-
-
 def heads_view(tokens: int, heads: int, dtype: torch.dtype) -> torch.Tensor:
     """(2, heads, tokens, 64) as diffusers views a projection's output (2, tokens, heads x 64)."""
     return torch.randn(2, tokens, heads * HEAD, device="cuda").to(dtype).view(2, tokens, heads, HEAD).transpose(1, 2)
 
 
-def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype):
-    """A function running cuDNN's attention (float8 if ``q`` is) into an output of ``out_dtype``, and the output."""
+def cudnn_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype
+) -> Callable[[], torch.Tensor]:
+    """A function running cuDNN's attention (float8 if ``q`` is) into an output of ``out_dtype``, returning it."""
     import cudnn
 
     float8 = q.dtype == FLOAT8
@@ -89,11 +81,12 @@ def cudnn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_dtype
     workspace = torch.empty(graph.get_workspace_size(), device="cuda", dtype=torch.uint8)
     cuda_handle = handle(q.device)
 
-    def run() -> None:
+    def run() -> torch.Tensor:
         cudnn.set_stream(handle=cuda_handle, stream=torch.cuda.current_stream().cuda_stream)
         graph.execute(feeds, workspace, handle=cuda_handle)
+        return out
 
-    return run, out
+    return run
 
 
 def time_shape(heads: int, queries: int, keys: int) -> dict[str, dict]:
@@ -106,28 +99,13 @@ def time_shape(heads: int, queries: int, keys: int) -> dict[str, dict]:
         ("fp8_out_fp8", float8, FLOAT8),
         ("fp8_out_fp16", float8, torch.float16),
     ):
-        try:
-            run, out = cudnn_attention(*operands, out_dtype)
-            run()
-            error = ((out.float() - expected).norm() / expected.norm()).item()
-            results[variant] = {"ms": milliseconds(run), "relative_error": error}
-        except Exception as refused:  # cuDNN's refusal of a graph is the measurement
-            results[variant] = {"error": f"{type(refused).__name__}: {refused}"[:400]}
-            traceback.print_exc(limit=2)
+        results[variant] = attempt(partial(cudnn_attention, *operands, out_dtype), expected)
     return results
 
 
 def main(path: str, sizes: list[int]) -> None:
     torch.manual_seed(0)
-    import cudnn
-
-    report: dict = {
-        "device": {
-            "name": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "cudnn_frontend": cudnn.__version__, "cudnn": cudnn.backend_version_string(),
-        },
-        "sizes": {},
-    }  # fmt: skip
+    report: dict = {"device": device_info(), "sizes": {}}
     for res in sizes:
         rows, totals = [], {}
         for heads, queries, keys, count in attention_shapes(res):
@@ -135,14 +113,7 @@ def main(path: str, sizes: list[int]) -> None:
             rows.append({"heads": heads, "queries": queries, "keys": keys, "count": count, "variants": times})
             for variant, result in times.items():
                 totals[variant] = totals.get(variant, 0.0) + STEPS * count * result.get("ms", float("nan"))
-            print(
-                f"{res} px, {heads} heads, {queries} x {keys} tokens, x{count}: "
-                + ", ".join(
-                    f"{variant} {result['ms'] * 1000:.1f} us" if "ms" in result else f"{variant} refused"
-                    for variant, result in times.items()
-                ),
-                flush=True,
-            )
+            print(shape_line(f"{res} px, {heads} heads, {queries} x {keys} tokens, x{count}", times), flush=True)
         report["sizes"][res] = {"shapes": rows, "call_ms": totals}
         print(f"{res} px, {STEPS} steps' attention (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in totals.items()))
     Path(path).write_text(json.dumps(report, indent=1))

@@ -14,11 +14,12 @@ the table ends with what one call's 30 steps would spend on convolutions in each
 import collections
 import json
 import sys
-import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from kernel_timing import attempt, device_info, milliseconds, shape_line
 
 from runner.accelerators.float8_conv import EPILOGUES, FLOAT8, convertible, cudnn_conv
 
@@ -51,18 +52,6 @@ def conv_shapes(res: int) -> collections.Counter:
     return seen
 
 
-def milliseconds(function, calls: int = 50) -> float:
-    for _ in range(5):
-        function()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        function()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
-
-
 def time_shape(shape: Shape) -> dict[str, dict]:
     """Each variant's milliseconds (or cuDNN's refusal) and its error against float32 arithmetic on the same
     rounded operands."""
@@ -91,32 +80,16 @@ def time_shape(shape: Shape) -> dict[str, dict]:
             expected = exact if scales is None else exact * scale
             expected = expected if biases is None else expected + bias.view(1, -1, 1, 1)
 
-            def run(dtype=dtype, scales=scales, biases=biases) -> torch.Tensor:
-                return cudnn_conv(x8, w8, scales, biases, [stride] * 2, [padding] * 2, dtype)
+            def build(dtype=dtype, scales=scales, biases=biases) -> Callable[[], torch.Tensor]:
+                return lambda: cudnn_conv(x8, w8, scales, biases, [stride] * 2, [padding] * 2, dtype)
 
-            try:
-                got = run()
-                error = ((got.float() - expected).norm() / expected.norm()).item()
-                results[variant] = {"ms": milliseconds(run), "relative_error": error}
-            except Exception as refused:  # cuDNN's refusal of a graph is the measurement
-                results[variant] = {"error": f"{type(refused).__name__}: {refused}"[:400]}
-                traceback.print_exc(limit=2)
+            results[variant] = attempt(build, expected)
     return results
 
 
 def main(path: str, sizes: list[int]) -> None:
     torch.manual_seed(0)
-    report: dict = {
-        "device": {"name": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda},
-        "sizes": {},
-    }
-    try:
-        import cudnn
-
-        report["device"] |= {"cudnn_frontend": cudnn.__version__, "cudnn": cudnn.backend_version_string()}
-    except Exception as missing:
-        report["device"]["cudnn_frontend"] = f"{type(missing).__name__}: {missing}"
-    report["device"]["cudnn_torch"] = torch.backends.cudnn.version()
+    report: dict = {"device": device_info(), "sizes": {}}
     for res in sizes:
         rows, totals = [], collections.Counter()
         for shape, count in sorted(conv_shapes(res).items(), key=lambda item: -item[0][0][2]):
@@ -126,14 +99,7 @@ def main(path: str, sizes: list[int]) -> None:
             rows.append({"shape": shape, "count": count, "flop": flop, "variants": times})
             for variant, result in times.items():
                 totals[variant] += STEPS * count * result.get("ms", float("nan"))
-            print(
-                f"{res} px {size} -> {out_channels} k{kernel} s{stride} x{count}: "
-                + ", ".join(
-                    f"{variant} {result['ms'] * 1000:.1f} us" if "ms" in result else f"{variant} refused"
-                    for variant, result in times.items()
-                ),
-                flush=True,
-            )
+            print(shape_line(f"{res} px {size} -> {out_channels} k{kernel} s{stride} x{count}", times), flush=True)
         report["sizes"][res] = {"shapes": rows, "call_ms": dict(totals)}
         print(f"{res} px, {STEPS} steps' convolutions (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in totals.items()))
     Path(path).write_text(json.dumps(report, indent=1))
