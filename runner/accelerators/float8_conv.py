@@ -5,7 +5,7 @@ what ``fp8_compile`` still runs in 16-bit: about 200 ms of a 1024 px SDXL call o
 on the fused Q, K, V product"). cuDNN has float8 convolution kernels; its graph API, reached from Python through
 NVIDIA's ``cudnn`` package (``pip install nvidia-cudnn-frontend``), builds one for a shape with its epilogue
 fused: the product's float32 accumulator times one scale per output channel (the input's calibrated scale times
-the weight's row), plus the bias, written in the pipeline's dtype.
+that channel's weight scale), plus the bias, written in the pipeline's dtype.
 
 ``CalibratedFloat8Conv2d`` replaces a ``Conv2d`` as ``CalibratedFloat8Linear`` replaces a linear layer: the weight
 quantised once with one scale per output channel, the input with one scale fixed by a calibration call (a
@@ -30,7 +30,7 @@ from runner.config import ConfigError
 
 FLOAT8 = getattr(torch, "float8_e4m3fn", None)
 FLOAT8_MAX = torch.finfo(FLOAT8).max if FLOAT8 is not None else 448.0
-ALIGN = 16  # cuDNN's float8 kernels want channels in multiples of 16 bytes
+ALIGN = 16  # channels in multiples of 16, as float8 matrix products want (16-byte rows); SDXL's are of 64
 INSTALL = "pip install nvidia-cudnn-frontend (NVIDIA's Python API to cuDNN's graphs; the cuDNN torch ships is used)"
 
 
