@@ -1,8 +1,11 @@
 """SDXL's attention timed alone on the GPU: torch's scaled_dot_product_attention in fp16 (its default backend on
 our H100 and H200 is cuDNN's), cuDNN's own fp16 attention through its graph API, and cuDNN's float8 attention
-(``sdpa_fp8``: Q, K and V in e4m3, with their descales) writing its output in e4m3 or in fp16. What float8
-attention can give before any quantisation cost, the one other part of ``fp8_compile`` still in 16-bit besides
-the convolutions (about 140 ms of a 1024 px call on an H200). A variant cuDNN refuses is recorded with its message.
+(``sdpa_fp8``: Q, K and V in e4m3, with their descales) writing its output in e4m3 or in fp16: what float8
+attention can give, the one other part of ``fp8_compile`` still in 16-bit besides the convolutions (about 140 ms
+of a 1024 px call on an H200). Last, the fp16-out kernel with its cost in front: Q, K and V come out of fp16
+products (fuse_qkv's, whose float8 lost: BENCHMARKS.md, "Float8 on the fused Q, K, V product"), so each call
+would first cast them to e4m3, one compiled kernel reading them and writing a half of their bytes. A variant
+cuDNN refuses is recorded with its message.
 
 Q, K and V are laid out as diffusers makes them (each projection's (batch, tokens, heads x 64) viewed as (batch,
 heads, tokens, 64)); the counts are SDXL's: per step, 10 transformer blocks at the 64x64 level of a 1024 px
@@ -100,7 +103,26 @@ def time_shape(heads: int, queries: int, keys: int) -> dict[str, dict]:
         ("fp8_out_fp16", float8, torch.float16),
     ):
         results[variant] = attempt(partial(cudnn_attention, *operands, out_dtype), expected)
+    results["fp8_out_fp16_cast_first"] = attempt(partial(cast_first, (q, k, v), float8), expected)
     return results
+
+
+def cast_into(sources: tuple[torch.Tensor, ...], targets: list[torch.Tensor]) -> None:
+    for source, target in zip(sources, targets, strict=True):
+        target.copy_(source)
+
+
+def cast_first(operands: tuple[torch.Tensor, ...], float8: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """cuDNN's float8 attention (fp16 out) preceded, each call, by the cast of the fp16 ``operands`` into the
+    float8 buffers it reads (``float8``), as inductor would compile it."""
+    attention = cudnn_attention(*float8, torch.float16)
+    cast = torch.compile(cast_into)
+
+    def run() -> torch.Tensor:
+        cast(operands, float8)
+        return attention()
+
+    return run
 
 
 def main(path: str, sizes: list[int]) -> None:
