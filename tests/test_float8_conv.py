@@ -157,6 +157,7 @@ def no_library() -> None:
 )
 def test_float8_convolutions_are_refused_in_one_line_where_they_cannot_run(options, device, refusal, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    options = dict(options)  # parametrize shares its dict: not changed in place
     if options.pop("unloaded", False):  # installed, but no libcudnn beside it (as on this CPU machine)
         monkeypatch.setitem(sys.modules, "cudnn", types.SimpleNamespace(backend_version=no_library))
     else:
@@ -201,3 +202,23 @@ def test_the_kernel_benchmark_times_sdxls_own_convolution_shapes() -> None:
     assert shapes[((2, 320, 128, 128), 320, 3, 2, 1)] == 1  # a downsampler
     assert {size[2] for size, *_ in shapes} == {128, 64, 32}
     assert {size[2] for size, *_ in conv_shapes(512)} == {64, 32, 16}
+
+
+def test_a_shape_cudnn_builds_no_kernel_for_fails_naming_it_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner.accelerators import float8_conv
+    from runner.errors import RunnerError
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cudnnGraphNotSupportedError: No valid execution plans built.")
+
+    monkeypatch.setattr(float8_conv, "build_plan", refuse)
+    image = torch.zeros(2, 32, 8, 8).to(torch.float8_e4m3fn).contiguous(memory_format=torch.channels_last)
+    weight = torch.zeros(64, 32, 3, 3).to(torch.float8_e4m3fn).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RunnerError) as raised:
+        float8_conv.plan_for(image, weight, [1, 1], [1, 1], torch.float16, "scale_bias")
+    assert str(raised.value) == (
+        "accelerator.convolutions=true: cuDNN built no float8 kernel for a convolution of [2, 32, 8, 8] by "
+        "[64, 32, 3, 3] (stride [1, 1], padding [1, 1]) writing torch.float16; drop accelerator.convolutions, or "
+        "time the shapes with benchmarks/fp8_conv.py (cuDNN said RuntimeError: cudnnGraphNotSupportedError: No "
+        "valid execution plans built.)"
+    )

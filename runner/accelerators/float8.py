@@ -18,7 +18,8 @@ stay in the pipeline's dtype. Lossy: the quality metrics against ``none`` say by
   beyond the calibrated range saturate at e4m3's largest value.
 
 With ``convolutions`` (calibrated scaling only), the denoiser's convolutions are calibrated in the same call and
-run in float8 too, on cuDNN's kernels (``float8_conv.py``; not yet timed on a GPU).
+run in float8 too, on cuDNN's kernels (``float8_conv.py``, which builds on this module's quantisation and is
+imported where it is used; not yet timed on a GPU).
 
 It changes modules in place and must come first in a chain (stage ``quantize``): a compiler or a graph built
 before it would hold the old layers. Eager float8 is slower than eager fp16; chain it before torch_compile
@@ -34,8 +35,6 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
 from runner.accelerators import Accelerator, Stage, Target, Wraps
-from runner.accelerators.float8_conv import CalibratedFloat8Conv2d, check_cudnn
-from runner.accelerators.float8_conv import convertible as convertible_conv
 from runner.catalogue import Metric
 from runner.config import ConfigError
 from runner.inputs import load_prompts
@@ -44,6 +43,17 @@ FLOAT8 = getattr(torch, "float8_e4m3fn", None)
 FLOAT8_MAX = torch.finfo(FLOAT8).max if FLOAT8 is not None else 448.0
 ALIGN = 16  # torch._scaled_mm wants every dimension of both operands divisible by 16
 SM89 = (8, 9)  # the first GPUs with float8 tensor cores (Ada; Hopper is 9.0)
+
+
+def scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """The float32 scale that maps the magnitude ``amax`` to e4m3's largest value (448)."""
+    return amax.detach().float().clamp(min=1e-12) / FLOAT8_MAX
+
+
+def quantise(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x`` times its calibrated scale's ``inverse`` in e4m3, saturated at its largest value. In float32, as
+    inductor computes the multiply it fuses into the kernel that makes ``x``: eager and compiled round alike."""
+    return (x.float() * inverse).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8)
 
 
 def quantise_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +102,10 @@ class CalibratedFloat8Linear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        weight_scale = weight.abs().amax().float().clamp(min=1e-12) / FLOAT8_MAX
+        weight_scale = scale_of(weight.abs().amax())
         self.register_buffer("weight_fp8", (weight.float() / weight_scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8))
         self.register_buffer("weight_scale", weight_scale)
-        input_scale = input_amax.detach().float().clamp(min=1e-12) / FLOAT8_MAX
+        input_scale = scale_of(input_amax)
         self.register_buffer("input_scale", input_scale)
         self.register_buffer("input_inverse", 1 / input_scale)  # a multiply, not a division, per element
         self.bias = linear.bias
@@ -105,8 +115,7 @@ class CalibratedFloat8Linear(torch.nn.Module):
         pad = -rows.shape[0] % ALIGN
         if pad:
             rows = F.pad(rows, (0, 0, 0, pad))
-        # In float32, as inductor computes the fused multiply: eager and compiled then round alike.
-        quantised = (rows.float() * self.input_inverse).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8)
+        quantised = quantise(rows, self.input_inverse)
         fused = self.bias is not None and x.dtype != torch.float32  # cuBLAS adds a bias to fp16/bf16 outputs only
         out = torch._scaled_mm(
             quantised,
@@ -203,6 +212,9 @@ def to_calibrated_float8(
     and ``CalibratedFloat8Conv2d``; return how many linear layers were replaced, how many were left (a dimension
     not divisible by 16, or an input the calibration call never reached), and how many convolutions were
     replaced (float8_conv.convertible says which can be)."""
+    from runner.accelerators.float8_conv import CalibratedFloat8Conv2d
+    from runner.accelerators.float8_conv import convertible as convertible_conv
+
     linears = block_linears(denoiser, include)
     convs = [place for place in denoiser_convolutions(denoiser) if convertible_conv(getattr(*place))]
     convs = convs if convolutions else []
@@ -269,6 +281,8 @@ class Float8Accelerator(Accelerator):
                 "accelerator=compile_graph on this GPU"
             )
         if device.type == "cuda" and self.convolutions:
+            from runner.accelerators.float8_conv import check_cudnn
+
             check_cudnn()
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:

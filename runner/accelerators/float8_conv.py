@@ -26,17 +26,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from runner.accelerators.float8 import ALIGN, FLOAT8, FLOAT8_MAX, quantise, scale_of
 from runner.config import ConfigError
+from runner.errors import RunnerError, one_line
 
-FLOAT8 = getattr(torch, "float8_e4m3fn", None)
-FLOAT8_MAX = torch.finfo(FLOAT8).max if FLOAT8 is not None else 448.0
-ALIGN = 16  # channels in multiples of 16, as float8 matrix products want (16-byte rows); SDXL's are of 64
 INSTALL = "pip install nvidia-cudnn-frontend (NVIDIA's Python API to cuDNN's graphs; the cuDNN torch ships is used)"
 
 
 def convertible(conv: torch.nn.Module) -> bool:
     """A plain 2-D convolution cuDNN's float8 kernels take: one group, no dilation, zero padding given as
-    numbers, channels in multiples of 16 (SDXL's UNet: all but its first and last, with 4 channels)."""
+    numbers, channels in multiples of 16 as for float8's matrix products (SDXL's UNet: all but its first and last,
+    with 4 channels)."""
     return (
         type(conv) is torch.nn.Conv2d
         and conv.groups == 1
@@ -98,18 +98,16 @@ class CalibratedFloat8Conv2d(torch.nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.padding = conv.kernel_size, list(conv.stride), list(conv.padding)
         weight = conv.weight.detach()
-        weight_scale = weight.abs().amax(dim=(1, 2, 3)).float().clamp(min=1e-12) / FLOAT8_MAX  # (out,)
+        weight_scale = scale_of(weight.abs().amax(dim=(1, 2, 3)))  # (out,)
         quantised = (weight.float() / weight_scale.view(-1, 1, 1, 1)).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8)
         self.register_buffer("weight_fp8", quantised.contiguous(memory_format=torch.channels_last))
-        input_scale = input_amax.detach().float().clamp(min=1e-12) / FLOAT8_MAX
+        input_scale = scale_of(input_amax)
         self.register_buffer("input_inverse", 1 / input_scale)
         self.register_buffer("scale", (input_scale * weight_scale).view(1, -1, 1, 1).contiguous())
         self.bias = conv.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In float32, as inductor computes the fused multiply, so eager and compiled round alike.
-        quantised = (x.float() * self.input_inverse).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8)
-        quantised = quantised.contiguous(memory_format=torch.channels_last)
+        quantised = quantise(x, self.input_inverse).contiguous(memory_format=torch.channels_last)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return float8_conv2d(quantised, self.weight_fp8, self.scale, bias, self.stride, self.padding, x.dtype)
 
@@ -237,7 +235,15 @@ def plan_for(
         tuple(padding), out_dtype, epilogue, image.device,
     )  # fmt: skip
     if key not in _plans:
-        _plans[key] = build_plan(image, weight, stride, padding, out_dtype, epilogue)
+        try:
+            _plans[key] = build_plan(image, weight, stride, padding, out_dtype, epilogue)
+        except Exception as refused:  # cuDNN's graph API raises types of its own (cudnnGraphNotSupportedError, ...)
+            raise RunnerError(
+                f"accelerator.convolutions=true: cuDNN built no float8 kernel for a convolution of "
+                f"{list(image.shape)} by {list(weight.shape)} (stride {list(stride)}, padding {list(padding)}) "
+                f"writing {out_dtype}; drop accelerator.convolutions, or time the shapes with "
+                f"benchmarks/fp8_conv.py (cuDNN said {one_line(refused)})"
+            ) from refused
     return _plans[key]
 
 
