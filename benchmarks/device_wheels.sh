@@ -28,9 +28,4 @@ for n in 2_17 2_24 2_27 2_28 2_31 2_34 2_35; do platforms+=(--platform "manylinu
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" --platform manylinux2014_x86_64 --platform any -d .whl "${pins[@]}"
 python3 -m pip wheel -q --no-deps -w .whl "antlr4-python3-runtime==4.9.3"  # PyPI has it only as source
-# float8 convolutions (runner/accelerators/float8_conv.py) call cuDNN through NVIDIA's Python API to its graphs,
-# which is not installed here (no cuDNN on the CPU machine). 1.16.0 needs no further packages; 1.32.0 requires
-# nvidia-cutlass-dsl and apache-tvm-ffi.
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  "${platforms[@]}" -d .whl "nvidia-cudnn-frontend==1.16.0"
 du -sh .whl

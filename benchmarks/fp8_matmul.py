@@ -10,7 +10,6 @@ import json
 import sys
 
 import torch
-from kernel_timing import milliseconds
 
 FLOAT8 = torch.float8_e4m3fn
 # (rows, in, out): CFG's batch of 2 x the tokens of SDXL's two attention levels at 1024 px (64x64 and 32x32
@@ -27,6 +26,19 @@ SHAPES = [
     (8192, 640, 1920),
     (2048, 1280, 3840),
 ]
+
+
+def milliseconds(function, calls: int = 50) -> float:
+    """Mean milliseconds of ``function`` over ``calls`` launched back to back, after 5 untimed."""
+    for _ in range(5):
+        function()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        function()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def time_shape(rows: int, inner: int, out: int) -> dict[str, float]:

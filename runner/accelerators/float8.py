@@ -17,10 +17,6 @@ stay in the pipeline's dtype. Lossy: the quality metrics against ``none`` say by
   the product runs in cuBLAS's per-tensor kernels with the bias added in its epilogue, and inputs
   beyond the calibrated range saturate at e4m3's largest value.
 
-With ``convolutions`` (calibrated scaling only), the denoiser's convolutions are calibrated in the same call and
-run in float8 too, on cuDNN's kernels (``float8_conv.py``, which builds on this module's quantisation and is
-imported where it is used; not yet timed on a GPU).
-
 It changes modules in place and must come first in a chain (stage ``quantize``): a compiler or a graph built
 before it would hold the old layers. Eager float8 is slower than eager fp16; chain it before torch_compile
 (conf/accelerator/fp8_compile.yaml).
@@ -193,44 +189,21 @@ def input_amax(layers: list[torch.nn.Module], call: Callable[[], Any]) -> list[t
     return seen
 
 
-def denoiser_convolutions(denoiser: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
-    """Every 2-D convolution in ``denoiser`` (the UNet's resnets, down- and upsamplers, first and last), each as
-    (its parent module, its attribute name there)."""
-    return [
-        (parent, name)
-        for parent in denoiser.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, torch.nn.Conv2d)
-    ]
-
-
 def to_calibrated_float8(
-    denoiser: torch.nn.Module, call: Callable[[], Any], include: tuple[str, ...] = (), convolutions: bool = False
-) -> tuple[int, int, int]:
-    """Calibrate the inputs of ``denoiser``'s block linear layers (and of all its convolutions, if
-    ``convolutions``) on one ``call()`` (which runs the pipeline), then replace them by ``CalibratedFloat8Linear``
-    and ``CalibratedFloat8Conv2d``; return how many linear layers were replaced, how many were left (a dimension
-    not divisible by 16, or an input the calibration call never reached), and how many convolutions were
-    replaced (float8_conv.convertible says which can be)."""
-    from runner.accelerators.float8_conv import CalibratedFloat8Conv2d
-    from runner.accelerators.float8_conv import convertible as convertible_conv
-
+    denoiser: torch.nn.Module, call: Callable[[], Any], include: tuple[str, ...] = ()
+) -> tuple[int, int]:
+    """Calibrate the inputs of ``denoiser``'s block linear layers on one ``call()`` (which runs the pipeline),
+    then replace them by ``CalibratedFloat8Linear``; return how many were replaced and how many were left (a
+    dimension not divisible by 16, or an input the calibration call never reached)."""
     linears = block_linears(denoiser, include)
-    convs = [place for place in denoiser_convolutions(denoiser) if convertible_conv(getattr(*place))]
-    convs = convs if convolutions else []
-    chosen = [place for place in linears if convertible(getattr(*place))] + convs
+    chosen = [place for place in linears if convertible(getattr(*place))]
     amaxes = input_amax([getattr(*place) for place in chosen], call)
-    replaced = replaced_convs = 0
+    replaced = 0
     for (parent, name), amax in zip(chosen, amaxes, strict=True):
         if amax.item() > 0:
-            layer = getattr(parent, name)
-            if isinstance(layer, torch.nn.Linear):
-                setattr(parent, name, CalibratedFloat8Linear(layer, amax))
-                replaced += 1
-            else:
-                setattr(parent, name, CalibratedFloat8Conv2d(layer, amax))
-                replaced_convs += 1
-    return replaced, len(linears) - replaced, replaced_convs
+            setattr(parent, name, CalibratedFloat8Linear(getattr(parent, name), amax))
+            replaced += 1
+    return replaced, len(linears) - replaced
 
 
 SCALINGS = ("rowwise", "calibrated")
@@ -241,14 +214,10 @@ class Float8Accelerator(Accelerator):
     include: list[str] = field(default_factory=list)  # only the linear layers whose name contains one of these
     scaling: str = "rowwise"  # rowwise | calibrated (the module's docstring says what each does)
     calibration_prompts: str = ""  # calibrated: a shipped prompt set or a file, one call each; "": the job's prompt
-    convolutions: bool = False  # calibrated: the denoiser's convolutions in float8 too, on cuDNN (float8_conv.py)
 
     wraps: ClassVar[Wraps] = Wraps.IN_PLACE
     stage: ClassVar[Stage] = Stage.QUANTIZE
-    catalogue: ClassVar[tuple[Metric, ...]] = (
-        Metric("float8_linears", "linear layers in float8", "", "{:.0f}"),
-        Metric("float8_convolutions", "convolutions in float8", "", "{:.0f}"),
-    )
+    catalogue: ClassVar[tuple[Metric, ...]] = (Metric("float8_linears", "linear layers in float8", "", "{:.0f}"),)
 
     def check(self, device: torch.device) -> None:
         if self.scaling not in SCALINGS:
@@ -260,11 +229,6 @@ class Float8Accelerator(Accelerator):
             raise ConfigError(
                 f"accelerator.calibration_prompts={self.calibration_prompts} sets what calibrated scales are fixed "
                 f"on, and this is scaling={self.scaling}: add accelerator.scaling=calibrated, or drop it"
-            )
-        if self.convolutions and self.scaling != "calibrated":
-            raise ConfigError(
-                f"accelerator.convolutions=true takes calibrated input scales, and this is scaling={self.scaling}: "
-                "add accelerator.scaling=calibrated, or drop it"
             )
         if self.calibration_prompts:
             load_prompts(self.calibration_prompts, "", key="accelerator.calibration_prompts")
@@ -280,10 +244,6 @@ class Float8Accelerator(Accelerator):
                 f"{name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use "
                 "accelerator=compile_graph on this GPU"
             )
-        if device.type == "cuda" and self.convolutions:
-            from runner.accelerators.float8_conv import check_cudnn
-
-            check_cudnn()
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
@@ -292,9 +252,7 @@ class Float8Accelerator(Accelerator):
                 raise ConfigError("accelerator.scaling=calibrated needs a calibration call of the pipeline")
             prompts = load_prompts(self.calibration_prompts, "") if self.calibration_prompts else []
             calibrate = target.calibration
-            self.converted, self.left, self.convs = to_calibrated_float8(
-                denoiser, lambda: calibrate(prompts), tuple(self.include), self.convolutions
-            )
+            self.converted, self.left = to_calibrated_float8(denoiser, lambda: calibrate(prompts), tuple(self.include))
         else:
             self.converted, self.left = to_float8(denoiser, tuple(self.include))
         if self.include and not self.converted and not self.left:
@@ -309,10 +267,7 @@ class Float8Accelerator(Accelerator):
             )
 
     def metrics(self) -> dict[str, float]:
-        metrics = {"float8_linears": float(getattr(self, "converted", 0))}
-        if self.convolutions:
-            metrics["float8_convolutions"] = float(getattr(self, "convs", 0))
-        return metrics
+        return {"float8_linears": float(getattr(self, "converted", 0))}
 
     def tags(self) -> dict[str, str]:
         tags = {"float8_linears_left": str(getattr(self, "left", 0))}
