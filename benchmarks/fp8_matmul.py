@@ -1,6 +1,7 @@
 """The matrix products of SDXL's transformer blocks at 1024 px, timed alone on the GPU: fp16 (with bias), and
 torch._scaled_mm in float8 e4m3 with per-row scales (bf16 out, as Float8Linear) and with per-tensor scales
-(fp16 out, bias in the epilogue, as CalibratedFloat8Linear). What float8 can give before any quantisation
+(fp16 out, bias in the epilogue, as CalibratedFloat8Linear), the latter also with cuBLAS's fast accumulation
+(``use_fast_accum``, float8's option fast_accumulation). What float8 can give before any quantisation
 cost: the kernels alone, on operands already in place. Prints one line per shape and writes them as JSON.
 
     python3 benchmarks/fp8_matmul.py OUT.json
@@ -42,7 +43,8 @@ def milliseconds(function, calls: int = 50) -> float:
 
 
 def time_shape(rows: int, inner: int, out: int) -> dict[str, float]:
-    """Milliseconds per product of (rows x inner) by (inner x out), in fp16 and both float8 scalings."""
+    """Milliseconds per product of (rows x inner) by (inner x out), in fp16 and both float8 scalings, the
+    per-tensor one with and without fast accumulation."""
     x = torch.randn(rows, inner, device="cuda", dtype=torch.float16)
     weight = torch.randn(out, inner, device="cuda", dtype=torch.float16) / inner**0.5
     bias = torch.randn(out, device="cuda", dtype=torch.float16)
@@ -59,6 +61,11 @@ def time_shape(rows: int, inner: int, out: int) -> dict[str, float]:
         ),
         "fp8_tensorwise": milliseconds(
             lambda: torch._scaled_mm(x8, w8.t(), scale_a=one, scale_b=one, bias=bias, out_dtype=torch.float16)
+        ),
+        "fp8_tensorwise_fast": milliseconds(
+            lambda: torch._scaled_mm(
+                x8, w8.t(), scale_a=one, scale_b=one, bias=bias, out_dtype=torch.float16, use_fast_accum=True
+            )
         ),
     }
 

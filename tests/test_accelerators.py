@@ -739,6 +739,30 @@ def test_float8_refuses_calibration_prompts_it_cannot_use_in_one_line(scaling: s
     assert str(raised.value) == refusal
 
 
+@pytest.mark.parametrize("scaling", ["rowwise", "calibrated"])
+def test_float8_fast_accumulation_reaches_every_product_and_only_when_asked(
+    scaling: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[bool] = []
+    scaled_mm = torch._scaled_mm
+
+    def recording(*args, **kwargs):  # the CPU's product ignores the flag: what reaches cuBLAS is the kwarg
+        asked.append(kwargs["use_fast_accum"])
+        return scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording)
+    for fast in (False, True):
+        pipe, asked[:] = tiny_pipe(), []
+        calibrated = dataclasses.replace(
+            target(tmp_path), calibration=lambda _, pipe=pipe: pipe(prompt="a", **TINY_CALL)
+        )
+        accelerator = Float8Accelerator(scaling=scaling, fast_accumulation=fast)
+        accelerator.apply(pipe, calibrated)
+        asked[:] = []  # the calibration call ran before the layers were float8
+        pipe(prompt="a", **TINY_CALL)
+        assert asked and set(asked) == {fast}
+
+
 def test_fused_projections_compose_with_float8_in_the_feed_forward_layers_only(tmp_path: Path) -> None:
     for include, fused in ((["ff."], True), ([], False)):
         pipe = tiny_pipe()

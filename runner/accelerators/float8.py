@@ -17,6 +17,10 @@ stay in the pipeline's dtype. Lossy: the quality metrics against ``none`` say by
   the product runs in cuBLAS's per-tensor kernels with the bias added in its epilogue, and inputs
   beyond the calibrated range saturate at e4m3's largest value.
 
+With ``fast_accumulation``, cuBLAS accumulates the float8 products the way Hopper's tensor cores do natively
+(``use_fast_accum``: partial sums are not promoted to full fp32 precision along the way), which is quicker and less
+exact; torchao's float8 inference uses it for the forward pass. Its image change shows in the quality metrics.
+
 It changes modules in place and must come first in a chain (stage ``quantize``): a compiler or a graph built
 before it would hold the old layers. Eager float8 is slower than eager fp16; chain it before torch_compile
 (conf/accelerator/fp8_compile.yaml).
@@ -64,8 +68,9 @@ def quantise_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Float8Linear(torch.nn.Module):
     """A linear layer whose matrix product runs in float8 with per-row scales (see the module's docstring)."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(self, linear: torch.nn.Linear, fast_accumulation: bool = False) -> None:
         super().__init__()
+        self.fast_accumulation = fast_accumulation
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight, scale = quantise_rows(linear.weight.detach())
         self.register_buffer("weight_fp8", weight)  # (out, in) row-major: its transpose is the column-major B
@@ -79,7 +84,12 @@ class Float8Linear(torch.nn.Module):
             rows = F.pad(rows, (0, 0, 0, pad))
         quantised, scale = quantise_rows(rows)
         out = torch._scaled_mm(  # with per-row scales, bf16 is the only output type
-            quantised, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=torch.bfloat16
+            quantised,
+            self.weight_fp8.t(),
+            scale_a=scale,
+            scale_b=self.weight_scale,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=self.fast_accumulation,
         )
         out = out[: out.shape[0] - pad].to(x.dtype)
         if self.bias is not None:
@@ -94,8 +104,9 @@ class CalibratedFloat8Linear(torch.nn.Module):
     """A linear layer whose matrix product runs in float8 with one scale for its weight and one, calibrated
     beforehand, for its input (see the module's docstring)."""
 
-    def __init__(self, linear: torch.nn.Linear, input_amax: torch.Tensor) -> None:
+    def __init__(self, linear: torch.nn.Linear, input_amax: torch.Tensor, fast_accumulation: bool = False) -> None:
         super().__init__()
+        self.fast_accumulation = fast_accumulation
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         weight_scale = scale_of(weight.abs().amax())
@@ -120,6 +131,7 @@ class CalibratedFloat8Linear(torch.nn.Module):
             scale_b=self.weight_scale,
             bias=self.bias if fused else None,
             out_dtype=x.dtype,
+            use_fast_accum=self.fast_accumulation,
         )
         out = out[: out.shape[0] - pad]
         if self.bias is not None and not fused:
@@ -153,7 +165,9 @@ def block_linears(denoiser: torch.nn.Module, include: tuple[str, ...] = ()) -> l
     return found
 
 
-def to_float8(denoiser: torch.nn.Module, include: tuple[str, ...] = ()) -> tuple[int, int]:
+def to_float8(
+    denoiser: torch.nn.Module, include: tuple[str, ...] = (), fast_accumulation: bool = False
+) -> tuple[int, int]:
     """Replace the linear layers of ``denoiser``'s repeated blocks by ``Float8Linear`` (only those whose name in
     their block contains one of ``include``, if given); return how many were replaced and how many were left
     (a dimension not divisible by 16)."""
@@ -161,7 +175,7 @@ def to_float8(denoiser: torch.nn.Module, include: tuple[str, ...] = ()) -> tuple
     for parent, name in block_linears(denoiser, include):
         child = getattr(parent, name)
         if convertible(child):
-            setattr(parent, name, Float8Linear(child))
+            setattr(parent, name, Float8Linear(child, fast_accumulation))
             replaced += 1
         else:
             left += 1
@@ -190,7 +204,10 @@ def input_amax(layers: list[torch.nn.Module], call: Callable[[], Any]) -> list[t
 
 
 def to_calibrated_float8(
-    denoiser: torch.nn.Module, call: Callable[[], Any], include: tuple[str, ...] = ()
+    denoiser: torch.nn.Module,
+    call: Callable[[], Any],
+    include: tuple[str, ...] = (),
+    fast_accumulation: bool = False,
 ) -> tuple[int, int]:
     """Calibrate the inputs of ``denoiser``'s block linear layers on one ``call()`` (which runs the pipeline),
     then replace them by ``CalibratedFloat8Linear``; return how many were replaced and how many were left (a
@@ -201,7 +218,7 @@ def to_calibrated_float8(
     replaced = 0
     for (parent, name), amax in zip(chosen, amaxes, strict=True):
         if amax.item() > 0:
-            setattr(parent, name, CalibratedFloat8Linear(getattr(parent, name), amax))
+            setattr(parent, name, CalibratedFloat8Linear(getattr(parent, name), amax, fast_accumulation))
             replaced += 1
     return replaced, len(linears) - replaced
 
@@ -214,6 +231,7 @@ class Float8Accelerator(Accelerator):
     include: list[str] = field(default_factory=list)  # only the linear layers whose name contains one of these
     scaling: str = "rowwise"  # rowwise | calibrated (the module's docstring says what each does)
     calibration_prompts: str = ""  # calibrated: a shipped prompt set or a file, one call each; "": the job's prompt
+    fast_accumulation: bool = False  # cuBLAS's fast float8 accumulation (use_fast_accum): quicker, less exact
 
     wraps: ClassVar[Wraps] = Wraps.IN_PLACE
     stage: ClassVar[Stage] = Stage.QUANTIZE
@@ -252,9 +270,11 @@ class Float8Accelerator(Accelerator):
                 raise ConfigError("accelerator.scaling=calibrated needs a calibration call of the pipeline")
             prompts = load_prompts(self.calibration_prompts, "") if self.calibration_prompts else []
             calibrate = target.calibration
-            self.converted, self.left = to_calibrated_float8(denoiser, lambda: calibrate(prompts), tuple(self.include))
+            self.converted, self.left = to_calibrated_float8(
+                denoiser, lambda: calibrate(prompts), tuple(self.include), self.fast_accumulation
+            )
         else:
-            self.converted, self.left = to_float8(denoiser, tuple(self.include))
+            self.converted, self.left = to_float8(denoiser, tuple(self.include), self.fast_accumulation)
         if self.include and not self.converted and not self.left:
             raise ConfigError(
                 f"accelerator.include={list(self.include)}: no linear layer in the denoiser's repeated blocks is "
