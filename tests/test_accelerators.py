@@ -226,7 +226,12 @@ def test_second_process_compiles_from_the_cache_and_both_match_eager(cli, tmp_pa
     assert first.data.metrics["compile_cache_files_at_start"] == 0
     assert second.data.metrics["compile_cache_files_at_start"] > 0
     for run in (first, second):  # where the warmup's compile time went
-        assert 0 < run.data.metrics["compile_backend_s"] < run.data.metrics["compile_s"] < run.data.metrics["warmup_s"]
+        metrics = run.data.metrics
+        assert 0 < metrics["compile_backend_s"] < metrics["compile_s"]  # one clock, torch's, the one inside the other
+        # Within the warmup, as far as two clocks tell: torch times its compile on its own clock, the runner the
+        # warmup on perf_counter, and on a CPU the compile is all of the warmup but the 40 ms call (CI once read a
+        # compile_s 29 ms over a 47.3 s warmup_s)
+        assert metrics["compile_s"] < metrics["warmup_s"] * 1.01
     assert second.data.metrics["compile_backend_s"] < first.data.metrics["compile_backend_s"]
     phases = [f"compile_{phase}_s" for phase in ("trace", "aot", "inductor", "kernels")]
     cold = [first.data.metrics[phase] for phase in phases]  # each stage ran, and they add up to no more than the whole
