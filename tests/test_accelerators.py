@@ -849,6 +849,25 @@ def test_precompiled_key_follows_the_inputs_and_the_structure_not_the_weights(tm
     assert key != PrecompiledModule(transposed, tmp_path, "denoiser").path(signature)
 
 
+def test_precompiled_key_follows_a_flag_an_accelerators_module_holds_outside_its_repr(tmp_path: Path) -> None:
+    """On an H200 a saved float8 function made without fast accumulation ran in place of one with it: the flag
+    changed the traced code and not the key. Every plain value an accelerator's module holds is in the key now."""
+
+    class Flagged(torch.nn.Linear):  # a forward of ours, a flag that no repr shows
+        forward = CalibratedFloat8Linear.forward
+
+    signature = ("spec", ((2, 16), "torch.float32", "cpu", (16, 1)))
+    keys = set()
+    for fast in (False, True):
+        layer = Flagged(16, 16)
+        layer.fast_accumulation = fast
+        keys.add(PrecompiledModule(torch.nn.Sequential(layer), tmp_path, "denoiser").path(signature))
+    assert len(keys) == 2
+    linear, amax = torch.nn.Linear(16, 16), torch.tensor(1.0)
+    layers = [torch.nn.Sequential(CalibratedFloat8Linear(linear, amax, fast)) for fast in (False, True)]
+    assert len({PrecompiledModule(layer, tmp_path, "denoiser").path(signature) for layer in layers}) == 2
+
+
 def test_a_precompiled_module_is_loaded_without_tracing_and_reads_the_modules_own_weights(tmp_path: Path) -> None:
     """The first wrapper traces, compiles and saves; a second one over the same folder (Dynamo's memory of the
     first wiped, as in a new process) loads the file and traces nothing. Both compute with the module's weights

@@ -97,7 +97,8 @@ class Float8Linear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, per-row scales"
+        fast = ", fast accumulation" if self.fast_accumulation else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, per-row scales{fast}"
 
 
 class CalibratedFloat8Linear(torch.nn.Module):
@@ -139,7 +140,8 @@ class CalibratedFloat8Linear(torch.nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, calibrated scales"
+        fast = ", fast accumulation" if self.fast_accumulation else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, calibrated scales{fast}"
 
 
 def convertible(linear: torch.nn.Linear) -> bool:

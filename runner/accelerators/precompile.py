@@ -10,7 +10,8 @@ brings it back. ``torch_compile``'s option ``precompile`` wraps the denoiser and
 ``cache_dir/precompiled/<name>-<key>.bin`` or, if there is none, compiles and writes it. The saved function
 holds code, not weights: it is called with the module and reads the module's own parameters, so one file
 serves every checkpoint of an architecture. Its key digests what the traced code depends on: the module's
-structure (its ``repr``, attention processors and the forwards accelerators put in), its weights' shapes,
+structure (its ``repr``, attention processors, and the forwards accelerators put in with the plain values their
+modules hold), its weights' shapes,
 dtypes and strides, the input signature, grad mode, the compile backend, the torch and diffusers versions and
 the device, so a change to any of them compiles anew.
 
@@ -50,8 +51,16 @@ def put_in(module: torch.nn.Module) -> list[str]:
     for part in module.modules():
         forward, why = type(part).forward, getattr(part, "named_like", "")
         if forward.__module__.startswith("runner.") or why:
-            found.add(f"{type(part).__name__}:{forward.__module__}.{forward.__qualname__}:{why}")
+            found.add(f"{type(part).__name__}:{forward.__module__}.{forward.__qualname__}:{why}:{settings(part)}")
     return sorted(found)
+
+
+def settings(part: torch.nn.Module) -> str:
+    """The plain values an accelerator's module holds (flags, sizes, names), which its forward may branch on
+    where its repr does not show them: float8's ``fast_accumulation`` once shared a key with its absence, and a
+    saved function made without it ran in its place (BENCHMARKS.md, "Float8's fast accumulation")."""
+    plain = (bool, int, float, str)
+    return repr(sorted((name, value) for name, value in vars(part).items() if type(value) in plain and name[0] != "_"))
 
 
 def _contiguous(value: Any) -> Any:
