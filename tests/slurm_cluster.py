@@ -65,7 +65,7 @@ class Cluster:
         self.processes.pop("slurmd").kill()
         for job in self.run(["squeue", "-h", "-o", "%A"]).split():
             pids = [line.split()[0] for line in self.run(["scontrol", "listpids", job]).splitlines()[1:] if line]
-            for pid in [int(p) for p in pids if p.isdigit()] + stepds(job):  # PID JOBID STEPID ... lines
+            for pid in [int(p) for p in pids if p.isdigit()] + stepds(job, self.conf):  # PID JOBID STEPID ... lines
                 if pid > 1 and pid != os.getpid():
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
@@ -85,7 +85,7 @@ class Cluster:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
-        for pid in [pid for job in jobs for pid in stepds(job)]:  # what a lost node left behind
+        for pid in [pid for job in jobs for pid in stepds(job, self.conf)]:  # what a lost node left behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -104,10 +104,19 @@ class Cluster:
             time.sleep(0.5)
 
 
-def stepds(job: str) -> list[int]:
-    """The slurmstepd processes of ``job`` (they outlive slurmd)."""
+def stepds(job: str, conf: Path) -> list[int]:
+    """The slurmstepd processes of ``job`` on the cluster of ``conf`` (they outlive slurmd). Each test worker has
+    its own cluster, and all of them number their jobs from 1: matched by name alone, one worker's teardown once
+    killed the other's job 3 mid-step (its srun then waited until the test timed out), so a process counts only
+    where its environment names this cluster's configuration, as slurmd hands it on."""
     found = subprocess.run(["pgrep", "-f", f"slurmstepd: \\[{job}\\."], capture_output=True, text=True).stdout
-    return [int(pid) for pid in found.split()]
+    ours = f"SLURM_CONF={conf}".encode()
+    pids = []
+    for pid in [int(pid) for pid in found.split()]:
+        with contextlib.suppress(OSError):
+            if ours in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                pids.append(pid)
+    return pids
 
 
 PARTITION = "debug"
