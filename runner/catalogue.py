@@ -30,6 +30,7 @@ METRICS = (
     Metric("load_s", "load", "s", "{:.1f}"),
     Metric("accelerate_s", "applying the accelerator (float8's calibration call)", "s", "{:.1f}"),
     Metric("warmup_s", "warmup", "s", "{:.1f}"),
+    Metric("warmup_clock_step_s", "system clock set during the warmup (compile timers read it)", "s", "{:+.3f}"),
     Metric("latency_s", "latency", "s", "{:.3f}"),
     Metric("latency_std_s", "latency std", "s", "{:.3f}"),
     Metric("latency_p50_s", "latency p50", "s", "{:.3f}"),

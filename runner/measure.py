@@ -342,17 +342,29 @@ def energy_metrics(meter: GpuMeter, images: int) -> dict[str, float]:
 
 
 class Stopwatch:
-    """Wall time of a block, synchronising the device before reading the clock at either end."""
+    """Wall time of a block, synchronising the device before reading the clock at either end, on the monotonic
+    clock; and ``clock_step_s``, how far the system's calendar clock (CLOCK_REALTIME) was set meanwhile against it.
+    Time-keeping daemons step that clock, and torch's compile timers read it (``time.time_ns``), so a compile
+    timed across a step reads that much more or less than it took."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds = 0.0
+        self.clock_step_s = 0.0
 
     def __enter__(self) -> "Stopwatch":
         synchronize(self.device)
+        self._offset = _calendar_offset_ns()
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         synchronize(self.device)
         self.seconds = time.perf_counter() - self._start
+        self.clock_step_s = (_calendar_offset_ns() - self._offset) / 1e9
+
+
+def _calendar_offset_ns() -> int:
+    """The calendar clock less the monotonic one: constant but where the calendar clock is set (a daemon's
+    slewing speeds or slows both alike; only CLOCK_MONOTONIC_RAW escapes it)."""
+    return time.time_ns() - time.monotonic_ns()

@@ -57,6 +57,9 @@ from runner.tracking import Tracker
 HEARTBEAT_S = 15.0
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SWITCH_CALLS = 2  # calls at the other size after its first, for its steady latency
+# The smallest step of the system clock during a warmup worth reporting: reading the two clocks one after the
+# other differs by microseconds
+CLOCK_STEP_S = 0.001
 CALIBRATION_CALL = -1  # pipeline_args' index of the first calibration call (then -2, ...): seeds no timed call uses
 
 # Library log lines that say nothing here and alarm users: diffusers' warning about an empty list of fp32
@@ -179,6 +182,13 @@ def time_calls(
                 pipe(**pipeline_args(cfg, prompts, image, device, index))
         accelerator.warmed_up(pipe)
         result.metrics["warmup_s"] = warmup.seconds
+        if abs(warmup.clock_step_s) >= CLOCK_STEP_S:
+            result.metrics["warmup_clock_step_s"] = warmup.clock_step_s
+            progress(
+                cfg,
+                f"WARNING: the system clock was set by {warmup.clock_step_s:+.3f} s during the warmup; torch's "
+                "compile timers read that clock, so compile_s and its stages may be off by as much",
+            )
         # Each timed call is preceded by a garbage collection (PhaseClock.time_call); with the pipeline, its
         # compiled graphs and the libraries' objects frozen out of the collector's reach, that takes
         # milliseconds, not the 0.35-1.1 s per call it took on our H100 host. This one collection is the

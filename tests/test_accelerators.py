@@ -229,9 +229,10 @@ def test_second_process_compiles_from_the_cache_and_both_match_eager(cli, tmp_pa
         metrics = run.data.metrics
         assert 0 < metrics["compile_backend_s"] < metrics["compile_s"]  # one clock, torch's, the one inside the other
         assert metrics["timed_compiles"] == 0  # nothing compiled while timed
-        # Not asserted: compile_s <= warmup_s. On CI's loaded 2-core machine torch's compile timer read 29 ms, and
-        # once 9.8 s (54.1 against 44.3 s), more than the runner's warmup stopwatch; why is open (issue "Faster
-        # still", the note of 2026-12-05): a compile outside the warmup, or torch counting overlapping time.
+        # ...and all of it in the warmup, but for the system clock's steps: torch's compile timers read that clock
+        # (CI of 6c0e5c0 read compile_s 54.1 s in a 44.3 s warmup; test_measure's clock test shows how)
+        stepped = abs(metrics.get("warmup_clock_step_s", 0.0))
+        assert metrics["compile_s"] <= metrics["warmup_s"] + stepped + 0.002, metrics
     assert second.data.metrics["compile_backend_s"] < first.data.metrics["compile_backend_s"]
     phases = [f"compile_{phase}_s" for phase in ("trace", "aot", "inductor", "kernels")]
     cold = [first.data.metrics[phase] for phase in phases]  # each stage ran, and they add up to no more than the whole

@@ -243,6 +243,65 @@ def test_a_compile_while_timed_takes_the_verdict_away(tmp_path: Path, monkeypatc
     assert verdict.steadiness is Steadiness.NOISY and "compiled 1 graph(s) during the timed calls" in verdict.why
 
 
+def test_a_clock_set_during_the_warmup_is_reported_since_torchs_compile_timers_read_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A time-keeping daemon stepping the system clock by 10 s in the middle of a compile: torch's compile
+    timer reads 10 s more than the warmup around it lasted (CI of 6c0e5c0: compile_s 54.1 s in a 44.3 s
+    warmup), and the job says by how much the clock was set, so the reading is not taken for a measurement."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    torch._dynamo.reset()
+    stepped, real_time_ns = [0], time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() + stepped[0])
+
+    def backend_while_the_clock_is_set(graph: torch.fx.GraphModule, inputs: list) -> Callable:
+        stepped[0] += 10 * 10**9
+        return graph.forward
+
+    step = torch.compile(lambda x: x + 1, backend=backend_while_the_clock_is_set, dynamic=False)
+    cfg = to_config(compose_job("res=64", "steps=2", "warmup=1", "runs=1", f"cache_dir={tmp_path}"))
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", torch.device("cpu"), torch.float32)
+    real_call = type(pipe).__call__
+
+    def call_compiling(self: object, **kwargs: object) -> object:
+        step(torch.ones(2))
+        return real_call(self, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "__call__", call_compiling)
+    result = WorkerResult(facts={})
+    before = sum(compilation_time_metrics.get("_compile.compile_inner", ()))
+    worker.time_calls(
+        cfg,
+        pipe,
+        build_accelerator(cfg.accelerator),
+        PhaseClock(pipe.unet, torch.device("cpu")),
+        ["a"],
+        None,
+        None,
+        result,
+        Timeline(),
+    )
+    compile_s = sum(compilation_time_metrics["_compile.compile_inner"]) - before
+    assert compile_s > result.metrics["warmup_s"] + 9  # torch's timer, across the step
+    assert result.metrics["warmup_clock_step_s"] == pytest.approx(10, abs=0.01)
+    assert "WARNING: the system clock was set by +10.000 s during the warmup" in capsys.readouterr().out
+    stepped[0] = 0  # no step: nothing said
+    result = WorkerResult(facts={})
+    worker.time_calls(
+        cfg,
+        pipe,
+        build_accelerator(cfg.accelerator),
+        PhaseClock(pipe.unet, torch.device("cpu")),
+        ["a"],
+        None,
+        None,
+        result,
+        Timeline(),
+    )
+    assert "warmup_clock_step_s" not in result.metrics and "system clock" not in capsys.readouterr().out
+
+
 def test_steadiness_of_timed_calls() -> None:
     assert steadiness([1.0]).steadiness is Steadiness.UNCHECKED
     assert steadiness([1.00, 1.02, 0.99, 1.01, 1.00, 0.98, 1.01, 1.00, 1.02, 0.99]) == Measurement(
