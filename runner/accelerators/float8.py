@@ -21,6 +21,16 @@ With ``fast_accumulation``, cuBLAS accumulates the float8 products the way Hoppe
 (``use_fast_accum``: partial sums are not promoted to full fp32 precision along the way), which is quicker and less
 exact; torchao's float8 inference uses it for the forward pass. Its image change shows in the quality metrics.
 
+With ``fuse_geglu`` (calibrated only), each feed-forward whose GEGLU product and output layer are both float8 runs
+its GEGLU in one kernel (``Float8GegluFeedForward``; Triton, Hopper GPUs): the product, its scale and bias, the
+GELU, the gating and the quantisation with the output layer's calibrated scale, so that the gated result is
+written once, in float8, where the two layers apart write the product in 16 bits and read it back in an
+element-wise kernel (on an H100 at 1024 px, 55 ms of a 0.96 s call: ``benchmarks/results/2026-11-27-h100-faster-5/
+twelfth_start/profile_fp8_cal_ff_fast_1024.log``). The GELU then takes the product unrounded. Whether it pays is
+the kernel's product against cuBLAS's: fp16's fused GEGLU took only 4 ms of kernels off a call where the pass it
+removed took 47 (BENCHMARKS.md, "`compile_graph_fast` at 1024 px again", H200). Not yet run on a GPU: in no
+accelerator.
+
 It changes modules in place and must come first in a chain (stage ``quantize``): a compiler or a graph built
 before it would hold the old layers. Eager float8 is slower than eager fp16; chain it before torch_compile
 (conf/accelerator/fp8_compile.yaml).
@@ -33,6 +43,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
+from diffusers.models.activations import GEGLU
+from diffusers.models.attention import FeedForward
 
 from runner.accelerators import Accelerator, Stage, Target, Wraps
 from runner.catalogue import Metric
@@ -119,29 +131,135 @@ class CalibratedFloat8Linear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        pad = -rows.shape[0] % ALIGN
-        if pad:
-            rows = F.pad(rows, (0, 0, 0, pad))
-        quantised = quantise(rows, self.input_inverse)
-        fused = self.bias is not None and x.dtype != torch.float32  # cuBLAS adds a bias to fp16/bf16 outputs only
+        rows, pad = aligned_rows(x, self.in_features)
+        out = self.product(quantise(rows, self.input_inverse), x.dtype)
+        return out[: out.shape[0] - pad].reshape(*x.shape[:-1], self.out_features)
+
+    def product(self, quantised: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's output in ``dtype`` for its input already quantised with its scale (rows x in)."""
+        fused = self.bias is not None and dtype != torch.float32  # cuBLAS adds a bias to fp16/bf16 outputs only
         out = torch._scaled_mm(
             quantised,
             self.weight_fp8.t(),
             scale_a=self.input_scale,
             scale_b=self.weight_scale,
             bias=self.bias if fused else None,
-            out_dtype=x.dtype,
+            out_dtype=dtype,
             use_fast_accum=self.fast_accumulation,
         )
-        out = out[: out.shape[0] - pad]
-        if self.bias is not None and not fused:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None and not fused else out
 
     def extra_repr(self) -> str:
         fast = ", fast accumulation" if self.fast_accumulation else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, calibrated scales{fast}"
+
+
+def aligned_rows(x: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
+    """``x`` as rows of ``width``, padded with zero rows to a multiple of ALIGN (e.g. cross-attention's 2 x 77
+    text tokens), and how many were added."""
+    rows = x.reshape(-1, width)
+    pad = -rows.shape[0] % ALIGN
+    return (F.pad(rows, (0, 0, 0, pad)) if pad else rows), pad
+
+
+def float8_geglu_reference(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The float8 GEGLU's arithmetic in float32: ``hidden * gelu(gate)`` of ``(x @ weight.T) * scale + bias``,
+    halves as diffusers splits them, quantised with ``inverse``."""
+    product = (x.float() @ weight.float().t()) * scale
+    hidden, gate = (product if bias is None else product + bias.float()).chunk(2, dim=-1)
+    return quantise(hidden * F.gelu(gate), inverse)
+
+
+@torch.library.custom_op("runner::float8_geglu", mutates_args=())
+def float8_geglu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    inverse: torch.Tensor,
+    bias: torch.Tensor | None,
+    fast: bool,
+) -> torch.Tensor:
+    """``float8_geglu_reference``: one Triton kernel on a GPU (``geglu_kernels.float8_kernel``; ``fast``: its
+    accumulation, as the layer's ``fast_accumulation``), float32 arithmetic elsewhere."""
+    if x.device.type != "cuda":
+        return float8_geglu_reference(x, weight, scale, inverse, bias)
+    from runner.accelerators.geglu_kernels import launch_float8  # imports Triton: on a GPU only
+
+    out = torch.empty(x.shape[0], weight.shape[0] // 2, device=x.device, dtype=FLOAT8)
+    launch_float8(x, weight, scale, inverse, bias, out, fast)
+    return out
+
+
+@float8_geglu.register_fake
+def _(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    inverse: torch.Tensor,
+    bias: torch.Tensor | None,
+    fast: bool,
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0] // 2, dtype=FLOAT8)
+
+
+class Float8GegluFeedForward(torch.nn.Module):
+    """Diffusers' ``FeedForward`` with a GEGLU whose product and the output layer's are both calibrated float8:
+    the GEGLU's product, its scale and bias, the GELU, the gating and the quantisation of the output layer's
+    input in one kernel (``float8_geglu``), which writes float8 for the output layer to read. Where the two
+    layers run apart, the product is written in 16 bits and an element-wise kernel reads it back to write the
+    float8 the output layer takes."""
+
+    def __init__(self, proj: CalibratedFloat8Linear, out: CalibratedFloat8Linear) -> None:
+        super().__init__()
+        self.proj, self.out = proj, out
+        self.register_buffer("product_scale", proj.input_scale * proj.weight_scale)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rows, pad = aligned_rows(hidden_states, self.proj.in_features)
+        quantised = quantise(rows, self.proj.input_inverse)  # inductor fuses it into the norm before
+        gated = torch.ops.runner.float8_geglu(
+            quantised,
+            self.proj.weight_fp8,
+            self.product_scale,
+            self.out.input_inverse,
+            self.proj.bias,
+            self.proj.fast_accumulation,
+        )
+        out = self.out.product(gated, hidden_states.dtype)
+        return out[: out.shape[0] - pad].reshape(*hidden_states.shape[:-1], self.out.out_features)
+
+
+def fusable(feed_forward: torch.nn.Module) -> bool:
+    """Whether a diffusers ``FeedForward`` is a GEGLU (exact GELU) and an output layer, both calibrated float8
+    whose inner width float8's kernel can address, with only dropout (a no-op in inference) besides."""
+    net = list(getattr(feed_forward, "net", ()))
+    if not net or type(net[0]) is not GEGLU:  # diffusers' GEGLU: the exact GELU (ApproximateGELU is another class)
+        return False
+    projections = [net[0].proj, *(layer for layer in net[1:] if type(layer) is not torch.nn.Dropout)]
+    return (
+        len(projections) == 2
+        and all(type(layer) is CalibratedFloat8Linear for layer in projections)
+        and (projections[0].out_features // 2) % ALIGN == 0  # the float8 rows it writes, 16-byte aligned
+    )
+
+
+def fuse_geglus(denoiser: torch.nn.Module) -> tuple[int, int]:
+    """Replace each diffusers ``FeedForward`` of ``denoiser`` that ``fusable`` takes by ``Float8GegluFeedForward``;
+    return how many were and how many GEGLU feed-forwards were left as they are."""
+    fused = left = 0
+    for parent in list(denoiser.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not FeedForward or not isinstance(child.net[0], GEGLU):
+                continue
+            if fusable(child):
+                net = [layer for layer in child.net if type(layer) is not torch.nn.Dropout]
+                setattr(parent, name, Float8GegluFeedForward(child.net[0].proj, net[-1]))
+                fused += 1
+            else:
+                left += 1
+    return fused, left
 
 
 def convertible(linear: torch.nn.Linear) -> bool:
@@ -234,10 +352,14 @@ class Float8Accelerator(Accelerator):
     scaling: str = "rowwise"  # rowwise | calibrated (the module's docstring says what each does)
     calibration_prompts: str = ""  # calibrated: a shipped prompt set or a file, one call each; "": the job's prompt
     fast_accumulation: bool = False  # cuBLAS's fast float8 accumulation (use_fast_accum): quicker, less exact
+    fuse_geglu: bool = False  # calibrated: each feed-forward's GEGLU and the quantising after it in one kernel
 
     wraps: ClassVar[Wraps] = Wraps.IN_PLACE
     stage: ClassVar[Stage] = Stage.QUANTIZE
-    catalogue: ClassVar[tuple[Metric, ...]] = (Metric("float8_linears", "linear layers in float8", "", "{:.0f}"),)
+    catalogue: ClassVar[tuple[Metric, ...]] = (
+        Metric("float8_linears", "linear layers in float8", "", "{:.0f}"),
+        Metric("float8_geglus_fused", "float8 feed-forwards with their GEGLU in one kernel", "", "{:.0f}"),
+    )
 
     def check(self, device: torch.device) -> None:
         if self.scaling not in SCALINGS:
@@ -252,6 +374,11 @@ class Float8Accelerator(Accelerator):
             )
         if self.calibration_prompts:
             load_prompts(self.calibration_prompts, "", key="accelerator.calibration_prompts")
+        if self.fuse_geglu and self.scaling != "calibrated":
+            raise ConfigError(
+                f"accelerator.fuse_geglu=true quantises the GEGLU's output with the next layer's calibrated scale, "
+                f"and this is scaling={self.scaling}: add accelerator.scaling=calibrated, or drop fuse_geglu"
+            )
         if FLOAT8 is None or not hasattr(torch, "_scaled_mm"):
             raise ConfigError(
                 f"accelerator=fp8 needs torch with float8 matrix products (torch >= 2.4); this is torch "
@@ -264,6 +391,25 @@ class Float8Accelerator(Accelerator):
                 f"{name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use "
                 "accelerator=compile_graph on this GPU"
             )
+        if self.fuse_geglu and device.type == "cuda":
+            self._check_kernel(device)
+
+    def _check_kernel(self, device: torch.device) -> None:
+        """fuse_geglu's kernel on this GPU: Hopper's tensor memory accelerator, and Triton to build it."""
+        if torch.cuda.get_device_capability(device) < (9, 0):
+            name = torch.cuda.get_device_name(device)
+            raise ConfigError(
+                f"accelerator.fuse_geglu=true runs a kernel fed by Hopper's tensor memory accelerator (compute "
+                f"capability 9.0 or newer); {name} has "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: drop fuse_geglu on this GPU"
+            )
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:
+            raise ConfigError(
+                f"accelerator.fuse_geglu=true: Triton is not installed ({error}); it comes with torch's CUDA "
+                "builds (pip install triton), or drop fuse_geglu"
+            ) from error
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
@@ -287,12 +433,23 @@ class Float8Accelerator(Accelerator):
                 f"accelerator=fp8: none of the {self.left} linear layers in the denoiser's repeated blocks has "
                 f"dimensions divisible by {ALIGN}; use an accelerator without float8 for this model"
             )
+        if self.fuse_geglu:
+            self.geglus_fused, self.geglus_left = fuse_geglus(denoiser)
+            if not self.geglus_fused:
+                raise ConfigError(
+                    f"accelerator.fuse_geglu=true: none of the denoiser's {self.geglus_left} GEGLU feed-forwards has "
+                    f"both its GEGLU's product and its output layer in float8 (include={list(self.include)}): "
+                    "include both, e.g. include=[ff.], or drop fuse_geglu"
+                )
 
     def metrics(self) -> dict[str, float]:
-        return {"float8_linears": float(getattr(self, "converted", 0))}
+        fused = {"float8_geglus_fused": float(self.geglus_fused)} if hasattr(self, "geglus_fused") else {}
+        return {"float8_linears": float(getattr(self, "converted", 0))} | fused
 
     def tags(self) -> dict[str, str]:
         tags = {"float8_linears_left": str(getattr(self, "left", 0))}
+        if hasattr(self, "geglus_left"):
+            tags["float8_geglus_left"] = str(self.geglus_left)
         if self.scaling == "calibrated":
             tags["float8_calibration"] = self.calibration_prompts or "the job's prompt"
         return tags

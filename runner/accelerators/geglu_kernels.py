@@ -14,7 +14,12 @@ Two ways to feed the tensor cores:
   ``benchmarks/geglu_kernel.py`` times both kernels); 1.0-1.6% off a 1024 px ``compile_graph_fast`` call
   (BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
 
-This module imports Triton, which the CPU machine has not: ``fused_geglu`` imports it when a kernel first runs.
+- ``float8``: ``tma`` for float8's feed-forward (``runner/accelerators/float8.py``, option ``fuse_geglu``): float8
+  operands with calibrated scales, the product scaled in the epilogue, and the gated result quantised there with
+  the output layer's input scale, so it is written in float8 for that layer to read.
+
+This module imports Triton, which the CPU machine has not: ``fused_geglu`` and ``float8`` import it when a kernel
+first runs.
 """
 
 from typing import Any
@@ -24,7 +29,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from runner.accelerators import float8
 from runner.accelerators.fused_geglu import tma_fits
+
+FLOAT8_MAX = tl.constexpr(float8.FLOAT8_MAX)  # e4m3's largest value, as the kernel reads a global
 
 # The configurations each kernel's autotuner times on a shape's first call (BLOCK_M, BLOCK_N, BLOCK_K, num_stages,
 # num_warps, warp-specialised): the wide tiles Hopper's tensor cores want for SDXL's products (2,048-8,192 rows at
@@ -39,6 +47,14 @@ CONFIGS = {
     "pointers": [(*block, False) for block in [*BLOCKS, (64, 64, 64, 4, 4)]],
     "tma": [(*block, False) for block in BLOCKS] + [(*block, True) for block in BLOCKS[:2]],
 }
+
+
+# The float8 kernel's: as tma's, with 128 float8 values of depth per tile (the 128 bytes that 64 fp16 values are,
+# the widest row TMA's swizzle reads), and 64 for the narrower depth. Not yet timed on a GPU.
+FLOAT8_BLOCKS = [(128, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)]
+FLOAT8_CONFIGS = [(*block, False) for block in [*FLOAT8_BLOCKS, (128, 128, 64, 4, 8)]] + [
+    (*block, True) for block in FLOAT8_BLOCKS[:2]
+]
 
 
 def settings(m: int, n: int, k: int, stages: int, warps: int, specialised: bool) -> dict[str, Any]:
@@ -98,6 +114,38 @@ def _launch_tma(
     (plain if config else tuned)[grid](
         *descriptors.values(), weight if bias is None else bias, rows, width, depth,
         HAS_BIAS=bias is not None, PROGRAMS=programs, **config,
+    )  # fmt: skip
+
+
+def launch_float8(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None,
+    out: torch.Tensor, fast: bool, **config: int,
+) -> None:  # fmt: skip
+    """The float8 kernel on 2-D float8 ``x`` and ``weight`` into float8 ``out``: ``scale`` (0-d float32) turns
+    the product into the layer's values, ``inverse`` (0-d float32) quantises the gated result; ``fast``
+    accumulates as Hopper's tensor cores do natively (as cuBLAS's use_fast_accum), else each tile's depth is
+    added to float32 sums of its own. ``config`` (one of ``FLOAT8_CONFIGS`` as ``settings`` gives it) fixes the
+    configuration instead of the autotuner's choice."""
+    if not tma_fits(x, weight, out):  # float8's fuse_geglu leaves such layers unfused
+        raise ValueError(
+            f"the float8 kernel cannot address these tensors (strides {x.stride()}, {weight.stride()}, "
+            f"{out.stride()}; each row's start must be 16-byte aligned): copy them with .contiguous()"
+        )
+    rows, depth = x.shape
+    width = out.shape[1]
+    named = {"x": x, "hidden_w": weight[:width], "gate_w": weight[width:], "out": out}
+    descriptors = {name: TensorDescriptor.from_tensor(tensor, [1, 1]) for name, tensor in named.items()}
+    if config:
+        set_block_shapes(descriptors | config)
+    tuned, plain = FLOAT8_KERNEL
+    programs = _programs(x.device)
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (min(programs, -(-rows // meta["BLOCK_M"]) * -(-width // meta["BLOCK_N"])),)
+
+    (plain if config else tuned)[grid](
+        *descriptors.values(), scale if bias is None else bias, scale, inverse, rows, width, depth,
+        HAS_BIAS=bias is not None, FAST=fast, PROGRAMS=programs, **config,
     )  # fmt: skip
 
 
@@ -189,10 +237,44 @@ def tma_kernel(
         out.store([row, col], gelu_gated(hidden, gate).to(out.dtype))
 
 
+@triton.jit
+def float8_kernel(
+    x, hidden_w, gate_w, out, b, scale, inverse, M, N, K, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
+    PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False, FLATTEN: tl.constexpr = True,
+):  # fmt: skip
+    # tma_kernel's walk over the tiles; float8 operands, their scales and the output's quantisation in the epilogue.
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    tiles = tiles_m * tiles_n
+    product_scale = tl.load(scale)
+    out_inverse = tl.load(inverse)
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = tile_of(tile, tiles_m, tiles_n, GROUP_M)
+        row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
+        hidden = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = x.load([row, k * BLOCK_K])
+            if FAST:  # Triton's own choice for float8 on Hopper: no promotion along the whole depth
+                hidden = tl.dot(a, hidden_w.load([col, k * BLOCK_K]).T, hidden)
+                gate = tl.dot(a, gate_w.load([col, k * BLOCK_K]).T, gate)
+            else:  # promoted to the float32 sums after each tile's depth
+                hidden = tl.dot(a, hidden_w.load([col, k * BLOCK_K]).T, hidden, max_num_imprecise_acc=BLOCK_K)
+                gate = tl.dot(a, gate_w.load([col, k * BLOCK_K]).T, gate, max_num_imprecise_acc=BLOCK_K)
+        hidden *= product_scale
+        gate *= product_scale
+        if HAS_BIAS:
+            cols = col + tl.arange(0, BLOCK_N)
+            hidden += tl.load(b + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            gate += tl.load(b + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        gated = gelu_gated(hidden, gate) * out_inverse
+        out.store([row, col], tl.clamp(gated, -FLOAT8_MAX, FLOAT8_MAX).to(out.dtype))
+
+
 def configs(kernel: str, **extra: Any) -> list:
-    """The autotuner's configurations for ``kernel``."""
+    """The autotuner's configurations for ``kernel`` (float8's: ``FLOAT8_CONFIGS``)."""
     tuned = []
-    for config in CONFIGS[kernel]:
+    for config in FLOAT8_CONFIGS if kernel == "float8" else CONFIGS[kernel]:
         meta = settings(*config)
         stages, warps = meta.pop("num_stages"), meta.pop("num_warps")
         tuned.append(triton.Config(meta, num_stages=stages, num_warps=warps, **extra))
@@ -205,3 +287,7 @@ KERNELS = {
     "pointers": (triton.autotune(configs("pointers"), key=["M", "N", "K"])(pointers_kernel), pointers_kernel),
     "tma": (triton.autotune(configs("tma", pre_hook=set_block_shapes), key=["M", "N", "K"])(tma_kernel), tma_kernel),
 }
+FLOAT8_KERNEL = (
+    triton.autotune(configs("float8", pre_hook=set_block_shapes), key=["M", "N", "K", "FAST"])(float8_kernel),
+    float8_kernel,
+)

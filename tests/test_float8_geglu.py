@@ -1,0 +1,211 @@
+"""float8's fuse_geglu: a feed-forward's GEGLU product, GELU, gating and the quantisation of the output layer's input
+as one custom operator (one Triton kernel on a GPU, float32 arithmetic elsewhere); the module swap, its counts
+and refusals on the CPU, the kernel against that arithmetic on a GPU."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_model
+from diffusers.models.attention import FeedForward
+
+from runner.accelerators import Target
+from runner.accelerators.cuda_graph import GraphedModule
+from runner.accelerators.float8 import (
+    FLOAT8,
+    CalibratedFloat8Linear,
+    Float8Accelerator,
+    Float8GegluFeedForward,
+    float8_geglu,
+    float8_geglu_reference,
+    input_amax,
+    quantise,
+    scale_of,
+)
+from runner.config import ConfigError
+from runner.pipelines import build_pipeline
+
+CPU = torch.device("cpu")
+TINY_CALL = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np"}
+
+
+def float8_feed_forward(dim: int, x: torch.Tensor) -> tuple[FeedForward, Float8GegluFeedForward]:
+    """A diffusers GEGLU feed-forward with both its layers in calibrated float8 (calibrated on ``x``), and the
+    same layers fused."""
+    torch.manual_seed(0)
+    ff = FeedForward(dim, activation_fn="geglu").to(x.device, x.dtype).eval()
+    layers = [ff.net[0].proj, ff.net[2]]
+    amaxes = input_amax(layers, lambda: ff(x))
+    ff.net[0].proj, ff.net[2] = (
+        CalibratedFloat8Linear(layer, amax) for layer, amax in zip(layers, amaxes, strict=True)
+    )
+    return ff, Float8GegluFeedForward(ff.net[0].proj, ff.net[2])
+
+
+def relative(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def test_the_fused_feed_forward_is_the_two_float8_layers_up_to_rounding() -> None:
+    """In float32 both ways compute the same: the product unrounded, the GELU and gating, the quantisation with
+    the output layer's scale; only the order of the sums may differ. Inductor traces the operator as one call."""
+    x = torch.randn(2, 77, 64)  # rows not a multiple of 16: padded and cut again
+    ff, fused = float8_feed_forward(64, x)
+    with torch.no_grad():
+        apart, together = ff(x), fused(x)
+        compiled = torch.compile(fused, backend="inductor", dynamic=False)(x)
+    assert together.shape == apart.shape == x.shape
+    assert relative(together, apart) < 1e-3
+    assert relative(compiled, together) < 1e-3
+
+
+def test_the_operator_quantises_with_the_next_layers_scale_and_saturates() -> None:
+    """Values beyond e4m3's range after the next layer's scale become its largest (448), not NaN, as they do
+    where the two layers run apart."""
+    x = quantise(torch.randn(32, 64), torch.tensor(100.0))
+    weight = quantise(torch.randn(96, 64) / 8, torch.tensor(100.0))
+    scale, inverse, bias = torch.tensor(1e-4), torch.tensor(1e4), torch.randn(96) * 0.1
+    out = float8_geglu(x, weight, scale, inverse, bias, fast=False)
+    assert out.dtype == FLOAT8 and out.shape == (32, 48)
+    product = (x.float() @ weight.float().t()) * scale + bias
+    hidden, gate = product.chunk(2, dim=-1)
+    beyond = (hidden * torch.nn.functional.gelu(gate) * inverse).abs() > 448
+    assert beyond.any() and not beyond.all()
+    assert out.float().isfinite().all() and (out.float()[beyond].abs() == 448).all()
+
+
+def calibrated_target(tmp_path: Path, pipe) -> Target:
+    base = Target("unet", CPU, torch.float32, tmp_path, "tiny_sdxl-random-t2i-64x64-fp32")
+    return dataclasses.replace(base, calibration=lambda _: pipe(prompt="a", **TINY_CALL))
+
+
+def test_fuse_geglu_fuses_every_feed_forward_of_the_blocks_and_says_how_many(tmp_path: Path) -> None:
+    def images(fuse: bool) -> tuple[np.ndarray, Float8Accelerator]:
+        pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
+        accelerator = Float8Accelerator(scaling="calibrated", include=["ff."], fuse_geglu=fuse)
+        accelerator.check(CPU)
+        accelerator.apply(pipe, calibrated_target(tmp_path, pipe))
+        generator = torch.Generator().manual_seed(0)
+        return pipe(prompt="a cat", generator=generator, **TINY_CALL).images[0], accelerator
+
+    apart, _ = images(False)
+    together, accelerator = images(True)
+    assert accelerator.metrics() == {"float8_linears": 8.0, "float8_geglus_fused": 4.0}
+    assert accelerator.tags()["float8_geglus_left"] == "0"
+    assert np.abs(together - apart).max() < 0.02  # the same layers, the product no longer rounded to 16 bits
+
+
+def test_fuse_geglu_leaves_a_feed_forward_whose_layers_are_not_both_float8(tmp_path: Path) -> None:
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
+    accelerator = Float8Accelerator(scaling="calibrated", include=["attn1.", "ff.net.0"], fuse_geglu=True)
+    with pytest.raises(ConfigError) as raised:
+        accelerator.apply(pipe, calibrated_target(tmp_path, pipe))
+    assert str(raised.value) == (
+        "accelerator.fuse_geglu=true: none of the denoiser's 4 GEGLU feed-forwards has both its GEGLU's product "
+        "and its output layer in float8 (include=['attn1.', 'ff.net.0']): include both, e.g. include=[ff.], or "
+        "drop fuse_geglu"
+    )
+    assert not any(isinstance(module, Float8GegluFeedForward) for module in pipe.unet.modules())
+
+
+def test_fuse_geglu_refuses_what_it_cannot_run_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Float8Accelerator(fuse_geglu=True).check(CPU)
+    assert str(raised.value) == (
+        "accelerator.fuse_geglu=true quantises the GEGLU's output with the next layer's calibrated scale, and this "
+        "is scaling=rowwise: add accelerator.scaling=calibrated, or drop fuse_geglu"
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    with pytest.raises(ConfigError) as raised:
+        Float8Accelerator(scaling="calibrated", fuse_geglu=True).check(torch.device("cuda"))
+    assert str(raised.value) == (
+        "accelerator.fuse_geglu=true runs a kernel fed by Hopper's tensor memory accelerator (compute capability "
+        "9.0 or newer); NVIDIA L4 has 8.9: drop fuse_geglu on this GPU"
+    )
+    Float8Accelerator(scaling="calibrated").check(torch.device("cuda"))  # float8 itself runs there
+
+
+HOPPER_SHARED_MEMORY = 232_448  # bytes a block may use on an H100 or H200 (227 KiB)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_every_configuration_of_the_float8_kernel_compiles_for_hopper(fast: bool) -> None:
+    """Triton's compiler builds every block size of the float8 kernel for sm_90, each within an SM's shared
+    memory; no GPU is needed up to the binary. Skipped where Triton is not installed, as on this project's CPU
+    machines (pip install --target DIR triton==3.6.0, then PYTHONPATH=DIR for this file)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, float8_kernel, settings
+
+    for config in FLOAT8_CONFIGS:
+        meta = settings(*config)
+        options = {"num_stages": meta.pop("num_stages"), "num_warps": meta.pop("num_warps")}
+        m, n, k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+        shapes = {"x": [m, k], "hidden_w": [n, k], "gate_w": [n, k], "out": [m, n]}
+        signature = {name: f"tensordesc<fp8e4nv[{a},{b}]>" for name, (a, b) in shapes.items()}
+        signature |= {"b": "*fp16", "scale": "*fp32", "inverse": "*fp32"} | dict.fromkeys(["M", "N", "K"], "i32")
+        constants = {"HAS_BIAS": True, "FAST": fast, "PROGRAMS": 132, "WARP_SPECIALIZE": False, "FLATTEN": True}
+        constants |= meta
+        signature |= dict.fromkeys(constants, "constexpr")
+        signature = {name: signature[name] for name in float8_kernel.arg_names}
+        constexprs = {(float8_kernel.arg_names.index(name),): value for name, value in constants.items()}
+        binary = triton.compile(
+            ASTSource(float8_kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options
+        )
+        assert binary.metadata.shared <= HOPPER_SHARED_MEMORY, config
+
+
+def within_one_float8_step(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether each value is the expected one or a neighbour of it in e4m3 (3 mantissa bits: a step is at most
+    an eighth of the value, 2^-9 among the smallest)."""
+    got, expected = got.float(), expected.float()
+    return bool(((got - expected).abs() <= expected.abs() / 8 + 2**-9).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("shape", [(8192, 640, 2560), (2048, 1280, 5120), (512, 1280, 5120), (208, 96, 80)])
+def test_the_float8_kernel_computes_the_operators_arithmetic(fast: bool, shape: tuple[int, int, int]) -> None:
+    """SDXL's feed-forward shapes at 1024 and 512 px and a ragged one, every block size and the autotuned
+    operator: each value the float32 arithmetic's or its neighbour in float8 (the sums run in another order,
+    and with ``fast`` without promotion), and few of them moved."""
+    from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, launch_float8, settings  # imports Triton
+
+    rows, width, inner = shape
+    torch.manual_seed(0)
+    x = torch.randn(rows, width, device="cuda")
+    weight = torch.randn(2 * inner, width, device="cuda") / width**0.5
+    x_scale, weight_scale = scale_of(x.abs().amax()), scale_of(weight.abs().amax())
+    x8, weight8 = quantise(x, 1 / x_scale), quantise(weight, 1 / weight_scale)
+    scale, bias = x_scale * weight_scale, (torch.randn(2 * inner, device="cuda") * 0.1).half()
+    inverse = 1 / scale_of(
+        float8_geglu_reference(x8, weight8, scale, torch.tensor(1.0, device="cuda"), bias).float().abs().amax()
+    )
+    expected = float8_geglu_reference(x8, weight8, scale, inverse, bias)
+    for config in FLOAT8_CONFIGS:
+        out = torch.empty(rows, inner, device="cuda", dtype=FLOAT8)
+        launch_float8(x8, weight8, scale, inverse, bias, out, fast, **settings(*config))
+        assert within_one_float8_step(out, expected), config
+        assert (out.float() != expected.float()).float().mean().item() < 0.05, config
+    assert within_one_float8_step(float8_geglu(x8, weight8, scale, inverse, bias, fast), expected)
+    assert within_one_float8_step(
+        float8_geglu(x8, weight8, scale, inverse, None, fast), float8_geglu_reference(x8, weight8, scale, inverse, None)
+    )
+
+
+@pytest.mark.gpu
+def test_the_fused_feed_forward_compiled_and_graphed_is_the_two_layers_on_the_gpu() -> None:
+    """The operator inside inductor's graph, captured: SDXL's 1024 px feed-forward in fp16, the same as the two
+    float8 layers apart up to rounding."""
+    x = torch.randn(2, 4096, 640, device="cuda", dtype=torch.float16)
+    ff, fused = float8_feed_forward(640, x)
+    with torch.no_grad():
+        apart = ff(x)
+        graphed = GraphedModule(torch.compile(fused, dynamic=False), warmup_calls=2)
+        together = graphed(x)
+    assert relative(together, apart) < 0.02  # the GELU takes the product in float32 instead of fp16
