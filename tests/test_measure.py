@@ -269,36 +269,21 @@ def test_a_clock_set_during_the_warmup_is_reported_since_torchs_compile_timers_r
         return real_call(self, **kwargs)
 
     monkeypatch.setattr(type(pipe), "__call__", call_compiling)
-    result = WorkerResult(facts={})
+
+    def warm_and_time() -> WorkerResult:
+        result = WorkerResult(facts={})
+        accelerator, clock = build_accelerator(cfg.accelerator), PhaseClock(pipe.unet, torch.device("cpu"))
+        worker.time_calls(cfg, pipe, accelerator, clock, ["a"], None, None, result, Timeline())
+        return result
+
     before = sum(compilation_time_metrics.get("_compile.compile_inner", ()))
-    worker.time_calls(
-        cfg,
-        pipe,
-        build_accelerator(cfg.accelerator),
-        PhaseClock(pipe.unet, torch.device("cpu")),
-        ["a"],
-        None,
-        None,
-        result,
-        Timeline(),
-    )
+    result = warm_and_time()
     compile_s = sum(compilation_time_metrics["_compile.compile_inner"]) - before
     assert compile_s > result.metrics["warmup_s"] + 9  # torch's timer, across the step
     assert result.metrics["warmup_clock_step_s"] == pytest.approx(10, abs=0.01)
     assert "WARNING: the system clock was set by +10.000 s during the warmup" in capsys.readouterr().out
     stepped[0] = 0  # no step: nothing said
-    result = WorkerResult(facts={})
-    worker.time_calls(
-        cfg,
-        pipe,
-        build_accelerator(cfg.accelerator),
-        PhaseClock(pipe.unet, torch.device("cpu")),
-        ["a"],
-        None,
-        None,
-        result,
-        Timeline(),
-    )
+    result = warm_and_time()
     assert "warmup_clock_step_s" not in result.metrics and "system clock" not in capsys.readouterr().out
 
 

@@ -178,6 +178,36 @@ def tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def halves(
+    x, hidden_w, gate_w, row, col, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PROMOTE: tl.constexpr,
+):  # fmt: skip
+    # One output tile's two products over the whole depth, every operand tile loaded through its TMA descriptor.
+    # PROMOTE (float8 only): add Hopper's float8 sums to float32 ones after each tile's depth, where Triton's own
+    # choice on Hopper never does.
+    hidden = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = x.load([row, k * BLOCK_K])
+        if PROMOTE:
+            hidden = tl.dot(a, hidden_w.load([col, k * BLOCK_K]).T, hidden, max_num_imprecise_acc=BLOCK_K)
+            gate = tl.dot(a, gate_w.load([col, k * BLOCK_K]).T, gate, max_num_imprecise_acc=BLOCK_K)
+        else:
+            hidden = tl.dot(a, hidden_w.load([col, k * BLOCK_K]).T, hidden)
+            gate = tl.dot(a, gate_w.load([col, k * BLOCK_K]).T, gate)
+    return hidden, gate
+
+
+@triton.jit
+def biased(hidden, gate, b, col, N, BLOCK_N: tl.constexpr):
+    # The bias's two halves added to a tile's two products, in float32.
+    cols = col + tl.arange(0, BLOCK_N)
+    hidden += tl.load(b + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    gate += tl.load(b + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return hidden, gate
+
+
+@triton.jit
 def pointers_kernel(
     x, w, b, out, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -224,16 +254,9 @@ def tma_kernel(
     for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = tile_of(tile, tiles_m, tiles_n, GROUP_M)
         row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
-        hidden = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            a = x.load([row, k * BLOCK_K])
-            hidden = tl.dot(a, hidden_w.load([col, k * BLOCK_K]).T, hidden)
-            gate = tl.dot(a, gate_w.load([col, k * BLOCK_K]).T, gate)
+        hidden, gate = halves(x, hidden_w, gate_w, row, col, K, BLOCK_M, BLOCK_N, BLOCK_K, False)
         if HAS_BIAS:
-            cols = col + tl.arange(0, BLOCK_N)
-            hidden += tl.load(b + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            gate += tl.load(b + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            hidden, gate = biased(hidden, gate, b, col, N, BLOCK_N)
         out.store([row, col], gelu_gated(hidden, gate).to(out.dtype))
 
 
@@ -251,22 +274,11 @@ def float8_kernel(
     for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = tile_of(tile, tiles_m, tiles_n, GROUP_M)
         row, col = pid_m * BLOCK_M, pid_n * BLOCK_N
-        hidden = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            a = x.load([row, k * BLOCK_K])
-            if FAST:  # Triton's own choice for float8 on Hopper: no promotion along the whole depth
-                hidden = tl.dot(a, hidden_w.load([col, k * BLOCK_K]).T, hidden)
-                gate = tl.dot(a, gate_w.load([col, k * BLOCK_K]).T, gate)
-            else:  # promoted to the float32 sums after each tile's depth
-                hidden = tl.dot(a, hidden_w.load([col, k * BLOCK_K]).T, hidden, max_num_imprecise_acc=BLOCK_K)
-                gate = tl.dot(a, gate_w.load([col, k * BLOCK_K]).T, gate, max_num_imprecise_acc=BLOCK_K)
+        hidden, gate = halves(x, hidden_w, gate_w, row, col, K, BLOCK_M, BLOCK_N, BLOCK_K, not FAST)
         hidden *= product_scale
         gate *= product_scale
         if HAS_BIAS:
-            cols = col + tl.arange(0, BLOCK_N)
-            hidden += tl.load(b + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            gate += tl.load(b + N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            hidden, gate = biased(hidden, gate, b, col, N, BLOCK_N)
         gated = gelu_gated(hidden, gate) * out_inverse
         out.store([row, col], tl.clamp(gated, -FLOAT8_MAX, FLOAT8_MAX).to(out.dtype))
 
