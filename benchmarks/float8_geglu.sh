@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# float8's fuse_geglu on its first GPU, in one device call: the GPU tests of its kernel and of the fused
+# feed-forward compiled and captured, then the kernel against the two float8 layers apart at SDXL's shapes
+# (benchmarks/float8_geglu_kernel.py, bfloat16 as in fp8_fast_bf16). Whether the variant fp8_fast_bf16_geglu then
+# takes fp8's 1024 px call under 0.80 s (issue "Faster still") is a table of its own, in the same machine start:
+#   bash benchmarks/float8_geglu.sh; BUDGET=400 bash benchmarks/table.sh "1024:none,fp8_fast_bf16,fp8_fast_bf16_geglu"
+# Everything comes back in $OUT/float8_geglu.tgz: the tests' output, the benchmark's JSON and log, the environment.
+set -uo pipefail
+source benchmarks/device_env.sh
+final=$OUT
+work=/tmp/float8-geglu && rm -rf "$work" && mkdir -p "$work"
+{ nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"; } > "$work/environment.txt" 2>&1
+timeout 240 python3 -m pytest -m gpu -n 0 -p no:cacheprovider -q tests/test_float8_geglu.py > "$work/gpu_tests.log" 2>&1
+timeout 240 python3 benchmarks/float8_geglu_kernel.py "$work/float8_geglu_kernel.json" bf16 > "$work/float8_geglu_kernel.log" 2>&1
+tail -3 "$work"/*.log
+tar czf "$final/float8_geglu.tgz" -C "$work" .
+echo "float8_geglu.sh took ${SECONDS}s"
