@@ -129,6 +129,16 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def compile_seconds() -> float:
+    """Seconds Dynamo has spent compiling frames in this process so far, graph or no graph (torch's own timer,
+    which reads the calendar clock: Stopwatch), 0 if it never ran."""
+    if "torch._dynamo" not in sys.modules:
+        return 0.0
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+
+
 @contextmanager
 def one_torch_thread(device: torch.device, core: int | None) -> Iterator[None]:
     """On CUDA with a leased core, torch's CPU operations (the pipeline's image pre- and post-processing) run

@@ -40,6 +40,7 @@ from runner.measure import (
     GpuMeter,
     PhaseClock,
     Stopwatch,
+    compile_seconds,
     energy_metrics,
     graphs_compiled,
     one_torch_thread,
@@ -200,6 +201,7 @@ def time_calls(
         progress(cfg, f"warmup {warmup.seconds:.2f} s{f': {note}' if note else ''}; timing {cfg.runs} call(s)")
         with steady_host(device, core):
             jobs_at_once, host_load, compiled = registry.count(), CpuLoad(), graphs_compiled()
+            compiling = compile_seconds()
             launching = LaunchThread(core if device.type == "cuda" else None)  # steady_host pins it on CUDA only
             with timeline.phase("timed"), peak_memory(device, into=result.metrics), GpuMeter(gpu) as timed_gpu:
                 for index in range(cfg.runs):
@@ -215,6 +217,8 @@ def time_calls(
             result.metrics.update(launching.metrics())
             result.series.update(launching.series())
         result.metrics["timed_compiles"] = graphs_compiled() - compiled
+        if (spent := compile_seconds() - compiling) > 0:  # frames compiled while timed, with a graph or without
+            result.metrics["timed_compile_s"] = spent
     if warm_energy.joules is not None:
         result.metrics["warmup_energy_j"] = warm_energy.joules
     result.metrics.update(energy_metrics(timed_gpu, cfg.runs * cfg.batch))
