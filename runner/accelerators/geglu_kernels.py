@@ -92,29 +92,10 @@ def _launch_pointers(
 def _launch_tma(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, **config: int
 ) -> None:
-    if not tma_fits(x, weight, out):  # fused_geglu refuses such weights when applied and copies such inputs
-        # (its KERNELS["tma"].fits)
-        raise ValueError(
-            f"the tma kernel cannot address these tensors (strides {x.stride()}, {weight.stride()}, {out.stride()}; "
-            "each row's start must be 16-byte aligned): copy them with .contiguous() or use the pointers kernel"
-        )
-    rows, depth = x.shape
-    width = out.shape[1]
-    # Block shapes are placeholders until a configuration sets them (its pre_hook, or here for a fixed one).
-    named = {"x": x, "hidden_w": weight[:width], "gate_w": weight[width:], "out": out}  # the kernel's names
-    descriptors = {name: TensorDescriptor.from_tensor(tensor, [1, 1]) for name, tensor in named.items()}
-    if config:
-        set_block_shapes(descriptors | config)
-    tuned, plain = KERNELS["tma"]
-    programs = _programs(x.device)
-
-    def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (min(programs, -(-rows // meta["BLOCK_M"]) * -(-width // meta["BLOCK_N"])),)
-
-    (plain if config else tuned)[grid](
-        *descriptors.values(), weight if bias is None else bias, rows, width, depth,
-        HAS_BIAS=bias is not None, PROGRAMS=programs, **config,
-    )  # fmt: skip
+    # fused_geglu refuses weights it cannot address when applied and copies such inputs (its KERNELS["tma"].fits)
+    constants = {"HAS_BIAS": bias is not None}
+    tensors = (weight if bias is None else bias,)
+    _launch_persistent(KERNELS["tma"], "tma", x, weight, tensors, out, constants, config, " or use the pointers kernel")
 
 
 def launch_float8(
@@ -125,28 +106,40 @@ def launch_float8(
     the product into the layer's values, ``inverse`` (0-d float32) quantises the gated result; ``fast``
     accumulates as Hopper's tensor cores do natively (as cuBLAS's use_fast_accum), else each tile's depth is
     added to float32 sums of its own. ``config`` (one of ``FLOAT8_CONFIGS`` as ``settings`` gives it) fixes the
-    configuration instead of the autotuner's choice."""
-    if not tma_fits(x, weight, out):  # float8's fuse_geglu leaves such layers unfused
+    configuration instead of the autotuner's choice. (float8's fuse_geglu leaves layers it cannot address unfused.)"""
+    tensors = (scale if bias is None else bias, scale, inverse)
+    constants = {"HAS_BIAS": bias is not None, "FAST": fast}
+    _launch_persistent(FLOAT8_KERNEL, "float8", x, weight, tensors, out, constants, config)
+
+
+def _launch_persistent(
+    kernels: tuple, name: str, x: torch.Tensor, weight: torch.Tensor, tensors: tuple, out: torch.Tensor,
+    constants: dict[str, Any], config: dict[str, int], otherwise: str = "",
+) -> None:  # fmt: skip
+    """A persistent TMA kernel (``kernels``: autotuned and as it is) on 2-D ``x`` and ``weight`` (its two halves)
+    into ``out``, one program per SM; ``tensors`` are its arguments between the descriptors and the sizes;
+    ``otherwise``, what else its refusal of tensors TMA cannot address suggests."""
+    if not tma_fits(x, weight, out):
         raise ValueError(
-            f"the float8 kernel cannot address these tensors (strides {x.stride()}, {weight.stride()}, "
-            f"{out.stride()}; each row's start must be 16-byte aligned): copy them with .contiguous()"
+            f"the {name} kernel cannot address these tensors (strides {x.stride()}, {weight.stride()}, "
+            f"{out.stride()}; each row's start must be 16-byte aligned): copy them with .contiguous(){otherwise}"
         )
     rows, depth = x.shape
     width = out.shape[1]
-    named = {"x": x, "hidden_w": weight[:width], "gate_w": weight[width:], "out": out}
-    descriptors = {name: TensorDescriptor.from_tensor(tensor, [1, 1]) for name, tensor in named.items()}
+    # Block shapes are placeholders until a configuration sets them (its pre_hook, or here for a fixed one).
+    named = {"x": x, "hidden_w": weight[:width], "gate_w": weight[width:], "out": out}  # the kernels' names
+    descriptors = {key: TensorDescriptor.from_tensor(tensor, [1, 1]) for key, tensor in named.items()}
     if config:
         set_block_shapes(descriptors | config)
-    tuned, plain = FLOAT8_KERNEL
+    tuned, plain = kernels
     programs = _programs(x.device)
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (min(programs, -(-rows // meta["BLOCK_M"]) * -(-width // meta["BLOCK_N"])),)
 
     (plain if config else tuned)[grid](
-        *descriptors.values(), scale if bias is None else bias, scale, inverse, rows, width, depth,
-        HAS_BIAS=bias is not None, FAST=fast, PROGRAMS=programs, **config,
-    )  # fmt: skip
+        *descriptors.values(), *tensors, rows, width, depth, PROGRAMS=programs, **constants, **config
+    )
 
 
 def _programs(device: torch.device) -> int:
@@ -283,10 +276,10 @@ def float8_kernel(
         out.store([row, col], tl.clamp(gated, -FLOAT8_MAX, FLOAT8_MAX).to(out.dtype))
 
 
-def configs(kernel: str, **extra: Any) -> list:
-    """The autotuner's configurations for ``kernel`` (float8's: ``FLOAT8_CONFIGS``)."""
+def configs(table: list[tuple], **extra: Any) -> list:
+    """The autotuner's configurations for a kernel's ``table`` (``CONFIGS``' or ``FLOAT8_CONFIGS``)."""
     tuned = []
-    for config in FLOAT8_CONFIGS if kernel == "float8" else CONFIGS[kernel]:
+    for config in table:
         meta = settings(*config)
         stages, warps = meta.pop("num_stages"), meta.pop("num_warps")
         tuned.append(triton.Config(meta, num_stages=stages, num_warps=warps, **extra))
@@ -296,10 +289,13 @@ def configs(kernel: str, **extra: Any) -> list:
 LAUNCHERS = {"pointers": _launch_pointers, "tma": _launch_tma}  # fused_geglu.KERNELS's names (a test checks)
 # Each kernel autotuned, and as it is (for given block sizes).
 KERNELS = {
-    "pointers": (triton.autotune(configs("pointers"), key=["M", "N", "K"])(pointers_kernel), pointers_kernel),
-    "tma": (triton.autotune(configs("tma", pre_hook=set_block_shapes), key=["M", "N", "K"])(tma_kernel), tma_kernel),
+    "pointers": (triton.autotune(configs(CONFIGS["pointers"]), key=["M", "N", "K"])(pointers_kernel), pointers_kernel),
+    "tma": (
+        triton.autotune(configs(CONFIGS["tma"], pre_hook=set_block_shapes), key=["M", "N", "K"])(tma_kernel),
+        tma_kernel,
+    ),
 }
 FLOAT8_KERNEL = (
-    triton.autotune(configs("float8", pre_hook=set_block_shapes), key=["M", "N", "K", "FAST"])(float8_kernel),
+    triton.autotune(configs(FLOAT8_CONFIGS, pre_hook=set_block_shapes), key=["M", "N", "K", "FAST"])(float8_kernel),
     float8_kernel,
 )
