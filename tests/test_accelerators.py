@@ -653,6 +653,26 @@ def test_calibrated_float8_linear_is_the_linear_within_float8_rounding_and_satur
     assert "calibrated scales" in repr(layer) and layer.input_scale.shape == layer.weight_scale.shape == ()
 
 
+def test_float8_layers_keep_their_buffers_types_through_a_later_cast_of_the_model() -> None:
+    """``unet.half()`` after quantising would cast float8 matrices to float16 (for ``_scaled_mm`` to refuse) and
+    float32 scales to float16's precision: the layers move where the model goes and keep their types."""
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(64, 48), torch.randn(2, 77, 64)
+    for layer in (Float8Linear(linear), CalibratedFloat8Linear(linear, x.abs().amax())):
+        buffers = {name: buffer.clone() for name, buffer in layer.named_buffers()}
+        model = torch.nn.Sequential(layer).half()
+        assert layer.bias.dtype == torch.float16  # the parameter follows the model
+        for name, buffer in layer.named_buffers():
+            assert buffer.dtype == buffers[name].dtype and torch.equal(buffer.float(), buffers[name].float())
+        with torch.no_grad():
+            got, expected = model(x.half()), linear.half()(x.half())
+        assert got.dtype == torch.float16 and ((got - expected).float().norm() / expected.float().norm()) < 0.05
+        linear.float()
+        model.to("meta")
+        assert {buffer.device.type for buffer in layer.buffers()} == {"meta"}
+        assert [buffer.dtype for buffer in layer.buffers()] == [buffer.dtype for buffer in buffers.values()]
+
+
 def test_calibration_sees_what_the_call_feeds_each_layer_and_leaves_unreached_layers_alone() -> None:
     class Block(torch.nn.Module):
         def __init__(self) -> None:

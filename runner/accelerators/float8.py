@@ -77,7 +77,25 @@ def quantise_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (matrix.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8), scale
 
 
-class Float8Linear(torch.nn.Module):
+class KeepsBufferDtypes(torch.nn.Module):
+    """A module whose buffers hold its arithmetic's own types (float8 matrices, float32 scales, which
+    ``torch._scaled_mm`` requires): a later cast of the whole model (``unet.half()``, ``pipe.to(torch.bfloat16)``)
+    moves them where the model goes and leaves their dtypes, where ``nn.Module`` would cast every floating buffer
+    (float8 to float16, for ``_scaled_mm`` to refuse; a float32 scale to float16's precision)."""
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "KeepsBufferDtypes":
+        kept = dict(self._buffers)
+        self._buffers.clear()
+        try:
+            super()._apply(fn, recurse)  # parameters (the bias follows the model's dtype) and child modules
+        finally:
+            for name, buffer in kept.items():
+                # where ``fn`` sends a tensor, read off an empty one, so no buffer is ever cast
+                self._buffers[name] = None if buffer is None else buffer.to(fn(buffer.new_empty(0)).device)
+        return self
+
+
+class Float8Linear(KeepsBufferDtypes):
     """A linear layer whose matrix product runs in float8 with per-row scales (see the module's docstring)."""
 
     def __init__(self, linear: torch.nn.Linear, fast_accumulation: bool = False) -> None:
@@ -113,7 +131,7 @@ class Float8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, per-row scales{fast}"
 
 
-class CalibratedFloat8Linear(torch.nn.Module):
+class CalibratedFloat8Linear(KeepsBufferDtypes):
     """A linear layer whose matrix product runs in float8 with one scale for its weight and one, calibrated
     beforehand, for its input (see the module's docstring)."""
 
@@ -204,7 +222,7 @@ def _(
     return x.new_empty(x.shape[0], weight.shape[0] // 2, dtype=FLOAT8)
 
 
-class Float8GegluFeedForward(torch.nn.Module):
+class Float8GegluFeedForward(KeepsBufferDtypes):
     """Diffusers' ``FeedForward`` with a GEGLU whose product and the output layer's are both calibrated float8:
     the GEGLU's product, its scale and bias, the GELU, the gating and the quantisation of the output layer's
     input in one kernel (``float8_geglu``), which writes float8 for the output layer to read. Where the two
