@@ -7,8 +7,9 @@ first job waits for, and this way they overlap everything the sweep does before 
 
 import sys
 
-from runner.config import CONF, ConfigError, check_override_keys
+from runner.config import CONF, ConfigError
 from runner.launch import start_server
+from runner.overrides import check_override_keys
 
 # Hydra's flags that print something and run no job.
 ASKS_ONLY = {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}

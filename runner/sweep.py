@@ -24,11 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.catalogue import SWEEP_TABLE, describe
 from runner.compare import compare
-from runner.config import REBASELINE, MlflowConfig, no_such_option, option_label, run_name, value_error
+from runner.config import REBASELINE, MlflowConfig, option_label, run_name
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
 from runner.job import Stopped, Terminated, alive, sigterm_raises
 from runner.launch import missing_bytecode_hint, start_server, stop_server
+from runner.overrides import no_such_option, value_error
 from runner.record import JobRecord, Outcome
 from runner.report import answers, write_report
 from runner.tracking import Tracker

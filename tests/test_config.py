@@ -22,13 +22,13 @@ from runner.config import (
     compose_job,
     config_hash,
     job_name,
-    known_keys,
     logged_params,
     run_name,
     skip_reason,
     switched_config,
     to_config,
 )
+from runner.overrides import known_keys
 
 GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "task", "accelerator")}
 
