@@ -7,7 +7,8 @@ For each shape (rows = 2 x tokens with guidance, the block's width, its inner wi
 as fp8_fast_bf16; promoted, as fp8_compile): microseconds per whole feed-forward (input quantised, GEGLU, output
 layer) with the layers apart (cuBLAS's float8 product written in 16 bits, inductor's element-wise GELU, gating and
 quantisation, cuBLAS's output product) and together (the float8 kernel, autotuned, then cuBLAS's output product);
-the float8 kernel alone at each block size; and how far each feed-forward's output is from the float32 one.
+the float8 kernel alone at each block size, nested and flat; and how far each feed-forward's output is from the
+float32 one.
 """
 
 import functools
@@ -20,7 +21,11 @@ from diffusers.models.attention import FeedForward
 from geglu_kernel import SHAPES, graphed_us  # this folder, first on the path of a script run from it
 
 from runner.accelerators.float8 import FLOAT8, CalibratedFloat8Linear, Float8GegluFeedForward, input_amax, quantise
-from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, launch_float8, settings
+from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, label, launch_float8, settings
+
+# The nested tiles flattened, as the fp16 tma kernel's are, which ptxas serialises (geglu_kernels.LOOPS): timed to
+# see what that costs.
+FLAT = [(*config[:-1], "flat") for config in FLOAT8_CONFIGS if config[-1] == "nested"]
 
 
 def feed_forwards(width: int, inner: int, x: torch.Tensor, fast: bool) -> tuple[FeedForward, FeedForward, Callable]:
@@ -47,34 +52,33 @@ def time_shape(name: str, rows: int, width: int, inner: int, dtype: torch.dtype,
     entry: dict = {"rows": rows, "width": width, "inner": inner, "fast_accumulation": fast}
     label_of = "fast" if fast else "promoted"
 
-    def record(label: str, call: Callable, result: Callable | None = None) -> None:
+    def record(named: str, call: Callable, result: Callable | None = None) -> None:
         us = graphed_us(call)
-        entry[label] = {"us": round(us, 2)}
+        entry[named] = {"us": round(us, 2)}
         error = ""
         if result is not None:
             out = result().float()
-            entry[label]["relative_error"] = relative = ((out - reference).norm() / reference.norm()).item()
+            entry[named]["relative_error"] = relative = ((out - reference).norm() / reference.norm()).item()
             error = f"  relative error {relative:.4f}"
-        print(f"{name:22s} {label_of:8s} {label:44s} {us:8.2f} us{error}", flush=True)
+        print(f"{name:22s} {label_of:8s} {named:44s} {us:8.2f} us{error}", flush=True)
 
     with torch.no_grad():
         ways = {"apart (cuBLAS + inductor + cuBLAS)": apart, "together (float8 kernel + cuBLAS)": together}
-        for label, module in ways.items():
+        for way, module in ways.items():
             compiled = torch.compile(module, dynamic=False)
-            record(label, functools.partial(compiled, x), functools.partial(compiled, x))
+            record(way, functools.partial(compiled, x), functools.partial(compiled, x))
         proj = apart.net[0].proj
         x8 = quantise(x.reshape(rows, width), proj.input_inverse)
         out = torch.empty(rows, inner, device="cuda", dtype=FLOAT8)
         scale, inverse = together.product_scale, apart.net[2].input_inverse
-        for m, n, k, stages, warps, specialised in FLOAT8_CONFIGS:
-            label = f"kernel {m}x{n}x{k} s{stages} w{warps}" + (" warp-specialised" if specialised else "")
-            config = settings(m, n, k, stages, warps, specialised)
+        weights = (proj.weight_fp8, scale, inverse, proj.bias)
+        for config in FLOAT8_CONFIGS + FLAT:
+            named = f"kernel {label(*config)}"
             try:
-                weights = (proj.weight_fp8, scale, inverse, proj.bias)
-                record(label, functools.partial(launch_float8, x8, *weights, out, fast, **config))
+                record(named, functools.partial(launch_float8, x8, *weights, out, fast, **settings(*config)))
             except Exception as error:  # a block size the GPU cannot fit: say so, time the others
-                entry[label] = {"error": repr(error)[:300]}
-                print(f"{name:22s} {label_of:8s} {label:44s} failed: {error!r:.200}", flush=True)
+                entry[named] = {"error": repr(error)[:300]}
+                print(f"{name:22s} {label_of:8s} {named:44s} failed: {error!r:.200}", flush=True)
     return entry
 
 

@@ -3,10 +3,10 @@ element-wise GELU and gating), at SDXL's feed-forward shapes, each replayed from
 
     python3 benchmarks/geglu_kernel.py OUT.json
 
-For each shape (rows = 2 x tokens with guidance, the block's width, its inner width): microseconds per call of
-the compiled reference, of cuBLAS's product alone, and of each kernel (pointers, tma) with each of its block
-sizes and with the autotuner's choice; their TFLOP/s, and the largest difference from a float32 computation
-(next to the reference's own).
+For each shape (rows = 2 x tokens with guidance, the block's width, its inner width): microseconds per call of the
+compiled reference, of cuBLAS's product alone, and of each kernel (pointers, tma) with each of its block sizes and
+with the autotuner's choice (tma's flat tiles with nested loops too); their TFLOP/s, and the largest difference from
+a float32 computation (next to the reference's own).
 """
 
 import functools
@@ -18,7 +18,7 @@ import torch
 from memsets import REPEATS, graphed  # this folder, first on the path of a script run from it
 
 from runner.accelerators.fused_geglu import geglu, geglu_reference
-from runner.accelerators.geglu_kernels import CONFIGS, launch, settings
+from runner.accelerators.geglu_kernels import CONFIGS, label, launch, settings
 
 SHAPES = {  # (rows, width, inner) of SDXL's GEGLU products, batch 1 with guidance
     "512px 32x32 blocks": (2048, 640, 2560),
@@ -27,6 +27,9 @@ SHAPES = {  # (rows, width, inner) of SDXL's GEGLU products, batch 1 with guidan
     "1024px 32x32 blocks": (2048, 1280, 5120),
 }
 REPLAYS = 20
+# The tma kernel's flat tiles with nested loops, which ptxas does not serialise (geglu_kernels.LOOPS): timed beside
+# the autotuner's table, which they are not yet part of.
+NESTED = [(*config[:-1], "nested") for config in CONFIGS["tma"] if config[-1] == "flat"]
 
 
 def graphed_us(call: Callable) -> float:
@@ -70,14 +73,13 @@ def time_shape(name: str, rows: int, width: int, inner: int, compiled: Callable)
     entry["cuBLAS product alone"] = {"us": round(us, 2), "tflops": round(tflop / us * 1e6, 1)}
     print(f"{name:22s} {'cuBLAS product alone':40s} {us:8.2f} us {tflop / us * 1e6:6.1f} TFLOP/s")
     for kernel, configs in CONFIGS.items():
-        for m, n, k, stages, warps, specialised in configs:
-            label = f"{kernel} {m}x{n}x{k} s{stages} w{warps}" + (" warp-specialised" if specialised else "")
-            config = settings(m, n, k, stages, warps, specialised)
+        for config in configs + (NESTED if kernel == "tma" else []):
+            named = f"{kernel} {label(*config)}"
             try:
-                record(label, functools.partial(launch, x, weight, bias, out, kernel, **config), lambda: out)
+                record(named, functools.partial(launch, x, weight, bias, out, kernel, **settings(*config)), lambda: out)
             except Exception as error:  # a block size the GPU cannot fit: say so, time the others
-                entry[label] = {"error": repr(error)[:300]}
-                print(f"{name:22s} {label:40s} failed: {error!r:.200}")
+                entry[named] = {"error": repr(error)[:300]}
+                print(f"{name:22s} {named:40s} failed: {error!r:.200}")
         autotuned = functools.partial(geglu, x, weight, bias, kernel)
         try:
             record(f"{kernel} autotuned (the op)", autotuned, autotuned)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import load_model
 from diffusers.models.attention import FeedForward
+from hopper import HOPPER_SHARED_MEMORY, compile_for_hopper, serialised
 
 from runner.accelerators import Target
 from runner.accelerators.cuda_graph import GraphedModule
@@ -128,36 +129,33 @@ def test_fuse_geglu_refuses_what_it_cannot_run_in_one_line(monkeypatch: pytest.M
     Float8Accelerator(scaling="calibrated").check(torch.device("cuda"))  # float8 itself runs there
 
 
-HOPPER_SHARED_MEMORY = 232_448  # bytes a block may use on an H100 or H200 (227 KiB)
-
-
 @pytest.mark.parametrize("fast", [True, False])
 def test_every_configuration_of_the_float8_kernel_compiles_for_hopper(fast: bool) -> None:
     """Triton's compiler builds every block size of the float8 kernel for sm_90, each within an SM's shared
-    memory; no GPU is needed up to the binary. Skipped where Triton is not installed, as on this project's CPU
-    machines (pip install --target DIR triton==3.6.0, then PYTHONPATH=DIR for this file)."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    memory; no GPU is needed up to the binary. With fast accumulation (fp8_fast_bf16's), ptxas serialises the
+    tensor-core instructions of none (as it does every flattened loop's: geglu_kernels.LOOPS); promoted, the sums
+    are read at every tile's depth by design. Skipped where Triton is not installed (tests/hopper.py)."""
+    pytest.importorskip("triton")
     from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, float8_kernel, settings
 
     for config in FLOAT8_CONFIGS:
-        meta = settings(*config)
-        options = {"num_stages": meta.pop("num_stages"), "num_warps": meta.pop("num_warps")}
-        m, n, k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-        shapes = {"x": [m, k], "hidden_w": [n, k], "gate_w": [n, k], "out": [m, n]}
-        signature = {name: f"tensordesc<fp8e4nv[{a},{b}]>" for name, (a, b) in shapes.items()}
-        signature |= {"b": "*fp16", "scale": "*fp32", "inverse": "*fp32"} | dict.fromkeys(["M", "N", "K"], "i32")
-        constants = {"HAS_BIAS": True, "FAST": fast, "PROGRAMS": 132, "WARP_SPECIALIZE": False, "FLATTEN": True}
-        constants |= meta
-        signature |= dict.fromkeys(constants, "constexpr")
-        signature = {name: signature[name] for name in float8_kernel.arg_names}
-        constexprs = {(float8_kernel.arg_names.index(name),): value for name, value in constants.items()}
-        binary = triton.compile(
-            ASTSource(float8_kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options
-        )
+        binary, report = compile_for_hopper(float8_kernel, *float8_signature(fast, settings(*config)))
         assert binary.metadata.shared <= HOPPER_SHARED_MEMORY, config
+        assert not (fast and serialised(report)), (config, report)
+    flat = settings(*FLOAT8_CONFIGS[0][:-1], "flat")
+    assert serialised(compile_for_hopper(float8_kernel, *float8_signature(True, flat))[1])  # as LOOPS says
+
+
+def float8_signature(fast: bool, meta: dict) -> tuple[dict, dict, dict]:
+    """The float8 kernel's argument types, constants and Triton's options for one configuration (``settings``)."""
+    meta = dict(meta)
+    options = {"num_stages": meta.pop("num_stages"), "num_warps": meta.pop("num_warps")}
+    m, n, k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+    shapes = {"x": [m, k], "hidden_w": [n, k], "gate_w": [n, k], "out": [m, n]}
+    signature = {name: f"tensordesc<fp8e4nv[{a},{b}]>" for name, (a, b) in shapes.items()}
+    signature |= {"b": "*fp16", "scale": "*fp32", "inverse": "*fp32"} | dict.fromkeys(["M", "N", "K"], "i32")
+    constants = {"HAS_BIAS": True, "FAST": fast, "PROGRAMS": 132, "WARP_SPECIALIZE": False, "FLATTEN": True} | meta
+    return signature, constants, options
 
 
 def within_one_float8_step(got: torch.Tensor, expected: torch.Tensor) -> bool:

@@ -35,32 +35,46 @@ from runner.accelerators.fused_geglu import tma_fits
 FLOAT8_MAX = tl.constexpr(float8.FLOAT8_MAX)  # e4m3's largest value, as the kernel reads a global
 
 # The configurations each kernel's autotuner times on a shape's first call (BLOCK_M, BLOCK_N, BLOCK_K, num_stages,
-# num_warps, warp-specialised): the wide tiles Hopper's tensor cores want for SDXL's products (2,048-8,192 rows at
-# 1024 px), and narrower ones for fewer rows (512 px's 512-2,048). Warp specialisation (Triton splits the tma
-# kernel's loop into loading, matrix and epilogue warps) made its two widest the fastest of all at every shape on
-# an H200; a tile of 128 x 256, 79-81 TFLOP/s there (its two accumulators do not fit in registers), was dropped.
-# The narrower tiles warp-specialised (with 8 warps: Triton's Hopper pass refuses 4) were timed once and left
-# out: fastest only at 512 px's 512 rows (34.3 µs against 35.8, the two passes 29.2), slower at 1024 px, and the
-# cold warmup in a call longer (BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
+# num_warps, loop; ``LOOPS`` says what each loop is): the wide tiles Hopper's tensor cores want for SDXL's products
+# (2,048-8,192 rows at 1024 px), and narrower ones for fewer rows (512 px's 512-2,048). Warp specialisation (Triton
+# splits the tma kernel's loop into loading, matrix and epilogue warps) made its two widest the fastest of all at
+# every shape on an H200; a tile of 128 x 256, 79-81 TFLOP/s there (its two accumulators do not fit in registers),
+# was dropped. The narrower tiles warp-specialised (with 8 warps: Triton's Hopper pass refuses 4) were timed once
+# and left out: fastest only at 512 px's 512 rows (34.3 µs against 35.8, the two passes 29.2), slower at 1024 px,
+# and the cold warmup in a call longer (BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
 BLOCKS = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 8)]
 CONFIGS = {
-    "pointers": [(*block, False) for block in [*BLOCKS, (64, 64, 64, 4, 4)]],
-    "tma": [(*block, False) for block in BLOCKS] + [(*block, True) for block in BLOCKS[:2]],
+    "pointers": [(*block, "flat") for block in [*BLOCKS, (64, 64, 64, 4, 4)]],
+    "tma": [(*block, "flat") for block in BLOCKS] + [(*block, "specialised") for block in BLOCKS[:2]],
 }
 
+# How a tma kernel walks its tiles and their depth (a pointers kernel computes one tile a program: "flat" only).
+# "flat": both loops flattened into one, which Triton pipelines across tiles; for Hopper, ptxas then serialises every
+# tma kernel's tensor-core instructions (its warning C7515: the accumulators, zeroed where a tile starts, are written
+# by other instructions inside the pipeline), which may be why the flat tma tiles lost to the warp-specialised ones on
+# an H200 (no profile has shown it). "nested": a loop over depth inside one over tiles, the pipeline filled anew for
+# each tile; ptxas serialises nothing (checked for sm_90, tests/test_float8_geglu.py). Not yet timed for fp16
+# (benchmarks/geglu_kernel.py times both). "specialised": nested and warp-specialised.
+LOOPS = {"flat": {}, "nested": {"FLATTEN": False}, "specialised": {"WARP_SPECIALIZE": True, "FLATTEN": False}}
 
 # The float8 kernel's: as tma's, with 128 float8 values of depth per tile (the 128 bytes that 64 fp16 values are,
-# the widest row TMA's swizzle reads), and 64 for the narrower depth. Not yet timed on a GPU.
+# the widest row TMA's swizzle reads), and 64 for the narrower depth, nested rather than flat (LOOPS). Not yet timed
+# on a GPU (benchmarks/float8_geglu_kernel.py times every block size both ways).
 FLOAT8_BLOCKS = [(128, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)]
-FLOAT8_CONFIGS = [(*block, False) for block in [*FLOAT8_BLOCKS, (128, 128, 64, 4, 8)]] + [
-    (*block, True) for block in FLOAT8_BLOCKS[:2]
+FLOAT8_CONFIGS = [(*block, "nested") for block in [*FLOAT8_BLOCKS, (128, 128, 64, 4, 8)]] + [
+    (*block, "specialised") for block in FLOAT8_BLOCKS[:2]
 ]
 
 
-def settings(m: int, n: int, k: int, stages: int, warps: int, specialised: bool) -> dict[str, Any]:
+def settings(m: int, n: int, k: int, stages: int, warps: int, loop: str) -> dict[str, Any]:
     """One of ``CONFIGS`` as the kernel's meta-parameters and Triton's options: what ``launch`` takes to fix it."""
-    flags = {"WARP_SPECIALIZE": True, "FLATTEN": False} if specialised else {}  # Hopper: no flattened loop with it
-    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "num_stages": stages, "num_warps": warps} | flags
+    blocks = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}
+    return blocks | {"num_stages": stages, "num_warps": warps} | LOOPS[loop]
+
+
+def label(m: int, n: int, k: int, stages: int, warps: int, loop: str) -> str:
+    """A configuration as benchmarks and tests name it, e.g. ``128x128x64 s3 w8 specialised``."""
+    return f"{m}x{n}x{k} s{stages} w{warps} {loop}"
 
 
 def launch(
