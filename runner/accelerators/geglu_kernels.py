@@ -53,8 +53,10 @@ CONFIGS = {
 # tma kernel's tensor-core instructions (its warning C7515: the accumulators, zeroed where a tile starts, are written
 # by other instructions inside the pipeline), which may be why the flat tma tiles lost to the warp-specialised ones on
 # an H200 (no profile has shown it). "nested": a loop over depth inside one over tiles, the pipeline filled anew for
-# each tile; ptxas serialises nothing (checked for sm_90, tests/test_float8_geglu.py). Not yet timed for fp16
-# (benchmarks/geglu_kernel.py times both). "specialised": nested and warp-specialised.
+# each tile; ptxas serialises none of the fp16 kernel's, nor of the float8 kernel's with fast accumulation (with
+# promoted sums it waits for the tensor cores where it adds them up, by design, and serialises the 128 x 64 tile).
+# Both checked for sm_90 (tests/test_fused_geglu.py, tests/test_float8_geglu.py); not yet timed
+# (benchmarks/geglu_kernel.py and float8_geglu_kernel.py time both). "specialised": nested and warp-specialised.
 LOOPS = {"flat": {}, "nested": {"FLATTEN": False}, "specialised": {"WARP_SPECIALIZE": True, "FLATTEN": False}}
 
 # The float8 kernel's: as tma's, with 128 float8 values of depth per tile (the 128 bytes that 64 fp16 values are,
