@@ -20,7 +20,8 @@ import torch
 from diffusers.models.attention import FeedForward
 from geglu_kernel import SHAPES, graphed_us  # this folder, first on the path of a script run from it
 
-from runner.accelerators.float8 import FLOAT8, CalibratedFloat8Linear, Float8GegluFeedForward, input_amax, quantise
+from runner.accelerators.float8 import FLOAT8, CalibratedFloat8Linear, input_amax, quantise
+from runner.accelerators.float8_geglu import Float8GegluFeedForward
 from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, label, launch_float8, settings
 
 # The nested tiles flattened, as the fp16 tma kernel's are, which ptxas serialises (geglu_kernels.LOOPS): timed to

@@ -14,17 +14,8 @@ from hopper import HOPPER_SHARED_MEMORY, compile_for_hopper, serialised
 
 from runner.accelerators import Target
 from runner.accelerators.cuda_graph import GraphedModule
-from runner.accelerators.float8 import (
-    FLOAT8,
-    CalibratedFloat8Linear,
-    Float8Accelerator,
-    Float8GegluFeedForward,
-    float8_geglu,
-    float8_geglu_reference,
-    input_amax,
-    quantise,
-    scale_of,
-)
+from runner.accelerators.float8 import FLOAT8, CalibratedFloat8Linear, Float8Accelerator, input_amax, quantise, scale_of
+from runner.accelerators.float8_geglu import Float8GegluFeedForward, float8_geglu, float8_geglu_reference
 from runner.config import ConfigError
 from runner.pipelines import build_pipeline
 

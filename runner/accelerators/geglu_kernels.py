@@ -14,7 +14,7 @@ Two ways to feed the tensor cores:
   ``benchmarks/geglu_kernel.py`` times both kernels); 1.0-1.6% off a 1024 px ``compile_graph_fast`` call
   (BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
 
-- ``float8``: ``tma`` for float8's feed-forward (``runner/accelerators/float8.py``, option ``fuse_geglu``): float8
+- ``float8``: ``tma`` for float8's feed-forward (``runner/accelerators/float8_geglu.py``, fp8's ``fuse_geglu``): float8
   operands with calibrated scales, the product scaled in the epilogue, and the gated result quantised there with
   the output layer's input scale, so it is written in float8 for that layer to read.
 
