@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import load_model
 from diffusers.models.attention import FeedForward
-from hopper import HOPPER_SHARED_MEMORY, compile_for_hopper, serialised
+from hopper_build import HOPPER_SHARED_MEMORY, compile_for_hopper, float8_build, serialised
 
 from runner.accelerators import Target
 from runner.accelerators.cuda_graph import GraphedModule
@@ -126,31 +126,23 @@ def test_fuse_geglu_refuses_what_it_cannot_run_in_one_line(monkeypatch: pytest.M
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_every_configuration_of_the_float8_kernel_compiles_for_hopper(fast: bool) -> None:
-    """Triton's compiler builds every block size of the float8 kernel for sm_90, each within an SM's shared
-    memory; no GPU is needed up to the binary. With fast accumulation (fp8_fast_bf16's), ptxas serialises the
-    tensor-core instructions of none (as it does every flattened loop's: geglu_kernels.LOOPS); promoted, the sums
-    are read at every tile's depth by design. Skipped where Triton is not installed (tests/hopper.py)."""
+    """Triton's compiler builds every block size of the float8 kernel for sm_90, each within an SM's shared memory;
+    no GPU is needed up to the binary. With fast accumulation (fp8_fast_bf16's), ptxas serialises the
+    tensor-core instructions of none (as it does the flat loop's: geglu_kernels.LOOPS); promoted, the sums are
+    read at every tile's depth by design. A warp-specialised build would be a nested one again. Skipped where
+    Triton is not installed (benchmarks/hopper_build.py)."""
     pytest.importorskip("triton")
     from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, float8_kernel, settings
 
     for config in FLOAT8_CONFIGS:
-        binary, report = compile_for_hopper(float8_kernel, *float8_signature(fast, settings(*config)))
+        binary, report = compile_for_hopper(float8_kernel, *float8_build(fast, settings(*config)))
         assert binary.metadata.shared <= HOPPER_SHARED_MEMORY, config
         assert not (fast and serialised(report)), (config, report)
-    flat = settings(*FLOAT8_CONFIGS[0][:-1], "flat")
-    assert serialised(compile_for_hopper(float8_kernel, *float8_signature(True, flat))[1])  # as LOOPS says
-
-
-def float8_signature(fast: bool, meta: dict) -> tuple[dict, dict, dict]:
-    """The float8 kernel's argument types, constants and Triton's options for one configuration (``settings``)."""
-    meta = dict(meta)
-    options = {"num_stages": meta.pop("num_stages"), "num_warps": meta.pop("num_warps")}
-    m, n, k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-    shapes = {"x": [m, k], "hidden_w": [n, k], "gate_w": [n, k], "out": [m, n]}
-    signature = {name: f"tensordesc<fp8e4nv[{a},{b}]>" for name, (a, b) in shapes.items()}
-    signature |= {"b": "*fp16", "scale": "*fp32", "inverse": "*fp32"} | dict.fromkeys(["M", "N", "K"], "i32")
-    constants = {"HAS_BIAS": True, "FAST": fast, "PROGRAMS": 132, "WARP_SPECIALIZE": False, "FLATTEN": True} | meta
-    return signature, constants, options
+    flat, specialised = (settings(*FLOAT8_CONFIGS[0][:-1], loop) for loop in ("flat", "specialised"))
+    assert serialised(compile_for_hopper(float8_kernel, *float8_build(fast, flat))[1]) == fast  # as LOOPS says
+    nested = compile_for_hopper(float8_kernel, *float8_build(fast, settings(*FLOAT8_CONFIGS[0])))[0]
+    specialised = compile_for_hopper(float8_kernel, *float8_build(fast, specialised))[0]
+    assert specialised.asm["ptx"] == nested.asm["ptx"]  # so the table has no "specialised" twin of a nested build
 
 
 def within_one_float8_step(got: torch.Tensor, expected: torch.Tensor) -> bool:

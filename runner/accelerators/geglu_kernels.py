@@ -36,12 +36,12 @@ FLOAT8_MAX = tl.constexpr(float8.FLOAT8_MAX)  # e4m3's largest value, as the ker
 
 # The configurations each kernel's autotuner times on a shape's first call (BLOCK_M, BLOCK_N, BLOCK_K, num_stages,
 # num_warps, loop; ``LOOPS`` says what each loop is): the wide tiles Hopper's tensor cores want for SDXL's products
-# (2,048-8,192 rows at 1024 px), and narrower ones for fewer rows (512 px's 512-2,048). Warp specialisation (Triton
-# splits the tma kernel's loop into loading, matrix and epilogue warps) made its two widest the fastest of all at
-# every shape on an H200; a tile of 128 x 256, 79-81 TFLOP/s there (its two accumulators do not fit in registers),
-# was dropped. The narrower tiles warp-specialised (with 8 warps: Triton's Hopper pass refuses 4) were timed once
-# and left out: fastest only at 512 px's 512 rows (34.3 µs against 35.8, the two passes 29.2), slower at 1024 px,
-# and the cold warmup in a call longer (BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
+# (2,048-8,192 rows at 1024 px), and narrower ones for fewer rows (512 px's 512-2,048). Warp specialisation (asked of
+# Triton: in fact a nested loop, LOOPS says why) made its two widest the fastest of all at every shape on an H200; a
+# tile of 128 x 256, 79-81 TFLOP/s there (its two accumulators do not fit in registers), was dropped. The narrower
+# tiles warp-specialised (with 8 warps: Triton's Hopper pass refuses 4) were timed once and left out: fastest only at
+# 512 px's 512 rows (34.3 µs against 35.8, the two passes 29.2), slower at 1024 px, and the cold warmup in a call
+# longer (BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
 BLOCKS = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 8)]
 CONFIGS = {
     "pointers": [(*block, "flat") for block in [*BLOCKS, (64, 64, 64, 4, 4)]],
@@ -51,21 +51,23 @@ CONFIGS = {
 # How a tma kernel walks its tiles and their depth (a pointers kernel computes one tile a program: "flat" only).
 # "flat": both loops flattened into one, which Triton pipelines across tiles; for Hopper, ptxas then serialises every
 # tma kernel's tensor-core instructions (its warning C7515: the accumulators, zeroed where a tile starts, are written
-# by other instructions inside the pipeline), which may be why the flat tma tiles lost to the warp-specialised ones on
-# an H200 (no profile has shown it). "nested": a loop over depth inside one over tiles, the pipeline filled anew for
-# each tile; ptxas serialises none of the fp16 kernel's, nor of the float8 kernel's with fast accumulation (with
-# promoted sums it waits for the tensor cores where it adds them up, by design, and serialises the 128 x 64 tile).
-# Both checked for sm_90 (tests/test_fused_geglu.py, tests/test_float8_geglu.py); not yet timed
-# (benchmarks/geglu_kernel.py and float8_geglu_kernel.py time both). "specialised": nested and warp-specialised.
+# by other instructions inside the pipeline; Triton 3.6 moves that zeroing out of the pipeline for Blackwell only).
+# "nested": a loop over depth inside one over tiles, the pipeline filled anew for each tile; ptxas serialises none of
+# the fp16 kernel's, nor of the float8 kernel's with fast accumulation (with promoted sums it waits for the tensor
+# cores where it adds them up, by design, and serialises the 128 x 64 tile). "specialised": nested, and Triton asked
+# to split the loop into loading, matrix and epilogue warps; Triton 3.6.0 (the GPU machine's, with torch 2.11) builds
+# these kernels exactly as nested ones, the same PTX, so what BENCHMARKS.md measured as warp specialisation's gain
+# over the flat tiles ("the fused GEGLU's tma kernel on a GPU") is the nested loop's. All checked for sm_90 on the CPU
+# machine (tests/test_fused_geglu.py, tests/test_float8_geglu.py; benchmarks/ptxas_report.py tabulates it); not yet
+# timed as such (benchmarks/geglu_kernel.py and float8_geglu_kernel.py time nested and flat).
 LOOPS = {"flat": {}, "nested": {"FLATTEN": False}, "specialised": {"WARP_SPECIALIZE": True, "FLATTEN": False}}
 
 # The float8 kernel's: as tma's, with 128 float8 values of depth per tile (the 128 bytes that 64 fp16 values are,
-# the widest row TMA's swizzle reads), and 64 for the narrower depth, nested rather than flat (LOOPS). Not yet timed
-# on a GPU (benchmarks/float8_geglu_kernel.py times every block size both ways).
+# the widest row TMA's swizzle reads), and 64 for the narrower depth, nested rather than flat (LOOPS), and none
+# "specialised", which would build the same kernels again. Not yet timed on a GPU
+# (benchmarks/float8_geglu_kernel.py times every block size both ways).
 FLOAT8_BLOCKS = [(128, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)]
-FLOAT8_CONFIGS = [(*block, "nested") for block in [*FLOAT8_BLOCKS, (128, 128, 64, 4, 8)]] + [
-    (*block, "specialised") for block in FLOAT8_BLOCKS[:2]
-]
+FLOAT8_CONFIGS = [(*block, "nested") for block in [*FLOAT8_BLOCKS, (128, 128, 64, 4, 8)]]
 
 
 def settings(m: int, n: int, k: int, stages: int, warps: int, loop: str) -> dict[str, Any]:
