@@ -48,6 +48,11 @@ def registers(report: str) -> int:
     return int(re.search(r"Used (\d+) registers", report)[1])
 
 
+def spilled_bytes(report: str) -> int:
+    """Bytes the kernel's threads spill to local memory (stores and loads), as ptxas reports them."""
+    return sum(int(found) for found in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+
+
 def injected_waits(report: str) -> int:
     """How many waits for the tensor cores ptxas added where registers they write are read (its C7517)."""
     return report.count("warpgroup.wait is injected")

@@ -3,17 +3,25 @@
     PYTHONPATH=DIR python3 benchmarks/ptxas_report.py OUT.md     # DIR: pip install --target DIR triton==3.6.0
 
 For the fp16 tma kernel (its autotuner's configurations, and its flat tiles nested) and the float8 kernel (its
-configurations, and its nested tiles flat), with fast and promoted accumulation: each build's registers per
-thread, shared memory, whether ptxas serialised its tensor-core instructions (warning C7515 and its kin: each
-then waits for the one before) and how many waits for them it injected (C7517); and whether a warp-specialised
-build is its nested twin's PTX. A static reading, not a timing:
+configurations, and its nested tiles flat), with fast and promoted accumulation: each build's registers per thread,
+spilled bytes, shared memory, whether ptxas serialised its tensor-core instructions (warning C7515 and its kin: each
+then waits for the one before) and how many waits for them it injected (C7517); and whether a warp-specialised build
+is its nested twin's PTX. A static reading, not a timing:
 benchmarks/geglu_kernel.py and float8_geglu_kernel.py time the same builds on a GPU.
 """
 
 import sys
 
 import triton
-from hopper_build import compile_for_hopper, float8_build, injected_waits, registers, serialised, tma_build
+from hopper_build import (
+    compile_for_hopper,
+    float8_build,
+    injected_waits,
+    registers,
+    serialised,
+    spilled_bytes,
+    tma_build,
+)
 
 from runner.accelerators.geglu_kernels import CONFIGS, FLOAT8_CONFIGS, float8_kernel, label, settings, tma_kernel
 
@@ -30,9 +38,9 @@ def main(path: str) -> None:
     lines = [
         f"Triton {triton.__version__}, ptxas {ptxas}, target sm_90a (H100, H200).",
         "",
-        "| kernel | accumulation | configuration | in its table | registers | shared memory (B) | serialised | "
-        "injected waits |",
-        "|---|---|---|---|---:|---:|---|---:|",
+        "| kernel | accumulation | configuration | in its table | registers | spilled (B) | shared memory (B) | "
+        "serialised | injected waits |",
+        "|---|---|---|---|---:|---:|---:|---|---:|",
     ]
     builds = [("tma fp16", "", config, True, lambda meta: tma_build("fp16", meta)) for config in CONFIGS["tma"]]
     builds += [
@@ -53,8 +61,8 @@ def main(path: str) -> None:
         ptx[name, accumulation, config] = binary.asm["ptx"]
         row = (
             f"| {name} | {accumulation or '-'} | {label(*config)} | {'yes' if listed else 'no'} | "
-            f"{registers(report)} | {binary.metadata.shared} | {'yes' if serialised(report) else 'no'} | "
-            f"{injected_waits(report)} |"
+            f"{registers(report)} | {spilled_bytes(report)} | {binary.metadata.shared} | "
+            f"{'yes' if serialised(report) else 'no'} | {injected_waits(report)} |"
         )
         print(row, flush=True)
         lines.append(row)
