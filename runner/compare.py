@@ -74,7 +74,8 @@ def compare_job(members: list[JobRecord]) -> dict[str, Comparison]:
 
 def _compare_run(run: JobRecord, members: list[JobRecord]) -> Comparison:
     baselines = [m for m in members if m.is_baseline and m.ok]
-    eligible = [b for b in baselines if not b.conditions.unlike(run.conditions)]
+    # newest last: by when each was measured, not opened (JobRecord.measured_ms)
+    eligible = sorted((b for b in baselines if not b.conditions.unlike(run.conditions)), key=lambda b: b.measured_ms)
     if run.is_baseline:
         others = [b for b in eligible if b.run_id != run.run_id and pace(run, b) is not Pace.SAME]
         disagree = f"; it disagrees with {_latencies(others)} under the same conditions" if others else ""
@@ -156,17 +157,17 @@ def baseline_again(
     firsts = [b for b in here if not b.again_of]
     if not firsts:
         if baselines and any(r.sweep_id == sweep_id for r in ours):
-            done = max(baselines, key=lambda b: b.started_ms).run_id
+            done = max(baselines, key=lambda b: b.measured_ms).run_id
             return Again(
                 True,
                 f"its run {done} was on another machine start, and this sweep's runs of the job compare "
                 "only with a baseline of theirs",
             )
         return Again(False, "this sweep measured neither it nor its job's other runs on this machine start")
-    newest = max(here, key=lambda b: b.started_ms)
-    if not any(r.started_ms > newest.started_ms for r in ours):
+    newest = max(here, key=lambda b: b.measured_ms)
+    if not any(r.measured_ms > newest.measured_ms for r in ours):
         return Again(False, f"none of its job's runs came after its run {newest.run_id}")
-    first = max(firsts, key=lambda b: b.started_ms)
+    first = max(firsts, key=lambda b: b.measured_ms)
     busy = first.metrics.get("gpu_busy_share")
     if rebaseline == "always" or (rebaseline == "auto" and busy is not None and busy < HOST_BOUND):
         why = f"the baseline again, after the job's accelerated runs (first: run {first.run_id})"

@@ -242,6 +242,13 @@ class JobRecord:
         return self.metrics.get("latency_s", float("nan"))
 
     @property
+    def measured_ms(self) -> int:
+        """When its measurement began: the run's start and then its wait for a GPU. A job opens its run before it
+        queues for its GPU slot, so under local_gpus the order runs were opened in need not be the order they took
+        the GPU in (CI saw a job's accelerated run opened first and measured second)."""
+        return self.started_ms + round(self.metrics.get("time_queued_s", 0.0) * 1000)
+
+    @property
     def memory_gib(self) -> float | None:
         """Peak memory of the timed calls: CUDA allocated (plus OneFlow's own) or the process's RSS on the CPU."""
         peak = self.metrics.get("peak_mem_gib", self.metrics.get("peak_rss_gib"))

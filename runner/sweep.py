@@ -287,7 +287,7 @@ def last_concurrency(records: list[JobRecord]) -> dict[int, int]:
     for record in records:
         if not record.ok or record.is_baseline or record.gpu_slot is None:
             continue
-        if record.gpu_slot not in last or record.started_ms >= last[record.gpu_slot].started_ms:
+        if record.gpu_slot not in last or record.measured_ms >= last[record.gpu_slot].measured_ms:
             last[record.gpu_slot] = record
     return {slot: record.conditions.concurrent_jobs for slot, record in last.items()}
 

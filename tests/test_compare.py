@@ -194,6 +194,28 @@ def test_a_baseline_is_measured_again_only_after_runs_it_has_not_followed() -> N
     assert not baseline_again("always", [], [run], "s1", start).measure  # the baseline never ended
 
 
+def test_runs_count_as_measured_when_they_took_their_gpu_not_when_they_were_opened() -> None:
+    """Under local_gpus a job opens its run, then queues for its slot's GPU: CI saw 72 px's accelerated run opened
+    first and measured second. Whether a baseline came after its job's runs goes by when each was measured."""
+    start = (HERE.host, HERE.boot_id)
+
+    def queued(record: JobRecord, seconds: float) -> JobRecord:
+        return replace(record, metrics={**record.metrics, "time_queued_s": seconds})
+
+    base, run = job("none", 2.5), job("x", 1.0)  # opened in this order
+    assert queued(base, 10.0).measured_ms == base.started_ms + 10_000
+    # the baseline waited for the GPU while the run was measured: it came after the run, nothing to measure again
+    assert baseline_again("always", [queued(base, 10.0)], [run], "s1", start) == Again(
+        False, f"none of its job's runs came after its run {base.run_id}"
+    )
+    early_run, late_base = job("x", 1.0), job("none", 2.5)  # the run opened first, then waited for the GPU
+    assert baseline_again("always", [late_base], [queued(early_run, 10.0)], "s1", start).again_of == late_base.run_id
+    # and the newest of two baselines alike is the one measured last
+    first, second = job("none", 2.0), job("none", 2.0)
+    compared = compare_job([queued(first, 10.0), second, run])[run.run_id]
+    assert compared.baseline_run == first.run_id
+
+
 def test_a_baseline_done_on_another_machine_start_is_measured_where_the_sweep_runs() -> None:
     start = (HERE.host, HERE.boot_id)
     before = job("none", 2.5, conditions=replace(HERE, boot_id="boot-0"))
