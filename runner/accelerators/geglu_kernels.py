@@ -36,16 +36,18 @@ FLOAT8_MAX = tl.constexpr(float8.FLOAT8_MAX)  # e4m3's largest value, as the ker
 
 # The configurations each kernel's autotuner times on a shape's first call (BLOCK_M, BLOCK_N, BLOCK_K, num_stages,
 # num_warps, loop; ``LOOPS`` says what each loop is): the wide tiles Hopper's tensor cores want for SDXL's products
-# (2,048-8,192 rows at 1024 px), and narrower ones for fewer rows (512 px's 512-2,048). Warp specialisation (asked of
-# Triton: in fact a nested loop, LOOPS says why) made its two widest the fastest of all at every shape on an H200; a
-# tile of 128 x 256, 79-81 TFLOP/s there (its two accumulators do not fit in registers), was dropped. The narrower
-# tiles warp-specialised (with 8 warps: Triton's Hopper pass refuses 4) were timed once and left out: fastest only at
-# 512 px's 512 rows (34.3 µs against 35.8, the two passes 29.2), slower at 1024 px, and the cold warmup in a call
-# longer (BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
+# (2,048-8,192 rows at 1024 px), and narrower ones for fewer rows (512 px's 512-2,048). A tile of 128 x 256, 79-81
+# TFLOP/s on an H200 (its two accumulators do not fit in registers), was dropped. The tma kernel's table is its two
+# widest tiles nested: on an H100 (2026-12-05) nested tiles beat every flat one at all four of SDXL's shapes (34.9
+# against 39.8 µs at best at 512 px's 2,048 rows, 118.3 against 131.9 at 1024 px's 8,192), the narrower ones nested
+# with 4 warps lost to the widest at each (36.1 against 35.2 µs at 512 rows, their best case), and what the table
+# held as "specialised", the same binary as nested (LOOPS), timed within 3% of it (the benchmark's own spread for one
+# binary; BENCHMARKS.md, "float8's fused GEGLU on its first GPU"). Fewer configurations: fewer builds and timings
+# in a cold warmup (not timed).
 BLOCKS = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 8)]
 CONFIGS = {
     "pointers": [(*block, "flat") for block in [*BLOCKS, (64, 64, 64, 4, 4)]],
-    "tma": [(*block, "flat") for block in BLOCKS] + [(*block, "specialised") for block in BLOCKS[:2]],
+    "tma": [(*block, "nested") for block in BLOCKS[:2]],
 }
 
 # How a tma kernel walks its tiles and their depth (a pointers kernel computes one tile a program: "flat" only).
@@ -58,14 +60,16 @@ CONFIGS = {
 # to split the loop into loading, matrix and epilogue warps; Triton 3.6.0 (the GPU machine's, with torch 2.11) builds
 # these kernels exactly as nested ones, the same PTX, so what BENCHMARKS.md measured as warp specialisation's gain
 # over the flat tiles ("the fused GEGLU's tma kernel on a GPU") is the nested loop's. All checked for sm_90 on the CPU
-# machine (tests/test_fused_geglu.py, tests/test_float8_geglu.py; benchmarks/ptxas_report.py tabulates it); not yet
-# timed as such (benchmarks/geglu_kernel.py and float8_geglu_kernel.py time nested and flat).
+# machine (tests/test_fused_geglu.py, tests/test_float8_geglu.py; benchmarks/ptxas_report.py tabulates it); timed
+# on an H100, nested and "specialised" alike (benchmarks/geglu_kernel.py and float8_geglu_kernel.py).
 LOOPS = {"flat": {}, "nested": {"FLATTEN": False}, "specialised": {"WARP_SPECIALIZE": True, "FLATTEN": False}}
 
 # The float8 kernel's: as tma's, with 128 float8 values of depth per tile (the 128 bytes that 64 fp16 values are,
 # the widest row TMA's swizzle reads), and 64 for the narrower depth, nested rather than flat (LOOPS), and none
-# "specialised", which would build the same kernels again. Not yet timed on a GPU
-# (benchmarks/float8_geglu_kernel.py times every block size both ways).
+# "specialised", which would build the same kernels again. On an H100 (benchmarks/float8_geglu_kernel.py, every block
+# size both ways) nested beat flat by 6-16% at all four shapes with fast accumulation (fp8_fast_bf16_geglu's); with
+# promoted sums flat won by 6% at 1024 px's shapes and tied at 512 px's: no accelerator or variant fuses without fast
+# accumulation, so the table stays nested. Its first row was the fastest at every shape.
 FLOAT8_BLOCKS = [(128, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4)]
 FLOAT8_CONFIGS = [(*block, "nested") for block in [*FLOAT8_BLOCKS, (128, 128, 64, 4, 8)]]
 
