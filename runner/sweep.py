@@ -86,6 +86,13 @@ def launch_problem(error: Exception) -> str:
         return f"SLURM refused the sweep's jobs: {line} (check hydra.launcher.partition and the resources asked)"
     if type(error).__name__ == "UncompletedJobError":  # submitit: a job ended without a result
         return f"a job ended without finishing, so the sweep stopped waiting: {line} (its run says why)"
+    if type(error).__name__ == "FailedJobError":  # submitit: a task raised; its message holds the trace and its log
+        trace = str(error).split("----------------------")
+        raised = (
+            next((ln.strip() for ln in reversed(trace[1].splitlines()) if ln.strip()), "") if len(trace) > 2 else ""
+        )
+        log = next((ln.strip()[2:] for ln in str(error).splitlines() if ln.strip().startswith("- ")), "")
+        return f"the sweep stopped early: a task failed: {raised or line}" + (f" (its log: {log})" if log else "")
     return f"the sweep stopped early: {line}"
 
 
@@ -290,6 +297,17 @@ def last_concurrency(records: list[JobRecord]) -> dict[int, int]:
         if record.gpu_slot not in last or record.measured_ms >= last[record.gpu_slot].measured_ms:
             last[record.gpu_slot] = record
     return {slot: record.conditions.concurrent_jobs for slot, record in last.items()}
+
+
+def by_gpu_slot(batch: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Where each GPU slot's jobs are in ``batch`` (as ``with_gpu_slots`` stamps them), in the batch's order, the
+    slots in the order of their first jobs: what a launcher that runs a slot's jobs one after another in one task
+    sends as one task (hydra_plugins/runner_slurm). A job without a slot is a task of its own."""
+    tasks: dict[tuple[str, int], list[int]] = {}
+    for index, overrides in enumerate(batch):
+        slot = _gpu_slot(list(overrides))
+        tasks.setdefault(("job", index) if slot is None else ("slot", slot), []).append(index)
+    return list(tasks.values())
 
 
 def _gpu_slot(overrides: list[str]) -> int | None:

@@ -15,7 +15,14 @@ from PIL import Image
 from runner.config import MlflowConfig
 from runner.job import time_summary
 from runner.record import Outcome
-from runner.sweep import baselines_after, last_concurrency, second_batches, with_baseline_again, with_gpu_slots
+from runner.sweep import (
+    baselines_after,
+    by_gpu_slot,
+    last_concurrency,
+    second_batches,
+    with_baseline_again,
+    with_gpu_slots,
+)
 from runner.tracking import Tracker
 
 REQUIRED_PARAMS = {
@@ -233,6 +240,9 @@ def test_each_baseline_comes_again_after_its_job_s_last_accelerated_run() -> Non
         ["accelerator=none", "res=1024", "baseline_again=true", "gpu_slot=1"],
         ["accelerator=none", "res=768", "gpu_slot=2"],  # a baseline with nothing to compare: once
     ]
+    # Under SLURM each slot is one task, its jobs in this order: the baseline, its accelerated run, the baseline again
+    assert by_gpu_slot(with_gpu_slots(with_baseline_again(jobs()))) == [[0, 2, 3], [1, 4, 5], [6]]
+    assert by_gpu_slot([["res=512"], ["res=512", "gpu_slot=0"], ["res=512"]]) == [[0], [1], [2]]  # no slot: alone
     # never too: that slot measures a baseline a resumed sweep found done on another machine start (and only that)
     assert with_baseline_again(jobs("never")) == with_baseline_again(jobs())
     assert with_baseline_again(jobs("sometimes")) == [o for o, _, _ in jobs()]

@@ -3,6 +3,7 @@ and a real MLflow server, read back through the server; and what fails on a clus
 
 import itertools
 import json
+import operator
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import submitit
 from conftest import ROOT, mlflow_server
 from slurm_cluster import PARTITION, Cluster, missing
 
@@ -20,6 +22,7 @@ from runner import job as job_module
 from runner import slurm
 from runner.config import MlflowConfig
 from runner.record import Outcome
+from runner.sweep import launch_problem
 from runner.tracking import Tracker
 
 pytestmark = pytest.mark.xdist_group("slurm")  # one cluster, one test at a time
@@ -87,6 +90,52 @@ def test_a_sweep_through_slurm_reads_back_through_the_server(cli, cluster: Clust
     assert "\nSweep " in sweep.output and "tiny/t2i/64/none  ok" in sweep.output  # the table
     report = rest(server, f"/api/2.0/mlflow/artifacts/list?run_id={parent['info']['run_id']}&path=report")
     assert "report/report.html" in {f["path"] for f in report["files"]}
+
+
+def test_a_job_s_runs_share_one_task_and_its_baseline_comes_again(
+    cli, cluster: Cluster, server: str, test_accelerators: str
+) -> None:
+    """Each GPU slot's jobs run one after another in one task of the job array (hydra_plugins/runner_slurm): a
+    job's baseline, its accelerated run and its baseline measured again share a node, its GPU and its machine start,
+    so the run is compared with the newest of them; another job's slot is another task."""
+    sweep = cli(
+        "-m",
+        *LAUNCHER,
+        "hydra.launcher.array_parallelism=1",  # one host: two tasks at once would each count the other's jobs
+        "accelerator=none,same",
+        "res=64,72",
+        "runs=1",
+        "rebaseline=always",  # on the CPU no GPU busy share says whether to
+        "mlflow.experiment=slots",
+        test_accelerators,
+        tracking_uri=server,
+        env=cluster.env(),
+    )
+    assert sweep.code == 0, sweep.output
+    runs = {run["info"]["run_name"]: run for run in runs_of(server, "slots")}
+    assert set(runs) == {f"tiny/t2i/{res}/{name}" for res in (64, 72) for name in ("none", "same", "none again")}
+    tasks = set()
+    for res in (64, 72):
+        first, same, again = (runs[f"tiny/t2i/{res}/{name}"] for name in ("none", "same", "none again"))
+        assert first["tags"]["slurm_job_id"] == same["tags"]["slurm_job_id"] == again["tags"]["slurm_job_id"]
+        tasks.add(first["tags"]["slurm_job_id"])
+        assert int(first["info"]["end_time"]) <= int(same["info"]["start_time"])
+        assert int(same["info"]["end_time"]) <= int(again["info"]["start_time"])
+        assert again["tags"]["baseline_again"] == first["info"]["run_id"]
+        assert same["tags"]["baseline_run"] == again["info"]["run_id"], same["tags"].get("baseline_why")
+    assert len(tasks) == 2
+    assert "SLURM task 1: job(s) #1, #4, #5, in this order" in sweep.output
+
+
+def test_a_failed_task_is_one_line_with_its_error_and_its_log(tmp_path: Path) -> None:
+    """submitit's error for a task that raised spans its trace: the sweep's line keeps the error and the log's path
+    (a real one: submitit's local executor runs the task in a process of its own)."""
+    job = submitit.LocalExecutor(folder=tmp_path).submit(operator.truediv, 1, 0)
+    with pytest.raises(Exception) as raised:
+        job.result()
+    line = launch_problem(raised.value)
+    assert line.startswith("the sweep stopped early: a task failed: ZeroDivisionError: division by zero (its log: ")
+    assert line.endswith("_log.err)") and "\n" not in line
 
 
 def test_a_partition_that_does_not_exist_is_one_line(cli, cluster: Cluster, server: str) -> None:

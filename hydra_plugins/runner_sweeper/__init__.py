@@ -5,9 +5,9 @@ model, a resolution that is not a number) aborts them all. This one records such
 run with a one-line reason and launches the rest. The sweep is an MLflow run of its own, the parent of its
 jobs' runs (its id is stamped on every job), and always ends with a table, a comparison of the runs and a
 report logged to that run, exiting non-zero if any job failed. Each job's baseline comes again after the job's
-accelerated runs (``rebaseline``): in the batch where its jobs run one after another, in batches after it where
-``local_gpus`` runs them side by side (as many at once as the job's last run had). The logic lives in
-runner/sweep.py.
+accelerated runs (``rebaseline``): in the batch where its jobs run one after another (Hydra's own launcher, and
+SLURM's, hydra_plugins/runner_slurm, one task per GPU slot), in batches after it where ``local_gpus`` runs them side
+by side (as many at once as the job's last run had). The logic lives in runner/sweep.py.
 """
 
 from collections.abc import Sequence
@@ -54,11 +54,11 @@ class ResilientSweeper(BasicSweeper):
                 composable.append((list(overrides), is_baseline, str(cfg.rebaseline)))
             except (HydraException, OmegaConfBaseException) as error:
                 record_uncomposable(self.config, list(overrides), error)
-        # A baseline's second measurement follows its job's accelerated runs: in the batch where jobs run in
-        # order, one after another; where local_gpus runs them side by side, in no set order, in batches of their
-        # own after them (as many at once as their jobs' last runs had). Not under SLURM: a second batch would wait
-        # in the queue again, for a node that may not be the one the runs had (a baseline there measures nothing).
-        if isinstance(self.launcher, BasicLauncher):
+        # A baseline's second measurement follows its job's accelerated runs: in the batch where a slot's jobs run
+        # in order, one after another (Hydra's own launcher; the SLURM launcher, a slot's jobs in one task: it says
+        # so); where local_gpus runs them side by side, in no set order, in batches of their own after them (as
+        # many at once as their jobs' last runs had).
+        if isinstance(self.launcher, BasicLauncher) or getattr(self.launcher, "runs_slots_in_order", False):
             return with_gpu_slots(with_baseline_again(composable))
         batch = with_gpu_slots([overrides for overrides, _, _ in composable])
         # By name: Hydra's plugin discovery executes the launcher's module afresh, so its class is not the one an
