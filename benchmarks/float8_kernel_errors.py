@@ -1,7 +1,8 @@
 """How far the float8 GEGLU kernel's output lies from its float32 arithmetic, in float8 steps, where the GPU test
 (tests/test_float8_geglu.py, "computes the operator's arithmetic") says some value is more than one step away:
 per shape, accumulation and configuration, the share of values 0, 1, 2 and more steps off, and the worst ones
-with what they were before quantisation and how much of their sums cancelled. On a GPU:
+with what they were before quantisation and how much of their sums cancelled; and the same counts for cuBLAS's
+float8 product (its output in float32, GELU and gating in float32), the float8 layers' own sums. On a GPU:
     python3 benchmarks/float8_kernel_errors.py OUT.json
 """
 
@@ -48,6 +49,20 @@ def unquantised(x8, weight8, scale, inverse, bias) -> tuple[torch.Tensor, torch.
     return hidden * torch.nn.functional.gelu(gate) * inverse, magnitudes.chunk(2, dim=-1)[0]
 
 
+def cublas(x8, weight8, scale, inverse, bias, fast: bool) -> torch.Tensor:
+    """The same arithmetic with cuBLAS's float8 product (``fast``: its fast accumulation), a float32 output, then
+    float32 GELU and gating: how far Hopper's own float8 sums put it from the float32 arithmetic."""
+    one = torch.ones((), device=x8.device)
+    product = torch._scaled_mm(x8, weight8.t(), one, one, out_dtype=torch.float32, use_fast_accum=fast)
+    hidden, gate = (product * scale + bias.float()).chunk(2, dim=-1)
+    return quantise(hidden * torch.nn.functional.gelu(gate), inverse)
+
+
+def counted(off: torch.Tensor) -> dict[str, int]:
+    counts = {str(n): int((off == n).sum()) for n in range(3)}
+    return counts | {"more": int((off > 2).sum())}
+
+
 def main(path: str) -> None:
     results = []
     for shape in SHAPES:
@@ -55,13 +70,16 @@ def main(path: str) -> None:
         expected = float8_geglu_reference(*operands)
         before, magnitudes = unquantised(*operands)
         for fast in (True, False):
+            off = steps(cublas(*operands, fast), expected)
+            result = {"shape": shape, "fast": fast, "config": "cuBLAS, float32 out", "counts": counted(off)}
+            results.append(result)
+            print(shape, "fast" if fast else "promoted", "cuBLAS, float32 out", result["counts"], flush=True)
             for config in FLOAT8_CONFIGS:
                 out = torch.empty_like(expected)
                 launch_float8(*operands, out, fast, **settings(*config))
                 torch.cuda.synchronize()
                 off = steps(out, expected)
-                counts = {str(n): int((off == n).sum()) for n in range(3)}
-                counts["more"] = int((off > 2).sum())
+                counts = counted(off)
                 worst = off.flatten().topk(min(5, off.numel())).indices
                 rows = []
                 for index in worst.tolist():
