@@ -146,6 +146,22 @@ def test_every_configuration_of_the_float8_kernel_compiles_for_hopper(fast: bool
     assert specialised.asm["ptx"] == nested.asm["ptx"]  # so the table has no "specialised" twin of a nested build
 
 
+def test_the_reference_sums_as_cublas_where_asked() -> None:
+    """``fast`` set, the reference's product is torch's scaled float8 matrix product (what the GPU test holds the
+    kernel to); on the CPU its sums are float32's, so it gives the float32 arithmetic's values, up to a float8 step
+    (another CPU may sum in another order). Rows and columns as a layer's, the weight transposed as the product
+    wants it."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(48, 64), torch.randn(2 * 32, 64) / 8
+    x8, weight8 = quantise(x, 1 / scale_of(x.abs().amax())), quantise(weight, 1 / scale_of(weight.abs().amax()))
+    scale, inverse, bias = torch.tensor(0.01), torch.tensor(8.0), torch.randn(2 * 32).half()
+    exact = float8_geglu_reference(x8, weight8, scale, inverse, bias)
+    assert exact.shape == (48, 32) and exact.float().abs().max() > 1
+    for fast in (True, False):
+        summed = float8_geglu_reference(x8, weight8, scale, inverse, bias, fast)
+        assert within_one_float8_step(summed, exact) and (summed.float() != exact.float()).float().mean() < 0.01
+
+
 def within_one_float8_step(got: torch.Tensor, expected: torch.Tensor) -> bool:
     """Whether each value is the expected one or a neighbour of it in e4m3 (3 mantissa bits: a step is at most
     an eighth of the value, 2^-9 among the smallest)."""
@@ -158,8 +174,11 @@ def within_one_float8_step(got: torch.Tensor, expected: torch.Tensor) -> bool:
 @pytest.mark.parametrize("shape", [(8192, 640, 2560), (2048, 1280, 5120), (512, 1280, 5120), (208, 96, 80)])
 def test_the_float8_kernel_computes_the_operators_arithmetic(fast: bool, shape: tuple[int, int, int]) -> None:
     """SDXL's feed-forward shapes at 1024 and 512 px and a ragged one, every block size and the autotuned
-    operator: each value the float32 arithmetic's or its neighbour in float8 (the sums run in another order,
-    and with ``fast`` without promotion), and few of them moved."""
+    operator: each value what cuBLAS's float8 product (``fast``: its fast accumulation) and the float32 GELU give, or
+    its neighbour in float8, and hardly any moved (on an H200, at most 14 of 21 million); and few values moved from
+    the exact float32 arithmetic's. Not within a step of that one: Hopper's float8 sums differ from exact ones where
+    they cancel, 1.6% of values a step or more, cuBLAS's as the kernel's (BENCHMARKS.md, "Float8's fused GEGLU on its
+    first GPU"); this test first held the kernel to the exact sums and failed."""
     from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, launch_float8, settings  # imports Triton
 
     rows, width, inner = shape
@@ -172,15 +191,18 @@ def test_the_float8_kernel_computes_the_operators_arithmetic(fast: bool, shape: 
     inverse = 1 / scale_of(
         float8_geglu_reference(x8, weight8, scale, torch.tensor(1.0, device="cuda"), bias).float().abs().amax()
     )
-    expected = float8_geglu_reference(x8, weight8, scale, inverse, bias)
+    expected = float8_geglu_reference(x8, weight8, scale, inverse, bias, fast)  # Hopper's float8 sums, cuBLAS's
+    exact = float8_geglu_reference(x8, weight8, scale, inverse, bias)
     for config in FLOAT8_CONFIGS:
         out = torch.empty(rows, inner, device="cuda", dtype=FLOAT8)
         launch_float8(x8, weight8, scale, inverse, bias, out, fast, **settings(*config))
         assert within_one_float8_step(out, expected), config
-        assert (out.float() != expected.float()).float().mean().item() < 0.05, config
+        assert (out.float() != expected.float()).float().mean().item() < 1e-5, config
+        assert (out.float() != exact.float()).float().mean().item() < 0.05, config
     assert within_one_float8_step(float8_geglu(x8, weight8, scale, inverse, bias, fast), expected)
     assert within_one_float8_step(
-        float8_geglu(x8, weight8, scale, inverse, None, fast), float8_geglu_reference(x8, weight8, scale, inverse, None)
+        float8_geglu(x8, weight8, scale, inverse, None, fast),
+        float8_geglu_reference(x8, weight8, scale, inverse, None, fast),
     )
 
 

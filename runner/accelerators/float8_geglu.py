@@ -6,7 +6,10 @@ an element-wise kernel (on an H100 at 1024 px, 55 ms of a 0.96 s call:
 ``benchmarks/results/2026-11-27-h100-faster-5/twelfth_start/profile_fp8_cal_ff_fast_1024.log``). The GELU then
 takes the product unrounded. Whether it pays is the kernel's product against cuBLAS's: fp16's fused GEGLU took only
 4 ms of kernels off a call where the pass it removed took 47 (BENCHMARKS.md, "`compile_graph_fast` at 1024 px
-again", H200). Not yet run on a GPU: in no accelerator.
+again", H200). On one H100 start, in ``fp8_fast_bf16_geglu`` (a variant: in no accelerator yet), 0.8557 s against
+0.8848 s without it at 1024 px, the same time at 512 px; its output is cuBLAS's float8 product's with the GELU in
+float32, value for value (at most 14 of 21 million values one float8 step apart, none further: BENCHMARKS.md,
+"Float8's fused GEGLU on its first GPU").
 
 On a GPU the operator ``float8_geglu`` runs ``geglu_kernels.float8_kernel``; elsewhere the same arithmetic in
 float32 (``float8_geglu_reference``), which is what the CPU tests check the module swap against.
@@ -23,11 +26,24 @@ from runner.accelerators.float8 import ALIGN, FLOAT8, CalibratedFloat8Linear, Ke
 
 
 def float8_geglu_reference(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, inverse: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    inverse: torch.Tensor,
+    bias: torch.Tensor | None,
+    fast: bool | None = None,
 ) -> torch.Tensor:
     """The float8 GEGLU's arithmetic in float32: ``hidden * gelu(gate)`` of ``(x @ weight.T) * scale + bias``,
-    halves as diffusers splits them, quantised with ``inverse``."""
-    product = (x.float() @ weight.float().t()) * scale
+    halves as diffusers splits them, quantised with ``inverse``. ``fast`` None: the product summed in float32;
+    True or False: as cuBLAS's float8 kernels sum it (``torch._scaled_mm``, a float32 output, ``fast`` its fast
+    accumulation), which on Hopper's tensor cores differs from float32's sums where they cancel (with fast
+    accumulation, 1.6% of 1024 px's values a float8 step or more apart, some dozens of steps near zero), as the
+    fused kernel's do, value for value (BENCHMARKS.md, "Float8's fused GEGLU on its first GPU")."""
+    if fast is None:
+        product = (x.float() @ weight.float().t()) * scale
+    else:
+        one = torch.ones((), device=x.device)
+        product = torch._scaled_mm(x, weight.t(), one, one, out_dtype=torch.float32, use_fast_accum=fast) * scale
     hidden, gate = (product if bias is None else product + bias.float()).chunk(2, dim=-1)
     return quantise(hidden * F.gelu(gate), inverse)
 
