@@ -13,7 +13,6 @@ import torch
 
 from runner.accelerators.float8 import quantise, scale_of
 from runner.accelerators.float8_geglu import float8_geglu_reference
-from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, label, launch_float8, settings
 
 SHAPES = [(8192, 640, 2560), (2048, 1280, 5120), (512, 1280, 5120), (208, 96, 80)]  # the GPU test's
 
@@ -30,6 +29,8 @@ def steps(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 
 
 def inputs(rows: int, width: int, inner: int) -> tuple:
+    """Seeded float8 operands of a GEGLU product (tests/test_float8_geglu.py's GPU test's too): ``x``, the weight,
+    the product's scale, the output's inverse scale (the largest result maps to 448) and a bias."""
     torch.manual_seed(0)
     x = torch.randn(rows, width, device="cuda")
     weight = torch.randn(2 * inner, width, device="cuda") / width**0.5
@@ -55,6 +56,8 @@ def counted(off: torch.Tensor) -> dict[str, int]:
 
 
 def main(path: str) -> None:
+    from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, label, launch_float8, settings  # imports Triton
+
     results = []
     for shape in SHAPES:
         operands = inputs(*shape)

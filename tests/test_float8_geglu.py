@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import load_model
 from diffusers.models.attention import FeedForward
+from float8_kernel_errors import inputs
 from hopper_build import HOPPER_SHARED_MEMORY, compile_for_hopper, float8_build, serialised
 
 from runner.accelerators import Target
@@ -182,15 +183,7 @@ def test_the_float8_kernel_computes_the_operators_arithmetic(fast: bool, shape: 
     from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, launch_float8, settings  # imports Triton
 
     rows, width, inner = shape
-    torch.manual_seed(0)
-    x = torch.randn(rows, width, device="cuda")
-    weight = torch.randn(2 * inner, width, device="cuda") / width**0.5
-    x_scale, weight_scale = scale_of(x.abs().amax()), scale_of(weight.abs().amax())
-    x8, weight8 = quantise(x, 1 / x_scale), quantise(weight, 1 / weight_scale)
-    scale, bias = x_scale * weight_scale, (torch.randn(2 * inner, device="cuda") * 0.1).half()
-    inverse = 1 / scale_of(
-        float8_geglu_reference(x8, weight8, scale, torch.tensor(1.0, device="cuda"), bias).float().abs().amax()
-    )
+    x8, weight8, scale, inverse, bias = inputs(rows, width, inner)
     expected = float8_geglu_reference(x8, weight8, scale, inverse, bias, fast)  # Hopper's float8 sums, cuBLAS's
     exact = float8_geglu_reference(x8, weight8, scale, inverse, bias)
     for config in FLOAT8_CONFIGS:
