@@ -125,6 +125,9 @@ def test_a_job_s_runs_share_one_task_and_its_baseline_comes_again(
         assert same["tags"]["baseline_run"] == again["info"]["run_id"], same["tags"].get("baseline_why")
     assert len(tasks) == 2
     assert "SLURM task 1: job(s) #1, #4, #5, in this order" in sweep.output
+    # each job's line under its own number, once (submitit's launcher would number the tasks as jobs)
+    assert re.search(r"\t#3 : accelerator=none res=64 .* baseline_again=true gpu_slot=0\n", sweep.output)
+    assert [sweep.output.count(f"\t#{index} : ") for index in range(6)] == [1] * 6
 
 
 def test_a_failed_task_is_one_line_with_its_error_and_its_log(tmp_path: Path) -> None:

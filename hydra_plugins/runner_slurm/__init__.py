@@ -14,12 +14,17 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 
 from runner.sweep import by_gpu_slot
 
 log = logging.getLogger(__name__)
+
+
+def _job_lines(record: logging.LogRecord) -> bool:
+    """A logging filter: False for submitit's launcher's line for a job it submits (``#n : overrides``)."""
+    return not record.getMessage().startswith("\t#")
 
 
 class SlotsSlurmLauncher(SlurmLauncher):
@@ -38,9 +43,17 @@ class SlotsSlurmLauncher(SlurmLauncher):
         self.first_task = initial_job_idx
         for number, jobs in enumerate(self.tasks):
             log.info(f"\tSLURM task {number}: job(s) {', '.join(f'#{index}' for index, _ in jobs)}, in this order")
+            for index, overrides in jobs:
+                log.info(f"\t#{index} : {' '.join(filter_overrides(overrides))}")
         # submitit's launcher submits one task per overrides it is given (each task's first job's stand for it here)
-        # and calls this launcher with the task's number there.
-        returned = super().launch([jobs[0][1] for jobs in self.tasks], initial_job_idx)
+        # and calls this launcher with the task's number there. Its own "#n : overrides" lines would number the
+        # tasks as jobs: left out.
+        submitit_log = logging.getLogger(SlurmLauncher.__module__)
+        submitit_log.addFilter(_job_lines)
+        try:
+            returned = super().launch([jobs[0][1] for jobs in self.tasks], initial_job_idx)
+        finally:
+            submitit_log.removeFilter(_job_lines)
         by_job = {
             index: job
             for jobs, task in zip(self.tasks, returned, strict=True)
