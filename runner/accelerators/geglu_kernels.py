@@ -41,7 +41,7 @@ FLOAT8_MAX = tl.constexpr(float8.FLOAT8_MAX)  # e4m3's largest value, as the ker
 # widest tiles nested: on an H100 (2026-12-05) nested tiles beat every flat one at all four of SDXL's shapes (34.9
 # against 39.8 µs at best at 512 px's 2,048 rows, 118.3 against 131.9 at 1024 px's 8,192), the narrower ones nested
 # with 4 warps lost to the widest at each (36.1 against 35.2 µs at 512 rows, their best case), and what the table
-# held as "specialised", the same binary as nested (LOOPS), timed within 3% of it (the benchmark's own spread for one
+# held as "specialised", the same binary as nested (LOOPS), timed within 3.3% of it (the benchmark's own spread for one
 # binary; BENCHMARKS.md, "float8's fused GEGLU on its first GPU"). Fewer configurations: fewer builds and timings
 # in a cold warmup (not timed).
 BLOCKS = [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 8)]
