@@ -1,8 +1,9 @@
-"""How far the float8 GEGLU kernel's output lies from its float32 arithmetic, in float8 steps, where the GPU test
-(tests/test_float8_geglu.py, "computes the operator's arithmetic") says some value is more than one step away:
+"""How far the float8 GEGLU kernel's output lies from the float32 arithmetic, in float8 steps (written when the GPU
+test, tests/test_float8_geglu.py's "computes the operator's arithmetic", held it to those sums and failed):
 per shape, accumulation and configuration, the share of values 0, 1, 2 and more steps off, and the worst ones
 with what they were before quantisation and how much of their sums cancelled; and the same counts for cuBLAS's
-float8 product (its output in float32, GELU and gating in float32), the float8 layers' own sums. On a GPU:
+float8 product (its output in float32, GELU and gating in float32), the float8 layers' own sums, which the test
+now holds the kernel to (BENCHMARKS.md, "Float8's fused GEGLU on its first GPU"). On a GPU:
     python3 benchmarks/float8_kernel_errors.py OUT.json
 """
 

@@ -9,10 +9,11 @@ Two ways to feed the tensor cores:
 - ``tma``: persistent programs, one per SM, walk the output tiles; every operand tile is loaded by Hopper's tensor
   memory accelerator (TMA descriptors made on the host) and the result stored the same way, as cuBLAS's Hopper
   kernels do. Out-of-range rows and columns are zero-filled on load and dropped on store, so any shape whose rows
-  are 16-byte aligned runs. "Warp-specialised" (built by Triton 3.6.0 as a nested loop: ``LOOPS``), faster than the
-  two passes at 1024 px's shapes (8.0% and 3.5%) and slower at 512 px's smaller one (BENCHMARKS.md, "the fused
-  GEGLU's tma kernel on a GPU"; ``benchmarks/geglu_kernel.py`` times both kernels); 1.0-1.6% off a 1024 px
-  ``compile_graph_fast`` call (BENCHMARKS.md, "the tma kernel beside compile_graph_fast").
+  are 16-byte aligned runs. Its loops nested (``LOOPS``; first timed as "warp-specialised", which Triton 3.6.0
+  builds the same way), faster than the two passes at 1024 px's shapes (8.0% and 3.5%) and slower at 512 px's
+  smaller one (BENCHMARKS.md, "the fused GEGLU's tma kernel on a GPU"; ``benchmarks/geglu_kernel.py`` times both
+  kernels); 1.0-1.6% off a 1024 px ``compile_graph_fast`` call (BENCHMARKS.md, "the tma kernel beside
+  compile_graph_fast").
 
 - ``float8``: ``tma`` for float8's feed-forward (``runner/accelerators/float8_geglu.py``, fp8's ``fuse_geglu``): float8
   operands with calibrated scales, the product scaled in the epilogue, and the gated result quantised there with
