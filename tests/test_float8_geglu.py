@@ -3,6 +3,8 @@ as one custom operator (one Triton kernel on a GPU, float32 arithmetic elsewhere
 and refusals on the CPU, the kernel against that arithmetic on a GPU."""
 
 import dataclasses
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from conftest import load_model
 from diffusers.models.attention import FeedForward
-from float8_kernel_errors import inputs
+from float8_kernel_errors import inputs, steps
 from hopper_build import HOPPER_SHARED_MEMORY, compile_for_hopper, float8_build, serialised
 
 from runner.accelerators import Target
@@ -126,6 +128,65 @@ def test_fuse_geglu_refuses_what_it_cannot_run_in_one_line(monkeypatch: pytest.M
     Float8Accelerator(scaling="calibrated").check(torch.device("cuda"))  # float8 itself runs there
 
 
+def test_fuse_geglu_auto_fuses_on_hopper_only_and_says_why_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp8_compile's fuse_geglu=auto: the kernel where it was measured faster (Hopper, Triton there), the layers
+    apart elsewhere, with a tag saying why; float8 itself runs as before."""
+    auto = Float8Accelerator(scaling="calibrated", include=["ff."], fuse_geglu="auto")
+    assert auto._fuses_geglus(CPU) == (
+        False,
+        "fuse_geglu=auto fuses on Hopper GPUs (compute capability 9.x) only, where it was measured faster; not on "
+        "the cpu",
+    )
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
+    auto.check(CPU)
+    auto.apply(pipe, calibrated_target(tmp_path, pipe))
+    assert auto.metrics() == {"float8_linears": 8.0}
+    assert auto.tags()["float8_geglu"] == f"layers apart: {auto._fuses_geglus(CPU)[1]}"
+    assert not any(isinstance(module, Float8GegluFeedForward) for module in pipe.unet.modules())
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    auto.check(cuda)  # no refusal: auto leaves Ada's feed-forwards apart
+    assert auto._fuses_geglus(cuda) == (
+        False,
+        "fuse_geglu=auto fuses on Hopper GPUs (compute capability 9.x) only, where it was measured faster; not on "
+        "NVIDIA L4 (compute capability 8.9)",
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    assert auto._fuses_geglus(cuda) == (True, "")
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton then raises ImportError
+    fuses, why = auto._fuses_geglus(cuda)
+    assert not fuses and why.startswith("fuse_geglu=auto: Triton is not installed (")
+
+
+def test_fuse_geglu_auto_runs_float8_where_no_feed_forward_can_fuse(tmp_path: Path) -> None:
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
+    auto = Float8Accelerator(scaling="calibrated", include=["attn1.", "ff.net.0"], fuse_geglu="auto")
+    auto._fuses_geglus = lambda device: (True, "")  # as on a Hopper GPU
+    auto.apply(pipe, calibrated_target(tmp_path, pipe))
+    assert auto.tags()["float8_geglu"] == (
+        "layers apart: fuse_geglu=auto: none of the denoiser's 4 GEGLU feed-forwards has both its GEGLU's product "
+        "and its output layer in float8 (include=['attn1.', 'ff.net.0'])"
+    )
+    assert auto.metrics() == {"float8_linears": 20.0, "float8_geglus_fused": 0.0}  # attn1. has four each
+
+
+def test_fuse_geglu_takes_true_false_or_auto_in_one_line() -> None:
+    with pytest.raises(ConfigError) as raised:
+        Float8Accelerator(scaling="calibrated", fuse_geglu="yes").check(CPU)
+    assert str(raised.value) == (
+        "accelerator.fuse_geglu=yes: choose true, false or auto (the fused kernel on Hopper GPUs, where it was "
+        "measured faster; the layers apart elsewhere)"
+    )
+    with pytest.raises(ConfigError) as raised:
+        Float8Accelerator(fuse_geglu="auto").check(CPU)
+    assert str(raised.value).startswith("accelerator.fuse_geglu=auto quantises the GEGLU's output with the next")
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_every_configuration_of_the_float8_kernel_compiles_for_hopper(fast: bool) -> None:
     """Triton's compiler builds every block size of the float8 kernel for sm_90, each within an SM's shared memory;
@@ -175,23 +236,34 @@ def within_one_float8_step(got: torch.Tensor, expected: torch.Tensor) -> bool:
 @pytest.mark.parametrize("shape", [(8192, 640, 2560), (2048, 1280, 5120), (512, 1280, 5120), (208, 96, 80)])
 def test_the_float8_kernel_computes_the_operators_arithmetic(fast: bool, shape: tuple[int, int, int]) -> None:
     """SDXL's feed-forward shapes at 1024 and 512 px and a ragged one, every block size and the autotuned
-    operator: each value what cuBLAS's float8 product (``fast``: its fast accumulation) and the float32 GELU give, or
-    its neighbour in float8, and hardly any moved (on an H200, at most 14 of 21 million); and few values moved from
-    the exact float32 arithmetic's. Not within a step of that one: Hopper's float8 sums differ from exact ones where
-    they cancel, 1.6% of values a step or more, cuBLAS's as the kernel's (BENCHMARKS.md, "Float8's fused GEGLU on its
-    first GPU"); this test first held the kernel to the exact sums and failed."""
+    operator, against cuBLAS's float8 product (``fast``: its fast accumulation) with the float32 GELU, and against the
+    exact float32 arithmetic. Hopper's float8 sums differ from exact ones where they cancel (1.6% of values a step or
+    more, cuBLAS's as the kernel's: BENCHMARKS.md, "Float8's fused GEGLU on its first GPU"; this test first held the
+    kernel to the exact sums and failed), so: never less exact than cuBLAS's (as many values off the exact ones, or
+    fewer), few off at all; and where the kernel promotes its sums as cuBLAS does, cuBLAS's values or their
+    neighbours, hardly any moved (on an H200, at most 14 of 21 million). With promoted sums the kernel adds each
+    tile's depth (``BLOCK_K``) into float32 and cuBLAS each 128 (its 128-deep tiles give cuBLAS's sums value for
+    value), so its 64-deep tile sums more exactly than cuBLAS, 119,108 values a step or more off the exact ones
+    against 192,734 at 1024 px's 64x64 shape on an H100 (BENCHMARKS.md, "Float8's fast accumulation and fused
+    GEGLU in fp8_compile"), which the second version of this test, holding it to cuBLAS's values, failed on."""
     from runner.accelerators.geglu_kernels import FLOAT8_CONFIGS, launch_float8, settings  # imports Triton
 
     rows, width, inner = shape
     x8, weight8, scale, inverse, bias = inputs(rows, width, inner)
     expected = float8_geglu_reference(x8, weight8, scale, inverse, bias, fast)  # Hopper's float8 sums, cuBLAS's
     exact = float8_geglu_reference(x8, weight8, scale, inverse, bias)
+    cublas_off = steps(expected, exact)
     for config in FLOAT8_CONFIGS:
         out = torch.empty(rows, inner, device="cuda", dtype=FLOAT8)
         launch_float8(x8, weight8, scale, inverse, bias, out, fast, **settings(*config))
-        assert within_one_float8_step(out, expected), config
-        assert (out.float() != expected.float()).float().mean().item() < 1e-5, config
-        assert (out.float() != exact.float()).float().mean().item() < 0.05, config
+        off = steps(out, exact)
+        for least in (1, 2):  # off by a step or more, by two or more: no more values than cuBLAS's
+            assert (off >= least).sum().item() <= (cublas_off >= least).sum().item() + 1e-5 * off.numel(), config
+        assert (off > 0).float().mean().item() < 0.05, config
+        block_k = config[2]
+        if fast or block_k >= 128:  # promoted as cuBLAS's are: its sums
+            assert within_one_float8_step(out, expected), config
+            assert (out.float() != expected.float()).float().mean().item() < 1e-5, config
     assert within_one_float8_step(float8_geglu(x8, weight8, scale, inverse, bias, fast), expected)
     assert within_one_float8_step(
         float8_geglu(x8, weight8, scale, inverse, None, fast),

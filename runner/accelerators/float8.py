@@ -22,8 +22,9 @@ With ``fast_accumulation``, cuBLAS accumulates the float8 products the way Hoppe
 exact; torchao's float8 inference uses it for the forward pass. Its image change shows in the quality metrics.
 
 With ``fuse_geglu`` (calibrated only), each feed-forward whose GEGLU product and output layer are both float8 runs
-its GEGLU and the quantising after it in one kernel (``runner/accelerators/float8_geglu.py``). Not yet run on a
-GPU: in no accelerator.
+its GEGLU and the quantising after it in one kernel (``runner/accelerators/float8_geglu.py``; Triton, Hopper GPUs).
+``fuse_geglu=auto`` (fp8_compile's) fuses on Hopper GPUs, where it was measured faster, and leaves the layers apart
+elsewhere (Ada's float8 GPUs), saying why in a tag.
 
 It changes modules in place and must come first in a chain (stage ``quantize``): a compiler or a graph built
 before it would hold the old layers. Eager float8 is slower than eager fp16; chain it before torch_compile
@@ -254,6 +255,10 @@ def to_calibrated_float8(
 
 
 SCALINGS = ("rowwise", "calibrated")
+# What fuse_geglu=auto fuses on: GPUs of the major compute capabilities where the fused kernel was measured faster
+# than the two layers apart, in a whole call (9: Hopper; BENCHMARKS.md, "Float8's fast accumulation and fused GEGLU
+# in fp8_compile"). Elsewhere auto leaves every feed-forward's layers apart.
+AUTO_GEGLU = {9: "Hopper"}
 
 
 @dataclass
@@ -262,7 +267,8 @@ class Float8Accelerator(Accelerator):
     scaling: str = "rowwise"  # rowwise | calibrated (the module's docstring says what each does)
     calibration_prompts: str = ""  # calibrated: a shipped prompt set or a file, one call each; "": the job's prompt
     fast_accumulation: bool = False  # cuBLAS's fast float8 accumulation (use_fast_accum): quicker, less exact
-    fuse_geglu: bool = False  # calibrated: each feed-forward's GEGLU and the quantising after it in one kernel
+    # calibrated: each feed-forward's GEGLU and the quantising after it in one kernel; auto: on Hopper (AUTO_GEGLU)
+    fuse_geglu: bool | str = False
 
     wraps: ClassVar[Wraps] = Wraps.IN_PLACE
     stage: ClassVar[Stage] = Stage.QUANTIZE
@@ -284,10 +290,16 @@ class Float8Accelerator(Accelerator):
             )
         if self.calibration_prompts:
             load_prompts(self.calibration_prompts, "", key="accelerator.calibration_prompts")
+        if self.fuse_geglu not in (False, True, "auto"):
+            raise ConfigError(
+                f"accelerator.fuse_geglu={self.fuse_geglu}: choose true, false or auto (the fused kernel on Hopper "
+                "GPUs, where it was measured faster; the layers apart elsewhere)"
+            )
         if self.fuse_geglu and self.scaling != "calibrated":
             raise ConfigError(
-                f"accelerator.fuse_geglu=true quantises the GEGLU's output with the next layer's calibrated scale, "
-                f"and this is scaling={self.scaling}: add accelerator.scaling=calibrated, or drop fuse_geglu"
+                f"accelerator.fuse_geglu={self._fuse_geglu_value()} quantises the GEGLU's output with the next "
+                f"layer's calibrated scale, and this is scaling={self.scaling}: add accelerator.scaling=calibrated, "
+                "or drop fuse_geglu"
             )
         if FLOAT8 is None or not hasattr(torch, "_scaled_mm"):
             raise ConfigError(
@@ -301,8 +313,29 @@ class Float8Accelerator(Accelerator):
                 f"{name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use "
                 "accelerator=compile_graph on this GPU"
             )
-        if self.fuse_geglu and device.type == "cuda":
+        if self.fuse_geglu is True and device.type == "cuda":
             self._check_kernel(device)
+
+    def _fuse_geglu_value(self) -> str:
+        return str(self.fuse_geglu).lower()  # as written on the command line: true, false, auto
+
+    def _fuses_geglus(self, device: torch.device) -> tuple[bool, str]:
+        """Whether fuse_geglu fuses on ``device`` and, where auto leaves the layers apart, why."""
+        if self.fuse_geglu != "auto":
+            return bool(self.fuse_geglu), ""
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in AUTO_GEGLU:
+            try:
+                import triton  # noqa: F401
+            except ImportError as error:
+                return False, f"fuse_geglu=auto: Triton is not installed ({error})"
+            return True, ""
+        if device.type == "cuda":
+            capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+            where = f"{torch.cuda.get_device_name(device)} (compute capability {capability})"
+        else:
+            where = f"the {device.type}"
+        runs = ", ".join(f"{name} GPUs (compute capability {major}.x)" for major, name in AUTO_GEGLU.items())
+        return False, f"fuse_geglu=auto fuses on {runs} only, where it was measured faster; not on {where}"
 
     def _check_kernel(self, device: torch.device) -> None:
         """fuse_geglu's kernel on this GPU: Hopper's tensor memory accelerator, and Triton to build it."""
@@ -343,15 +376,21 @@ class Float8Accelerator(Accelerator):
                 f"accelerator=fp8: none of the {self.left} linear layers in the denoiser's repeated blocks has "
                 f"dimensions divisible by {ALIGN}; use an accelerator without float8 for this model"
             )
-        if self.fuse_geglu:
+        fuse, self.geglus_aside = self._fuses_geglus(target.device)
+        if fuse:
             from runner.accelerators.float8_geglu import fuse_geglus  # it builds on this module's layers
 
             self.geglus_fused, self.geglus_left = fuse_geglus(denoiser)
             if not self.geglus_fused:
+                none = (
+                    f"none of the denoiser's {self.geglus_left} GEGLU feed-forwards has both its GEGLU's product and "
+                    f"its output layer in float8 (include={list(self.include)})"
+                )
+                if self.fuse_geglu == "auto":  # a model without such feed-forwards runs float8 all the same
+                    self.geglus_aside = f"fuse_geglu=auto: {none}"
+                    return
                 raise ConfigError(
-                    f"accelerator.fuse_geglu=true: none of the denoiser's {self.geglus_left} GEGLU feed-forwards has "
-                    f"both its GEGLU's product and its output layer in float8 (include={list(self.include)}): "
-                    "include both, e.g. include=[ff.], or drop fuse_geglu"
+                    f"accelerator.fuse_geglu=true: {none}: include both, e.g. include=[ff.], or drop fuse_geglu"
                 )
 
     def metrics(self) -> dict[str, float]:
@@ -362,6 +401,8 @@ class Float8Accelerator(Accelerator):
         tags = {"float8_linears_left": str(getattr(self, "left", 0))}
         if hasattr(self, "geglus_left"):
             tags["float8_geglus_left"] = str(self.geglus_left)
+        if getattr(self, "geglus_aside", ""):
+            tags["float8_geglu"] = f"layers apart: {self.geglus_aside}"
         if self.scaling == "calibrated":
             tags["float8_calibration"] = self.calibration_prompts or "the job's prompt"
         return tags
