@@ -6,10 +6,12 @@ an element-wise kernel (on an H100 at 1024 px, 55 ms of a 0.96 s call:
 ``benchmarks/results/2026-11-27-h100-faster-5/twelfth_start/profile_fp8_cal_ff_fast_1024.log``). The GELU then
 takes the product unrounded. Whether it pays is the kernel's product against cuBLAS's: fp16's fused GEGLU took only
 4 ms of kernels off a call where the pass it removed took 47 (BENCHMARKS.md, "`compile_graph_fast` at 1024 px
-again", H200). On one H100 start, in ``fp8_fast_bf16_geglu`` (a variant: in no accelerator yet), 0.8557 s against
-0.8848 s without it at 1024 px, the same time at 512 px; its output is cuBLAS's float8 product's with the GELU in
-float32, value for value (at most 14 of 21 million values one float8 step apart, none further: BENCHMARKS.md,
-"Float8's fused GEGLU on its first GPU").
+again", H200). On one H100 start, in ``fp8_fast_bf16_geglu`` (a variant), 0.8557 s against 0.8848 s without it at
+1024 px, the same time at 512 px; its output is cuBLAS's float8 product's with the GELU in float32, value for value
+(at most 14 of 21 million values one float8 step apart, none further: BENCHMARKS.md, "Float8's fused GEGLU on its
+first GPU"). With fast accumulation, in ``fp8_compile`` (``fuse_geglu: auto``, Hopper GPUs): 5.2-5.9% less at
+1024 px and 2.3-2.7% at 512 px in both orders on another H100 start (BENCHMARKS.md, "Float8's fast accumulation
+and fused GEGLU in fp8_compile").
 
 On a GPU the operator ``float8_geglu`` runs ``geglu_kernels.float8_kernel``; elsewhere the same arithmetic in
 float32 (``float8_geglu_reference``), which is what the CPU tests check the module swap against.
