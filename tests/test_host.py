@@ -95,15 +95,26 @@ def test_where_the_launching_threads_time_went(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_the_launching_threads_shares_read_from_this_machines_proc() -> None:
-    """The real files, on Linux: a thread that never sleeps is on a CPU or waiting for one all the time, however
-    busy the machine (the kernel updates the counts at its ticks, a few ms: hence 0.3 s and the 10% allowed)."""
-    launching = host.LaunchThread(os.sched_getaffinity(0).pop())
-    began = time.monotonic()
-    while time.monotonic() - began < 0.3:
-        pass
-    shares = launching.metrics()
+    """The real files, on Linux: a thread that never sleeps, pinned to a core, is on it, waiting for it, or kept off
+    it by the hypervisor (steal, where the kernel counts it apart) all the time, and never more than its wall time
+    on it or waiting. Unpinned and without the steal, a CI run on this 2-core VM once read only 82% of such a
+    thread's time on a CPU and 0.3% waiting, the rest unaccounted (stolen, it seems, on a core it did not read). So the
+    bound below is loose (half): what it catches is the counts of another thread, or none (a sleeping thread's
+    read near 0), not how well a busy host serves this one. The counts move at the kernel's ticks: hence 0.5 s."""
+    allowed = os.sched_getaffinity(0)
+    core = min(allowed)
+    os.sched_setaffinity(0, {core})  # this thread only
+    try:
+        launching = host.LaunchThread(core)
+        began = time.monotonic()
+        while time.monotonic() - began < 0.5:
+            pass
+        shares = launching.metrics()
+    finally:
+        os.sched_setaffinity(0, allowed)
     assert set(shares) == {"launch_thread_cpu_share", "launch_thread_wait_share", "pinned_core_steal_share"}
-    assert 0.9 <= shares["launch_thread_cpu_share"] + shares["launch_thread_wait_share"] <= 1.1, shares
+    on_or_waiting = shares["launch_thread_cpu_share"] + shares["launch_thread_wait_share"]
+    assert on_or_waiting + shares["pinned_core_steal_share"] >= 0.5 and on_or_waiting <= 1.1, shares
     assert 0.0 <= shares["pinned_core_steal_share"] <= 1.0, shares
 
 
