@@ -178,9 +178,12 @@ def baseline_again(
         return Again(
             False,
             "its first run's GPU busy share was not read (a CPU run, or a driver without samples); "
-            "rebaseline=always would",
+            "rebaseline=always would measure it again",
         )
-    return Again(False, f"its first run kept the GPU busy {busy:.0%} of its timed calls; rebaseline=always would")
+    return Again(
+        False,
+        f"its first run kept the GPU busy {busy:.0%} of its timed calls; rebaseline=always would measure it again",
+    )
 
 
 def pace(run: JobRecord, baseline: JobRecord) -> Pace:

@@ -172,7 +172,8 @@ def test_a_baseline_is_measured_again_where_it_was_bound_by_its_host() -> None:
         True, f"the baseline again, after the job's accelerated runs (first: run {base.run_id})", base.run_id
     )
     assert again("auto", 0.96) == Again(
-        False, "its first run kept the GPU busy 96% of its timed calls; rebaseline=always would"
+        False,
+        "its first run kept the GPU busy 96% of its timed calls; rebaseline=always would measure it again",
     )
     assert again("auto", None).why.startswith("its first run's GPU busy share was not read")
     assert again("always", 0.96).again_of and again("always", None).again_of
