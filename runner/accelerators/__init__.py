@@ -146,6 +146,15 @@ def input_signature(flat: list[Any], spec: Any) -> tuple:
     )
 
 
+def device_named(device: torch.device) -> str:
+    """A device as a reason names it: a GPU by its name and compute capability, e.g. "NVIDIA L4 (compute
+    capability 8.9)", anything else as "the cpu"."""
+    if device.type != "cuda":
+        return f"the {device.type}"
+    capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return f"{torch.cuda.get_device_name(device)} (compute capability {capability})"
+
+
 def build_accelerator(options: dict[str, Any], where: str = "accelerator") -> Accelerator:
     """Instantiate the accelerator named by ``options['_target_']`` with the other options, type-checked; errors
     name the options as ``where`` (a chain's part: ``accelerator.parts.6``)."""

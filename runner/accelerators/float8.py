@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
-from runner.accelerators import Accelerator, Stage, Target, Wraps
+from runner.accelerators import Accelerator, Stage, Target, Wraps, device_named
 from runner.catalogue import Metric
 from runner.config import ConfigError
 from runner.inputs import load_prompts
@@ -329,12 +329,8 @@ class Float8Accelerator(Accelerator):
             except ImportError as error:
                 return False, f"fuse_geglu=auto: Triton is not installed ({error})"
             return True, ""
-        if device.type == "cuda":
-            capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
-            where = f"{torch.cuda.get_device_name(device)} (compute capability {capability})"
-        else:
-            where = f"the {device.type}"
         runs = ", ".join(f"{name} GPUs (compute capability {major}.x)" for major, name in AUTO_GEGLU.items())
+        where = device_named(device)
         return False, f"fuse_geglu=auto fuses on {runs} only, where it was measured faster; not on {where}"
 
     def _check_kernel(self, device: torch.device) -> None:

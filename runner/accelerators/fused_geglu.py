@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.models.activations import GEGLU
 
-from runner.accelerators import Accelerator, Target, named_like
+from runner.accelerators import Accelerator, Target, device_named, named_like
 from runner.config import ConfigError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -135,15 +135,10 @@ def chosen(kernel: str, device: torch.device) -> tuple[str | None, str]:
     aside, why."""
     if kernel != "auto":
         return kernel, ""
-    if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        if capability[0] in AUTO:
-            return AUTO[capability[0]], ""
-        where = f"{torch.cuda.get_device_name(device)} (compute capability {'.'.join(map(str, capability))})"
-    else:
-        where = f"the {device.type}"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in AUTO:
+        return AUTO[torch.cuda.get_device_capability(device)[0]], ""
     runs = ", ".join(f"{name} on compute capability {major}.x" for major, name in AUTO.items())
-    return None, f"kernel=auto runs {runs} only, where it was measured faster; not on {where}"
+    return None, f"kernel=auto runs {runs} only, where it was measured faster; not on {device_named(device)}"
 
 
 @dataclass
