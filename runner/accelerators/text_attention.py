@@ -1,0 +1,145 @@
+"""The cross-attention over the text in one Triton kernel of its own, where torch runs cuDNN's attention.
+
+SDXL's 70 cross-attentions a step attend over the prompt's 77 tokens. cuDNN's attention, torch's choice for them on
+Hopper, runs them in its general kernel, tiles of 128 keys, after a 4-byte memset each: on an H100 at 1024 px they
+took 10.0 µs (32 x 32 latent, 2,048 queries of 20 heads) and 15.0 µs (64 x 64, 8,192 of 10 heads) each, 22.8 ms
+of a ``compile_graph_fast`` call (its profile: ``benchmarks/results/2026-12-05-h100-folded-bf16/``), where reading
+the queries and writing the output at the GPU's bandwidth takes 3.5 and 7 µs. Here one program takes a tile of
+queries of one head and all of that head's keys and values at once (``text_attention_kernel.py``): no loop over
+keys, no memset. The arithmetic is flash attention's for one block of keys (float32 scores and softmax, the
+weights rounded to the dtype for the second product), so the images change by rounding only.
+
+It replaces the ``forward`` of each cross-attention that diffusers' default processor would run (``Attention``
+with its default processor, fused or not, no normalisation of its own, no mask); any call it does not cover (a
+mask, no text) runs diffusers' own. ``runner::text_attention`` is a custom operator, so torch.compile keeps it as
+one call and a CUDA graph captures it; on a CPU, for other dtypes or shapes the kernel does not take, it runs
+diffusers' arithmetic (``F.scaled_dot_product_attention``), which is what the CPU tests check the swap against.
+Composes with ``text_kv``: the keys and values it reads are then the filled buffers.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+from runner.accelerators import Accelerator, Target, named_like
+from runner.config import ConfigError
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+LONGEST = 256  # the most text tokens, and the widest head, the kernel holds in one tile
+
+
+def text_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """Diffusers' arithmetic: each head's attention by ``F.scaled_dot_product_attention``, the heads side by side
+    again in each row."""
+    images, queries, channels = query.shape
+    head_dim = channels // heads
+
+    def by_head(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(images, -1, heads, head_dim).transpose(1, 2)
+
+    attended = F.scaled_dot_product_attention(by_head(query), by_head(key), by_head(value))
+    return attended.transpose(1, 2).reshape(images, queries, channels)
+
+
+def kernel_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> bool:
+    """Whether the Triton kernel runs this call: a GPU, float16 or bfloat16, a text and a head it holds in one tile,
+    each row's channels contiguous."""
+    return (
+        query.device.type == "cuda"
+        and query.dtype in KERNEL_DTYPES
+        and key.dtype == value.dtype == query.dtype
+        and key.shape[1] <= LONGEST
+        and query.shape[-1] // heads <= LONGEST
+        and all(tensor.stride(-1) == 1 for tensor in (query, key, value))
+    )
+
+
+@torch.library.custom_op("runner::text_attention", mutates_args=())
+def text_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention of ``query`` (images, queries, channels) over a text's ``key`` and ``value`` (images, tokens,
+    channels), ``heads`` heads side by side in the channels, as diffusers' processor computes it; one Triton kernel
+    where ``kernel_takes`` it, diffusers' arithmetic elsewhere."""
+    if not kernel_takes(query, key, value, heads):
+        return text_attention_reference(query, key, value, heads)
+    from runner.accelerators.text_attention_kernel import launch  # imports Triton: on a GPU only
+
+    out = torch.empty(query.shape, device=query.device, dtype=query.dtype)
+    launch(query, key, value, out, heads)
+    return out
+
+
+@text_attention.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+    return query.new_empty(query.shape)
+
+
+def text_forward(
+    self: Attention,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Diffusers' default processor for a cross-attention without normalisation, its attention in
+    ``runner::text_attention``; any call it does not cover runs diffusers' own forward."""
+    if encoder_hidden_states is None or attention_mask is not None or hidden_states.ndim != 3:
+        return Attention.forward(self, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+    query = self.to_q(hidden_states)
+    if getattr(self, "fused_projections", False):
+        key, value = self.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+    else:
+        key, value = self.to_k(encoder_hidden_states), self.to_v(encoder_hidden_states)
+    attended = torch.ops.runner.text_attention(query, key, value, self.heads)
+    out = self.to_out[1](self.to_out[0](attended))
+    if self.residual_connection:
+        out = out + hidden_states
+    return out / self.rescale_output_factor
+
+
+def swappable(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a cross-attention that diffusers' default processor runs with nothing of its own
+    around the attention: no normalisation, its processor one of the defaults (fused or not)."""
+    return (
+        isinstance(module, Attention)
+        and module.is_cross_attention
+        and type(module.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0)
+        and all(
+            getattr(module, name, None) is None
+            for name in ("spatial_norm", "group_norm", "norm_q", "norm_k", "norm_cross")
+        )
+    )
+
+
+@dataclass
+class TextAttentionAccelerator(Accelerator):
+    def check(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            return  # diffusers' arithmetic: nothing to import
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:
+            raise ConfigError(
+                f"text_attention: Triton is not installed ({error}); it comes with torch's CUDA builds "
+                "(pip install triton), or use an accelerator without TextAttentionAccelerator among its parts"
+            ) from error
+
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        denoiser = getattr(pipe, target.denoiser)
+        modules = [module for module in denoiser.modules() if swappable(module)]
+        if not modules:
+            raise ConfigError(
+                f"text_attention: {type(denoiser).__name__} has no cross-attention that diffusers' default processor "
+                "runs; use an accelerator without TextAttentionAccelerator among its parts, e.g. "
+                "accelerator=compile_graph_fast"
+            )
+        for module in modules:
+            module.__class__ = named_like(type(module), "text_attention", {"forward": text_forward})
+        self.swapped = len(modules)  # state, not an option
+
+    def tags(self) -> dict[str, str]:
+        swapped = getattr(self, "swapped", None)
+        return {} if swapped is None else {"text_attention": str(swapped)}
