@@ -15,9 +15,11 @@ import triton.language as tl
 
 LOG2_E = 1.4426950408889634
 
-# The autotuner's configurations (BLOCK_M, num_warps), timed on a shape's first call (the runner's warmup). Built for
-# sm_90 by Triton 3.6.0 with 77 tokens and 64 channels a head (SDXL's), neither spills registers (241 and 208 a
-# thread); 128 queries with 4 warps spilled 556 bytes and was left out (tests/test_text_attention.py builds them).
+# The configurations timed (BLOCK_M, num_warps); the first is the one the operator runs. On an H100 it was the
+# faster at each of SDXL's eight shapes and dtypes (BENCHMARKS.md, "the cross-attention over the text in a kernel of
+# its own"), so no autotuner times them in a warmup. Built for sm_90 by Triton 3.6.0 with 77 tokens and 64 channels a
+# head (SDXL's), neither spills registers (241 and 208 a thread); 128 queries with 4 warps spilled 556 bytes and was
+# left out (tests/test_text_attention.py builds them).
 CONFIGS = [(64, 4), (128, 8)]
 
 
@@ -52,38 +54,23 @@ def text_attention_kernel(
     tl.store(at, attended.to(out.dtype.element_ty), mask=query_mask)
 
 
-TUNED = triton.autotune(
-    [triton.Config({"BLOCK_M": m}, num_warps=warps, num_stages=1) for m, warps in CONFIGS],
-    key=["N", "T", "D", "H"],
-)(text_attention_kernel)
-
-
 def blocks(text_tokens: int, head_dim: int) -> tuple[int, int]:
     """The text's and a head's widths as the kernel pads them (powers of two, 16 or more, as its products need)."""
     return max(16, triton.next_power_of_2(text_tokens)), max(16, triton.next_power_of_2(head_dim))
 
 
 def launch(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, heads: int, block_m: int = 0,
-    num_warps: int = 4,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, heads: int,
+    block_m: int = CONFIGS[0][0], num_warps: int = CONFIGS[0][1],
 ) -> None:  # fmt: skip
     """Attention of ``query`` (images, queries, heads x head_dim) over ``key`` and ``value`` (images, tokens,
     heads x head_dim; each row's channels contiguous, rows strided as they come) into ``out``, shaped as
-    ``query``. ``block_m`` fixes the tile (with ``num_warps``) instead of the autotuner's choice (benchmarks)."""
+    ``query``, in tiles of ``block_m`` queries by ``num_warps`` warps."""
     images, queries, channels = query.shape
     tokens, head_dim = key.shape[1], channels // heads
     block_t, block_d = blocks(tokens, head_dim)
-    args = (
+    text_attention_kernel[(triton.cdiv(queries, block_m), images * heads)](
         query, key, value, out, queries, tokens, heads, head_dim, head_dim**-0.5 * LOG2_E,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
     )  # fmt: skip
-    if block_m:
-        grid = (triton.cdiv(queries, block_m), images * heads)
-        text_attention_kernel[grid](*args, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
-        return
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(queries, meta["BLOCK_M"]), images * heads)
-
-    TUNED[grid](*args, BLOCK_T=block_t, BLOCK_D=block_d)
