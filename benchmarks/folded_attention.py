@@ -22,6 +22,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from replay import captured, replayed_us  # this folder, first on the path of a script run from it
 
 TEXT = 77
 BLOCKS = 20
@@ -62,31 +63,10 @@ def folded(wq, k, v, wo, heads):
     return mt.reshape(batch, heads * TEXT, channels).to(wq.dtype), u.reshape(batch, heads * TEXT, channels).to(wq.dtype)
 
 
-def graphed(function, *args):
-    """``function`` compiled, warmed up and captured in one CUDA graph; returns the graph and its output."""
+def graphed(function, *args) -> torch.cuda.CUDAGraph:
+    """``function`` compiled, warmed up and captured in one CUDA graph."""
     compiled = torch.compile(function, fullgraph=True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            compiled(*args)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = compiled(*args)
-    return graph, out
-
-
-def microseconds_per_block(graph, replays: int = 30) -> float:
-    for _ in range(5):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / replays / BLOCKS
+    return captured(lambda: compiled(*args))
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -143,8 +123,7 @@ def measure(px, tokens, channels, heads, dtype):
             ("folded_f32_scores", blocks_folded(torch.float32)),
         ):
             try:
-                graph, _ = graphed(function)
-                row[name + "_us"] = microseconds_per_block(graph)
+                row[name + "_us"] = replayed_us(graphed(function), BLOCKS)
             except Exception as error:  # one way failing (bmm's out_dtype under compile, say) is a result too
                 row[name + "_failed"] = f"{type(error).__name__}: {str(error)[:300]}"
             torch.compiler.reset()

@@ -11,6 +11,7 @@ import json
 import sys
 
 import torch
+from replay import captured, replayed_us  # this folder, first on the path of a script run from it
 
 from runner.accelerators.text_attention import text_attention, text_attention_reference
 from runner.accelerators.text_attention_kernel import CONFIGS, launch
@@ -21,26 +22,9 @@ CALLS = 20
 SHAPES = [(1024, 4096, 640, 10), (1024, 1024, 1280, 20), (512, 1024, 640, 10), (512, 256, 1280, 20)]
 
 
-def microseconds(function, replays: int = 30) -> float:
+def microseconds(function) -> float:
     """Mean µs per attention of ``function`` (CALLS attentions) replayed from one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # the autotuner's timings land here, before the capture
-            function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        function()
-    for _ in range(5):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / replays / CALLS
+    return replayed_us(captured(function), CALLS)
 
 
 def measure(px: int, tokens: int, channels: int, heads: int, dtype: torch.dtype) -> dict:

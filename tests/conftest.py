@@ -34,6 +34,18 @@ def load_model(name: str) -> ModelConfig:
     return OmegaConf.to_object(model)
 
 
+# torch_compile as compile_graph_fast runs it (fused projections, saved compiled functions), on the CPU: aot_eager
+# (no inductor), the VAE left eager, no cache shared with other tests.
+PRECOMPILED_ON_CPU = {
+    "_target_": "runner.accelerators.torch_compile.TorchCompileAccelerator",
+    "backend": "aot_eager",
+    "fuse_qkv": True,
+    "precompile": True,
+    "compile_vae": False,
+    "cache": False,
+}
+
+
 @dataclass
 class Sweep:
     """What a CLI invocation left: its exit code and output, and the runs in its MLflow store."""

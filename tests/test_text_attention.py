@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_model
+from conftest import PRECOMPILED_ON_CPU, load_model
 from diffusers.models.attention_processor import Attention
 
 from runner.accelerators import Target, build_accelerator
@@ -78,18 +78,10 @@ def test_beside_fused_projections_compiled_precompiled_and_text_kv(tmp_path: Pat
     (a whole graph) and loaded from the saved functions in a second pass, the images stay diffusers'."""
     expected = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
     wanted = [images(expected, prompt) for prompt in PROMPTS]
-    compiling = {
-        "_target_": "runner.accelerators.torch_compile.TorchCompileAccelerator",
-        "backend": "aot_eager",
-        "fuse_qkv": True,
-        "precompile": True,
-        "compile_vae": False,
-        "cache": False,
-    }
     for _ in range(2):  # cold, then from the saved functions
         torch._dynamo.reset()
         pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
-        chain = Chain(parts=[TEXT_ATTENTION, compiling, TEXT_KV])
+        chain = Chain(parts=[TEXT_ATTENTION, PRECOMPILED_ON_CPU, TEXT_KV])
         chain.check(CPU)
         chain.apply(pipe, target(tmp_path))
         for prompt, want in zip(PROMPTS, wanted, strict=True):

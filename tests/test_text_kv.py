@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_model
+from conftest import PRECOMPILED_ON_CPU, load_model
 
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain, check_order
@@ -59,15 +59,7 @@ def test_keys_once_beside_fused_projections_compiled_and_precompiled(tmp_path: P
     for _ in range(2):  # cold, then from the saved functions
         torch._dynamo.reset()
         pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
-        compiling = {
-            "_target_": "runner.accelerators.torch_compile.TorchCompileAccelerator",
-            "backend": "aot_eager",
-            "fuse_qkv": True,
-            "precompile": True,
-            "compile_vae": False,
-            "cache": False,
-        }
-        chain = Chain(parts=[compiling, TEXT_KV])
+        chain = Chain(parts=[PRECOMPILED_ON_CPU, TEXT_KV])
         chain.check(CPU)
         chain.apply(pipe, target(tmp_path))
         for prompt, wanted in zip(PROMPTS, expected, strict=True):
