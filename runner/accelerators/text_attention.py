@@ -1,13 +1,14 @@
 """The cross-attention over the text in one Triton kernel of its own, where torch runs cuDNN's attention.
 
 SDXL's 70 cross-attentions a step attend over the prompt's 77 tokens. cuDNN's attention, torch's choice for them on
-Hopper, runs them in its general kernel, tiles of 128 keys, after a 4-byte memset each: on an H100 at 1024 px they
-took 10.0 µs (32 x 32 latent, 2,048 queries of 20 heads) and 15.0 µs (64 x 64, 8,192 of 10 heads) each, 22.8 ms
-of a ``compile_graph_fast`` call (its profile: ``benchmarks/results/2026-12-05-h100-folded-bf16/``), where reading
-the queries and writing the output at the GPU's bandwidth takes 3.5 and 7 µs. Here one program takes a tile of
-queries of one head and all of that head's keys and values at once (``text_attention_kernel.py``): no loop over
-keys, no memset. The arithmetic is flash attention's for one block of keys (float32 scores and softmax, the
-weights rounded to the dtype for the second product), so the images change by rounding only.
+Hopper, runs them in its general kernel (named for tiles of 64 queries by 128 keys), after a 4-byte memset each: on
+an H100 at 1024 px they took 10.0 µs (32 x 32 latent, 2,048 queries of 20 heads) and 15.0 µs (64 x 64, 8,192 of 10
+heads) each, 22.8 ms of a ``compile_graph_fast`` call (its profile, in
+``benchmarks/results/2026-12-05-h100-folded-bf16/``), where reading the queries and writing the output at the GPU's
+bandwidth takes 3.5 and 7 µs. Here one program takes a tile of queries of one head and all of that head's keys and
+values at once (``text_attention_kernel.py``): no loop over keys, no memset. The arithmetic is flash attention's for
+one block of keys (float32 scores and softmax, the weights rounded to the dtype for the second product), so the
+images change by rounding only.
 
 It replaces the ``forward`` of each cross-attention that diffusers' default processor would run (``Attention``
 with its default processor, fused or not, no normalisation of its own, no mask); any call it does not cover (a
@@ -34,7 +35,10 @@ from runner.accelerators import Accelerator, Target, named_like
 from runner.config import ConfigError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-LONGEST = 256  # the most text tokens, and the widest head, the kernel holds in one tile
+# The most text tokens and the widest head the operator gives the kernel, which holds a head's keys and values whole:
+# 128 x 128 each in 16 bits, 64 KiB of an SM's shared memory (SDXL: 77 tokens, 64 channels a head; instruct-pix2pix's
+# widest heads, 160 channels, run diffusers' attention).
+LONGEST = 128
 
 
 def text_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
