@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 from memsets import REPEATS, graphed  # this folder, first on the path of a script run from it
+from replay import replayed_us
 
 from runner.accelerators.fused_geglu import geglu, geglu_reference
 from runner.accelerators.geglu_kernels import BLOCKS, CONFIGS, label, launch, settings
@@ -34,16 +35,7 @@ OTHERS = [(*block, loop) for block in BLOCKS for loop in ("nested", "flat") if (
 
 def graphed_us(call: Callable) -> float:
     """Microseconds per call of ``call``, captured ``REPEATS`` times in one CUDA graph and replayed."""
-    graph = graphed(call)
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / (REPEATS * REPLAYS)
+    return replayed_us(graphed(call), REPEATS, REPLAYS)
 
 
 def time_shape(name: str, rows: int, width: int, inner: int, compiled: Callable) -> dict:

@@ -24,6 +24,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from replay import captured  # this folder, first on the path of a script run from it
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
@@ -45,17 +46,8 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 
 
 def graphed(op) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            op()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPEATS):
-            op()
-    return graph
+    """``op`` REPEATS times in one CUDA graph (replay.captured)."""
+    return captured(lambda: [op() for _ in range(REPEATS)])
 
 
 def measure(op) -> dict:

@@ -1,6 +1,7 @@
 """Timing a function on the GPU as a step runs it: captured once in a CUDA graph (after warm calls on a side stream,
-where an autotuner's timings land) and replayed back to back, the mean per call it holds. Shared by
-folded_attention.py and text_attention.py; a script run from this folder imports it by name."""
+where an autotuner's timings land) and replayed back to back, the mean per call it holds. The kernel benchmarks'
+(folded_attention.py, text_attention.py, memsets.py, geglu_kernel.py); a script run from this folder imports it by
+name."""
 
 from collections.abc import Callable
 

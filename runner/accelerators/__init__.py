@@ -155,6 +155,18 @@ def device_named(device: torch.device) -> str:
     return f"{torch.cuda.get_device_name(device)} (compute capability {capability})"
 
 
+def require_triton(what: str, otherwise: str) -> None:
+    """Raise ConfigError, naming ``what`` needs it and ``otherwise`` the fix that does without, where Triton does not
+    import (it comes with torch's CUDA builds; this project's CPU machines have none)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(
+            f"{what}: Triton is not installed ({error}); it comes with torch's CUDA builds (pip install triton), "
+            f"or {otherwise}"
+        ) from error
+
+
 def build_accelerator(options: dict[str, Any], where: str = "accelerator") -> Accelerator:
     """Instantiate the accelerator named by ``options['_target_']`` with the other options, type-checked; errors
     name the options as ``where`` (a chain's part: ``accelerator.parts.6``)."""

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
-from runner.accelerators import Accelerator, Stage, Target, Wraps, device_named
+from runner.accelerators import Accelerator, Stage, Target, Wraps, device_named, require_triton
 from runner.catalogue import Metric
 from runner.config import ConfigError
 from runner.inputs import load_prompts
@@ -342,13 +342,7 @@ class Float8Accelerator(Accelerator):
                 f"capability 9.0 or newer); {name} has "
                 f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: drop fuse_geglu on this GPU"
             )
-        try:
-            import triton  # noqa: F401
-        except ImportError as error:
-            raise ConfigError(
-                f"accelerator.fuse_geglu=true: Triton is not installed ({error}); it comes with torch's CUDA "
-                "builds (pip install triton), or drop fuse_geglu"
-            ) from error
+        require_triton("accelerator.fuse_geglu=true", "drop fuse_geglu")
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.models.activations import GEGLU
 
-from runner.accelerators import Accelerator, Target, device_named, named_like
+from runner.accelerators import Accelerator, Target, device_named, named_like, require_triton
 from runner.config import ConfigError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -169,13 +169,7 @@ class FusedGegluAccelerator(Accelerator):
                 f"{torch.cuda.get_device_name(device)} has {'.'.join(map(str, capability))}: use kernel=pointers, "
                 "or kernel=auto, which leaves diffusers' GEGLU there (as accelerator=compile_graph_fast does)"
             )
-        try:
-            import triton  # noqa: F401
-        except ImportError as error:
-            raise ConfigError(
-                f"fused_geglu: Triton is not installed ({error}); it comes with torch's CUDA builds "
-                "(pip install triton), or use an accelerator without FusedGegluAccelerator among its parts"
-            ) from error
+        require_triton("fused_geglu", "use an accelerator without FusedGegluAccelerator among its parts")
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
-from runner.accelerators import Accelerator, Target, named_like
+from runner.accelerators import Accelerator, Target, named_like, require_triton
 from runner.config import ConfigError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -128,13 +128,7 @@ class TextAttentionAccelerator(Accelerator):
     def check(self, device: torch.device) -> None:
         if device.type != "cuda":
             return  # diffusers' arithmetic: nothing to import
-        try:
-            import triton  # noqa: F401
-        except ImportError as error:
-            raise ConfigError(
-                f"text_attention: Triton is not installed ({error}); it comes with torch's CUDA builds "
-                "(pip install triton), or use an accelerator without TextAttentionAccelerator among its parts"
-            ) from error
+        require_triton("text_attention", "use an accelerator without TextAttentionAccelerator among its parts")
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
