@@ -1,8 +1,9 @@
-"""SDXL's cross-attentions over the text's 77 tokens, timed on the GPU: torch's attention (cuDNN's on Hopper, as the
-UNet runs it, a memset before each) against text_attention's Triton kernel, as the operator runs it and in each
-of its configurations, at SDXL's two transformer widths at 512 and 1024 px, CFG's batch of 2, float16 and bfloat16. Each
-way replayed from one CUDA graph of 20 attentions with inputs of their own; the largest difference from float32
-arithmetic on the same operands beside each. Prints one line per shape and writes them as JSON.
+"""SDXL's cross-attentions over the text's 77 tokens, timed on the GPU: torch's attention with its default backend
+(which one, this script does not record; in the UNet's profiles on an H100, cuDNN's, a memset before each) against
+text_attention's Triton kernel, as the operator runs it and in each of its configurations, at SDXL's two transformer
+widths at 512 and 1024 px, CFG's batch of 2, float16 and bfloat16. Each way replayed from one CUDA graph of 20
+attentions with inputs of their own; the largest difference from float32 arithmetic on the same operands beside
+each. Prints one line per shape and writes them as JSON.
 
     python3 benchmarks/text_attention.py OUT.json
 """

@@ -97,9 +97,12 @@ def test_the_operator_traces_and_a_mask_runs_diffusers_forward() -> None:
     key, value = text.chunk(2, dim=-1)  # strided, as to_kv's halves are
     torch.library.opcheck(text_attention, (query, key, value, 2))
     layer = Attention(8, cross_attention_dim=16, heads=2, dim_head=4)
-    hidden, mask = torch.randn(2, 6, 8), torch.zeros(2, 1, 5)
+    hidden = torch.randn(2, 6, 8)
+    mask = torch.zeros(2, 1, 5)
+    mask[:, :, 3:] = -10000.0  # the last two tokens masked out: a forward that dropped the mask would read them
     with torch.no_grad():
         plain, masked = layer(hidden, text), layer(hidden, text, mask)
+        assert not torch.allclose(plain, masked)  # so the comparison below can tell the two apart
         build_accelerator(TEXT_ATTENTION).apply(types.SimpleNamespace(unet=layer), target(Path(".")))
         compiled = torch.compile(layer, fullgraph=True)
         torch.testing.assert_close(compiled(hidden, text), plain)

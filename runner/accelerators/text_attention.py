@@ -18,9 +18,10 @@ diffusers' arithmetic (``F.scaled_dot_product_attention``), which is what the CP
 Composes with ``text_kv``: the keys and values it reads are then the filled buffers.
 
 Measured on an H100 (BENCHMARKS.md, "the cross-attention over the text in a kernel of its own", 2026-12-05): the
-kernel took 15.7 and 9.8 µs at 1024 px's two shapes against torch's 17.1 and 12.4, 6.5 and 5.4 at 512 px's against
-10.0 and 7.6, the same largest difference from float32 arithmetic as torch's; about 5 ms of a call by the kernels
-alone, not yet timed in a whole call. So it is in the variant ``cg_fast_text_attention`` only.
+kernel took 15.7 and 9.8 µs at 1024 px's two shapes against torch's attention's (its default backend) 17.1 and 12.4,
+6.5 and 5.4 at 512 px's against 10.0 and 7.6, the same largest difference from float32 arithmetic as torch's; about
+5 ms of a call by the kernels alone, not yet timed in a whole call. So it is in the variant
+``cg_fast_text_attention`` only.
 """
 
 from dataclasses import dataclass
