@@ -808,6 +808,47 @@ def test_fused_projections_compose_with_float8_in_the_feed_forward_layers_only(t
         assert "is a CalibratedFloat8Linear, which diffusers cannot fuse; keep float8 out" in str(raised.value)
 
 
+def test_float8_fuses_the_attention_projections_first_and_a_later_compile_keeps_its_float8_layers(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    pipe = tiny_pipe()
+    generator = torch.Generator().manual_seed(1)
+    fp16_images = pipe(prompt="a", generator=generator, **TINY_CALL).images
+    calibrated = dataclasses.replace(target(tmp_path), calibration=lambda _: pipe(prompt="a", **TINY_CALL))
+    fp8 = Float8Accelerator(scaling="calibrated", include=["ff.", "attn1.to_qkv", "attn2.to_q"], fuse_qkv=True)
+    fp8.apply(pipe, calibrated)
+    assert fp8.metrics() == {"float8_linears": 16.0}  # 4 blocks: the fused Q, K, V, the cross-attention's Q, ff's two
+    assert fp8.tags()["float8_linears_left"] == "0"  # the unfused projections the fused ones replaced are not counted
+    self_attentions = [module.attn1 for module in pipe.unet.modules() if hasattr(module, "attn1")]
+    fused = [attention.to_qkv for attention in self_attentions]
+    assert len(fused) == 4 and all(isinstance(layer, CalibratedFloat8Linear) for layer in fused)
+    compile_ = TorchCompileAccelerator(fuse_qkv=True, backend="eager", cache=False, compile_vae=False)
+    compile_.apply(pipe, calibrated)
+    assert [attention.to_qkv for attention in self_attentions] == fused  # not fused again, over float8's, in fp16
+    assert any(getattr(module, "fused_projections", False) for module in pipe.vae.modules())  # the VAE, by the compile
+    generator = torch.Generator().manual_seed(1)
+    fp8_images = pipe(prompt="a", generator=generator, **TINY_CALL).images
+    difference = np.abs(fp8_images - fp16_images)
+    assert 0 < difference.mean() < 0.02  # float8's rounding, not another image
+
+
+def test_float8_counts_no_unfused_projection_and_names_the_fix_for_a_fused_layer_unfused(tmp_path: Path) -> None:
+    rowwise = Float8Accelerator(fuse_qkv=True)
+    rowwise.apply(tiny_pipe(), target(tmp_path))
+    assert rowwise.metrics() == {"float8_linears": 28.0}  # 7 a block: to_qkv, to_out, to_q, to_kv, to_out, ff's two
+    with pytest.raises(ConfigError) as raised:
+        Float8Accelerator(include=["attn1.to_qkv"]).apply(tiny_pipe(), target(tmp_path))
+    assert str(raised.value) == (
+        "accelerator.include=['attn1.to_qkv']: no linear layer in the denoiser's repeated blocks is named like that; "
+        "attn1.to_qkv is a fused layer: add accelerator.fuse_qkv=true"
+    )
+    pipe = tiny_pipe()
+    pipe.unet = torch.nn.Linear(32, 32)  # a denoiser without diffusers' fuse_qkv_projections
+    with pytest.raises(ConfigError, match=r"^accelerator.fuse_qkv=true: Linear cannot fuse its attention"):
+        Float8Accelerator(fuse_qkv=True).apply(pipe, target(tmp_path))
+
+
 def test_float8_refuses_a_gpu_without_float8_tensor_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
@@ -1135,13 +1176,13 @@ def test_bf16_traced_by_torch_compile_scores_against_the_float16_baseline(cli, t
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scaling", ["rowwise", "calibrated"])
-def test_float8_compiled_and_graphed_equals_eager_float8_on_the_gpu(scaling: str) -> None:
+@pytest.mark.parametrize(("scaling", "bias"), [("rowwise", True), ("calibrated", True), ("calibrated", False)])
+def test_float8_compiled_and_graphed_equals_eager_float8_on_the_gpu(scaling: str, bias: bool) -> None:
     """torch._scaled_mm on float8 tensor cores (per-row kernels, or per-tensor ones with the bias in their
-    epilogue), compiled by inductor and captured: the same numbers as the eager float8 layer up to rounding,
-    and within float8's error of the fp16 layer."""
+    epilogue, or without one, as a fused Q, K, V layer), compiled by inductor and captured: the same numbers as the
+    eager float8 layer up to rounding, and within float8's error of the fp16 layer."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(640, 1280, device="cuda", dtype=torch.float16)
+    linear = torch.nn.Linear(640, 1280, bias=bias, device="cuda", dtype=torch.float16)
     x = torch.randn(2, 77, 640, device="cuda", dtype=torch.float16)
     layer = Float8Linear(linear) if scaling == "rowwise" else CalibratedFloat8Linear(linear, x.abs().amax())
     with torch.no_grad():

@@ -21,6 +21,12 @@ With ``fast_accumulation``, cuBLAS accumulates the float8 products the way Hoppe
 (``use_fast_accum``: partial sums are not promoted to full fp32 precision along the way), which is quicker and less
 exact; torchao's float8 inference uses it for the forward pass. Its image change shows in the quality metrics.
 
+With ``fuse_qkv``, the denoiser's attention projections are fused first (diffusers' ``fuse_qkv_projections``: a
+self-attention's Q, K and V in one layer, ``attn1.to_qkv``; a cross-attention's K and V, ``attn2.to_kv``), so that
+``include`` can name the fused layers and their one product of three times the width runs in float8; a
+torch_compile with ``fuse_qkv`` after it then fuses the VAE's alone. Without it, a compile that fuses refuses
+float8 Q, K or V layers, which diffusers cannot concatenate.
+
 With ``fuse_geglu`` (calibrated only), each feed-forward whose GEGLU product and output layer are both float8 runs
 its GEGLU and the quantising after it in one kernel (``runner/accelerators/float8_geglu.py``; Triton, Hopper GPUs).
 ``fuse_geglu=auto`` (fp8_compile's) fuses on Hopper GPUs, where it was measured faster, and leaves the layers apart
@@ -165,6 +171,20 @@ class CalibratedFloat8Linear(KeepsBufferDtypes):
         return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3, calibrated scales{fast}"
 
 
+def fuse_projections(denoiser: torch.nn.Module) -> None:
+    """diffusers' fused attention projections in ``denoiser``, before its layers are converted (fuse_qkv)."""
+    fuse = getattr(denoiser, "fuse_qkv_projections", None)
+    if fuse is None:
+        raise ConfigError(
+            f"accelerator.fuse_qkv=true: {type(denoiser).__name__} cannot fuse its attention projections (diffusers' "
+            "fuse_qkv_projections); set accelerator.fuse_qkv=false"
+        )
+    try:
+        fuse()
+    except ValueError as error:  # diffusers refuses attention with added key and value projections
+        raise ConfigError(f"accelerator.fuse_qkv=true: {error}; set accelerator.fuse_qkv=false") from error
+
+
 def aligned_rows(x: torch.Tensor, width: int) -> tuple[torch.Tensor, int]:
     """``x`` as rows of ``width``, padded with zero rows to a multiple of ALIGN (e.g. cross-attention's 2 x 77
     text tokens), and how many were added."""
@@ -191,9 +211,19 @@ def block_linears(denoiser: torch.nn.Module, include: tuple[str, ...] = ()) -> l
         for path, parent in block.named_modules():
             for name, child in parent.named_children():
                 qualified = f"{path}.{name}" if path else name  # e.g. attn1.to_q, ff.net.0.proj
+                if replaced_by_fused(parent, name):
+                    continue
                 if type(child) is torch.nn.Linear and (not include or any(part in qualified for part in include)):
                     found.append((parent, name))
     return found
+
+
+def replaced_by_fused(parent: torch.nn.Module, name: str) -> bool:
+    """Whether ``parent.name`` is a projection diffusers' fused layer runs in its stead (it keeps the unfused ones,
+    never called): a fused self-attention's Q, K and V, a fused cross-attention's K and V."""
+    if not getattr(parent, "fused_projections", False):
+        return False
+    return name in ("to_k", "to_v") or (name == "to_q" and not parent.is_cross_attention)
 
 
 def to_float8(
@@ -269,6 +299,7 @@ class Float8Accelerator(Accelerator):
     fast_accumulation: bool = False  # cuBLAS's fast float8 accumulation (use_fast_accum): quicker, less exact
     # calibrated: each feed-forward's GEGLU and the quantising after it in one kernel; auto: on Hopper (AUTO_GEGLU)
     fuse_geglu: bool | str = False
+    fuse_qkv: bool = False  # the denoiser's attention projections fused before converting (include: attn1.to_qkv)
 
     wraps: ClassVar[Wraps] = Wraps.IN_PLACE
     stage: ClassVar[Stage] = Stage.QUANTIZE
@@ -346,6 +377,8 @@ class Float8Accelerator(Accelerator):
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
+        if self.fuse_qkv:
+            fuse_projections(denoiser)
         if self.scaling == "calibrated":
             if target.calibration is None:
                 raise ConfigError("accelerator.scaling=calibrated needs a calibration call of the pipeline")
@@ -357,9 +390,15 @@ class Float8Accelerator(Accelerator):
         else:
             self.converted, self.left = to_float8(denoiser, tuple(self.include), self.fast_accumulation)
         if self.include and not self.converted and not self.left:
+            fused = [name for name in self.include if "to_qkv" in name or "to_kv" in name]
+            fix = (
+                f"{fused[0]} is a fused layer: add accelerator.fuse_qkv=true"
+                if fused and not self.fuse_qkv
+                else "give parts of names such as attn1.to_q or ff.net.0.proj, or include=[] for all"
+            )
             raise ConfigError(
                 f"accelerator.include={list(self.include)}: no linear layer in the denoiser's repeated blocks is "
-                "named like that; give parts of names such as attn1.to_q or ff.net.0.proj, or include=[] for all"
+                f"named like that; {fix}"
             )
         if not self.converted:
             raise ConfigError(

@@ -172,8 +172,7 @@ class TorchCompileAccelerator(Accelerator):
             inductor_config.fx_graph_cache = True
             functorch_config.enable_autograd_cache = True
         if self.fuse_qkv:
-            refuse_unfusable(denoiser)
-            pipe.fuse_qkv_projections()
+            fuse_pipeline_projections(pipe, denoiser)
         if self.channels_last:
             denoiser.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
@@ -381,6 +380,21 @@ def _cache_counters() -> tuple[int, int]:
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
+def projections_fused(model: torch.nn.Module) -> bool:
+    """Whether diffusers' fused projections already run ``model``'s attention (a part before this one fused them:
+    float8's fuse_qkv, which then quantised the fused layers)."""
+    return any(getattr(module, "fused_projections", False) for module in model.modules())
+
+
+def fuse_pipeline_projections(pipe: DiffusionPipeline, denoiser: torch.nn.Module) -> None:
+    """diffusers' fused Q, K, V projections in the denoiser and the VAE; a denoiser already fused is left as it is,
+    since fusing again would build its fused layers anew from the unfused ones, in fp16, over float8's."""
+    fuse_denoiser = not projections_fused(denoiser)
+    if fuse_denoiser:
+        refuse_unfusable(denoiser)
+    pipe.fuse_qkv_projections(unet=fuse_denoiser, vae=True)
+
+
 def refuse_unfusable(denoiser: torch.nn.Module) -> None:
     """Raise ConfigError if a part before this one replaced an attention projection by a layer diffusers cannot
     fuse (it concatenates the projections' weights): float8 layers have none."""
@@ -388,5 +402,6 @@ def refuse_unfusable(denoiser: torch.nn.Module) -> None:
         if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") and not isinstance(module, torch.nn.Linear):
             raise ConfigError(
                 f"accelerator.fuse_qkv=true: {name} is a {type(module).__name__}, which diffusers cannot fuse; "
-                "keep float8 out of the attention projections (fp8's include=[ff.]) or set fuse_qkv: false"
+                "keep float8 out of the unfused attention projections (fp8's include=[ff.]), let float8 fuse them "
+                "first (fp8's fuse_qkv: true), or set fuse_qkv: false"
             )
