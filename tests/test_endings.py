@@ -84,7 +84,7 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
         (
             ("accelerator=fp8", "accelerator.scalling=calibrated"),
             "accelerator.scalling: accelerator fp8 has no such option (its options: include, scaling, "
-            "calibration_prompts, fast_accumulation, fuse_geglu); did you mean accelerator.scaling?",
+            "calibration_prompts, fast_accumulation, fuse_geglu, fuse_qkv); did you mean accelerator.scaling?",
         ),
         (
             ("-m", "accelerator=none,fp8", "accelerator.scaling=calibrated"),
@@ -95,8 +95,8 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
         (
             ("accelerator=fp8_compile", "accelerator.parts.1.calibraton_prompts=photo"),
             "accelerator.parts.1.calibraton_prompts: part 1 of accelerator fp8_compile, Float8Accelerator, has no "
-            "such option (its options: scaling, include, calibration_prompts, fast_accumulation, fuse_geglu); did "
-            "you mean accelerator.parts.1.calibration_prompts?",
+            "such option (its options: scaling, include, calibration_prompts, fast_accumulation, fuse_geglu, "
+            "fuse_qkv); did you mean accelerator.parts.1.calibration_prompts?",
         ),
         (
             ("accelerator=fp8_compile", "accelerator.parts.2.mode=reduce-overhead"),
