@@ -1,0 +1,85 @@
+"""Group norms computed in their input's own memory layout, so a compiler keeps channels_last tensors channels_last.
+
+torch's decomposition of a group norm on a GPU (``torch._refs.native_group_norm``, which inductor lowers) reshapes its
+input to (images, groups, channels per group, pixels) and normalises that view: a channels_last input cannot be
+viewed so, and inductor copies it to the channel-first layout somewhere between the tensor that makes it and the
+convolution after the norm, which wants channels_last again. Where the input is a concatenation (each resnet of
+SDXL's up blocks normalises its input joined with a skip connection), that copy is two transposing kernels: the
+concatenation written channel-first, then the norm's element-wise pass reading it channel-first and writing
+channels_last at a fraction of the GPU's bandwidth. In a 1024 px ``compile_graph_fast`` call on an H100 the seven
+such passes a step read and wrote at 470-720 GB/s, 0.88 ms of a step where the bytes take about 0.17 ms at 2.8 TB/s
+(BENCHMARKS.md, "Group norms across layouts").
+
+Here each ``nn.GroupNorm`` of the denoiser (and, with ``vae``, of the VAE) computes every channel's mean and variance
+over its pixels, a reduction that reads the input in whatever layout it has; combines them into each group's (the law
+of total variance: a group's channels have as many pixels each); and scales and shifts the input by image and channel,
+element by element, in its own layout. Nothing reshapes the input. The arithmetic is float32 throughout, as torch's
+kernels; the rounding differs (the variance is combined from the channels'), so images agree up to rounding. A norm
+of an input without pixels (two dimensions) runs torch's own. Meant to be compiled: run eagerly, each norm holds a
+float32 copy of its input for a moment, where torch's kernel holds none.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+
+from runner.accelerators import Accelerator, Target, named_like
+from runner.config import ConfigError
+
+
+def group_norm_in_layout(
+    x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """``F.group_norm(x, groups, weight, bias, eps)`` with no reshape of ``x``: per-channel statistics combined into
+    each group's, then one scale and one shift per image and channel applied to ``x`` where it lies."""
+    images, channels = x.shape[:2]
+    pixels = tuple(range(2, x.ndim))
+    wide = x.float()
+    variance, mean = torch.var_mean(wide, dim=pixels, unbiased=False)  # (images, channels)
+    mean, variance = mean.view(images, groups, -1), variance.view(images, groups, -1)
+    group_mean = mean.mean(-1, keepdim=True)
+    group_variance = (variance + (mean - group_mean).square()).mean(-1, keepdim=True)
+    scale = torch.rsqrt(group_variance + eps).expand_as(mean)  # (images, groups, channels per group)
+    if weight is not None:
+        scale = scale * weight.float().view(1, groups, -1)
+    shift = -group_mean * scale
+    if bias is not None:
+        shift = shift + bias.float().view(1, groups, -1)
+    shape = (images, channels) + (1,) * len(pixels)
+    return (wide * scale.reshape(shape) + shift.reshape(shape)).to(x.dtype)
+
+
+def in_layout_forward(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    if x.ndim < 3:
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+    return group_norm_in_layout(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def swap_group_norms(model: torch.nn.Module) -> int:
+    """Every ``nn.GroupNorm`` of ``model`` computed in its input's layout (a class named like its own); how many."""
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.GroupNorm)]
+    for norm in norms:
+        norm.__class__ = named_like(type(norm), "group_norm_in_layout", {"forward": in_layout_forward})
+    return len(norms)
+
+
+@dataclass
+class GroupNormInLayoutAccelerator(Accelerator):
+    vae: bool = True  # the VAE's group norms too (its decoder's, and its encoder's for image-to-image)
+
+    def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        denoiser = getattr(pipe, target.denoiser)
+        self.swapped = swap_group_norms(denoiser)  # state, not an option
+        if not self.swapped:
+            raise ConfigError(
+                f"group_norm: {type(denoiser).__name__} has no group norm (torch.nn.GroupNorm) to compute in its "
+                "input's layout; use an accelerator without GroupNormInLayoutAccelerator among its parts"
+            )
+        if self.vae:
+            self.swapped += swap_group_norms(pipe.vae)
+
+    def tags(self) -> dict[str, str]:
+        swapped = getattr(self, "swapped", None)
+        return {} if swapped is None else {"group_norms_in_layout": str(swapped)}
