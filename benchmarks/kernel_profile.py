@@ -3,6 +3,7 @@
     python benchmarks/kernel_profile.py OUT model=sdxl_base model.weights=random res=1024 \\
         accelerator=compile_graph cache_dir=/tmp/bench-cache
     python benchmarks/kernel_profile.py --trace OUT.trace.json.gz    # an earlier profile's tables, read again
+    python benchmarks/kernel_profile.py --trace OUT.trace.json.gz group_norm    # its kernels named so, by phase
 
 Takes the job's overrides like ``python -m runner`` (``cache_dir=/tmp/bench-cache``: the compiled modules
 ``benchmarks/table.sh`` keeps on the machine, so neither compiles again what the other did; a variant in
@@ -32,6 +33,7 @@ import sys
 import time
 from bisect import bisect_right
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +69,16 @@ def kind(name: str) -> str:
     return "other"
 
 
-def breakdown(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
-    """The kernels of a Chrome trace (torch's profiler export) by phase and kind, the busiest kernels, and
-    how long the GPU was busy from the first kernel to the last. Kernels are placed in phases by the GPU-side
-    ranges the profiler draws for each ``STEP`` range (category ``gpu_user_annotation``)."""
-    kernels = sorted(
-        (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X"),
-        key=lambda e: e["ts"],
-    )
-    steps = sorted(
+def step_ranges(events: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """Each denoiser step's start and end on the GPU: the ranges the profiler draws there for each ``STEP`` range
+    (category ``gpu_user_annotation``)."""
+    return sorted(
         (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "gpu_user_annotation" and e.get("name") == STEP
     )
+
+
+def phase_of(steps: list[tuple[float, float]]) -> Callable[[dict[str, Any]], str]:
+    """Which of PHASES a GPU operation falls in, by the steps' ranges."""
     starts = [start for start, _ in steps]
 
     def phase(kernel: dict[str, Any]) -> str:
@@ -88,6 +89,19 @@ def breakdown(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
         index = bisect_right(starts, kernel["ts"]) - 1
         return PHASES[1] if kernel["ts"] < steps[index][1] else PHASES[2]
 
+    return phase
+
+
+def breakdown(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
+    """The kernels of a Chrome trace (torch's profiler export) by phase and kind, the busiest kernels, and
+    how long the GPU was busy from the first kernel to the last. Kernels are placed in phases by the GPU-side
+    ranges the profiler draws for each ``STEP`` range (category ``gpu_user_annotation``)."""
+    kernels = sorted(
+        (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X"),
+        key=lambda e: e["ts"],
+    )
+    steps = step_ranges(events)
+    phase = phase_of(steps)
     by_phase: dict[str, dict[str, float]] = {name: defaultdict(float) for name in PHASES}
     by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     busy_us, reach = 0.0, float("-inf")
@@ -111,6 +125,26 @@ def breakdown(events: list[dict[str, Any]], top: int = 15) -> dict[str, Any]:
             {"name": name[:120], "kind": kind(name), "ms": ms, "count": count} for name, (ms, count) in busiest
         ],
     }
+
+
+def matching(events: list[dict[str, Any]], pattern: str) -> list[dict[str, Any]]:
+    """The kernels whose name matches ``pattern`` (a regular expression), each name in each phase once, in the order
+    of its first launch: launches a call (the trace's launches over its steps' calls: one call profiled), the mean
+    µs, and the first launch's grid and block, which tell a kernel's tiling (a 2-D grid of an inductor kernel that
+    reads one layout and writes another is tiled; a 1-D one is not)."""
+    phase = phase_of(step_ranges(events))
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for kernel in sorted((e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"), key=lambda e: e["ts"]):
+        if not re.search(pattern, kernel["name"]):
+            continue
+        key = (phase(kernel), kernel["name"])
+        if key not in found:
+            args = kernel.get("args", {})
+            found[key] = {"phase": key[0], "name": key[1], "launches": 0, "us": 0.0}
+            found[key] |= {"grid": args.get("grid"), "block": args.get("block")}
+        found[key]["launches"] += 1
+        found[key]["us"] += kernel["dur"]
+    return [entry | {"mean_us": entry["us"] / entry["launches"]} for entry in found.values()]
 
 
 OPERATIONS = {"kernel": "kernel", "gpu_memset": "memset", "gpu_memcpy": "copy"}
@@ -373,11 +407,19 @@ def idle_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def read_trace(trace: Path) -> None:
+def read_trace(trace: Path, pattern: str | None = None) -> None:
     """``--trace OUT.trace.json.gz``: the kernel tables of a trace this script wrote before, read again (a
-    reading added since can be applied to an older profile)."""
+    reading added since can be applied to an older profile); with a pattern, the kernels whose names match it."""
     with gzip.open(trace, "rt") as packed:
         events = json.load(packed)
+    if pattern is not None:
+        print(f"{'phase':18s} {'launches':>8s} {'mean us':>9s} {'ms':>8s}  grid, block  kernel")
+        for k in matching(events, pattern):
+            print(
+                f"{k['phase']:18s} {k['launches']:8d} {k['mean_us']:9.1f} {k['us'] / 1e3:8.2f}  {k['grid']}, "
+                f"{k['block']}  {k['name']}"
+            )
+        return
     result = {**breakdown(events), **idle_between(events)}
     print(
         f"{trace.name}: GPU span {result['gpu_span_ms']:.1f} ms, busy {result['gpu_busy_ms']:.1f}, idle "
@@ -399,6 +441,6 @@ def exported(profiler: torch.profiler.profile, trace: Path) -> list[dict[str, An
 
 if __name__ == "__main__":
     if sys.argv[1] == "--trace":
-        read_trace(Path(sys.argv[2]))
+        read_trace(Path(sys.argv[2]), *sys.argv[3:4])
     else:
         main(Path(sys.argv[1]), sys.argv[2:])

@@ -486,6 +486,45 @@ def test_kernel_breakdown_puts_each_kernel_in_its_phase_and_kind() -> None:
     }
 
 
+def test_the_kernels_named_like_a_pattern_are_listed_by_phase_with_their_grids() -> None:
+    """benchmarks/kernel_profile.py's --trace PATTERN: each matching kernel once a phase, its launches and mean time,
+    the first launch's grid and block; kernels of other names and other categories left out."""
+    from kernel_profile import STEP, matching
+
+    def kernel(name: str, ts: float, dur: float, grid: list[int]) -> dict:
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"grid": grid, "block": [128]}}
+
+    events = [
+        {"ph": "X", "cat": "gpu_user_annotation", "name": STEP, "ts": 0, "dur": 40},
+        kernel("triton_poi_fused_native_group_norm_silu_1", 0, 10, [30720, 1, 1]),
+        kernel("sm90_xmma_fprop_implicit_gemm", 10, 10, [110, 1, 1]),
+        {"ph": "X", "cat": "gpu_user_annotation", "name": STEP, "ts": 50, "dur": 40},
+        kernel("triton_poi_fused_native_group_norm_silu_1", 50, 20, [30720, 1, 1]),
+        kernel("triton_red_fused_native_group_norm_2", 100, 30, [57664, 1, 1]),  # after the last step: the VAE
+        {"ph": "X", "cat": "cpu_op", "name": "aten::native_group_norm", "ts": 0, "dur": 5},
+    ]
+    assert matching(events, "group_norm") == [
+        {
+            "phase": "denoiser steps",
+            "name": "triton_poi_fused_native_group_norm_silu_1",
+            "launches": 2,
+            "us": 30.0,
+            "grid": [30720, 1, 1],
+            "block": [128],
+            "mean_us": 15.0,
+        },
+        {
+            "phase": "after last step",
+            "name": "triton_red_fused_native_group_norm_2",
+            "launches": 1,
+            "us": 30.0,
+            "grid": [57664, 1, 1],
+            "block": [128],
+            "mean_us": 30.0,
+        },
+    ]
+
+
 def test_idle_time_is_put_between_the_operations_around_it() -> None:
     """benchmarks/kernel_profile.py's idle reading: each gap by what came before and after it, overlapping
     operations leaving none, and the kernels the memsets came before."""
