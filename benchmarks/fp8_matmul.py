@@ -19,7 +19,7 @@ import json
 import sys
 
 import torch
-from replay import captured, replayed_us  # this folder, first on the path of a script run from it
+from replay import captured, device_record, replayed_us  # this folder, first on the path of a script run from it
 
 FLOAT8 = torch.float8_e4m3fn
 FLOAT8_MAX = torch.finfo(FLOAT8).max
@@ -103,13 +103,8 @@ def main(path: str) -> None:
                 + ", ".join(f"{name} {us:.1f} us ({flop / us / 1e6:.0f} TFLOP/s)" for name, us in times.items()),
                 flush=True,
             )
-    device = {
-        "name": torch.cuda.get_device_name(),
-        "gpu": f"GPU-{torch.cuda.get_device_properties(0).uuid}",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "timing": f"replayed from one CUDA graph of {CALLS} products with operands of their own",
-    }
+    timing = f"replayed from one CUDA graph of {CALLS} products with operands of their own"
+    device = device_record() | {"timing": timing}
     with open(path, "w") as file:
         json.dump({"device": device, "shapes": results}, file, indent=1)
 

@@ -15,7 +15,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from replay import captured, replayed_us  # this folder, first on the path of a script run from it
+from replay import captured, device_record, replayed_us  # this folder, first on the path of a script run from it
 
 from runner.accelerators.group_norm import swap_group_norms
 
@@ -77,14 +77,8 @@ def main(path: str) -> None:
                 f"{row['in_layout_us']:.1f} us, largest difference {row['largest_difference']:.2e}",
                 flush=True,
             )
-    device = {
-        "name": torch.cuda.get_device_name(),
-        "gpu": f"GPU-{torch.cuda.get_device_properties(0).uuid}",
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-    }
     with open(path, "w") as file:
-        json.dump({"device": device, "entries": rows}, file, indent=1)
+        json.dump({"device": device_record(), "entries": rows}, file, indent=1)
 
 
 if __name__ == "__main__":

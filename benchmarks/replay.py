@@ -1,9 +1,10 @@
 """Timing a function on the GPU as a step runs it: captured once in a CUDA graph (after warm calls on a side stream,
 where an autotuner's timings land) and replayed back to back, the mean per call it holds. The kernel benchmarks'
-(folded_attention.py, text_attention.py, memsets.py, geglu_kernel.py); a script run from this folder imports it by
-name."""
+(folded_attention.py, text_attention.py, memsets.py, geglu_kernel.py, fp8_matmul.py, group_norm.py); a script run
+from this folder imports it by name."""
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -33,3 +34,13 @@ def replayed_us(graph: torch.cuda.CUDAGraph, calls: int, replays: int = 30) -> f
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000 / replays / calls
+
+
+def device_record() -> dict[str, Any]:
+    """What a benchmark's JSON says of where it ran: the GPU's name and UUID, torch's and CUDA's versions."""
+    return {
+        "name": torch.cuda.get_device_name(),
+        "gpu": f"GPU-{torch.cuda.get_device_properties(0).uuid}",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
