@@ -99,9 +99,9 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
             "fuse_qkv); did you mean accelerator.parts.1.calibration_prompts?",
         ),
         (
-            ("accelerator=fp8_compile", "accelerator.parts.2.mode=reduce-overhead"),
-            "accelerator.parts.2.mode: part 2 of accelerator fp8_compile, TorchCompileAccelerator, takes mode, but "
-            "conf/accelerator/fp8_compile.yaml does not set it: add it with +accelerator.parts.2.mode=...",
+            ("accelerator=fp8_compile", "accelerator.parts.3.mode=reduce-overhead"),
+            "accelerator.parts.3.mode: part 3 of accelerator fp8_compile, TorchCompileAccelerator, takes mode, but "
+            "conf/accelerator/fp8_compile.yaml does not set it: add it with +accelerator.parts.3.mode=...",
         ),
         (
             ("accelerator=deepcache_graph", "accelerator.parts.2.interval=2"),
