@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import PRECOMPILED_ON_CPU, load_model
+from PIL import Image
 
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain
@@ -82,6 +83,25 @@ def test_the_swapped_pipeline_makes_the_same_images_compiled_and_from_saved_func
     unet_only = build_accelerator(GROUP_NORM | {"vae": False})
     unet_only.apply(build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32), target(tmp_path))
     assert 0 < int(unet_only.tags()["group_norms_in_layout"]) < norms
+
+
+def test_image_to_image_encodes_its_input_through_the_swapped_encoder_to_the_same_images(tmp_path: Path) -> None:
+    """The VAE's encoder's norms are swapped too: an image-to-image call (its input encoded, then denoised and decoded)
+    makes the pipeline's images."""
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    call = {"image": source, "strength": 0.6, "num_inference_steps": 4, "output_type": "np"}
+    results = []
+    for swap in (False, True):
+        pipe = build_pipeline(load_model("tiny_sdxl"), "i2i", CPU, torch.float32)
+        if swap:
+            build_accelerator(GROUP_NORM).apply(pipe, target(tmp_path))
+            assert all(
+                m.named_like == "group_norm_in_layout"
+                for m in pipe.vae.encoder.modules()
+                if isinstance(m, torch.nn.GroupNorm)
+            )
+        results.append(pipe("a red door", generator=torch.Generator().manual_seed(7), **call).images)
+    np.testing.assert_allclose(results[1], results[0], atol=1e-5)
 
 
 def test_refused_in_one_line_where_the_denoiser_has_no_group_norm() -> None:

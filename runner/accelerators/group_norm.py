@@ -3,12 +3,15 @@
 torch's decomposition of a group norm on a GPU (``torch._refs.native_group_norm``, which inductor lowers) reshapes its
 input to (images, groups, channels per group, pixels) and normalises that view: a channels_last input cannot be
 viewed so, and inductor copies it to the channel-first layout somewhere between the tensor that makes it and the
-convolution after the norm, which wants channels_last again. Where the input is a concatenation (each resnet of
-SDXL's up blocks normalises its input joined with a skip connection), that copy is two transposing kernels: the
-concatenation written channel-first, then the norm's element-wise pass reading it channel-first and writing
-channels_last at a fraction of the GPU's bandwidth. In a 1024 px ``compile_graph_fast`` call on an H100 the seven
-such passes a step read and wrote at 470-720 GB/s, 0.88 ms of a step where the bytes take about 0.17 ms at 2.8 TB/s
-(BENCHMARKS.md, "Group norms across layouts").
+convolution after the norm, which wants channels_last again. In a 1024 px ``compile_graph_fast`` call on an H100
+the VAE's norm statistics read at 112-400 GB/s, and the passes of the UNet's norms after its up blocks'
+concatenations at 475-713 GB/s (BENCHMARKS.md, "Group norms across layouts").
+
+Measured on an H100 ("Float8 on the attention's products and group norms in their layout, on a GPU"): 11.5-12.1 ms
+less a 1024 px ``compile_graph_fast`` call in both orders, all of it in the VAE's decode (40.5-42.3 to 28.0-29.6 ms),
+the same images; the UNet's norms after a concatenation ran as slowly as before (inductor fuses the concatenation into
+them and, by inference, reads a skip connection made channel-first). In ``fp8_compile``; for ``compile_graph_fast``
+the variant ``cg_fast_group_norm``.
 
 Here each ``nn.GroupNorm`` of the denoiser (and, with ``vae``, of the VAE) computes every channel's mean and variance
 over its pixels, a reduction that reads the input in whatever layout it has; combines them into each group's (the law
