@@ -3,7 +3,8 @@
 Options: the compile mode; fullgraph; the backend (inductor; aot_eager or eager to check tracing without code
 generation, as the CPU tests do); the VAE's decoder (``compile_vae``) and encoder (``compile_vae_encoder``, by
 default as ``compile_vae``: compiled on first use, so a text-to-image job compiles no encoder); QKV projections
-fused into one matmul (diffusers' ``fuse_qkv_projections``); channels_last memory format; two ways to compile a
+fused into one matmul (diffusers' ``fuse_qkv_projections``; a denoiser a part before fused, float8's ``fuse_qkv``,
+is left as it is and only the VAE's are fused); channels_last memory format; two ways to compile a
 denoiser's repeated blocks once (the classes ``blocks`` names, by default diffusers' ``_repeated_blocks``: SDXL's
 transformer blocks): ``regional`` compiles those blocks alone and leaves the glue between them eager (each class
 compiled once per input shape and reused by all of its modules: Dynamo guards on a module's structure and shapes,
