@@ -125,28 +125,3 @@ def test_refused_in_one_line_where_the_denoiser_has_no_transformer_over_an_image
         "transformer_layout: Linear has no transformer model over an image (diffusers' Transformer2DModel) whose "
         "output's layout to keep; use an accelerator without TransformerOutputInLayoutAccelerator among its parts"
     )
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("group_norms", [False, True])  # torch's norms, then fp8_compile's (group_norm)
-def test_compiled_on_a_gpu_every_image_buffer_is_channels_last_and_the_output_eagers(group_norms: bool) -> None:
-    """The tiny SDXL UNet in float16, channels_last, swapped, compiled by inductor on the GPU (where a concatenation
-    may be computed inside the kernels that read it): no buffer of the generated code holds an image channel-first,
-    and the output is the eager one up to rounding."""
-    cuda = torch.device("cuda")
-    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", cuda, torch.float16)
-    unet = pipe.unet.eval().to(memory_format=torch.channels_last)
-    build_accelerator(LAYOUT).apply(pipe, target(Path(".")))
-    if group_norms:
-        build_accelerator({"_target_": "runner.accelerators.group_norm.GroupNormInLayoutAccelerator"}).apply(
-            pipe, target(Path("."))
-        )
-    args, kwargs = torch.utils._pytree.tree_map(lambda t: t.to(cuda, torch.float16), unet_call(unet))
-    args = (args[0].to(memory_format=torch.channels_last), args[1])
-    torch._dynamo.reset()
-    with torch.no_grad():
-        want = unet(*args, **kwargs).sample
-        got, code = run_and_get_code(lambda: torch.compile(unet)(*args, **kwargs).sample)
-    images = image_buffers(code[-1], "cuda")
-    assert images and all(shape[5] == 1 for shape in images), images
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
