@@ -10,8 +10,9 @@ concatenations at 475-713 GB/s (BENCHMARKS.md, "Group norms across layouts").
 Measured on an H100 ("Float8 on the attention's products and group norms in their layout, on a GPU"): 11.5-12.1 ms
 less a 1024 px ``compile_graph_fast`` call in both orders, all of it in the VAE's decode (40.5-42.3 to 28.0-29.6 ms),
 the same images; the UNet's norms after a concatenation ran as slowly as before (inductor fuses the concatenation into
-them and, by inference, reads a skip connection made channel-first). In ``fp8_compile``; for ``compile_graph_fast``
-the variant ``cg_fast_group_norm``.
+them and, by inference, reads a skip connection made channel-first: diffusers' transformer models copy their output
+so, which ``transformer_layout`` leaves out, to little effect on a GPU; BENCHMARKS.md, "The transformers' outputs in
+their input's layout"). In ``fp8_compile``; for ``compile_graph_fast`` the variant ``cg_fast_group_norm``.
 
 Here each ``nn.GroupNorm`` of the denoiser (and, with ``vae``, of the VAE) computes every channel's mean and variance
 over its pixels, a reduction that reads the input in whatever layout it has; combines them into each group's (the law
