@@ -136,3 +136,35 @@ def test_an_up_blocks_entry_compiled_on_a_gpu_is_torchs_up_to_rounding(dtype: to
         got = torch.compile(entry)(x, skip)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_pinned_norms_pin_a_channels_last_input_while_traced_and_keep_the_images(tmp_path: Path) -> None:
+    """``pin_layout``: while dynamo traces a norm whose input is channels_last, the graph pins that layout (inductor's
+    ``prims.inductor_force_stride_order``), a channel-first input is left alone, eager calls run unpinned; the images
+    stay the pipeline's, compiled and from the saved functions."""
+    norm = torch.nn.GroupNorm(4, 16)
+    build_accelerator(GROUP_NORM | {"vae": False, "pin_layout": True}).apply(
+        types.SimpleNamespace(unet=norm), target(Path("."))
+    )
+    assert norm.named_like == "group_norm_pinned"
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.GraphModule:
+        graphs.append(gm)
+        return gm
+
+    for layout, pinned in ((torch.channels_last, 1), (torch.contiguous_format, 0)):
+        graphs.clear()
+        torch._dynamo.reset()
+        x = torch.randn(2, 16, 6, 5).to(memory_format=layout)
+        torch.testing.assert_close(torch.compile(norm, backend=backend)(x), F.group_norm(x, 4, norm.weight, norm.bias))
+        pins = [n for gm in graphs for n in gm.graph.nodes if "inductor_force_stride_order" in str(n.target)]
+        assert len(pins) == pinned
+    want = images(build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32))
+    for _ in range(2):  # cold, then from the saved functions
+        torch._dynamo.reset()
+        pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
+        chain = Chain(parts=[GROUP_NORM | {"pin_layout": True}, PRECOMPILED_ON_CPU | {"channels_last": True}])
+        chain.apply(pipe, target(tmp_path))
+        np.testing.assert_allclose(images(pipe), want, atol=1e-5)
+    assert chain.tags()["precompile_cache"] == "hit"

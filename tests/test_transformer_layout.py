@@ -125,3 +125,24 @@ def test_refused_in_one_line_where_the_denoiser_has_no_transformer_over_an_image
         "transformer_layout: Linear has no transformer model over an image (diffusers' Transformer2DModel) whose "
         "output's layout to keep; use an accelerator without TransformerOutputInLayoutAccelerator among its parts"
     )
+
+
+@pytest.mark.gpu
+def test_with_pinned_norms_compiled_on_a_gpu_no_image_buffer_is_channel_first() -> None:
+    """The tiny SDXL UNet in float16, channels_last, with ``transformer_layout`` and ``group_norm``'s pinned norms,
+    compiled by inductor on the GPU: no buffer of the generated code holds an image channel-first (with the norms
+    unpinned, an H100 allocated the up blocks' first concatenation so), and the output is eager's up to rounding."""
+    cuda = torch.device("cuda")
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", cuda, torch.float16)
+    unet = pipe.unet.eval().to(memory_format=torch.channels_last)
+    norms = {"_target_": "runner.accelerators.group_norm.GroupNormInLayoutAccelerator", "pin_layout": True}
+    Chain(parts=[norms, LAYOUT]).apply(pipe, Target("unet", cuda, torch.float16, Path("."), "tiny"))
+    args, kwargs = torch.utils._pytree.tree_map(lambda t: t.to(cuda, torch.float16), unet_call(unet))
+    args = (args[0].contiguous(memory_format=torch.channels_last), args[1])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = unet(*args, **kwargs).sample
+        got, code = run_and_get_code(lambda: torch.compile(unet)(*args, **kwargs).sample)
+    images = image_buffers(code[-1], "cuda")
+    assert images and all(shape[5] == 1 for shape in images), images
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -21,6 +21,11 @@ element by element, in its own layout. Nothing reshapes the input. The arithmeti
 kernels; the rounding differs (the variance is combined from the channels'), so images agree up to rounding. A norm
 of an input without pixels (two dimensions) runs torch's own. Meant to be compiled: run eagerly, each norm holds a
 float32 copy of its input for a moment, where torch's kernel holds none.
+
+With ``pin_layout``, a norm whose input is channels_last (as eager lays it out) pins that layout for inductor while it
+is traced (``pinned_forward``): on an H100 inductor wrote the concatenation before an up block's norm channel-first
+even with the skip connections channels_last (``transformer_layout``). Untimed: the variants ``cg_fast_pinned`` and
+``fp8_pinned``, and a GPU test not yet run on a GPU.
 """
 
 from dataclasses import dataclass
@@ -61,28 +66,40 @@ def in_layout_forward(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor
     return group_norm_in_layout(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def swap_group_norms(model: torch.nn.Module) -> int:
-    """Every ``nn.GroupNorm`` of ``model`` computed in its input's layout (a class named like its own); how many."""
+def pinned_forward(self: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """``in_layout_forward`` with a channels_last input pinned so while a compiler traces it: inductor then writes the
+    tensor (a concatenation, say) in that layout, where it may otherwise choose channel-first and have the norm read it
+    across (inductor's ``prims.inductor_force_stride_order``, which costs nothing where the layout is already so)."""
+    if torch.compiler.is_compiling() and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        x = torch.ops.prims.inductor_force_stride_order(x, x.stride())
+    return in_layout_forward(self, x)
+
+
+def swap_group_norms(model: torch.nn.Module, pin_layout: bool = False) -> int:
+    """Every ``nn.GroupNorm`` of ``model`` computed in its input's layout (a class named like its own), its input's
+    layout pinned where ``pin_layout``; how many."""
+    why, forward = ("group_norm_pinned", pinned_forward) if pin_layout else ("group_norm_in_layout", in_layout_forward)
     norms = [module for module in model.modules() if isinstance(module, torch.nn.GroupNorm)]
     for norm in norms:
-        norm.__class__ = named_like(type(norm), "group_norm_in_layout", {"forward": in_layout_forward})
+        norm.__class__ = named_like(type(norm), why, {"forward": forward})
     return len(norms)
 
 
 @dataclass
 class GroupNormInLayoutAccelerator(Accelerator):
     vae: bool = True  # the VAE's group norms too (its decoder's, and its encoder's for image-to-image)
+    pin_layout: bool = False  # a channels_last input pinned so for the compiler (pinned_forward); untimed
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
-        self.swapped = swap_group_norms(denoiser)  # state, not an option
+        self.swapped = swap_group_norms(denoiser, self.pin_layout)  # state, not an option
         if not self.swapped:
             raise ConfigError(
                 f"group_norm: {type(denoiser).__name__} has no group norm (torch.nn.GroupNorm) to compute in its "
                 "input's layout; use an accelerator without GroupNormInLayoutAccelerator among its parts"
             )
         if self.vae:
-            self.swapped += swap_group_norms(pipe.vae)
+            self.swapped += swap_group_norms(pipe.vae, self.pin_layout)
 
     def tags(self) -> dict[str, str]:
         swapped = getattr(self, "swapped", None)
