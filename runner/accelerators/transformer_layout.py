@@ -7,8 +7,10 @@ Those outputs are the skip connections of SDXL's cross-attention blocks, concate
 channels_last tensors coming up, and ``torch.cat`` of tensors in two layouts is channel-first (in eager and in what
 inductor compiles: its concatenation is written channel-first, and the up blocks' norms after it transpose it back to
 channels_last for their convolution). In a 1024 px ``compile_graph_fast`` call on an H100 those norm passes ran at
-475-713 GB/s where the ones after a convolution ran at 1.7-2.5 TB/s, with kernels named after the copy
-(``..._cat_clone_convolution_div_permute_...``; BENCHMARKS.md, "Group norms across layouts").
+475-713 GB/s where the ones after a convolution ran at 1.7-2.5 TB/s (BENCHMARKS.md, "Group norms across layouts"),
+and in a later profile with ``group_norm`` kernels named after the copy read them
+(``..._add_cat_clone_convolution_div_permute_silu_var_mean_...``, "Float8 on the attention's products and group norms
+in their layout, on a GPU").
 
 Here each ``Transformer2DModel`` with continuous (image) inputs views its tokens as an image without the copy: the
 permuted view of (images, height, width, channels) is channels_last already, and the residual added to it is
