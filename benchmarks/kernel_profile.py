@@ -22,7 +22,8 @@ much waiting for the GPU in synchronisations (a blocking copy between host and G
 before it), by the operation that waited. A second profiled call records Python's functions too (``with_stack``),
 which slows the host, to say which functions the host's time before the first step went to. Writes OUT.json (the
 tables below, the calls' phases, the GPU's busy and idle time, the Python functions), OUT.trace.json.gz and
-OUT.python.trace.json.gz (the profiler's Chrome traces: chrome://tracing or ui.perfetto.dev), and prints the tables.
+OUT.python.trace.json.gz (the profiler's Chrome traces: chrome://tracing or ui.perfetto.dev), and prints the tables;
+where OUT is a folder, those files go in it, named ``profile_<accelerator>_<res>.*``.
 """
 
 import gc
@@ -264,7 +265,18 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def output_prefix(out: Path, overrides: list[str]) -> Path:
+    """Where the files go: ``OUT`` names their common prefix; an existing folder as ``OUT`` (e.g. a device call's
+    ``$OUT``) holds them as ``profile_<accelerator>_<res>``, where they would otherwise land beside it (on 2026-12-06
+    a trace written so stayed on the device machine)."""
+    if not out.is_dir():
+        return out
+    given = dict(item.split("=", 1) for item in overrides if "=" in item and not item.startswith("hydra."))
+    return out / f"profile_{given.get('accelerator', 'none')}_{given.get('res', 'default')}"
+
+
 def main(out: Path, overrides: list[str]) -> None:
+    out = output_prefix(out, overrides)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     prepared = prepare(overrides)

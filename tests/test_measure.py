@@ -378,6 +378,16 @@ def test_the_runner_against_bare_benchmark_runs_as_benchmarks_md_runs_it(task: s
     assert "runner vs bare" in done.stdout
 
 
+def test_the_profile_script_writes_into_a_folder_given_as_out(tmp_path: Path) -> None:
+    """benchmarks/kernel_profile.py's OUT: a prefix as given; an existing folder holds profile_<accelerator>_<res>."""
+    from kernel_profile import output_prefix
+
+    overrides = ["model=sdxl_base", "res=1024", "accelerator=fp8_layout", "hydra.searchpath=[file://x]"]
+    assert output_prefix(tmp_path / "run", overrides) == tmp_path / "run"
+    assert output_prefix(tmp_path, overrides) == tmp_path / "profile_fp8_layout_1024"
+    assert output_prefix(tmp_path, ["model=tiny_sdxl"]) == tmp_path / "profile_none_default"
+
+
 def test_the_profile_script_times_its_calls_unpinned_pinned_and_paused(capsys: pytest.CaptureFixture) -> None:
     """benchmarks/kernel_profile.py's timed calls, three blocks of cfg.runs, the second under the runner's
     steady_host with the core given (on the CPU nothing is pinned, as in the runner), the third with a pause
