@@ -127,6 +127,12 @@ def test_refused_in_one_line_where_the_denoiser_has_no_transformer_over_an_image
     )
 
 
+def test_refused_in_one_line_where_diffusers_lacks_the_method_it_replaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(Transformer2DModel, "_get_output_for_continuous_inputs")
+    with pytest.raises(ConfigError, match=r"^transformer_layout: diffusers [0-9.]+'s Transformer2DModel has no "):
+        build_accelerator(LAYOUT).apply(types.SimpleNamespace(unet=torch.nn.Linear(2, 2)), target(Path(".")))
+
+
 @pytest.mark.gpu
 def test_with_pinned_norms_compiled_on_a_gpu_no_image_buffer_is_channel_first() -> None:
     """The tiny SDXL UNet in float16, channels_last, with ``transformer_layout`` and ``group_norm``'s pinned norms,

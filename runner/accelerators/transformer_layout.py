@@ -29,6 +29,7 @@ orders, the same images. In the variants ``fp8_layout``, ``fp8_layout_bf16`` and
 
 from dataclasses import dataclass
 
+import diffusers
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -56,6 +57,12 @@ def output_in_layout(
 def swap_transformer_outputs(model: torch.nn.Module) -> int:
     """Every ``Transformer2DModel`` of ``model`` with image inputs hands its output back in its input's layout (a class
     named like its own); how many."""
+    if not hasattr(Transformer2DModel, "_get_output_for_continuous_inputs"):  # the method this replaces
+        raise ConfigError(
+            f"transformer_layout: diffusers {diffusers.__version__}'s Transformer2DModel has no "
+            "_get_output_for_continuous_inputs to replace (written for diffusers 0.42); use an accelerator without "
+            "TransformerOutputInLayoutAccelerator among its parts"
+        )
     transformers = [m for m in model.modules() if isinstance(m, Transformer2DModel) and m.is_input_continuous]
     for transformer in transformers:
         members = {"_get_output_for_continuous_inputs": output_in_layout}
