@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -18,6 +19,11 @@ from mlflow.entities import Run
 from omegaconf import OmegaConf
 
 from runner.config import CONF, ModelConfig
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from runner.accelerators import Target
 
 ROOT = CONF.parent
 
@@ -44,6 +50,23 @@ PRECOMPILED_ON_CPU = {
     "compile_vae": False,
     "cache": False,
 }
+
+
+def cold_then_saved(parts: list[dict], target: "Target") -> Iterator["DiffusionPipeline"]:
+    """The tiny SDXL text-to-image pipeline with the chain of ``parts`` applied twice from a fresh Dynamo: compiled
+    cold, then loaded from the functions the first saved (the chain must save them: PRECOMPILED_ON_CPU among its
+    parts); each pipeline is handed over to be checked, and the second must have loaded them."""
+    from runner.accelerators.chain import Chain
+    from runner.pipelines import build_pipeline
+
+    for _ in range(2):
+        torch._dynamo.reset()
+        pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", torch.device("cpu"), torch.float32)
+        chain = Chain(parts=parts)
+        chain.check(pipe.device)
+        chain.apply(pipe, target)
+        yield pipe
+    assert chain.tags()["precompile_cache"] == "hit"
 
 
 @dataclass

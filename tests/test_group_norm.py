@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PRECOMPILED_ON_CPU, load_model
+from conftest import PRECOMPILED_ON_CPU, cold_then_saved, load_model
 from PIL import Image
 
 from runner.accelerators import Target, build_accelerator
-from runner.accelerators.chain import Chain
 from runner.accelerators.group_norm import group_norm_in_layout
 from runner.config import ConfigError
 from runner.pipelines import build_pipeline
@@ -72,14 +71,8 @@ def test_the_swapped_pipeline_makes_the_same_images_compiled_and_from_saved_func
     swapped = [m for m in pipe.vae.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert swapped and all(type(m).__name__ == "GroupNorm" and m.named_like == "group_norm_in_layout" for m in swapped)
     np.testing.assert_allclose(images(pipe), want, atol=1e-5)
-    for _ in range(2):  # cold, then from the saved functions
-        torch._dynamo.reset()
-        pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
-        chain = Chain(parts=[GROUP_NORM, PRECOMPILED_ON_CPU])
-        chain.check(CPU)
-        chain.apply(pipe, target(tmp_path))
+    for pipe in cold_then_saved([GROUP_NORM, PRECOMPILED_ON_CPU], target(tmp_path)):
         np.testing.assert_allclose(images(pipe), want, atol=1e-5)
-    assert chain.tags()["precompile_cache"] == "hit"
     unet_only = build_accelerator(GROUP_NORM | {"vae": False})
     unet_only.apply(build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32), target(tmp_path))
     assert 0 < int(unet_only.tags()["group_norms_in_layout"]) < norms
@@ -161,10 +154,6 @@ def test_pinned_norms_pin_a_channels_last_input_while_traced_and_keep_the_images
         pins = [n for gm in graphs for n in gm.graph.nodes if "inductor_force_stride_order" in str(n.target)]
         assert len(pins) == pinned
     want = images(build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32))
-    for _ in range(2):  # cold, then from the saved functions
-        torch._dynamo.reset()
-        pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
-        chain = Chain(parts=[GROUP_NORM | {"pin_layout": True}, PRECOMPILED_ON_CPU | {"channels_last": True}])
-        chain.apply(pipe, target(tmp_path))
+    parts = [GROUP_NORM | {"pin_layout": True}, PRECOMPILED_ON_CPU | {"channels_last": True}]
+    for pipe in cold_then_saved(parts, target(tmp_path)):
         np.testing.assert_allclose(images(pipe), want, atol=1e-5)
-    assert chain.tags()["precompile_cache"] == "hit"

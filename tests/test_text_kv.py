@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PRECOMPILED_ON_CPU, load_model
+from conftest import PRECOMPILED_ON_CPU, cold_then_saved, load_model
 
 from runner.accelerators import Target, build_accelerator
 from runner.accelerators.chain import Chain, check_order
@@ -56,17 +56,11 @@ def test_keys_once_give_each_prompt_its_own_images_and_fill_once_a_call(tmp_path
 def test_keys_once_beside_fused_projections_compiled_and_precompiled(tmp_path: Path) -> None:
     """torch_compile's fused projections (one ``to_kv``) and its saved compiled modules, warm in a second pass."""
     expected = baseline()
-    for _ in range(2):  # cold, then from the saved functions
-        torch._dynamo.reset()
-        pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
-        chain = Chain(parts=[PRECOMPILED_ON_CPU, TEXT_KV])
-        chain.check(CPU)
-        chain.apply(pipe, target(tmp_path))
+    for pipe in cold_then_saved([PRECOMPILED_ON_CPU, TEXT_KV], target(tmp_path)):
         for prompt, wanted in zip(PROMPTS, expected, strict=True):
             np.testing.assert_allclose(images(pipe, prompt), wanted, atol=1e-5)
         filled = [name for name, module in pipe.unet.named_modules() if type(module) is TextProjection]
         assert filled and all(name.endswith("to_kv") for name in filled)
-    assert chain.tags()["precompile_cache"] == "hit"
 
 
 class Doubled(torch.nn.Module):

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PRECOMPILED_ON_CPU, load_model
+from conftest import PRECOMPILED_ON_CPU, cold_then_saved, load_model
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch._inductor.utils import run_and_get_code
 
@@ -108,14 +108,9 @@ def test_the_swapped_pipeline_makes_the_same_images_compiled_and_from_saved_func
         return pipe("a lighthouse at night", generator=torch.Generator().manual_seed(7), **call).images
 
     want = images(build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32))
-    for _ in range(2):  # cold, then from the saved functions (the swapped class is told apart by precompile's key)
-        torch._dynamo.reset()
-        pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
-        chain = Chain(parts=[LAYOUT, PRECOMPILED_ON_CPU])
-        chain.check(CPU)
-        chain.apply(pipe, target(tmp_path))
+    # the swapped class is told apart by precompile's key
+    for pipe in cold_then_saved([LAYOUT, PRECOMPILED_ON_CPU], target(tmp_path)):
         np.testing.assert_allclose(images(pipe), want, atol=1e-5)
-    assert chain.tags()["precompile_cache"] == "hit"
 
 
 def test_refused_in_one_line_where_the_denoiser_has_no_transformer_over_an_image() -> None:
