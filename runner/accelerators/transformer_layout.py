@@ -4,9 +4,9 @@ stays channels_last through its skip connections.
 diffusers' ``Transformer2DModel`` ends by viewing its tokens as an image, ``permute(0, 3, 1, 2).contiguous()``: a copy
 to the channel-first layout, whatever the layout of the UNet around it; the residual added to it keeps that layout.
 Those outputs are the skip connections of SDXL's cross-attention blocks, concatenated in the up blocks with the
-channels_last tensors coming up, and ``torch.cat`` of tensors in two layouts is channel-first (in eager and in what
-inductor compiles: its concatenation is written channel-first, and the up blocks' norms after it transpose it back to
-channels_last for their convolution). In a 1024 px ``compile_graph_fast`` call on an H100 those norm passes ran at
+channels_last tensors coming up, and ``torch.cat`` of tensors in two layouts is channel-first in eager (and, by
+inference from its kernels' names, in what inductor compiles for the GPU, whose up-block norms then transpose it back
+to channels_last for their convolution). In a 1024 px ``compile_graph_fast`` call on an H100 those norm passes ran at
 475-713 GB/s where the ones after a convolution ran at 1.7-2.5 TB/s (BENCHMARKS.md, "Group norms across layouts"),
 and in a later profile with ``group_norm`` kernels named after the copy read them
 (``..._add_cat_clone_convolution_div_permute_silu_var_mean_...``, "Float8 on the attention's products and group norms
