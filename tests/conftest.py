@@ -52,8 +52,10 @@ PRECOMPILED_ON_CPU = {
 }
 
 
-def cold_then_saved(parts: list[dict], target: "Target") -> Iterator["DiffusionPipeline"]:
-    """The tiny SDXL text-to-image pipeline with the chain of ``parts`` applied twice from a fresh Dynamo: compiled
+def cold_then_saved(
+    parts: list[dict], target: "Target", model: str = "tiny_sdxl", task: str = "t2i"
+) -> Iterator["DiffusionPipeline"]:
+    """The tiny ``model``'s ``task`` pipeline with the chain of ``parts`` applied twice from a fresh Dynamo: compiled
     cold, then loaded from the functions the first saved (the chain must save them: PRECOMPILED_ON_CPU among its
     parts); each pipeline is handed over to be checked, and the second must have loaded them."""
     from runner.accelerators.chain import Chain
@@ -61,7 +63,7 @@ def cold_then_saved(parts: list[dict], target: "Target") -> Iterator["DiffusionP
 
     for _ in range(2):
         torch._dynamo.reset()
-        pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", torch.device("cpu"), torch.float32)
+        pipe = build_pipeline(load_model(model), task, torch.device("cpu"), torch.float32)
         chain = Chain(parts=parts)
         chain.check(pipe.device)
         chain.apply(pipe, target)

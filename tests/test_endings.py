@@ -99,9 +99,9 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
             "fuse_qkv); did you mean accelerator.parts.1.calibration_prompts?",
         ),
         (
-            ("accelerator=fp8_compile", "accelerator.parts.3.mode=reduce-overhead"),
-            "accelerator.parts.3.mode: part 3 of accelerator fp8_compile, TorchCompileAccelerator, takes mode, but "
-            "conf/accelerator/fp8_compile.yaml does not set it: add it with +accelerator.parts.3.mode=...",
+            ("accelerator=fp8_compile", "accelerator.parts.4.mode=reduce-overhead"),
+            "accelerator.parts.4.mode: part 4 of accelerator fp8_compile, TorchCompileAccelerator, takes mode, but "
+            "conf/accelerator/fp8_compile.yaml does not set it: add it with +accelerator.parts.4.mode=...",
         ),
         (
             ("accelerator=deepcache_graph", "accelerator.parts.2.interval=2"),
@@ -109,15 +109,16 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
             "DeepCacheAccelerator, 1 CudaGraphAccelerator); did you mean accelerator.parts.0.interval?",
         ),
         (  # a + override too: the part must exist and take the option
-            ("accelerator=compile_graph_fast", "+accelerator.parts.9.interval=2"),
-            "accelerator.parts.9.interval: accelerator compile_graph_fast has no part 9 (its parts: 0 "
-            "VaeBf16Accelerator, 1 FusedGegluAccelerator, 2 TorchCompileAccelerator, 3 CudaGraphAccelerator, "
-            "4 TextKeysOnceAccelerator, 5 DeviceOnceAccelerator, 6 DeviceImagesAccelerator, 7 PromptGraphAccelerator, "
-            "8 HostAheadAccelerator); number a part from 0 to 8",
+            ("accelerator=compile_graph_fast", "+accelerator.parts.11.interval=2"),
+            "accelerator.parts.11.interval: accelerator compile_graph_fast has no part 11 (its parts: 0 "
+            "VaeBf16Accelerator, 1 GroupNormInLayoutAccelerator, 2 FusedGegluAccelerator, "
+            "3 TransformerOutputInLayoutAccelerator, 4 TorchCompileAccelerator, 5 CudaGraphAccelerator, "
+            "6 TextKeysOnceAccelerator, 7 DeviceOnceAccelerator, 8 DeviceImagesAccelerator, 9 PromptGraphAccelerator, "
+            "10 HostAheadAccelerator); number a part from 0 to 10",
         ),
         (
-            ("accelerator=compile_graph_fast", "+accelerator.parts.4.interval=2"),
-            "accelerator.parts.4.interval: part 4 of accelerator compile_graph_fast, TextKeysOnceAccelerator, "
+            ("accelerator=compile_graph_fast", "+accelerator.parts.6.interval=2"),
+            "accelerator.parts.6.interval: part 6 of accelerator compile_graph_fast, TextKeysOnceAccelerator, "
             "takes no options (conf/accelerator/compile_graph_fast.yaml)",
         ),
         (

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import PRECOMPILED_ON_CPU, cold_then_saved, load_model
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from PIL import Image
 from torch._inductor.utils import run_and_get_code
 
 from runner.accelerators import Target, build_accelerator
@@ -111,6 +112,23 @@ def test_the_swapped_pipeline_makes_the_same_images_compiled_and_from_saved_func
     # the swapped class is told apart by precompile's key
     for pipe in cold_then_saved([LAYOUT, PRECOMPILED_ON_CPU], target(tmp_path)):
         np.testing.assert_allclose(images(pipe), want, atol=1e-5)
+
+
+def test_image_to_image_makes_the_same_images_with_compile_graph_fasts_layout_parts(tmp_path: Path) -> None:
+    """instruct-pix2pix (1x1 convolutions project its transformers' images) with the layout parts
+    ``compile_graph_fast`` and ``fp8_compile`` hold, pinned norms and outputs in their layout, channels_last, compiled
+    and from the saved functions: the images are the pipeline's up to rounding."""
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+    def images(pipe) -> np.ndarray:
+        generator = torch.Generator().manual_seed(7)
+        return pipe("a red door", image=source, num_inference_steps=3, output_type="np", generator=generator).images
+
+    want = images(build_pipeline(load_model("tiny_pix2pix"), "i2i", CPU, torch.float32))
+    norms = {"_target_": "runner.accelerators.group_norm.GroupNormInLayoutAccelerator", "pin_layout": True}
+    parts = [norms, LAYOUT, PRECOMPILED_ON_CPU | {"channels_last": True}]
+    for pipe in cold_then_saved(parts, target(tmp_path, "tiny_pix2pix"), "tiny_pix2pix", "i2i"):
+        np.testing.assert_allclose(images(pipe), want, atol=1e-4)
 
 
 def test_refused_in_one_line_where_the_denoiser_has_no_transformer_over_an_image() -> None:
