@@ -9,7 +9,9 @@ or nothing until the job fails.
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import fields, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -55,11 +57,33 @@ def value_error(key: str, value: object) -> str | None:
     return None
 
 
+def config_dirs(parsed: list) -> list[Path] | None:
+    """The folders Hydra looks in for a group's options, in its order: ``conf/``, then each ``file://`` folder of a
+    ``hydra.searchpath`` override (a relative one from the working directory); None where the search path holds a
+    source that is no folder here (``pkg://``), whose options cannot be listed before composing."""
+    entries = next((o.value() for o in parsed if o.key_or_group == "hydra.searchpath"), [])
+    entries = entries if isinstance(entries, list) else [entries]
+    if not all(str(entry).startswith("file://") for entry in entries):
+        return None
+    return [CONF, *(Path(str(entry).removeprefix("file://")).absolute() for entry in entries)]
+
+
+def shown(path: Path) -> str:
+    """A config file's path as a message names it: from the project's root where it lies beneath it."""
+    return str(path.relative_to(CONF.parent)) if path.is_relative_to(CONF.parent) else str(path)
+
+
+def option_file(dirs: list[Path], group: str, name: str) -> Path | None:
+    """The YAML Hydra would select for ``group=name``: the first of ``dirs`` that has it."""
+    return next((d / group / f"{name}.yaml" for d in dirs if (d / group / f"{name}.yaml").is_file()), None)
+
+
 def check_override_keys(overrides: list[str], groups: set[str]) -> None:
     """Refuse, before anything runs, a command-line key the schema does not have, naming the closest one, and
     a single value a number or flag setting cannot take, or a single model, task, accelerator or experiment
-    ``conf/`` does not have (a swept value fails only its own job, in the sweep; with ``hydra.searchpath`` the
-    options are Hydra's to check). ``groups`` are the config groups (model, task, ...)."""
+    ``conf/`` (and the folders of a ``hydra.searchpath`` override) do not have (a swept value fails only its own job,
+    in the sweep; with a ``pkg://`` search path the options are Hydra's to check). ``groups`` are the config groups
+    (model, task, ...)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -68,16 +92,16 @@ def check_override_keys(overrides: list[str], groups: set[str]) -> None:
     except HydraException:
         return  # Hydra's own parser then says what is wrong with the syntax
     keys = known_keys()
-    elsewhere = any(override.key_or_group == "hydra.searchpath" for override in parsed)  # options beyond conf/
+    dirs = config_dirs(parsed)
     for override in parsed:
         key = override.key_or_group
         problem = None if override.is_sweep_override() else value_error(key, override.value())
         if problem:
             raise ConfigError(problem)
-        if key in groups and not (override.is_sweep_override() or elsewhere or override.value() is None):
-            options = sorted(path.stem for path in (CONF / key).glob("*.yaml"))
+        if key in groups and not (override.is_sweep_override() or dirs is None or override.value() is None):
+            options = sorted({path.stem for folder in dirs for path in (folder / key).glob("*.yaml")})
             if str(override.value()) not in options:
-                raise ConfigError(no_such_option(key, str(override.value()), options))
+                raise ConfigError(no_such_option(key, str(override.value()), options, dirs))
         if key.split(".")[0].split("/")[0] == "hydra" or key in groups or "/" in key or key in keys:
             continue
         problem = accelerator_option_problem(key, parsed, adding=override.is_add())
@@ -90,11 +114,11 @@ def check_override_keys(overrides: list[str], groups: set[str]) -> None:
         raise ConfigError(f"{key}: no such key; {hint}")
 
 
-def no_such_option(group: str, option: str, options: list[str]) -> str:
-    """One line for a model, task, accelerator or experiment that ``conf/<group>/`` does not have: the closest
-    name, every choice, and how to add one."""
+def no_such_option(group: str, option: str, options: list[str], dirs: Sequence[Path] = (CONF,)) -> str:
+    """One line for a model, task, accelerator or experiment that none of ``dirs`` (``conf/`` and the search path's
+    folders) has: the closest name, every choice, and how to add one."""
     variant = CONF.parent / "benchmarks" / "conf" / group / f"{option}.yaml"
-    if variant.is_file():  # measured in BENCHMARKS.md, kept off the default search path
+    if variant.is_file() and variant.parent.parent not in dirs:  # measured in BENCHMARKS.md, off the default path
         return (
             f"{group}={option}: a variant in benchmarks/conf/{group}/, not in conf/{group}/; add "
             f"hydra.searchpath=[file://{CONF.parent}/benchmarks/conf] to select it"
@@ -108,14 +132,15 @@ def no_such_option(group: str, option: str, options: list[str]) -> str:
 def accelerator_option_problem(key: str, parsed: list, adding: bool = False) -> str | None:
     """For an ``accelerator.<option>=`` override, the one line naming a chosen accelerator whose YAML has no such
     option (Hydra's own refusal is a struct error of several lines); None where every chosen one has it, or where
-    they cannot be known before composing (an experiment, a YAML outside conf/accelerator). ``adding`` (a ``+``
-    override) also accepts an option the accelerator's class takes that its YAML leaves out."""
+    they cannot be known before composing (an experiment, a search path with a ``pkg://`` source). ``adding`` (a
+    ``+`` override) also accepts an option the accelerator's class takes that its YAML leaves out."""
     if not key.startswith("accelerator."):
         return None
     segments = key.split(".")
     option = segments[1]
     overrides = {override.key_or_group: override for override in parsed}
-    if "experiment" in overrides:
+    dirs = config_dirs(parsed)
+    if "experiment" in overrides or dirs is None:
         return None
     chosen = overrides.get("accelerator")
     if chosen is None:
@@ -123,10 +148,11 @@ def accelerator_option_problem(key: str, parsed: list, adding: bool = False) -> 
         names = [entry["accelerator"] for entry in defaults if isinstance(entry, dict) and "accelerator" in entry]
     else:
         names = list(chosen.sweep_string_iterator()) if chosen.is_sweep_override() else [str(chosen.value())]
-    files = [CONF / "accelerator" / f"{name}.yaml" for name in names]
-    if not all(file.is_file() for file in files):
-        return None
-    configs = {name: yaml.safe_load(file.read_text()) or {} for name, file in zip(names, files, strict=True)}
+    found = [option_file(dirs, "accelerator", name) for name in names]
+    files = {name: file for name, file in zip(names, found, strict=True) if file is not None}
+    if len(files) < len(names):
+        return None  # a choice no folder has: refused as such where it is checked, or by Hydra
+    configs = {name: yaml.safe_load(file.read_text()) or {} for name, file in files.items()}
     options = {name: [k for k in configs[name] if k != "_target_"] for name in names}
     if adding:
         options = {
@@ -136,7 +162,8 @@ def accelerator_option_problem(key: str, parsed: list, adding: bool = False) -> 
     if not lacking:
         if option != "parts" or len(segments) < 4:
             return None
-        problems = (chain_part_problem(key, name, configs[name]["parts"], adding) for name in names)
+        parts = {name: (configs[name]["parts"], shown(files[name])) for name in names}
+        problems = (chain_part_problem(key, name, *parts[name], adding) for name in names)
         return next((problem for problem in problems if problem), None)
     having = [name for name in names if name not in lacking]
     name = lacking[0]
@@ -146,9 +173,9 @@ def accelerator_option_problem(key: str, parsed: list, adding: bool = False) -> 
             "have it on their own, or add a YAML to conf/accelerator/ that sets it"
         )
     if not options[name]:
-        return f"{key}: accelerator {name} takes no options (conf/accelerator/{name}.yaml)"
+        return f"{key}: accelerator {name} takes no options ({shown(files[name])})"
     close = difflib.get_close_matches(option, options[name], n=1)
-    hint = f"did you mean accelerator.{close[0]}?" if close else f"conf/accelerator/{name}.yaml says what each does"
+    hint = f"did you mean accelerator.{close[0]}?" if close else f"{shown(files[name])} says what each does"
     return f"{key}: accelerator {name} has no such option (its options: {', '.join(options[name])}); {hint}"
 
 
@@ -163,7 +190,9 @@ def fields_of(node: dict[str, Any]) -> list[str]:
         return []
 
 
-def chain_part_problem(key: str, name: str, parts: list[dict[str, Any]], adding: bool = False) -> str | None:
+def chain_part_problem(
+    key: str, name: str, parts: list[dict[str, Any]], chain_file: str, adding: bool = False
+) -> str | None:
     """For ``accelerator.parts.<N>.<option>=`` on chain ``name``: the one line saying that the chain has no part N,
     or that its part N has no such option, or that it has one the YAML leaves out (which only ``+`` adds);
     None where the YAML sets it, or where ``adding`` and the part takes it."""
@@ -182,7 +211,7 @@ def chain_part_problem(key: str, name: str, parts: list[dict[str, Any]], adding:
     part = parts[int(index)]
     if option in part:
         return None
-    where, chain_file = f"part {index} of accelerator {name}, {classes[int(index)]},", f"conf/accelerator/{name}.yaml"
+    where = f"part {index} of accelerator {name}, {classes[int(index)]},"
     declared = fields_of(part)
     if option in declared:
         return (

@@ -20,6 +20,9 @@ from runner.report import main as report_main
 from runner.tracking import PROBE_TIMEOUT_S, Tracker
 
 
+VARIANTS = f"hydra.searchpath=[file://{ROOT}/benchmarks/conf]"
+
+
 def sweeps(uri: str) -> list:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("diffusion-bench")
@@ -131,6 +134,21 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
             ("accelerator=dc_text_kv",),
             f"accelerator=dc_text_kv: a variant in benchmarks/conf/accelerator/, not in conf/accelerator/; add "
             f"hydra.searchpath=[file://{ROOT}/benchmarks/conf] to select it",
+        ),
+        (  # a variant's options and names are checked from the search path's folders as conf/'s are
+            ("accelerator=cg_fast_layout_text", "+accelerator.parts.2.pin_layot=true", VARIANTS),
+            "accelerator.parts.2.pin_layot: part 2 of accelerator cg_fast_layout_text, GroupNormInLayoutAccelerator, "
+            "has no such option (its options: vae, pin_layout); did you mean accelerator.parts.2.pin_layout?",
+        ),
+        (
+            ("accelerator=cg_fast_layout_text", "accelerator.parts.2.pin_layout=true", VARIANTS),
+            "accelerator.parts.2.pin_layout: part 2 of accelerator cg_fast_layout_text, GroupNormInLayoutAccelerator, "
+            "takes pin_layout, but benchmarks/conf/accelerator/cg_fast_layout_text.yaml does not set it: add it with "
+            "+accelerator.parts.2.pin_layout=...",
+        ),
+        (
+            ("accelerator=cg_fast_layot", VARIANTS),
+            "accelerator=cg_fast_layot: no such accelerator (did you mean cg_fast_layout?); choose one of ",
         ),
     ],
 )
