@@ -19,7 +19,6 @@ from runner.host import HOST, boot_id
 from runner.report import main as report_main
 from runner.tracking import PROBE_TIMEOUT_S, Tracker
 
-
 VARIANTS = f"hydra.searchpath=[file://{ROOT}/benchmarks/conf]"
 
 
