@@ -28,7 +28,7 @@ from runner.config import (
     switched_config,
     to_config,
 )
-from runner.overrides import known_keys
+from runner.overrides import check_override_keys, known_keys
 
 GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "task", "accelerator")}
 
@@ -63,6 +63,20 @@ def test_benchmark_variants_compose_from_their_search_path(variant: str) -> None
     searchpath = f"hydra.searchpath=[file://{CONF.parent}/benchmarks/conf]"
     cfg = to_config(compose_job(f"accelerator={variant}", searchpath))
     assert cfg.names.accelerator == variant and isinstance(build_accelerator(cfg.accelerator), Accelerator)
+
+
+def test_a_relative_file_search_path_is_read_from_the_working_directory_and_a_package_one_left_to_hydra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A variant's misspelt option is refused before composing where the search path's folders can be read (a
+    relative ``file://`` one from the working directory, as Hydra reads it); with a ``pkg://`` source too, nothing
+    is refused here (Hydra checks it)."""
+    monkeypatch.chdir(CONF.parent)
+    option = ["accelerator=cg_fast_layout_text", "+accelerator.parts.2.pin_layot=true"]
+    groups = set(GROUPS)
+    with pytest.raises(ConfigError, match=r"^accelerator.parts.2.pin_layot: part 2 of accelerator cg_fast_layout_text"):
+        check_override_keys([*option, "hydra.searchpath=[file://benchmarks/conf]"], groups)
+    check_override_keys([*option, "hydra.searchpath=[file://benchmarks/conf,pkg://somewhere.conf]"], groups)
 
 
 def test_groups_are_the_ones_the_issue_names() -> None:
