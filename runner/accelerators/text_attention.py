@@ -20,8 +20,10 @@ Composes with ``text_kv``: the keys and values it reads are then the filled buff
 Measured on an H100 (BENCHMARKS.md, "the cross-attention over the text in a kernel of its own", 2026-12-05): the
 kernel took 15.7 and 9.8 µs at 1024 px's two shapes against torch's attention's (its default backend) 17.1 and 12.4,
 6.5 and 5.4 at 512 px's against 10.0 and 7.6, the same largest difference from float32 arithmetic as torch's; about
-5 ms of a call by the kernels alone, not yet timed in a whole call. So it is in the variant
-``cg_fast_text_attention`` only.
+5 ms of a call by the kernels alone. In a whole 1024 px call (the variant ``cg_fast_layout_text`` against
+``cg_fast_layout``, both orders on one H100 start): 1.0 and 19.0 ms less, within that start's noise, no verdict
+("Group norms pinned to their layout", 2026-12-06). So it is in the variants ``cg_fast_text_attention`` and
+``cg_fast_layout_text`` only.
 """
 
 from dataclasses import dataclass
