@@ -28,7 +28,7 @@ from runner.config import (
     switched_config,
     to_config,
 )
-from runner.overrides import check_override_keys, known_keys
+from runner.overrides import check_override_keys, known_keys, no_such_option
 
 GROUPS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("model", "task", "accelerator")}
 
@@ -77,6 +77,19 @@ def test_a_relative_file_search_path_is_read_from_the_working_directory_and_a_pa
     with pytest.raises(ConfigError, match=r"^accelerator.parts.2.pin_layot: part 2 of accelerator cg_fast_layout_text"):
         check_override_keys([*option, "hydra.searchpath=[file://benchmarks/conf]"], groups)
     check_override_keys([*option, "hydra.searchpath=[file://benchmarks/conf,pkg://somewhere.conf]"], groups)
+
+
+def test_a_misspelt_option_names_confs_choices_and_counts_the_search_paths() -> None:
+    """What a swept job Hydra could not compose says (Hydra hands over every option, conf/'s and the search path's,
+    and not where each lies): conf/'s choices named, the others counted."""
+    options = ["compile_graph", "compile_graph_fast", "cg_fast_layout", "fp8_layout", "none"]
+    assert no_such_option("accelerator", "cg_fast_layot", options) == (
+        "accelerator=cg_fast_layot: no such accelerator (did you mean cg_fast_layout?); choose one of compile_graph, "
+        "compile_graph_fast, none, or one of the 2 on the search path (or add conf/accelerator/cg_fast_layot.yaml)"
+    )
+    assert no_such_option("accelerator", "fp8_lay", ["fp8_layout"]).endswith(
+        "choose one of the 1 on the search path (or add conf/accelerator/fp8_lay.yaml)"
+    )
 
 
 def test_groups_are_the_ones_the_issue_names() -> None:

@@ -147,7 +147,11 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
         ),
         (
             ("accelerator=cg_fast_layot", VARIANTS),
-            "accelerator=cg_fast_layot: no such accelerator (did you mean cg_fast_layout?); choose one of ",
+            # conf/'s accelerators named, the variants counted: a line, not fifty names
+            "accelerator=cg_fast_layot: no such accelerator (did you mean cg_fast_layout?); choose one of "
+            f"{', '.join(sorted(path.stem for path in (ROOT / 'conf/accelerator').glob('*.yaml')))}, or one of the "
+            f"{len(list((ROOT / 'benchmarks/conf/accelerator').glob('*.yaml')))} in benchmarks/conf/accelerator/ "
+            "(or add conf/accelerator/cg_fast_layot.yaml)",
         ),
     ],
 )
