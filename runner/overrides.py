@@ -117,14 +117,18 @@ def check_override_keys(overrides: list[str], groups: set[str]) -> None:
 def no_such_option(group: str, option: str, options: list[str], dirs: Sequence[Path] = (CONF,)) -> str:
     """One line for a model, task, accelerator or experiment that none of ``dirs`` (``conf/`` and the search path's
     folders) has: the closest name, conf/'s choices (the search path's counted), and how to add one."""
-    variant = CONF.parent / "benchmarks" / "conf" / group / f"{option}.yaml"
-    if variant.is_file() and variant.parent.parent not in dirs:  # measured in BENCHMARKS.md, off the default path
+    variants = CONF.parent / "benchmarks" / "conf" / group
+    off_path = variants.parent not in dirs  # the variants measured in BENCHMARKS.md, off the default path
+    select = f"hydra.searchpath=[file://{variants.parent}]"
+    if off_path and (variants / f"{option}.yaml").is_file():
         return (
-            f"{group}={option}: a variant in benchmarks/conf/{group}/, not in conf/{group}/; add "
-            f"hydra.searchpath=[file://{CONF.parent}/benchmarks/conf] to select it"
+            f"{group}={option}: a variant in benchmarks/conf/{group}/, not in conf/{group}/; add {select} to select it"
         )
     close = difflib.get_close_matches(option, options, n=1)
+    near = difflib.get_close_matches(option, [path.stem for path in variants.glob("*.yaml")], n=1) if off_path else []
     hint = f" (did you mean {close[0]}?)" if close else ""
+    if near and not close:
+        hint = f" (did you mean the variant {near[0]}? add {select})"
     # conf/'s own choices in full; a search path's (benchmarks/conf/ holds some forty variants) counted, not listed
     own = [name for name in options if (CONF / group / f"{name}.yaml").is_file()]
     more = len(options) - len(own)

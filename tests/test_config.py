@@ -92,6 +92,13 @@ def test_a_misspelt_option_names_confs_choices_and_counts_the_search_paths() -> 
     )
 
 
+def test_a_name_close_to_a_variant_off_the_search_path_says_how_to_select_it() -> None:
+    assert no_such_option("accelerator", "cg_fast_layot", ["compile_graph", "none"]).startswith(
+        "accelerator=cg_fast_layot: no such accelerator (did you mean the variant cg_fast_layout? add "
+        f"hydra.searchpath=[file://{CONF.parent}/benchmarks/conf]); choose one of compile_graph, none"
+    )
+
+
 def test_groups_are_the_ones_the_issue_names() -> None:
     assert {
         "realvisxl_v4",
