@@ -62,7 +62,11 @@ def config_dirs(parsed: list) -> list[Path] | None:
     ``hydra.searchpath`` override (a relative one from the working directory); None where the search path holds a
     source that is no folder here (``pkg://``), whose options cannot be listed before composing."""
     entries = next((o.value() for o in parsed if o.key_or_group == "hydra.searchpath"), [])
-    entries = entries if isinstance(entries, list) else [entries]
+    return search_dirs(entries if isinstance(entries, list) else [entries])
+
+
+def search_dirs(entries: Sequence[object]) -> list[Path] | None:
+    """``conf/`` and the folders of a search path's ``file://`` entries; None where one is another kind of source."""
     if not all(str(entry).startswith("file://") for entry in entries):
         return None
     return [CONF, *(Path(str(entry).removeprefix("file://")).absolute() for entry in entries)]

@@ -24,12 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.catalogue import SWEEP_TABLE, describe
 from runner.compare import compare
-from runner.config import REBASELINE, MlflowConfig, option_label, run_name
+from runner.config import CONF, REBASELINE, MlflowConfig, option_label, run_name
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
 from runner.job import Stopped, Terminated, alive, sigterm_raises
 from runner.launch import missing_bytecode_hint, start_server, stop_server
-from runner.overrides import no_such_option, value_error
+from runner.overrides import no_such_option, search_dirs, value_error
 from runner.record import JobRecord, Outcome
 from runner.report import answers, write_report
 from runner.tracking import Tracker
@@ -205,12 +205,12 @@ def close_abandoned_sweeps(tracker: Tracker) -> None:
             )
 
 
-def describe_compose_error(error: Exception, chosen: dict[str, str]) -> str:
-    """One line for a job Hydra could not compose (``chosen``: its overrides): the key, the value and what is
-    allowed."""
+def describe_compose_error(error: Exception, chosen: dict[str, str], dirs: Sequence[Path] = (CONF,)) -> str:
+    """One line for a job Hydra could not compose (``chosen``: its overrides; ``dirs``: the folders its options come
+    from, conf/ and the sweep's search path's): the key, the value and what is allowed."""
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and "/" in error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")
-        return no_such_option(group, option, list(error.options or []))
+        return no_such_option(group, option, list(error.options or []), dirs)
     cause = error.__cause__ or error
     key = getattr(cause, "full_key", None)
     if key and key in chosen:
@@ -229,7 +229,8 @@ def record_uncomposable(master: DictConfig, overrides: list[str], error: Excepti
     model, accelerator = option_label("model", params["model"]), option_label("accelerator", params["accelerator"])
     batch, switch_res, dtype = (chosen.get(key) for key in ("batch", "switch_res", "dtype"))
     name = run_name(model, params["task"], height, width, accelerator, batch or 1, switch_res, dtype)
-    message = describe_compose_error(error, chosen)
+    dirs = search_dirs(OmegaConf.select(master, "hydra.searchpath", default=[])) or [CONF]
+    message = describe_compose_error(error, chosen, dirs)
     tracker = open_tracker(master)
     tags = {"host": HOST, "pid": str(os.getpid()), "boot_id": boot_id()}
     run_id = tracker.record_never_ran(name, params, chosen.get("sweep_id", ""), tags, Outcome.FAILED, message)

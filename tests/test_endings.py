@@ -80,6 +80,14 @@ def test_a_misspelled_nested_key_names_the_right_one(cli) -> None:
     assert sweep.code == 2 and "quality.min_ssm: no such key; did you mean quality.min_ssim?" in sweep.output
 
 
+def test_a_swept_misspelt_variant_fails_its_job_naming_the_search_paths_folder(cli) -> None:
+    sweep = cli("-m", "accelerator=cg_fast_layot,fp8_layot", VARIANTS, "res=64", "runs=1")
+    variants = len(list((ROOT / "benchmarks/conf/accelerator").glob("*.yaml")))
+    errors = {run.data.tags["error"] for run in sweep.runs().values()}
+    assert sweep.code == 1 and len(errors) == 2
+    assert all(f", or one of the {variants} in benchmarks/conf/accelerator/ (or add conf/" in error for error in errors)
+
+
 @pytest.mark.parametrize(
     ("args", "error"),
     [
