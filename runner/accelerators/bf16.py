@@ -8,7 +8,9 @@ UNet at its 700 W power limit in both, its images SSIM 0.9995 (48.7 dB) from ``n
 whole pipeline in bfloat16"); 0.9396-0.9400 s against 0.9667-0.9683 s on another start. At 512 px, where the GPU
 stays under its power limit, it took 1.1-1.2% longer than ``compile_graph_fast`` while drawing 5-7% less power, so
 what it gains at 1024 px is, by inference (no kernel profile), the power it saves under the cap
-("``compile_graph_bf16`` at both sizes").
+("``compile_graph_bf16`` at both sizes"). With ``compile_graph_fast``'s layout parts after it (today's
+``compile_graph_bf16``), 0.9245-0.9278 s against ``compile_graph_fast``'s 0.9529-0.9566 s on a third H200 start
+("``compile_graph_bf16`` with the layout parts").
 
 In place and first in its chain, so every part after it finds bfloat16 modules. The VAE is no longer upcast to
 float32 (bfloat16 cannot overflow where float16 does), and its decoder hands the pipeline float16, as
