@@ -38,6 +38,7 @@ import difflib
 import json
 import os
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -153,6 +154,7 @@ class TorchCompileAccelerator(Accelerator):
             )
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
+        leave_out_the_version_checks_warning()
         denoiser = getattr(pipe, target.denoiser)
         parts = getattr(denoiser, "step_modules", ())
         self.counters_before = _cache_counters()
@@ -406,3 +408,14 @@ def refuse_unfusable(denoiser: torch.nn.Module) -> None:
                 "keep float8 out of the unfused attention projections (fp8's include=[ff.]), let float8 fuse them "
                 "first (fp8's fuse_qkv: true), or set fuse_qkv: false"
             )
+
+
+def leave_out_the_version_checks_warning() -> None:
+    """Dynamo warns, with the source line and "silent incorrectness is a potential risk", wherever traced code calls
+    a function behind ``functools.lru_cache``: it traces the function instead. diffusers' upsampling layers call its
+    cached ``is_torch_version("<", "2.1")`` so wherever they run in bfloat16, in every compile of a bfloat16 VAE or
+    UNet (``compile_graph_fast``'s and ``fp8_compile``'s VAE, all of ``compile_graph_bf16``: ten lines of a cold
+    compile's log). That function reads only the installed torch's version, so tracing it gives what the cache would:
+    the warning is left out for it alone, and still shown for any other cached function a model calls."""
+    warning = r"(?s)Dynamo detected a call to a `functools\.lru_cache`-wrapped function.*is_torch_version\("
+    warnings.filterwarnings("ignore", warning, UserWarning)  # the same filter again replaces the first: none piles up
