@@ -336,6 +336,18 @@ def test_steadiness_on_the_h100_runs_behind_benchmarks() -> None:
     assert verdicts[("sdxl_base/t2i/1024/none", "9472")] is Steadiness.STEADY  # CV 7.8%
 
 
+def test_a_sections_per_run_table_is_what_runs_table_makes_of_its_raw_results() -> None:
+    """BENCHMARKS.md's "compile_graph_bf16 with the layout parts" gives its table as benchmarks/runs_table.py's output
+    on that start's runs.json: the figures a reader sees are the ones the raw results hold, row for row."""
+    results = "benchmarks/results/2026-12-06-h200-bf16-pinned/runs.json"
+    made = subprocess.run(
+        [sys.executable, "benchmarks/runs_table.py", results], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert made.count("\n| ") == 21  # every finished run but the 7 baselines measured again
+    assert "| t2i 1024, 3 | `cg_bf16_pinned` | 0.9261, 0.4% |" in made
+    assert made in (ROOT / "BENCHMARKS.md").read_text()
+
+
 def test_a_heartbeat_says_what_is_still_running(capsys: pytest.CaptureFixture) -> None:
     cfg = to_config(compose_job("res=64"))
     deadline = time.monotonic() + 30
