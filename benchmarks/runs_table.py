@@ -20,7 +20,7 @@ def row(run: dict[str, Any], sweep: str) -> str:
         else ""
     )
     latency = f"{metrics['latency_s']:.4f}, {100 * metrics['latency_cv']:.1f}%"
-    capped = f"{100 * metrics.get('power_capped_share', 0):.0f}%"
+    capped = f"{100 * metrics['power_capped_share']:.0f}%" if "power_capped_share" in metrics else "-"
     power = f"{metrics['avg_power_w']:.0f} W" if "avg_power_w" in metrics else "-"
     return f"| {sweep} | `{run['params']['accelerator']}` | {latency} | {phases} | {capped} | {power} | {against} |"
 
