@@ -52,6 +52,10 @@ def table(runs: list[dict[str, Any]]) -> str:
 if __name__ == "__main__":
     with open(sys.argv[1]) as file:
         runs = json.load(file)
-    if not isinstance(runs, list):  # the first days' exports keyed their runs by name
-        sys.exit(f"{sys.argv[1]}: not a list of runs as benchmarks/export_runs.py writes them (an older export)")
+    if not isinstance(runs, list):  # 2026-11-25's two exports keyed their runs by name, with no start times or status
+        sys.exit(
+            f"{sys.argv[1]}: an export keyed by run name (2026-11-25's), without the start times this table is ordered "
+            "by: give it a runs.json that benchmarks/export_runs.py wrote (a list of runs), or read that day's figures "
+            "in its BENCHMARKS.md sections"
+        )
     print(table(runs))
