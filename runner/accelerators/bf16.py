@@ -10,7 +10,8 @@ stays under its power limit, it took 1.1-1.2% longer than ``compile_graph_fast``
 what it gains at 1024 px is, by inference (no kernel profile), the power it saves under the cap
 ("``compile_graph_bf16`` at both sizes"). With ``compile_graph_fast``'s layout parts after it (today's
 ``compile_graph_bf16``), 0.9245-0.9278 s against ``compile_graph_fast``'s 0.9529-0.9566 s on a third H200 start
-("``compile_graph_bf16`` with the layout parts").
+("``compile_graph_bf16`` with the layout parts"), and 0.9390-0.9434 s against 0.9614-0.9665 s on an H100 start
+("``compile_graph_bf16`` on an H100").
 
 In place and first in its chain, so every part after it finds bfloat16 modules. The VAE is no longer upcast to
 float32 (bfloat16 cannot overflow where float16 does), and its decoder hands the pipeline float16, as
