@@ -23,7 +23,9 @@ than the run's did, it says that too: the host's speed moved between the two.
 unaffected; where there is none, to the newest steady baseline. It moves when a better run appears.
 
 Comparing is a step of its own: at the end of every sweep (for the jobs its runs belong to, across sweeps),
-and ``python -m runner.compare`` for a whole experiment. The report only reads what it wrote.
+and ``python -m runner.compare`` for a whole experiment. The report only reads what it wrote. A comparison can
+change an earlier run's pace (a later baseline that disagrees with its own): it prints each such change and puts it
+atop the MLflow note of the run's sweep, whose printed table and report said the old verdict.
 """
 
 import argparse
@@ -48,17 +50,43 @@ HOST_BOUND = 0.8
 CORE_GAP = 0.15
 
 
-def compare(tracker: Tracker, records: list[JobRecord]) -> None:
-    """Compare the jobs that ``records`` belong to (every run of them, across sweeps) and write the verdicts."""
+class Rejudged(NamedTuple):
+    """A run whose verdict a later comparison changed: a new baseline disagreed with the one it was judged against,
+    or a run was measured again. The table and report its sweep printed said the verdict it had then."""
+
+    run: JobRecord  # as it stood before
+    now: Comparison
+
+    def line(self) -> str:
+        before = self.run.comparison.pace if self.run.comparison else "unjudged"
+        return f"{self.run.name} (run {self.run.run_id[:8]}): {before} -> {self.now.pace}: {self.now.why}"
+
+
+def compare(tracker: Tracker, records: list[JobRecord], by: str = "python -m runner.compare") -> list[Rejudged]:
+    """Compare the jobs that ``records`` belong to (every run of them, across sweeps) and write the verdicts.
+    Returns the runs whose pace it changed; each one's sweep gets a line saying so (``by`` what) atop its MLflow
+    note, so the answer that sweep printed is not read as today's."""
     keys = sorted({record.image_key for record in records if record.ok and record.image_key})
+    rejudged: list[Rejudged] = []
     for key in keys:
         members = tracker.records(f"tags.image_key = '{key}' and tags.outcome = 'ok'")
         if judge_late(tracker, members):
             members = tracker.records(f"tags.image_key = '{key}' and tags.outcome = 'ok'")
+        by_id = {member.run_id: member for member in members}
         for run_id, comparison in compare_job(members).items():
-            before = next(m.comparison for m in members if m.run_id == run_id)
+            before = by_id[run_id].comparison
             if comparison != before:
                 tracker.write_comparison(run_id, comparison)
+            if before and before.pace is not comparison.pace:
+                rejudged.append(Rejudged(by_id[run_id], comparison))
+    by_sweep: dict[str, list[Rejudged]] = defaultdict(list)
+    for change in rejudged:
+        by_sweep[change.run.sweep_id].append(change)
+    for sweep_id, changes in by_sweep.items():
+        if sweep_id:
+            lines = "\n".join(f"- {change.line()}" for change in changes)
+            tracker.prepend_to_note(sweep_id, f"**Verdicts changed since this sweep ended**, by {by}:\n{lines}")
+    return rejudged
 
 
 def compare_job(members: list[JobRecord]) -> dict[str, Comparison]:
@@ -308,10 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tracker = Tracker(MlflowConfig(tracking_uri=args.tracking_uri, experiment=args.experiment))
         records = tracker.records(args.filter)
-        compare(tracker, records)
+        rejudged = compare(tracker, records)
     except RunnerError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+    for change in rejudged:
+        print(f"verdict changed: {change.line()}")
     jobs = len({r.image_key for r in records if r.ok and r.image_key})
     print(f"compared the runs of {jobs} job(s) in experiment '{args.experiment}'")
     return 0

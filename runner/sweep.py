@@ -23,7 +23,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from runner.catalogue import SWEEP_TABLE, describe
-from runner.compare import compare
+from runner.compare import Rejudged, compare
 from runner.config import CONF, REBASELINE, MlflowConfig, option_label, run_name
 from runner.errors import RunnerError, one_line
 from runner.host import HOST, boot_id
@@ -113,7 +113,7 @@ def stopped(tracker: Tracker, sweep_id: str, stop: BaseException) -> None:
     compared = " and compared" if any(record.ok for record in finished) else ""
     try:
         if compared:
-            compare(tracker, finished)
+            compare(tracker, finished, by=f"sweep {sweep_id}")
     except (Exception, KeyboardInterrupt, Terminated) as error:
         compared = f" (not compared: {one_line(error) or type(error).__name__})"
     job = f"job {stop.name} (run {stop.run_id}) closed as KILLED; " if isinstance(stop, Stopped) else ""
@@ -131,8 +131,9 @@ def finish(tracker: Tracker, sweep_id: str, done_before: list[str], problems: li
     """Compare the sweep's runs, log its report, print its table, close its run; exit non-zero if a job failed or
     was stopped."""
     records = tracker.records(f"tags.sweep_id = '{sweep_id}'") + [tracker.record(run_id) for run_id in done_before]
+    rejudged: list[Rejudged] = []
     try:
-        compare(tracker, records)
+        rejudged = compare(tracker, records, by=f"sweep {sweep_id}")
         records = [tracker.record(r.run_id) for r in records]
     except Exception as error:  # the table matters more than the comparison: say what went wrong, go on
         problems.append(f"the comparison failed: {one_line(error)}")
@@ -152,6 +153,10 @@ def finish(tracker: Tracker, sweep_id: str, done_before: list[str], problems: li
     print(table)
     for answer in answers(records):
         print(f"Answer: {answer.line()}")
+    if rejudged:
+        print("Earlier runs' verdicts changed by this sweep's runs (their own sweeps' tables and reports are older):")
+        for change in rejudged:
+            print(f"  {change.line()}")
     for problem in problems:
         print(f"WARNING: {problem}", file=sys.stderr)
     if report:

@@ -148,6 +148,16 @@ class Tracker:
     def write_quality(self, run_id: str, quality: QualityResult, metrics: dict[str, float]) -> None:
         self._log(run_id, metrics=metrics, tags=quality_tags(quality))
 
+    def prepend_to_note(self, run_id: str, text: str) -> bool:
+        """Put a paragraph atop a run's MLflow note (its description in the UI), where a reader meets it first;
+        False where MLflow no longer holds the run (deleted, then purged)."""
+        try:
+            note = self._client.get_run(run_id).data.tags.get(NOTE_TAG, "")
+        except MlflowException:
+            return False
+        self._log(run_id, tags={NOTE_TAG: f"{text}\n\n{note}" if note else text})
+        return True
+
     def log_file(self, run_id: str, path: Path, folder: str | None = None) -> None:
         self._client.log_artifact(run_id, str(path), folder)
 

@@ -271,22 +271,61 @@ def test_a_baseline_that_kept_the_gpu_waiting_on_its_host_is_said_to_be_bound_by
     assert compare_job([base, graphed])[graphed.run_id].why == "the same sweep's baseline"
 
 
+def finished_run(tracker: Tracker, folder: Path, accelerator: str, latency: float, sweep_id: str = "") -> str:
+    """A steady run of job "k" recorded in a real MLflow store as a worker leaves it; its run id."""
+    run_id = tracker.start_job(f"m/t2i/512/{accelerator}", {"accelerator": accelerator, "runs": 10}, sweep_id, {})
+    result = WorkerResult(
+        metrics={"latency_s": latency, "latency_std_s": 0.01, "peak_mem_gib": 10.0},
+        image_key="k",
+        conditions=HERE,
+        measurement=STEADY,
+        quality=QualityResult(Quality.UNAFFECTED, "fine", "self" if accelerator == "none" else "b"),
+    )
+    tracker.record_result(run_id, result, folder)
+    tracker.end_job(run_id, Outcome.OK)
+    return run_id
+
+
+def test_a_verdict_changed_by_a_later_sweep_is_said_atop_the_earlier_sweeps_note(tmp_path: Path) -> None:
+    """A later sweep's baseline that disagrees with the first makes the first sweep's "faster" inconclusive: compare
+    returns that change, and the first sweep's MLflow note, which still holds the answer it printed, now opens with
+    it (seen on an H100 start, 2026-12-06: image-to-image's first sweep printed "faster", the next one's baselines
+    disagreed)."""
+    tracker = Tracker(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="x"))
+
+    def finished(accelerator: str, latency: float, sweep_id: str) -> str:
+        return finished_run(tracker, tmp_path, accelerator, latency, sweep_id)
+
+    first = tracker.start_sweep("first", "accelerator=none,fast", {})
+    finished("none", 2.0, first)
+    fast = finished("fast", 1.0, first)
+    assert compare(tracker, tracker.records(), by=f"sweep {first}") == []  # judged for the first time: no change
+    tracker.end_sweep(first, "FINISHED", {"mlflow.note.content": "**Answer.** fast: Yes, faster"})
+    assert tracker.record(fast).comparison.pace is Pace.FASTER
+
+    second = tracker.start_sweep("second", "accelerator=none", {})
+    finished("none", 3.0, second)  # the same job on the same start, 50% slower: the baselines disagree
+    changed = compare(tracker, tracker.records(f"tags.sweep_id = '{second}'"), by=f"sweep {second}")
+
+    assert [(c.run.run_id, c.run.comparison.pace, c.now.pace) for c in changed] == [
+        (fast, Pace.FASTER, Pace.INCONCLUSIVE)
+    ]
+    assert tracker.record(fast).comparison.pace is Pace.INCONCLUSIVE
+    note = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(first).data.tags["mlflow.note.content"]
+    heading, change, _, old = note.split("\n")
+    assert heading == f"**Verdicts changed since this sweep ended**, by sweep {second}:"
+    assert change.startswith(f"- m/t2i/512/fast (run {fast[:8]}): faster -> inconclusive: ")
+    assert "baselines disagree" in change
+    assert old == "**Answer.** fast: Yes, faster"  # what it printed stays, below
+    assert compare(tracker, tracker.records()) == []  # nothing changes again: no second line
+
+
 def test_verdicts_written_and_read_back_through_mlflow(tmp_path: Path) -> None:
     """compare writes its verdicts into the store; the best tag moves when a better run appears."""
     tracker = Tracker(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="x"))
 
     def finished(accelerator: str, latency: float) -> str:
-        run_id = tracker.start_job(f"m/t2i/512/{accelerator}", {"accelerator": accelerator, "runs": 10}, "", {})
-        result = WorkerResult(
-            metrics={"latency_s": latency, "latency_std_s": 0.01, "peak_mem_gib": 10.0},
-            image_key="k",
-            conditions=HERE,
-            measurement=STEADY,
-            quality=QualityResult(Quality.UNAFFECTED, "fine", "self" if accelerator == "none" else "b"),
-        )
-        tracker.record_result(run_id, result, tmp_path)
-        tracker.end_job(run_id, Outcome.OK)
-        return run_id
+        return finished_run(tracker, tmp_path, accelerator, latency)
 
     base, fast = finished("none", 2.0), finished("fast", 1.0)
     compare(tracker, tracker.records())
