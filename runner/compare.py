@@ -62,10 +62,11 @@ class Rejudged(NamedTuple):
         return f"{self.run.name} (run {self.run.run_id[:8]}): {before} -> {self.now.pace}: {self.now.why}"
 
 
-def compare(tracker: Tracker, records: list[JobRecord], by: str = "python -m runner.compare") -> list[Rejudged]:
+def compare(tracker: Tracker, records: list[JobRecord], sweep_id: str = "") -> list[Rejudged]:
     """Compare the jobs that ``records`` belong to (every run of them, across sweeps) and write the verdicts.
-    Returns the runs whose pace it changed; each one's sweep gets a line saying so (``by`` what) atop its MLflow
-    note, so the answer that sweep printed is not read as today's."""
+    Returns the runs of other sweeps than ``sweep_id`` (the one comparing, whose table is yet to be printed) whose
+    pace it changed; each one's sweep gets a line saying so atop its MLflow note, so the answer that sweep printed is
+    not read as today's."""
     keys = sorted({record.image_key for record in records if record.ok and record.image_key})
     rejudged: list[Rejudged] = []
     for key in keys:
@@ -77,15 +78,16 @@ def compare(tracker: Tracker, records: list[JobRecord], by: str = "python -m run
             before = by_id[run_id].comparison
             if comparison != before:
                 tracker.write_comparison(run_id, comparison)
-            if before and before.pace is not comparison.pace:
+            if before and before.pace is not comparison.pace and by_id[run_id].sweep_id != sweep_id:
                 rejudged.append(Rejudged(by_id[run_id], comparison))
     by_sweep: dict[str, list[Rejudged]] = defaultdict(list)
     for change in rejudged:
         by_sweep[change.run.sweep_id].append(change)
-    for sweep_id, changes in by_sweep.items():
-        if sweep_id:
+    by = f"sweep {sweep_id}" if sweep_id else "python -m runner.compare"
+    for earlier, changes in by_sweep.items():
+        if earlier:
             lines = "\n".join(f"- {change.line()}" for change in changes)
-            tracker.prepend_to_note(sweep_id, f"**Verdicts changed since this sweep ended**, by {by}:\n{lines}")
+            tracker.prepend_to_note(earlier, f"**Verdicts changed since this sweep ended**, by {by}:\n{lines}")
     return rejudged
 
 

@@ -113,7 +113,7 @@ def stopped(tracker: Tracker, sweep_id: str, stop: BaseException) -> None:
     compared = " and compared" if any(record.ok for record in finished) else ""
     try:
         if compared:
-            compare(tracker, finished, by=f"sweep {sweep_id}")
+            compare(tracker, finished, sweep_id)
     except (Exception, KeyboardInterrupt, Terminated) as error:
         compared = f" (not compared: {one_line(error) or type(error).__name__})"
     job = f"job {stop.name} (run {stop.run_id}) closed as KILLED; " if isinstance(stop, Stopped) else ""
@@ -133,7 +133,7 @@ def finish(tracker: Tracker, sweep_id: str, done_before: list[str], problems: li
     records = tracker.records(f"tags.sweep_id = '{sweep_id}'") + [tracker.record(run_id) for run_id in done_before]
     rejudged: list[Rejudged] = []
     try:
-        rejudged = compare(tracker, records, by=f"sweep {sweep_id}")
+        rejudged = compare(tracker, records, sweep_id)
         records = [tracker.record(r.run_id) for r in records]
     except Exception as error:  # the table matters more than the comparison: say what went wrong, go on
         problems.append(f"the comparison failed: {one_line(error)}")

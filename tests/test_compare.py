@@ -299,13 +299,13 @@ def test_a_verdict_changed_by_a_later_sweep_is_said_atop_the_earlier_sweeps_note
     first = tracker.start_sweep("first", "accelerator=none,fast", {})
     finished("none", 2.0, first)
     fast = finished("fast", 1.0, first)
-    assert compare(tracker, tracker.records(), by=f"sweep {first}") == []  # judged for the first time: no change
+    assert compare(tracker, tracker.records(), first) == []  # judged for the first time: no change
     tracker.end_sweep(first, "FINISHED", {"mlflow.note.content": "**Answer.** fast: Yes, faster"})
     assert tracker.record(fast).comparison.pace is Pace.FASTER
 
     second = tracker.start_sweep("second", "accelerator=none", {})
     finished("none", 3.0, second)  # the same job on the same start, 50% slower: the baselines disagree
-    changed = compare(tracker, tracker.records(f"tags.sweep_id = '{second}'"), by=f"sweep {second}")
+    changed = compare(tracker, tracker.records(f"tags.sweep_id = '{second}'"), second)
 
     assert [(c.run.run_id, c.run.comparison.pace, c.now.pace) for c in changed] == [
         (fast, Pace.FASTER, Pace.INCONCLUSIVE)
@@ -318,6 +318,15 @@ def test_a_verdict_changed_by_a_later_sweep_is_said_atop_the_earlier_sweeps_note
     assert "baselines disagree" in change
     assert old == "**Answer.** fast: Yes, faster"  # what it printed stays, below
     assert compare(tracker, tracker.records()) == []  # nothing changes again: no second line
+
+    third = tracker.start_sweep("third", "accelerator=fastest", {})
+    fastest = finished("fastest", 0.5, third)
+    compare(tracker, tracker.records())  # python -m runner.compare judges it before its sweep ends: inconclusive
+    slow_baseline = next(r.run_id for r in tracker.records() if r.metrics["latency_s"] == 3.0)
+    mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").set_tag(slow_baseline, "outcome", "failed")
+    changed = compare(tracker, tracker.records(f"tags.sweep_id = '{third}'"), third)  # the baselines agree again
+    assert tracker.record(fastest).comparison.pace is Pace.FASTER  # changed too, but its own sweep's table says so
+    assert [(c.run.run_id, c.now.pace) for c in changed] == [(fast, Pace.FASTER)]
 
 
 def test_verdicts_written_and_read_back_through_mlflow(tmp_path: Path) -> None:
