@@ -40,7 +40,7 @@ def table(runs: list[dict[str, Any]]) -> str:
         kind = f"{params['task']} {params['res']}"
         sweeps = numbers.setdefault(kind, {})
         number = sweeps.setdefault(run["tags"]["sweep_id"], len(sweeps) + 1)
-        if run["name"].endswith(" again"):
+        if "baseline_again" in run["tags"]:  # the runner's tag, naming the sweep's first baseline run
             again.append(f"{kind}, {number}: {run['metrics']['latency_s']:.4f} s")
             continue
         lines.append(row(run, f"{kind}, {number}"))

@@ -54,12 +54,12 @@ class Rejudged(NamedTuple):
     """A run whose verdict a later comparison changed: a new baseline disagreed with the one it was judged against,
     or a run was measured again. The table and report its sweep printed said the verdict it had then."""
 
-    run: JobRecord  # as it stood before
+    run: JobRecord
+    was: Comparison
     now: Comparison
 
     def line(self) -> str:
-        before = self.run.comparison.pace if self.run.comparison else "unjudged"
-        return f"{self.run.name} (run {self.run.run_id[:8]}): {before} -> {self.now.pace}: {self.now.why}"
+        return f"{self.run.name} (run {self.run.run_id[:8]}): {self.was.pace} -> {self.now.pace}: {self.now.why}"
 
 
 def compare(tracker: Tracker, records: list[JobRecord], sweep_id: str = "") -> list[Rejudged]:
@@ -79,7 +79,7 @@ def compare(tracker: Tracker, records: list[JobRecord], sweep_id: str = "") -> l
             if comparison != before:
                 tracker.write_comparison(run_id, comparison)
             if before and before.pace is not comparison.pace and by_id[run_id].sweep_id != sweep_id:
-                rejudged.append(Rejudged(by_id[run_id], comparison))
+                rejudged.append(Rejudged(by_id[run_id], before, comparison))
     by_sweep: dict[str, list[Rejudged]] = defaultdict(list)
     for change in rejudged:
         by_sweep[change.run.sweep_id].append(change)

@@ -307,9 +307,7 @@ def test_a_verdict_changed_by_a_later_sweep_is_said_atop_the_earlier_sweeps_note
     finished("none", 3.0, second)  # the same job on the same start, 50% slower: the baselines disagree
     changed = compare(tracker, tracker.records(f"tags.sweep_id = '{second}'"), second)
 
-    assert [(c.run.run_id, c.run.comparison.pace, c.now.pace) for c in changed] == [
-        (fast, Pace.FASTER, Pace.INCONCLUSIVE)
-    ]
+    assert [(c.run.run_id, c.was.pace, c.now.pace) for c in changed] == [(fast, Pace.FASTER, Pace.INCONCLUSIVE)]
     assert tracker.record(fast).comparison.pace is Pace.INCONCLUSIVE
     note = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(first).data.tags["mlflow.note.content"]
     heading, change, _, old = note.split("\n")
