@@ -73,20 +73,73 @@ def test_the_swapped_cross_attentions_make_diffusers_images(tmp_path: Path, monk
     assert len(calls) == len(PROMPTS) * 3 * len(swapped)  # 3 steps, CFG's two halves in one batch
 
 
+@pytest.mark.parametrize("self_tokens", [16, 8])
+def test_short_self_attentions_run_the_operator_and_make_diffusers_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, self_tokens: int
+) -> None:
+    """With ``self_tokens`` the self-attentions are swapped too: those over that many tokens or fewer (the tiny SDXL's
+    all run over 16 at 64 px) go through the operator, longer ones through diffusers' own forward; either way the
+    images stay diffusers'. The tags say how many were swapped and where the kernel runs."""
+    expected = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
+    wanted = images(expected, PROMPTS[0])
+    pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
+    accelerator = build_accelerator(TEXT_ATTENTION | {"self_tokens": self_tokens})
+    accelerator.check(CPU)
+    accelerator.apply(pipe, target(tmp_path))
+    crosses = cross_attentions(pipe.unet)
+    selves = [module for module in pipe.unet.modules() if isinstance(module, Attention) and module not in crosses]
+    assert selves and all(getattr(module, "named_like", "") == "text_attention_self" for module in selves)
+    assert all(type(module).__name__ == "Attention" for module in selves)
+    assert accelerator.tags() == {
+        "text_attention": str(len(crosses)),
+        "text_attention_self": f"{len(selves)} self-attentions, where over {self_tokens} tokens or fewer",
+    }
+    shapes = []
+
+    def counted(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+        shapes.append(key.shape[1])
+        return text_attention_reference(query, key, value, heads)
+
+    monkeypatch.setattr("runner.accelerators.text_attention.text_attention_reference", counted)
+    np.testing.assert_array_equal(images(pipe, PROMPTS[0]), wanted)
+    short = len(selves) if self_tokens >= 16 else 0  # the tiny SDXL's self-attentions: 16 tokens each
+    assert sorted(shapes) == sorted([*[16] * short, *[77] * len(crosses)] * 3)  # 3 steps
+
+
+def test_self_tokens_out_of_the_kernels_reach_is_refused_in_one_line() -> None:
+    for tokens in (-1, 512):
+        with pytest.raises(ConfigError) as refused:
+            build_accelerator(TEXT_ATTENTION | {"self_tokens": tokens}).check(CPU)
+        assert "\n" not in str(refused.value) and f"accelerator.self_tokens={tokens}" in str(refused.value)
+        assert "256" in str(refused.value)
+
+
+def test_one_tile_holds_a_text_or_a_short_latent_but_no_more() -> None:
+    """77 or 256 tokens of 64 channels a head, 128 of 128, a few of few; not 257 or 512 tokens, nor 77 of 160
+    channels (instruct-pix2pix's widest heads), nor 256 of 128."""
+    from runner.accelerators.text_attention import holds
+
+    assert holds(77, 64) and holds(256, 64) and holds(128, 128) and holds(5, 16)
+    assert not holds(257, 64) and not holds(512, 32) and not holds(77, 160) and not holds(256, 128)
+
+
 def test_beside_fused_projections_compiled_precompiled_and_text_kv(tmp_path: Path) -> None:
-    """Its forward reads ``to_kv`` where torch_compile fused the projections, and text_kv's filled buffers; compiled
-    (a whole graph) and loaded from the saved functions in a second pass, the images stay diffusers'."""
+    """Its forwards read ``to_kv`` (the self-attentions' ``to_qkv``) where torch_compile fused the projections, and
+    text_kv's filled buffers; compiled (a whole graph) and loaded from the saved functions in a second pass, the
+    images stay diffusers'."""
     expected = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
     wanted = [images(expected, prompt) for prompt in PROMPTS]
     for _ in range(2):  # cold, then from the saved functions
         torch._dynamo.reset()
         pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, torch.float32)
-        chain = Chain(parts=[TEXT_ATTENTION, PRECOMPILED_ON_CPU, TEXT_KV])
+        chain = Chain(parts=[TEXT_ATTENTION | {"self_tokens": 16}, PRECOMPILED_ON_CPU, TEXT_KV])
         chain.check(CPU)
         chain.apply(pipe, target(tmp_path))
         for prompt, want in zip(PROMPTS, wanted, strict=True):
             np.testing.assert_allclose(images(pipe, prompt), want, atol=1e-5)
-        assert all(module.fused_projections for module in cross_attentions(pipe.unet.module))
+        attentions = [module for module in pipe.unet.module.modules() if isinstance(module, Attention)]
+        assert all(module.fused_projections for module in attentions)
+        assert {module.named_like for module in attentions} == {"text_attention", "text_attention_self"}
     assert chain.tags()["precompile_cache"] == "hit"
 
 
@@ -131,7 +184,8 @@ def test_the_kernel_computes_the_attention_in_tritons_interpreter() -> None:
         from runner.accelerators.text_attention import text_attention_reference
         from runner.accelerators.text_attention_kernel import CONFIGS, launch
         torch.manual_seed(0)
-        for images, queries, heads, head_dim, tokens in [(2, 100, 4, 64, 77), (3, 37, 8, 40, 77), (1, 64, 2, 16, 5)]:
+        shapes = [(2, 100, 4, 64, 77), (3, 37, 8, 40, 77), (1, 64, 2, 16, 5), (1, 256, 2, 64, 256)]
+        for images, queries, heads, head_dim, tokens in shapes:
             query = torch.randn(images, queries, heads * head_dim).half()
             key, value = torch.randn(images, tokens, 2 * heads * head_dim).half().chunk(2, dim=-1)
             exact = text_attention_reference(query.float(), key.float(), value.float(), heads)
@@ -147,10 +201,12 @@ def test_the_kernel_computes_the_attention_in_tritons_interpreter() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("tokens", [77, 256])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_every_configuration_builds_for_hopper_without_spilling(dtype: str) -> None:
-    """Triton's compiler builds each configuration for sm_90 at SDXL's widths (77 tokens, 64 channels a head), in an
-    SM's shared memory, no register spilled (what text_attention_kernel.CONFIGS says). Skipped without Triton."""
+def test_every_configuration_builds_for_hopper_without_spilling(dtype: str, tokens: int) -> None:
+    """Triton's compiler builds each configuration for sm_90 at SDXL's widths (77 text tokens or 256 latent ones at
+    512 px's innermost level, 64 channels a head), in an SM's shared memory, no register spilled (what
+    text_attention_kernel.CONFIGS says). Skipped without Triton."""
     pytest.importorskip("triton")
     from hopper_build import HOPPER_SHARED_MEMORY, compile_for_hopper, spilled_bytes
 
@@ -158,7 +214,7 @@ def test_every_configuration_builds_for_hopper_without_spilling(dtype: str) -> N
 
     signature = dict.fromkeys(["q", "k", "v", "out"], f"*{dtype}") | {"scale_log2": "fp32"}
     signature |= dict.fromkeys([name for name in text_attention_kernel.arg_names if name not in signature], "i32")
-    block_t, block_d = blocks(77, 64)
+    block_t, block_d = blocks(tokens, 64)
     for block_m, warps in CONFIGS:
         constants = {"BLOCK_M": block_m, "BLOCK_T": block_t, "BLOCK_D": block_d}
         binary, report = compile_for_hopper(text_attention_kernel, signature, constants, {"num_warps": warps})
@@ -168,11 +224,13 @@ def test_every_configuration_builds_for_hopper_without_spilling(dtype: str) -> N
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
-    "shape", [(2, 4096, 10, 64, 77), (2, 1024, 20, 64, 77), (3, 1000, 8, 40, 77), (1, 37, 5, 160, 9)]
+    "shape",
+    [(2, 4096, 10, 64, 77), (2, 1024, 20, 64, 77), (3, 1000, 8, 40, 77), (1, 37, 5, 160, 9), (2, 256, 20, 64, 256)],
 )
 def test_the_kernel_computes_torchs_attention_up_to_rounding(dtype: torch.dtype, shape: tuple) -> None:
-    """SDXL's shapes, instruct-pix2pix's narrower heads and ragged ones, every configuration and the autotuned
-    operator: no further from float32 arithmetic than torch's own attention in ``dtype``, give or take a rounding."""
+    """SDXL's shapes (its text; its innermost self-attention at 512 px), instruct-pix2pix's narrower heads and ragged
+    ones, every configuration and the operator: no further from float32 arithmetic than torch's own attention in
+    ``dtype``, give or take a rounding."""
     from runner.accelerators.text_attention_kernel import CONFIGS, launch  # imports Triton
 
     images, queries, heads, head_dim, tokens = shape
@@ -191,15 +249,16 @@ def test_the_kernel_computes_torchs_attention_up_to_rounding(dtype: torch.dtype,
 
 @pytest.mark.gpu
 def test_the_unet_with_the_kernel_compiles_and_captures_on_a_gpu(tmp_path: Path) -> None:
-    """The operator inside a compiled UNet captured as a CUDA graph: its images stay those of diffusers' UNet compiled
-    and captured the same way, up to rounding."""
+    """The operator inside a compiled UNet captured as a CUDA graph, for the cross-attentions and the self-attentions
+    (the tiny SDXL's run over 16 tokens at 64 px): its images stay those of diffusers' UNet compiled and captured the
+    same way, up to rounding."""
     cuda = torch.device("cuda")
     parts = [
         {"_target_": "runner.accelerators.torch_compile.TorchCompileAccelerator", "compile_vae": False},
         {"_target_": "runner.accelerators.cuda_graph.CudaGraphAccelerator"},
     ]
     results = []
-    for chain in (Chain(parts=parts), Chain(parts=[TEXT_ATTENTION, *parts])):
+    for chain in (Chain(parts=parts), Chain(parts=[TEXT_ATTENTION | {"self_tokens": 16}, *parts])):
         pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", cuda, torch.float16)
         chain.check(cuda)
         chain.apply(pipe, target(tmp_path, cuda, torch.float16))

@@ -38,10 +38,14 @@ from runner.accelerators import Accelerator, Target, named_like, require_triton
 from runner.config import ConfigError
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-# The most text tokens and the widest head the operator gives the kernel, which holds a head's keys and values whole:
-# 128 x 128 each in 16 bits, 64 KiB of an SM's shared memory (SDXL: 77 tokens, 64 channels a head; instruct-pix2pix's
-# widest heads, 160 channels, run diffusers' attention).
-LONGEST = 128
+# The kernel holds a head's keys and values whole, padded to powers of two: at most 16,384 of each (32 KiB in 16
+# bits), as 128 tokens of 128 channels or 256 of 64 (SDXL's text: 77 tokens of 64 channels a head; its innermost
+# self-attentions at 512 px: 256 latent tokens of 64; instruct-pix2pix's widest heads, 160 channels, run diffusers'
+# attention), at most 128 channels a head and 256 tokens (a tile's scores over 256 tokens are 128 float32 registers
+# a thread).
+HELD = 128 * 128
+WIDEST = 128
+LONGEST = 256
 
 
 def text_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
@@ -58,16 +62,24 @@ def text_attention_reference(query: torch.Tensor, key: torch.Tensor, value: torc
 
 
 def kernel_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> bool:
-    """Whether the Triton kernel runs this call: a GPU, float16 or bfloat16, a text and a head it holds in one tile,
+    """Whether the Triton kernel runs this call: a GPU, float16 or bfloat16, keys and a head it holds in one tile,
     each row's channels contiguous."""
     return (
         query.device.type == "cuda"
         and query.dtype in KERNEL_DTYPES
         and key.dtype == value.dtype == query.dtype
-        and key.shape[1] <= LONGEST
-        and query.shape[-1] // heads <= LONGEST
+        and holds(key.shape[1], query.shape[-1] // heads)
         and all(tensor.stride(-1) == 1 for tensor in (query, key, value))
     )
+
+
+def holds(tokens: int, head_dim: int) -> bool:
+    """Whether one tile of the kernel holds a head's keys and values: ``tokens`` of ``head_dim`` channels each."""
+
+    def padded(width: int) -> int:  # as text_attention_kernel.blocks pads it, without importing Triton
+        return max(16, 1 << (width - 1).bit_length())
+
+    return head_dim <= WIDEST and tokens <= LONGEST and padded(tokens) * padded(head_dim) <= HELD
 
 
 @torch.library.custom_op("runner::text_attention", mutates_args=())
@@ -105,19 +117,45 @@ def text_forward(
         key, value = self.to_kv(encoder_hidden_states).chunk(2, dim=-1)
     else:
         key, value = self.to_k(encoder_hidden_states), self.to_v(encoder_hidden_states)
-    attended = torch.ops.runner.text_attention(query, key, value, self.heads)
+    return projected_out(self, torch.ops.runner.text_attention(query, key, value, self.heads), hidden_states)
+
+
+def self_forward(
+    self: Attention,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Diffusers' default processor for a self-attention without normalisation over at most ``self.short_tokens``
+    tokens, its attention in ``runner::text_attention``; any call it does not cover (more tokens, a mask, a context
+    given) runs diffusers' own forward."""
+    covered = hidden_states.ndim == 3 and hidden_states.shape[1] <= self.short_tokens
+    if encoder_hidden_states is not None or attention_mask is not None or not covered:
+        return Attention.forward(self, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+    if getattr(self, "fused_projections", False):
+        query, key, value = self.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = self.to_q(hidden_states), self.to_k(hidden_states), self.to_v(hidden_states)
+    return projected_out(self, torch.ops.runner.text_attention(query, key, value, self.heads), hidden_states)
+
+
+def projected_out(self: Attention, attended: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    """What diffusers' default processor does after the attention: the output projection (and its dropout), the
+    residual where the module has one, the rescaling."""
     out = self.to_out[1](self.to_out[0](attended))
     if self.residual_connection:
         out = out + hidden_states
     return out / self.rescale_output_factor
 
 
-def swappable(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is a cross-attention that diffusers' default processor runs with nothing of its own
-    around the attention: no normalisation, its processor one of the defaults (fused or not)."""
+def swappable(module: torch.nn.Module, cross: bool = True) -> bool:
+    """Whether ``module`` is a cross-attention (a self-attention where not ``cross``) that diffusers' default
+    processor runs with nothing of its own around the attention: no normalisation, its processor one of the defaults
+    (fused or not)."""
     return (
         isinstance(module, Attention)
-        and module.is_cross_attention
+        and module.is_cross_attention == cross
         and type(module.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0)
         and all(
             getattr(module, name, None) is None
@@ -128,7 +166,18 @@ def swappable(module: torch.nn.Module) -> bool:
 
 @dataclass
 class TextAttentionAccelerator(Accelerator):
+    # Self-attentions over at most this many latent tokens run the same kernel (SDXL's innermost ones at 512 px: 256
+    # tokens, 60 of its 70 a step); 0 leaves every self-attention to torch's attention. At most LONGEST (256), the
+    # most the kernel holds; wider heads than 64 channels hold fewer (HELD), and run torch's attention inside the
+    # operator.
+    self_tokens: int = 0
+
     def check(self, device: torch.device) -> None:
+        if not 0 <= self.self_tokens <= LONGEST:
+            raise ConfigError(
+                f"accelerator.self_tokens={self.self_tokens}: give a number of tokens from 0 (the self-attentions run "
+                f"torch's attention) to {LONGEST}, the most the kernel holds"
+            )
         if device.type != "cuda":
             return  # diffusers' arithmetic: nothing to import
         require_triton("text_attention", "use an accelerator without TextAttentionAccelerator among its parts")
@@ -144,8 +193,17 @@ class TextAttentionAccelerator(Accelerator):
             )
         for module in modules:
             module.__class__ = named_like(type(module), "text_attention", {"forward": text_forward})
-        self.swapped = len(modules)  # state, not an option
+        selves = [module for module in denoiser.modules() if self.self_tokens and swappable(module, cross=False)]
+        for module in selves:
+            module.__class__ = named_like(type(module), "text_attention_self", {"forward": self_forward})
+            module.short_tokens = self.self_tokens
+        self.swapped = len(modules), len(selves)  # state, not an option
 
     def tags(self) -> dict[str, str]:
         swapped = getattr(self, "swapped", None)
-        return {} if swapped is None else {"text_attention": str(swapped)}
+        if swapped is None:
+            return {}
+        tags = {"text_attention": str(swapped[0])}
+        if self.self_tokens:
+            tags["text_attention_self"] = f"{swapped[1]} self-attentions, where over {self.self_tokens} tokens or fewer"
+        return tags
