@@ -18,6 +18,11 @@ import yaml
 
 from runner.config import CONF, Config, ConfigError
 
+# Options once selectable and since removed or renamed: group -> name -> [commit, what it became or None, why]. Only
+# for the hint a misspelt or outdated name gets, so an install without the benchmarks folder goes without it.
+RETIRED_FILE = CONF.parent / "benchmarks" / "conf" / "retired.yaml"
+RETIRED: dict[str, dict[str, list]] = yaml.safe_load(RETIRED_FILE.read_text()) if RETIRED_FILE.is_file() else {}
+
 OPEN = object()  # a dict of free keys: anything beneath it is allowed
 
 
@@ -120,7 +125,16 @@ def check_override_keys(overrides: list[str], groups: set[str]) -> None:
 
 def no_such_option(group: str, option: str, options: list[str], dirs: Sequence[Path] = (CONF,)) -> str:
     """One line for a model, task, accelerator or experiment that none of ``dirs`` (``conf/`` and the search path's
-    folders) has: the closest name, conf/'s choices (the search path's counted), and how to add one."""
+    folders) has: what became of it where it once existed, else the closest name, conf/'s choices (the search path's
+    counted), and how to add one."""
+    retired = RETIRED.get(group, {}).get(option)
+    if retired:
+        commit, became, why = retired
+        instead = f"; use {group}={became}" if became else ""
+        return (
+            f"{group}={option}: retired in commit {commit}: {why}{instead} (to run it as it was measured: "
+            f"git checkout {commit}^)"
+        )
     variants = CONF.parent / "benchmarks" / "conf" / group
     off_path = variants.parent not in dirs  # the variants measured in BENCHMARKS.md, off the default path
     select = f"hydra.searchpath=[file://{variants.parent}]"

@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import itertools
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,49 @@ def test_a_name_close_to_a_variant_off_the_search_path_says_how_to_select_it() -
         "accelerator=cg_fast_layot: no such accelerator (did you mean the variant cg_fast_layout? add "
         f"hydra.searchpath=[file://{CONF.parent}/benchmarks/conf]); choose one of compile_graph, none"
     )
+
+
+def test_a_retired_name_says_what_became_of_it_and_how_to_run_it_as_measured() -> None:
+    """A name BENCHMARKS.md's commands still use, since folded into another accelerator or removed, is answered with
+    that, not with a look-alike (cg_bf16_pinned's closest name is fp8_unpinned)."""
+    assert no_such_option("accelerator", "cg_bf16_pinned", ["compile_graph_bf16", "fp8_unpinned"]) == (
+        "accelerator=cg_bf16_pinned: retired in commit 60e2532: the layout parts became part of compile_graph_bf16; "
+        "use accelerator=compile_graph_bf16 (to run it as it was measured: git checkout 60e2532^)"
+    )
+    removed = no_such_option("accelerator", "compile_graph_tuned", ["compile_graph"])
+    assert removed.startswith("accelerator=compile_graph_tuned: retired in commit 5444324: inductor_tuning was removed")
+    assert "use accelerator=" not in removed and "\n" not in removed
+
+
+def tree(commit: str) -> set[str]:
+    """The paths of files in ``commit`` of this clone."""
+    listed = subprocess.run(
+        ["git", "-C", str(CONF.parent), "ls-tree", "-r", "--name-only", commit],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(listed.stdout.split())
+
+
+def test_every_retired_name_is_gone_what_it_became_is_there_and_its_commit_removed_it() -> None:
+    """benchmarks/conf/retired.yaml held to the tree: no retired name selectable again (a YAML of that name would never
+    be reached), every name it points to selectable, and, where the clone has the history, each commit the one whose
+    parent still had the name (a clone without it, or no git, checks the rest)."""
+    from runner.overrides import RETIRED
+
+    assert RETIRED["accelerator"]
+    folders = {group: [CONF / group, CONF.parent / "benchmarks" / "conf" / group] for group in RETIRED}
+    shallow = ["git", "-C", str(CONF.parent), "rev-parse", "--is-shallow-repository"]
+    has_history = shutil.which("git") and subprocess.run(shallow, capture_output=True, text=True).stdout == "false\n"
+    for group, names in RETIRED.items():
+        for name, (commit, became, why) in names.items():
+            assert not any((folder / f"{name}.yaml").is_file() for folder in folders[group]), name
+            assert became is None or any((folder / f"{became}.yaml").is_file() for folder in folders[group]), name
+            assert len(commit) == 7 and int(commit, 16) >= 0 and why, name
+            if has_history:
+                paths = {f"conf/{group}/{name}.yaml", f"benchmarks/conf/{group}/{name}.yaml"}
+                assert paths & tree(f"{commit}^") and not paths & tree(commit), f"{commit} did not remove {name}"
 
 
 def test_groups_are_the_ones_the_issue_names() -> None:
