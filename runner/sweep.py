@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from hydra.core.utils import JobStatus
 from hydra.errors import MissingConfigException
@@ -107,13 +107,15 @@ def open_tracker(master: DictConfig) -> Tracker:
 def stopped(tracker: Tracker, sweep_id: str, stop: BaseException) -> None:
     """Compare the jobs that ended (their verdicts would otherwise wait for the next sweep or ``python -m
     runner.compare``), close the sweep's run as KILLED and say in one line what was stopped, what is recorded,
-    how to resume. A second stop while comparing leaves the verdicts to the next comparison, not the run open."""
+    how to resume; below it, any earlier run whose verdict the ended jobs changed, as a finished sweep says them. A
+    second stop while comparing leaves the verdicts to the next comparison, not the run open."""
     how = stop.signal_name if isinstance(stop, Stopped) else "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
     finished = [r for r in tracker.records(f"tags.sweep_id = '{sweep_id}'") if r.outcome is not Outcome.KILLED]
     compared = " and compared" if any(record.ok for record in finished) else ""
+    rejudged: list[Rejudged] = []
     try:
         if compared:
-            compare(tracker, finished, sweep_id)
+            rejudged = compare(tracker, finished, sweep_id)
     except (Exception, KeyboardInterrupt, Terminated) as error:
         compared = f" (not compared: {one_line(error) or type(error).__name__})"
     job = f"job {stop.name} (run {stop.run_id}) closed as KILLED; " if isinstance(stop, Stopped) else ""
@@ -124,7 +126,20 @@ def stopped(tracker: Tracker, sweep_id: str, stop: BaseException) -> None:
         file=sys.stderr,
         flush=True,
     )
+    print_rejudged(rejudged, sys.stderr)
     raise SystemExit(EXIT_STOPPED[how])
+
+
+def print_rejudged(rejudged: list[Rejudged], stream: TextIO | None = None) -> None:
+    """The earlier runs whose verdicts a sweep's runs changed, each on a line of its own (nothing where none), to
+    ``stream`` (standard output where None)."""
+    if rejudged:
+        print(
+            "Earlier runs' verdicts changed by this sweep's runs (their own sweeps' tables and reports are older):",
+            file=stream,
+        )
+        for change in rejudged:
+            print(f"  {change.line()}", file=stream, flush=True)
 
 
 def finish(tracker: Tracker, sweep_id: str, done_before: list[str], problems: list[str]) -> None:
@@ -153,10 +168,7 @@ def finish(tracker: Tracker, sweep_id: str, done_before: list[str], problems: li
     print(table)
     for answer in answers(records):
         print(f"Answer: {answer.line()}")
-    if rejudged:
-        print("Earlier runs' verdicts changed by this sweep's runs (their own sweeps' tables and reports are older):")
-        for change in rejudged:
-            print(f"  {change.line()}")
+    print_rejudged(rejudged)
     for problem in problems:
         print(f"WARNING: {problem}", file=sys.stderr)
     if report:

@@ -25,6 +25,7 @@ from runner.record import (
     Steadiness,
     WorkerResult,
 )
+from runner.sweep import stopped
 from runner.tracking import Tracker
 
 RESULTS = Path(__file__).parent.parent / "benchmarks" / "results"
@@ -325,6 +326,28 @@ def test_a_verdict_changed_by_a_later_sweep_is_said_atop_the_earlier_sweeps_note
     changed = compare(tracker, tracker.records(f"tags.sweep_id = '{third}'"), third)  # the baselines agree again
     assert tracker.record(fastest).comparison.pace is Pace.FASTER  # changed too, but its own sweep's table says so
     assert [(c.run.run_id, c.now.pace) for c in changed] == [(fast, Pace.FASTER)]
+
+
+def test_a_stopped_sweep_says_the_verdicts_its_ended_jobs_changed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A sweep stopped (Ctrl-C, a scheduler's SIGTERM) after a job whose baseline disagrees with an earlier sweep's
+    prints, below its one line, the earlier run whose verdict that changed, as a finished sweep would."""
+    tracker = Tracker(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="x"))
+    first = tracker.start_sweep("first", "accelerator=none,fast", {})
+    finished_run(tracker, tmp_path, "none", 2.0, first)
+    fast = finished_run(tracker, tmp_path, "fast", 1.0, first)
+    compare(tracker, tracker.records(), first)
+    second = tracker.start_sweep("second", "accelerator=none,fast", {})
+    finished_run(tracker, tmp_path, "none", 3.0, second)  # then stopped, before its "fast"
+    with pytest.raises(SystemExit) as ended:
+        stopped(tracker, second, KeyboardInterrupt())
+    assert ended.value.code == 130
+    err = capsys.readouterr().err
+    said = err[err.index("Stopped by") :].strip().splitlines()  # after MLflow's own logging
+    assert said[0].startswith("Stopped by Ctrl-C: 1 ended job(s) are recorded and compared in sweep")
+    assert said[1].startswith("Earlier runs' verdicts changed by this sweep's runs")
+    assert said[2].startswith(f"  m/t2i/512/fast (run {fast[:8]}): faster -> inconclusive: ") and len(said) == 3
 
 
 def test_verdicts_written_and_read_back_through_mlflow(tmp_path: Path) -> None:
