@@ -341,12 +341,14 @@ def test_steadiness_on_the_h100_runs_behind_benchmarks() -> None:
     [
         ("2026-12-06-h200-bf16-pinned", 21, "| t2i 1024, 3 | `cg_bf16_pinned` | 0.9261, 0.4% |"),
         ("2026-12-06-h100-bf16-layout", 24, "| t2i 1024, 3 | `compile_graph_bf16` | 0.9390, 0.4% |"),
+        ("2026-12-06-h100-512-profile", 6, "| t2i 512, 2 | `cg_fast_text_attention` | 0.3315, 0.3% |"),
+        ("2026-12-06-h100-text-attention-promoted", 15, "| t2i 512, 3 | `cg_fast_short_attention` | 0.3269, 0.1% |"),
     ],
 )
 def test_a_sections_run_table_is_what_runs_table_makes_of_its_raw_results(results: str, rows: int, row: str) -> None:
-    """BENCHMARKS.md's "compile_graph_bf16 with the layout parts" and "compile_graph_bf16 on an H100" give their tables
-    as benchmarks/runs_table.py's output on that start's runs.json: the figures a reader sees are the ones the raw
-    results hold, row for row."""
+    """BENCHMARKS.md's "compile_graph_bf16 with the layout parts", "compile_graph_bf16 on an H100" and "text_attention
+    in compile_graph_fast" give their tables as benchmarks/runs_table.py's output on that start's runs.json: the
+    figures a reader sees are the ones the raw results hold, row for row."""
     made = subprocess.run(
         [sys.executable, "benchmarks/runs_table.py", f"benchmarks/results/{results}/runs.json"],
         cwd=ROOT,
@@ -354,7 +356,7 @@ def test_a_sections_run_table_is_what_runs_table_makes_of_its_raw_results(result
         text=True,
         check=True,
     ).stdout.strip()
-    assert made.count("\n| ") == rows  # every finished run but the 7 baselines measured again
+    assert made.count("\n| ") == rows  # every finished run but the baselines measured again
     assert row in made
     assert made in (ROOT / "BENCHMARKS.md").read_text()
 

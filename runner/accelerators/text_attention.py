@@ -11,19 +11,23 @@ one block of keys (float32 scores and softmax, the weights rounded to the dtype 
 images change by rounding only.
 
 It replaces the ``forward`` of each cross-attention that diffusers' default processor would run (``Attention``
-with its default processor, fused or not, no normalisation of its own, no mask); any call it does not cover (a
-mask, no text) runs diffusers' own. ``runner::text_attention`` is a custom operator, so torch.compile keeps it as
-one call and a CUDA graph captures it; on a CPU, for other dtypes or shapes the kernel does not take, it runs
-diffusers' arithmetic (``F.scaled_dot_product_attention``), which is what the CPU tests check the swap against.
-Composes with ``text_kv``: the keys and values it reads are then the filled buffers.
+with its default processor, fused or not, no normalisation of its own, no mask, heads of at most 128 channels); any
+call it does not cover (a mask, no text) runs diffusers' own. ``runner::text_attention`` is a custom operator, so
+torch.compile keeps it as one call and a CUDA graph captures it; on a CPU, for other dtypes or shapes the kernel does
+not take, it runs diffusers' arithmetic (``F.scaled_dot_product_attention``), which is what the CPU tests check the
+swap against. Composes with ``text_kv``: the keys and values it reads are then the filled buffers.
+
+With ``self_tokens`` the self-attentions over at most that many latent tokens go through the same kernel (their
+queries, keys and values the thirds of the fused ``to_qkv``'s rows): SDXL's innermost ones at 512 px, 256 tokens,
+60 of its 70 a step; none at 1024 px, whose innermost are 1,024.
 
 Measured on an H100 (BENCHMARKS.md, "the cross-attention over the text in a kernel of its own", 2026-12-05): the
 kernel took 15.7 and 9.8 µs at 1024 px's two shapes against torch's attention's (its default backend) 17.1 and 12.4,
-6.5 and 5.4 at 512 px's against 10.0 and 7.6, the same largest difference from float32 arithmetic as torch's; about
-5 ms of a call by the kernels alone. In a whole 1024 px call (the variant ``cg_fast_layout_text`` against
-``cg_fast_layout``, both orders on one H100 start): 1.0 and 19.0 ms less, within that start's noise, no verdict
-("Group norms pinned to their layout", 2026-12-06). So it is in the variants ``cg_fast_text_attention`` and
-``cg_fast_layout_text`` only.
+6.5 and 5.4 at 512 px's against 10.0 and 7.6, the same largest difference from float32 arithmetic as torch's; at 256
+tokens of self-attention 8.6 against 9.0 µs. In whole calls of ``compile_graph_fast``, both orders on each H100 start
+("``text_attention`` in ``compile_graph_fast``", 2026-12-06): 6.6 and 8.3 ms less at 1024 px, 8.2 ms less at 512 px
+with the cross-attentions alone, and 4.1 and 4.8 ms less again with ``self_tokens: 256``, the images the same. So
+``compile_graph_fast`` holds it, first, with ``self_tokens: 256``.
 """
 
 from dataclasses import dataclass
@@ -151,11 +155,13 @@ def projected_out(self: Attention, attended: torch.Tensor, hidden_states: torch.
 
 def swappable(module: torch.nn.Module, cross: bool = True) -> bool:
     """Whether ``module`` is a cross-attention (a self-attention where not ``cross``) that diffusers' default
-    processor runs with nothing of its own around the attention: no normalisation, its processor one of the defaults
-    (fused or not)."""
+    processor runs with nothing of its own around the attention (no normalisation, its processor one of the
+    defaults, fused or not), its heads no wider than the kernel holds (instruct-pix2pix's 160-channel ones stay
+    torch's, which inductor compiles with the rest)."""
     return (
         isinstance(module, Attention)
         and module.is_cross_attention == cross
+        and module.inner_dim // module.heads <= WIDEST
         and type(module.processor) in (AttnProcessor2_0, FusedAttnProcessor2_0)
         and all(
             getattr(module, name, None) is None
@@ -188,8 +194,8 @@ class TextAttentionAccelerator(Accelerator):
         if not modules:
             raise ConfigError(
                 f"text_attention: {type(denoiser).__name__} has no cross-attention that diffusers' default processor "
-                "runs; use an accelerator without TextAttentionAccelerator among its parts, e.g. "
-                "accelerator=compile_graph_fast"
+                f"runs with heads of at most {WIDEST} channels; use an accelerator without TextAttentionAccelerator "
+                "among its parts, e.g. accelerator=compile_graph"
             )
         for module in modules:
             module.__class__ = named_like(type(module), "text_attention", {"forward": text_forward})

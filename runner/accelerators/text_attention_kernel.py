@@ -19,7 +19,9 @@ LOG2_E = 1.4426950408889634
 # faster at each of SDXL's eight shapes and dtypes (BENCHMARKS.md, "the cross-attention over the text in a kernel of
 # its own"), so no autotuner times them in a warmup. Built for sm_90 by Triton 3.6.0 with 77 tokens and 64 channels a
 # head (SDXL's), neither spills registers (241 and 208 a thread); 128 queries with 4 warps spilled 556 bytes and was
-# left out (tests/test_text_attention.py builds them).
+# left out (tests/test_text_attention.py builds them). At 256 tokens (self-attentions, text_attention's self_tokens)
+# the first spills 248 bytes, and was measured so, faster than torch's attention there (BENCHMARKS.md,
+# "`text_attention` in `compile_graph_fast`"); 64 queries with 8 warps build without spilling, not yet timed.
 CONFIGS = [(64, 4), (128, 8)]
 
 
