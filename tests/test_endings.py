@@ -119,16 +119,16 @@ def test_a_swept_misspelt_variant_fails_its_job_naming_the_search_paths_folder(c
             "DeepCacheAccelerator, 1 CudaGraphAccelerator); did you mean accelerator.parts.0.interval?",
         ),
         (  # a + override too: the part must exist and take the option
-            ("accelerator=compile_graph_fast", "+accelerator.parts.11.interval=2"),
-            "accelerator.parts.11.interval: accelerator compile_graph_fast has no part 11 (its parts: 0 "
-            "VaeBf16Accelerator, 1 GroupNormInLayoutAccelerator, 2 FusedGegluAccelerator, "
-            "3 TransformerOutputInLayoutAccelerator, 4 TorchCompileAccelerator, 5 CudaGraphAccelerator, "
-            "6 TextKeysOnceAccelerator, 7 DeviceOnceAccelerator, 8 DeviceImagesAccelerator, 9 PromptGraphAccelerator, "
-            "10 HostAheadAccelerator); number a part from 0 to 10",
+            ("accelerator=compile_graph_fast", "+accelerator.parts.12.interval=2"),
+            "accelerator.parts.12.interval: accelerator compile_graph_fast has no part 12 (its parts: 0 "
+            "TextAttentionAccelerator, 1 VaeBf16Accelerator, 2 GroupNormInLayoutAccelerator, 3 FusedGegluAccelerator, "
+            "4 TransformerOutputInLayoutAccelerator, 5 TorchCompileAccelerator, 6 CudaGraphAccelerator, "
+            "7 TextKeysOnceAccelerator, 8 DeviceOnceAccelerator, 9 DeviceImagesAccelerator, 10 PromptGraphAccelerator, "
+            "11 HostAheadAccelerator); number a part from 0 to 11",
         ),
         (
-            ("accelerator=compile_graph_fast", "+accelerator.parts.6.interval=2"),
-            "accelerator.parts.6.interval: part 6 of accelerator compile_graph_fast, TextKeysOnceAccelerator, "
+            ("accelerator=compile_graph_fast", "+accelerator.parts.7.interval=2"),
+            "accelerator.parts.7.interval: part 7 of accelerator compile_graph_fast, TextKeysOnceAccelerator, "
             "takes no options (conf/accelerator/compile_graph_fast.yaml)",
         ),
         (
