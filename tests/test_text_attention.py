@@ -143,6 +143,38 @@ def test_beside_fused_projections_compiled_precompiled_and_text_kv(tmp_path: Pat
     assert chain.tags()["precompile_cache"] == "hit"
 
 
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"_target_": "runner.accelerators.bf16.Bf16Accelerator"},
+        {
+            "_target_": "runner.accelerators.float8.Float8Accelerator",
+            "include": ["ff.", "attn1.to_qkv", "attn2.to_q"],
+            "fuse_qkv": True,
+        },
+    ],
+    ids=["cg_bf16_text_attention", "fp8_text_attention"],
+)
+def test_beside_bfloat16_or_float8_the_images_are_those_of_the_part_without_it(tmp_path: Path, other: dict) -> None:
+    """The variants that put it into compile_graph_bf16 and fp8_compile: after the whole pipeline's conversion to
+    bfloat16, or before float8 fuses the projections and converts them (its forwards then call the float8 layers),
+    the images on the CPU are those of that part alone; and its modules were swapped."""
+    text = TEXT_ATTENTION | {"self_tokens": 16}
+    with_it = Chain(parts=[text, other] if other["_target_"].endswith("Float8Accelerator") else [other, text])
+    results = []
+    dtype = torch.float16 if other["_target_"].endswith("Bf16Accelerator") else torch.float32  # bf16 converts fp16
+    for chain in (build_accelerator(other), with_it):
+        pipe = build_pipeline(load_model("tiny_sdxl"), "t2i", CPU, dtype)
+        chain.check(CPU)
+        chain.apply(pipe, target(tmp_path, CPU, dtype))
+        results.append(images(pipe, PROMPTS[0]))
+    np.testing.assert_allclose(results[1], results[0], atol=1e-6)
+    assert {getattr(module, "named_like", "") for module in pipe.unet.modules() if isinstance(module, Attention)} == {
+        "text_attention",
+        "text_attention_self",
+    }
+
+
 def test_the_operator_traces_and_a_mask_runs_diffusers_forward() -> None:
     """Its fake kernel gives torch.compile the output's shape (a whole graph holds it); a call with a mask, which the
     kernel does not take, runs diffusers' own forward."""
