@@ -25,8 +25,8 @@ Measured on an H100 (BENCHMARKS.md, "the cross-attention over the text in a kern
 kernel took 15.7 and 9.8 µs at 1024 px's two shapes against torch's attention's (its default backend) 17.1 and 12.4,
 6.5 and 5.4 at 512 px's against 10.0 and 7.6, the same largest difference from float32 arithmetic as torch's; at 256
 tokens of self-attention 8.6 against 9.0 µs. In whole calls of ``compile_graph_fast``, both orders on each H100 start
-("``text_attention`` in ``compile_graph_fast``", 2026-12-06): 6.6 and 8.3 ms less at 1024 px, 8.2 ms less at 512 px
-with the cross-attentions alone, and 4.1 and 4.8 ms less again with ``self_tokens: 256``, the images the same. So
+("``text_attention`` in ``compile_graph_fast``", 2026-12-06): 6.6 and 8.3 ms less at 1024 px, 8.3 and 8.2 ms less at
+512 px with the cross-attentions alone, and 4.1 and 4.8 ms less again with ``self_tokens: 256``, the images the same. So
 ``compile_graph_fast`` holds it, first, with ``self_tokens: 256``.
 """
 
@@ -186,7 +186,9 @@ class TextAttentionAccelerator(Accelerator):
             )
         if device.type != "cuda":
             return  # diffusers' arithmetic: nothing to import
-        require_triton("text_attention", "use an accelerator without TextAttentionAccelerator among its parts")
+        require_triton(
+            "text_attention", "use an accelerator without TextAttentionAccelerator among its parts, e.g. compile_graph"
+        )
 
     def apply(self, pipe: DiffusionPipeline, target: Target) -> None:
         denoiser = getattr(pipe, target.denoiser)
